@@ -1,0 +1,34 @@
+# make test   : create .venv (torch 2.13.0 CPU + test deps), build, run the whole test suite
+# make demo   : create .venv, build, run the main job (python -m pysparse demo)
+# make bench  : the SpMM benchmark sweep (writes benchmarks/results/ and prints a summary)
+# make build  : (re)build pysparse._C in place
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+
+.PHONY: venv build test demo bench clean
+
+$(VENV)/.deps: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.deps
+
+build: venv
+	$(PY) setup.py -q build_ext --inplace 2>&1 | grep -E "error|Error" || true
+	$(PY) -c "import pysparse; print('built:', pysparse.info()['cpu_isa_supported'])"
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) -m pysparse demo
+
+bench: build
+	$(PY) benchmarks/bench_spmm.py
+
+clean:
+	rm -rf build dist *.egg-info pysparse/_C*.so pysparse/_build_info.py

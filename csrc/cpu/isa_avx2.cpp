@@ -1,0 +1,21 @@
+// The avx2 instantiation of the SpMM kernels (see spmm_impl.h).
+#include <cstdint>
+#include <cstring>
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+#include "kernels.h"
+
+namespace pysparse {
+namespace cpu {
+namespace isa_avx2 {
+#define PYSPARSE_ISA_LEVEL 1
+#include "simd.h"
+#include "spmm_impl.h"
+}  // namespace isa_avx2
+
+const KernelTable& avx2_kernels() {
+  static const KernelTable table = isa_avx2::make_table("avx2");
+  return table;
+}
+}  // namespace cpu
+}  // namespace pysparse

@@ -1,0 +1,21 @@
+// The avx512 instantiation of the SpMM kernels (see spmm_impl.h).
+#include <cstdint>
+#include <cstring>
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#include <immintrin.h>
+#include "kernels.h"
+
+namespace pysparse {
+namespace cpu {
+namespace isa_avx512 {
+#define PYSPARSE_ISA_LEVEL 2
+#include "simd.h"
+#include "spmm_impl.h"
+}  // namespace isa_avx512
+
+const KernelTable& avx512_kernels() {
+  static const KernelTable table = isa_avx512::make_table("avx512");
+  return table;
+}
+}  // namespace cpu
+}  // namespace pysparse

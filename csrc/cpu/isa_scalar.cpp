@@ -1,0 +1,19 @@
+// The scalar instantiation of the SpMM kernels (see spmm_impl.h).
+#include <cstdint>
+#include <cstring>
+#include "kernels.h"
+
+namespace pysparse {
+namespace cpu {
+namespace isa_scalar {
+#define PYSPARSE_ISA_LEVEL 0
+#include "simd.h"
+#include "spmm_impl.h"
+}  // namespace isa_scalar
+
+const KernelTable& scalar_kernels() {
+  static const KernelTable table = isa_scalar::make_table("scalar");
+  return table;
+}
+}  // namespace cpu
+}  // namespace pysparse

@@ -1,0 +1,43 @@
+// CPU launch machinery shared by csr_spmm.cpp and bsr_spmm.cpp: ISA selection, packing of the
+// dense operand, nnz-balanced partitioning and the parallel loop. The kernels themselves are in
+// spmm_impl.h, compiled per ISA.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace pysparse {
+namespace cpu {
+
+// The kernel table in use: PYSPARSE_CPU_ISA (scalar | avx2 | avx512 | auto) at first use, else
+// the best the CPU supports.
+const KernelTable& active_kernels();
+// Switch the ISA (tests compare paths in one process). Throws for an ISA the CPU lacks.
+std::string set_cpu_isa(const std::string& name);
+std::vector<std::string> supported_isas();
+
+// What a sparse format tells the launcher; shape checks have already been done.
+struct SparseOperand {
+  at::Tensor crow, col, values;  // contiguous
+  int64_t M, K;                  // dense shape of A
+  int bh = 1, bw = 1;            // block size (1 x 1 for CSR)
+  bool blocked = false;
+};
+
+// A @ B (layout spmm: B = dense (K, n), out (M, n)) or x @ A^T + bias
+// (layout linear: x (..., K), out (..., M)).
+at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool linear,
+                       const std::optional<at::Tensor>& bias);
+
+// Validates crow/col/values against the shape and returns the operand (contiguous tensors).
+SparseOperand check_csr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                        c10::SymIntArrayRef shape);
+SparseOperand check_bsr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                        c10::SymIntArrayRef shape);
+
+}  // namespace cpu
+}  // namespace pysparse

@@ -1,0 +1,350 @@
+// CSR and BSR SpMM kernels, written once over the Vec wrapper of simd.h and compiled once per
+// instruction set by isa_scalar.cpp / isa_avx2.cpp / isa_avx512.cpp. Everything here lives in
+// that TU's namespace, so each ISA has its own copy.
+//
+// Shapes: A is (M, K) sparse, the dense operand B is (K, n) and has already been packed into fp32
+// panels of nb columns (see kernels.h). Output (M, n) goes through Output's strides, so the same
+// kernels serve spmm (out row-major) and linear (out = B^T A^T, stored transposed).
+//
+// Design (row-axpy): for one output row m and one panel, acc[0..nb) = sum_j val[j] * B[col[j], :].
+// The nb-wide accumulator lives in NV vector registers for the whole row, so each nonzero costs
+// one broadcast, NV loads from the (L1/L2-resident) panel and NV FMAs; nothing is gathered.
+// Rows are finished into a small RT x nb tile which the epilogue adds the bias to, converts and
+// writes (transposed for the linear layout, RT contiguous outputs per column).
+
+template <typename T>
+static inline void store_tile(const Output& O, const float* tile, int ld_tile, int64_t m0, int rows,
+                              int64_t j0, int cols) {
+  T* out = static_cast<T*>(O.out);
+  const T* bias = static_cast<const T*>(O.bias);
+  float b[64];  // rows <= 64 (RT and BSR tiles are at most that tall; bh > 64 is split by caller)
+  for (int i = 0; i < rows; ++i) b[i] = bias ? to_f32(bias[m0 + i]) : 0.f;
+  if (O.sn == 1) {
+    for (int i = 0; i < rows; ++i) {
+      T* o = out + (m0 + i) * O.sm + j0;
+      const float* t = tile + i * ld_tile;
+      for (int j = 0; j < cols; ++j) from_f32(t[j] + b[i], o + j);
+    }
+  } else {
+    for (int j = 0; j < cols; ++j) {
+      T* o = out + (j0 + j) * O.sn + m0 * O.sm;
+      for (int i = 0; i < rows; ++i) from_f32(tile[i * ld_tile + j] + b[i], o + i * O.sm);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packing: B (K, n) in any dtype and strides -> fp32 panels. Converting here, once, means the
+// kernels never convert the dense operand (each element is reused nnz/K times per panel).
+template <typename T>
+static void pack_panels(const PackArgs& a, int64_t p0, int64_t p1, int64_t k0, int64_t k1) {
+  const T* src = static_cast<const T*>(a.src);
+  const int nb = a.nb;
+  for (int64_t p = p0; p < p1; ++p) {
+    float* dst = a.dst + p * a.K * nb;
+    const int64_t j0 = p * nb;
+    const int cols = int(a.n - j0 < nb ? a.n - j0 : nb);
+    if (a.sn == 1 || a.sk != 1) {
+      // rows of B are contiguous (or neither stride is 1): copy row by row
+      for (int64_t k = k0; k < k1; ++k) {
+        const T* s = src + k * a.sk + j0 * a.sn;
+        float* d = dst + k * nb;
+        int j = 0;
+        if (a.sn == 1)
+          for (; j + Vec::W <= cols; j += Vec::W) Vec::store(d + j, Vec::load_cvt(s + j));
+        for (; j < cols; ++j) d[j] = to_f32(s[j * a.sn]);
+        for (; j < nb; ++j) d[j] = 0.f;
+      }
+    } else {
+      // columns of B are contiguous (B = x^T in the linear layout): read along k
+      for (int j = 0; j < nb; ++j) {
+        if (j < cols) {
+          const T* s = src + (j0 + j) * a.sn;
+          for (int64_t k = k0; k < k1; ++k) dst[k * nb + j] = to_f32(s[k]);
+        } else {
+          for (int64_t k = k0; k < k1; ++k) dst[k * nb + j] = 0.f;
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CSR, n > 1.
+// NV vectors of type VT per row accumulator. FMA latency is 4 cycles at 2 per cycle, so 8
+// independent chains keep the FMA units busy: the nonzeros of a row rotate over SETS = 8 / NV
+// accumulator sets (summed at the end of the row). With one set, NV = 1 ran at a quarter speed.
+template <typename VT, typename T, typename IT, int NV>
+static void csr_panel_kernel(const CsrArgs& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+  using Vec = VT;
+  constexpr int W = Vec::W;
+  constexpr int NB = NV * W;
+  constexpr int SETS = NV >= 8 ? 1 : 8 / NV;
+  // RT rows per output tile: the transposed (linear) store writes RT consecutive outputs.
+  constexpr int RT = 8;
+  // Rows per chunk: the chunk's nonzeros (values + indices) are re-read once per panel, so keep
+  // them within ~256 KiB of L2 (measured L2: 1 MiB per core here, the panel takes the rest).
+  constexpr int64_t kChunkBytes = 256 * 1024;
+  const IT* crow = static_cast<const IT*>(a.crow);
+  const IT* col = static_cast<const IT*>(a.col);
+  const T* val = static_cast<const T*>(a.val);
+  const uint64_t K = uint64_t(a.K);
+  alignas(64) float tile[RT * NB];
+  int bad = 0;
+
+  for (int64_t c0 = r0; c0 < r1;) {
+    int64_t c1 = c0;
+    const int64_t budget = kChunkBytes / int64_t(sizeof(T) + sizeof(IT));
+    while (c1 < r1 && (c1 - c0 < RT || int64_t(crow[c1] - crow[c0]) < budget)) c1 += RT;
+    if (c1 > r1) c1 = r1;
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* bp = a.B.b + p * a.B.panel_stride;
+      const int64_t j0 = p * NB;
+      const int cols = int(a.B.n - j0 < NB ? a.B.n - j0 : NB);
+      for (int64_t m0 = c0; m0 < c1; m0 += RT) {
+        const int rows = int(c1 - m0 < RT ? c1 - m0 : RT);
+        for (int i = 0; i < rows; ++i) {
+          typename Vec::V acc[SETS][NV];
+          for (int s = 0; s < SETS; ++s)
+            for (int q = 0; q < NV; ++q) acc[s][q] = Vec::zero();
+          int64_t j = crow[m0 + i];
+          const int64_t end = crow[m0 + i + 1];
+          for (; j + SETS <= end; j += SETS) {
+            for (int s = 0; s < SETS; ++s) {
+              uint64_t k = uint64_t(int64_t(col[j + s]));
+              if (k >= K) { bad = 1; k = 0; }
+              const typename Vec::V v = Vec::set1(to_f32(val[j + s]));
+              const float* b = bp + int64_t(k) * a.B.ldb;
+              for (int q = 0; q < NV; ++q) acc[s][q] = Vec::fma(v, Vec::load(b + q * W), acc[s][q]);
+            }
+          }
+          for (; j < end; ++j) {
+            uint64_t k = uint64_t(int64_t(col[j]));
+            if (k >= K) { bad = 1; k = 0; }
+            const typename Vec::V v = Vec::set1(to_f32(val[j]));
+            const float* b = bp + int64_t(k) * a.B.ldb;
+            for (int q = 0; q < NV; ++q) acc[0][q] = Vec::fma(v, Vec::load(b + q * W), acc[0][q]);
+          }
+          for (int q = 0; q < NV; ++q) {
+            typename Vec::V s = acc[0][q];
+            for (int t = 1; t < SETS; ++t) s = Vec::add(s, acc[t][q]);
+            Vec::store(tile + i * NB + q * W, s);
+          }
+        }
+        store_tile<T>(a.O, tile, NB, m0, rows, j0, cols);
+      }
+    }
+    c0 = c1;
+  }
+  if (bad) *a.bad_index = 1;
+}
+
+// CSR, n == 1 (decode). Memory-bound: stream values and indices once, gather x (which stays in
+// cache), two accumulator vectors to cover gather latency.
+template <typename T, typename IT>
+static void csr_gemv_kernel(const CsrArgs& a, int64_t r0, int64_t r1, int64_t, int64_t) {
+  constexpr int W = Vec::W;
+  const IT* crow = static_cast<const IT*>(a.crow);
+  const IT* col = static_cast<const IT*>(a.col);
+  const T* val = static_cast<const T*>(a.val);
+  const float* x = a.B.b;
+  const uint64_t K = uint64_t(a.K);
+  int bad = 0;
+  alignas(64) float tile[64];
+  for (int64_t m0 = r0; m0 < r1; m0 += 64) {
+    const int rows = int(r1 - m0 < 64 ? r1 - m0 : 64);
+    for (int i = 0; i < rows; ++i) {
+      int64_t j = crow[m0 + i];
+      const int64_t end = crow[m0 + i + 1];
+      float s = 0.f;
+      if constexpr (sizeof(IT) == 4 && W > 1) {
+        typename Vec::V acc0 = Vec::zero(), acc1 = Vec::zero();
+        for (; j + 2 * W <= end; j += 2 * W) {
+          acc0 = Vec::fma(Vec::load_cvt(val + j), Vec::gather_checked(x, (const int32_t*)col + j, uint32_t(K), &bad), acc0);
+          acc1 = Vec::fma(Vec::load_cvt(val + j + W), Vec::gather_checked(x, (const int32_t*)col + j + W, uint32_t(K), &bad), acc1);
+        }
+        s = Vec::hsum(Vec::add(acc0, acc1));
+      }
+      float s0 = 0.f, s1 = 0.f;
+      for (; j + 2 <= end; j += 2) {
+        uint64_t k0 = uint64_t(int64_t(col[j])), k1 = uint64_t(int64_t(col[j + 1]));
+        if (k0 >= K) { bad = 1; k0 = 0; }
+        if (k1 >= K) { bad = 1; k1 = 0; }
+        s0 += to_f32(val[j]) * x[k0];
+        s1 += to_f32(val[j + 1]) * x[k1];
+      }
+      if (j < end) {
+        uint64_t k = uint64_t(int64_t(col[j]));
+        if (k >= K) { bad = 1; k = 0; }
+        s0 += to_f32(val[j]) * x[k];
+      }
+      tile[i] = s + s0 + s1;
+    }
+    store_tile<T>(a.O, tile, 1, m0, rows, 0, 1);
+  }
+  if (bad) *a.bad_index = 1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// BSR, n > 1. For each block row and panel, a bh x nb fp32 tile accumulates block @ panel-slice
+// with an MR x NV register micro-kernel (MR rows of the block, NV vectors of columns): per k it
+// loads NV panel vectors and broadcasts MR block entries for MR * NV FMAs. AVX2 (16 registers):
+// MR = 4, NV = 2 is 8 accumulators + 2 panel vectors + 1 broadcast; AVX-512 (32 registers) takes
+// MR = 8. 16-bit blocks are widened once into scratch per (block, panel) and reused by all rows.
+template <typename Vec, int MR, int NV>
+static inline void bsr_micro(const float* A, int bw, const float* bp, int64_t ldb, float* tile, int NB) {
+  constexpr int W = Vec::W;
+  typename Vec::V acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int q = 0; q < NV; ++q) acc[i][q] = Vec::load(tile + i * NB + q * W);
+  for (int k = 0; k < bw; ++k) {
+    typename Vec::V b[NV];
+    for (int q = 0; q < NV; ++q) b[q] = Vec::load(bp + k * ldb + q * W);
+    for (int i = 0; i < MR; ++i) {
+      const typename Vec::V av = Vec::set1(A[i * bw + k]);
+      for (int q = 0; q < NV; ++q) acc[i][q] = Vec::fma(av, b[q], acc[i][q]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int q = 0; q < NV; ++q) Vec::store(tile + i * NB + q * W, acc[i][q]);
+}
+
+template <typename Vec, typename T, typename IT, int NV>
+static void bsr_panel_kernel(const BsrArgs& a, int64_t br0, int64_t br1, int64_t p0, int64_t p1) {
+  constexpr int W = Vec::W;
+  constexpr int NB = NV * W;
+  constexpr int MR = W >= 16 ? 8 : 4;
+  const IT* crow = static_cast<const IT*>(a.crow);
+  const IT* col = static_cast<const IT*>(a.col);
+  const T* val = static_cast<const T*>(a.val);
+  const int bh = a.bh, bw = a.bw;
+  const int64_t Kb = a.K / bw;
+  float* tile = a.scratch;              // bh x NB
+  float* ablk = a.scratch + bh * NB;    // bh x bw, fp32 copy of a 16-bit block
+  int bad = 0;
+  for (int64_t br = br0; br < br1; ++br) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* bp = a.B.b + p * a.B.panel_stride;
+      for (int i = 0; i < bh * NB; ++i) tile[i] = 0.f;
+      for (int64_t j = crow[br]; j < crow[br + 1]; ++j) {
+        uint64_t kb = uint64_t(int64_t(col[j]));
+        if (kb >= uint64_t(Kb)) { bad = 1; continue; }
+        const T* blk = val + j * int64_t(bh) * bw;
+        const float* A;
+        if constexpr (sizeof(T) == 4) {
+          A = reinterpret_cast<const float*>(blk);
+        } else {
+          for (int e = 0; e < bh * bw; ++e) ablk[e] = to_f32(blk[e]);
+          A = ablk;
+        }
+        const float* bk = bp + int64_t(kb) * bw * a.B.ldb;
+        int r = 0;
+        for (; r + MR <= bh; r += MR) bsr_micro<Vec, MR, NV>(A + r * bw, bw, bk, a.B.ldb, tile + r * NB, NB);
+        for (; r < bh; ++r) bsr_micro<Vec, 1, NV>(A + r * bw, bw, bk, a.B.ldb, tile + r * NB, NB);
+      }
+      const int64_t j0 = p * NB;
+      const int cols = int(a.B.n - j0 < NB ? a.B.n - j0 : NB);
+      for (int r = 0; r < bh; r += 64)
+        store_tile<T>(a.O, tile + r * NB, NB, br * bh + r, bh - r < 64 ? bh - r : 64, j0, cols);
+    }
+  }
+  if (bad) *a.bad_index = 1;
+}
+
+// BSR, n == 1. Vectorised along each block row (contiguous in the block), so every block entry
+// is loaded once and used once: a streaming kernel. Per-row partial vectors live in scratch.
+template <typename T, typename IT>
+static void bsr_gemv_kernel(const BsrArgs& a, int64_t br0, int64_t br1, int64_t, int64_t) {
+  constexpr int W = Vec::W;
+  const IT* crow = static_cast<const IT*>(a.crow);
+  const IT* col = static_cast<const IT*>(a.col);
+  const T* val = static_cast<const T*>(a.val);
+  const int bh = a.bh, bw = a.bw;
+  const int64_t Kb = a.K / bw;
+  const float* x = a.B.b;
+  float* part = a.scratch;            // bh x W partial sums
+  float* rowsum = a.scratch + bh * W; // bh scalar tails
+  float tile[64];
+  int bad = 0;
+  const int bwv = bw / W * W;
+  for (int64_t br = br0; br < br1; ++br) {
+    for (int i = 0; i < bh * W; ++i) part[i] = 0.f;
+    for (int i = 0; i < bh; ++i) rowsum[i] = 0.f;
+    for (int64_t j = crow[br]; j < crow[br + 1]; ++j) {
+      uint64_t kb = uint64_t(int64_t(col[j]));
+      if (kb >= uint64_t(Kb)) { bad = 1; continue; }
+      const T* blk = val + j * int64_t(bh) * bw;
+      const float* xs = x + int64_t(kb) * bw;
+      for (int i = 0; i < bh; ++i) {
+        const T* arow = blk + i * bw;
+        typename Vec::V acc = Vec::load(part + i * W);
+        for (int k = 0; k < bwv; k += W) acc = Vec::fma(Vec::load_cvt(arow + k), Vec::load(xs + k), acc);
+        Vec::store(part + i * W, acc);
+        float s = 0.f;
+        for (int k = bwv; k < bw; ++k) s += to_f32(arow[k]) * xs[k];
+        rowsum[i] += s;
+      }
+    }
+    for (int r = 0; r < bh; r += 64) {
+      const int rows = bh - r < 64 ? bh - r : 64;
+      for (int i = 0; i < rows; ++i) tile[i] = Vec::hsum(Vec::load(part + (r + i) * W)) + rowsum[r + i];
+      store_tile<T>(a.O, tile, 1, br * bh + r, rows, 0, 1);
+    }
+  }
+  if (bad) *a.bad_index = 1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Panel widths. CSR: the narrowest accumulator that n fills (one 8-lane vector, or NV = 1, 2, 4
+// full vectors); at NV = 4 a nonzero costs 1 broadcast + 4 loads + 4 FMAs, which the load ports
+// sustain, and wider panels would not fit the register file with their SETS. BSR: NV = 2.
+static int csr_panel_width(int64_t n) {
+  if (n <= VecNarrow::W) return VecNarrow::W;
+  if (n <= Vec::W) return Vec::W;
+  if (n <= 2 * Vec::W) return 2 * Vec::W;
+  return 4 * Vec::W;
+}
+static int bsr_panel_width(int64_t n) {
+  if (n <= VecNarrow::W) return VecNarrow::W;
+  return n <= Vec::W ? Vec::W : 2 * Vec::W;
+}
+
+template <typename T, typename IT>
+static void csr_dispatch_nv(const CsrArgs& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+  if (a.B.nb == VecNarrow::W) return csr_panel_kernel<VecNarrow, T, IT, 1>(a, r0, r1, p0, p1);
+  switch (a.B.nb / Vec::W) {
+    case 1: return csr_panel_kernel<Vec, T, IT, 1>(a, r0, r1, p0, p1);
+    case 2: return csr_panel_kernel<Vec, T, IT, 2>(a, r0, r1, p0, p1);
+    default: return csr_panel_kernel<Vec, T, IT, 4>(a, r0, r1, p0, p1);
+  }
+}
+template <typename T, typename IT>
+static void bsr_dispatch_nv(const BsrArgs& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+  if (a.B.nb == VecNarrow::W) return bsr_panel_kernel<VecNarrow, T, IT, 1>(a, r0, r1, p0, p1);
+  if (a.B.nb == Vec::W) return bsr_panel_kernel<Vec, T, IT, 1>(a, r0, r1, p0, p1);
+  return bsr_panel_kernel<Vec, T, IT, 2>(a, r0, r1, p0, p1);
+}
+
+static KernelTable make_table(const char* name) {
+  KernelTable t{};
+  t.name = name;
+  t.csr_panel_width = csr_panel_width;
+  t.bsr_panel_width = bsr_panel_width;
+  t.pack[kF32] = pack_panels<float>;
+  t.pack[kBF16] = pack_panels<bf16_t>;
+  t.pack[kF16] = pack_panels<f16_t>;
+#define PYSPARSE_FILL(DT, T)                                     \
+  t.csr[DT][kI32] = csr_dispatch_nv<T, int32_t>;                 \
+  t.csr[DT][kI64] = csr_dispatch_nv<T, int64_t>;                 \
+  t.csr_gemv[DT][kI32] = csr_gemv_kernel<T, int32_t>;            \
+  t.csr_gemv[DT][kI64] = csr_gemv_kernel<T, int64_t>;            \
+  t.bsr[DT][kI32] = bsr_dispatch_nv<T, int32_t>;                 \
+  t.bsr[DT][kI64] = bsr_dispatch_nv<T, int64_t>;                 \
+  t.bsr_gemv[DT][kI32] = bsr_gemv_kernel<T, int32_t>;            \
+  t.bsr_gemv[DT][kI64] = bsr_gemv_kernel<T, int64_t>;
+  PYSPARSE_FILL(kF32, float)
+  PYSPARSE_FILL(kBF16, bf16_t)
+  PYSPARSE_FILL(kF16, f16_t)
+#undef PYSPARSE_FILL
+  return t;
+}

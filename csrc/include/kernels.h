@@ -1,0 +1,87 @@
+// Raw-pointer interface between the dispatching code (csrc/cpu/*.cpp, built with the default
+// target) and the ISA-specific kernels (csrc/cpu/isa_*.cpp, each built for one instruction set).
+// No torch header is included here or in the ISA translation units: an inline torch function
+// compiled for AVX-512 in one TU could otherwise be the copy the linker keeps for every caller.
+#pragma once
+#include <cstdint>
+
+namespace pysparse {
+namespace cpu {
+
+// Storage dtypes of values and dense operands. Accumulation is always fp32.
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kNumDTypes = 3 };
+// Index dtypes of CSR/BSR row pointers and column indices (both share one dtype).
+enum IType : int { kI32 = 0, kI64 = 1, kNumITypes = 2 };
+
+// The dense operand after packing: fp32, split into panels of `nb` columns. Element (k, j) of
+// panel p sits at b[p * panel_stride + k * ldb + j]; columns past n are zero.
+struct Panels {
+  const float* b;
+  int64_t ldb;
+  int64_t panel_stride;
+  int64_t n;   // true number of dense columns
+  int nb;      // panel width
+};
+
+// Output element (m, j) goes to out[m * out_sm + j * out_sn], in the values' dtype, plus
+// bias[m] (same dtype) when bias is not null. spmm: (sm, sn) = (n, 1); linear: (1, M).
+struct Output {
+  void* out;
+  int64_t sm, sn;
+  const void* bias;
+};
+
+struct CsrArgs {
+  const void* crow;   // (M + 1)
+  const void* col;    // (nnz)
+  const void* val;    // (nnz)
+  int64_t M, K;
+  Panels B;
+  Output O;
+  // Set to nonzero when an out-of-range column index was seen. The kernel never reads
+  // outside B for such an index (it is clamped); the caller turns the flag into an error.
+  int* bad_index;
+};
+
+struct BsrArgs {
+  const void* crow;   // (M / bh + 1)
+  const void* col;    // (nnzb), in block units
+  const void* val;    // (nnzb, bh, bw), row-major blocks
+  int64_t M, K;
+  int bh, bw;
+  Panels B;
+  Output O;
+  int* bad_index;
+  float* scratch;     // per-task: bh * nb + bh * bw floats (+ bh * 16 for the n == 1 path)
+};
+
+struct PackArgs {
+  const void* src;     // (K, n) with element strides (sk, sn)
+  int64_t K, n, sk, sn;
+  float* dst;          // npanels * K * nb floats
+  int nb;
+};
+
+using CsrFn = void (*)(const CsrArgs&, int64_t row0, int64_t row1, int64_t panel0, int64_t panel1);
+using BsrFn = void (*)(const BsrArgs&, int64_t brow0, int64_t brow1, int64_t panel0, int64_t panel1);
+using PackFn = void (*)(const PackArgs&, int64_t panel0, int64_t panel1, int64_t k0, int64_t k1);
+
+// One table per instruction set. csr/bsr take the panel kernels; the *_gemv entries take the
+// n == 1 kernels (B.b is then a contiguous fp32 vector, panels ignored).
+struct KernelTable {
+  const char* name;
+  int (*csr_panel_width)(int64_t n);
+  int (*bsr_panel_width)(int64_t n);
+  PackFn pack[kNumDTypes];
+  CsrFn csr[kNumDTypes][kNumITypes];
+  CsrFn csr_gemv[kNumDTypes][kNumITypes];
+  BsrFn bsr[kNumDTypes][kNumITypes];
+  BsrFn bsr_gemv[kNumDTypes][kNumITypes];
+};
+
+const KernelTable& scalar_kernels();
+const KernelTable& avx2_kernels();    // only call when the CPU has AVX2 + FMA + F16C
+const KernelTable& avx512_kernels();  // only call when the CPU has AVX-512 F/BW/VL + F16C + FMA
+
+}  // namespace cpu
+}  // namespace pysparse

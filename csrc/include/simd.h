@@ -1,0 +1,124 @@
+// Thin fp32 vector wrapper, one definition per instruction set. Included by the ISA translation
+// units (csrc/cpu/isa_*.cpp) *inside* their own namespace after they set
+//   PYSPARSE_ISA_LEVEL 0 = portable scalar, 1 = AVX2 + FMA + F16C, 2 = AVX-512 F/BW/VL,
+// so every inline function here exists once per ISA and never collides at link time.
+// The ISA TUs enable their target with `#pragma GCC target` rather than per-file flags.
+//
+// Vec::W              lanes per vector
+// zero/set1/load/store  fp32
+// load_cvt(const T*)  W elements of T (float, bf16_t, f16_t) widened to fp32
+// store_cvt(T*, V, n) first n lanes rounded to T (round-to-nearest-even)
+// fma(a, b, c)        a * b + c
+// hsum(V)             sum of the lanes
+
+struct bf16_t { uint16_t x; };
+struct f16_t { uint16_t x; };
+
+static inline float bits_to_f32(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline uint32_t f32_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+static inline float to_f32(float v) { return v; }
+static inline float to_f32(bf16_t v) { return bits_to_f32(uint32_t(v.x) << 16); }
+static inline float to_f32(f16_t v) { _Float16 h; std::memcpy(&h, &v.x, 2); return float(h); }
+
+static inline void from_f32(float f, float* dst) { *dst = f; }
+static inline void from_f32(float f, bf16_t* dst) {
+  uint32_t u = f32_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) { dst->x = uint16_t((u >> 16) | 0x40); return; }  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+  dst->x = uint16_t(u >> 16);
+}
+static inline void from_f32(float f, f16_t* dst) { _Float16 h = (_Float16)f; std::memcpy(&dst->x, &h, 2); }
+
+#if PYSPARSE_ISA_LEVEL == 2
+struct Vec512 {
+  using V = __m512;
+  static constexpr int W = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float a) { return _mm512_set1_ps(a); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  static V load_cvt(const float* p) { return load(p); }
+  static V load_cvt(const bf16_t* p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  static V load_cvt(const f16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  // Gather x[idx[0..W)] with indices clamped to [0, K); lanes whose index was out of range are
+  // reported through *bad. Unsigned compare also catches negative indices.
+  static V gather_checked(const float* x, const int32_t* idx, uint32_t K, int* bad) {
+    __m512i i = _mm512_loadu_si512((const void*)idx);
+    __mmask16 oob = _mm512_cmpge_epu32_mask(i, _mm512_set1_epi32(int(K)));
+    if (oob) { *bad = 1; i = _mm512_mask_mov_epi32(i, oob, _mm512_setzero_si512()); }
+    return _mm512_i32gather_ps(i, x, 4);
+  }
+};
+#endif
+
+#if PYSPARSE_ISA_LEVEL >= 1
+struct Vec256 {
+  using V = __m256;
+  static constexpr int W = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float a) { return _mm256_set1_ps(a); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static float hsum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static V load_cvt(const float* p) { return load(p); }
+  static V load_cvt(const bf16_t* p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static V load_cvt(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+  static V gather_checked(const float* x, const int32_t* idx, uint32_t K, int* bad) {
+    __m256i i = _mm256_loadu_si256((const __m256i*)idx);
+    // i >= K (unsigned)  <=>  max_epu32(i, K) == i  for K > 0... use min: ok <=> min(i, K-1) == i
+    __m256i c = _mm256_min_epu32(i, _mm256_set1_epi32(int(K - 1)));
+    if (!_mm256_testc_si256(_mm256_cmpeq_epi32(c, i), _mm256_set1_epi32(-1))) *bad = 1;
+    return _mm256_i32gather_ps(x, c, 4);
+  }
+};
+#endif
+
+#if PYSPARSE_ISA_LEVEL == 0
+struct Vec {
+  using V = float;
+  static constexpr int W = 1;
+  static V zero() { return 0.f; }
+  static V set1(float a) { return a; }
+  static V load(const float* p) { return *p; }
+  static void store(float* p, V v) { *p = v; }
+  static V fma(V a, V b, V c) { return a * b + c; }
+  static V add(V a, V b) { return a + b; }
+  static float hsum(V v) { return v; }
+  template <typename T>
+  static V load_cvt(const T* p) { return to_f32(*p); }
+  static V gather_checked(const float* x, const int32_t* idx, uint32_t K, int* bad) {
+    uint32_t i = uint32_t(*idx);
+    if (i >= K) { *bad = 1; i = 0; }
+    return x[i];
+  }
+};
+#endif
+
+// Vec: the widest vector of the ISA. VecNarrow: the vector used for panels of <= 8 columns
+// (n = 2..8), where a 16-lane vector would spend half its FMAs on padding.
+#if PYSPARSE_ISA_LEVEL == 2
+using Vec = Vec512;
+using VecNarrow = Vec256;
+#elif PYSPARSE_ISA_LEVEL == 1
+using Vec = Vec256;
+using VecNarrow = Vec256;
+#else
+using VecNarrow = Vec;
+#endif

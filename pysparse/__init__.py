@@ -1,0 +1,44 @@
+"""pysparse: native kernels that make pruned neural networks run faster in PyTorch.
+
+    import torch, pysparse
+    W = pysparse.prune.magnitude(torch.randn(3072, 768), sparsity=0.9)
+    A = pysparse.CSR.from_dense(W)          # or pysparse.BSR.from_dense(W, blocksize=(32, 32))
+    y = pysparse.spmm(A, X)                 # A @ X
+    y = pysparse.linear(x, A, bias)         # x @ A.T + bias, the nn.Linear layout
+"""
+from ._loader import _C, _build_info
+from . import ops, prune
+from .formats import BSR, CSR
+from .ops import linear, spmm
+
+__version__ = _build_info.VERSION
+__all__ = ["CSR", "BSR", "spmm", "linear", "prune", "ops", "info", "set_cpu_isa"]
+
+
+def set_cpu_isa(name: str) -> str:
+    """Select the CPU kernels: "scalar", "avx2", "avx512" or "auto" (the best this CPU has).
+
+    The environment variable PYSPARSE_CPU_ISA does the same at first use. Returns the ISA now
+    in use; raises RuntimeError for an ISA this CPU lacks.
+    """
+    return _C.set_cpu_isa(name)
+
+
+def info() -> dict:
+    """What was built and what runs here: versions, CPU ISA paths, threads, CUDA."""
+    import torch
+
+    return {
+        "pysparse": __version__,
+        "torch_built_against": _C.torch_version(),
+        "torch_runtime": torch.__version__,
+        "cuda_built": _C.cuda_compiled(),
+        "cuda_version_built": _build_info.CUDA_VERSION,
+        "cuda_arch_list": _build_info.CUDA_ARCH_LIST,
+        "cuda_available": torch.cuda.is_available(),
+        "cpu_isa_compiled": list(_build_info.CPU_ISA_COMPILED),
+        "cpu_isa_supported": list(_C.cpu_isa_supported()),
+        "cpu_isa_selected": _C.cpu_isa(),
+        "threads": torch.get_num_threads(),
+        "ops": sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("pysparse::")),
+    }

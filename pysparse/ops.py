@@ -1,0 +1,128 @@
+"""Typed wrappers over torch.ops.pysparse.* and their fake (meta) implementations.
+
+The schemas live in csrc/registry.cpp; the fake implementations here are what torch.compile and
+torch.export trace. ``spmm`` and ``linear`` are the user-facing entry points: they take a format
+object and check, in Python and with one sentence per problem, what the kernels would reject.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from ._loader import _C  # noqa: F401  (loads the library that defines the ops)
+from .formats import BSR, CSR
+
+_ops = torch.ops.pysparse
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake implementations (shape/dtype propagation for compile and export)
+
+def _fake_common(values, dense, shape, what):
+    torch._check(len(shape) == 2, lambda: f"pysparse: shape must have 2 entries, got {len(shape)}")
+    torch._check(dense.dtype == values.dtype,
+                 lambda: f"pysparse: {what} dtype {dense.dtype} differs from the sparse values' dtype {values.dtype}")
+
+
+@torch.library.register_fake("pysparse::csr_spmm")
+def _csr_spmm_fake(crow_indices, col_indices, values, shape, dense):
+    _fake_common(values, dense, shape, "dense")
+    torch._check(dense.dim() == 2, lambda: f"pysparse: dense must be 2-D, got {dense.dim()}-D")
+    torch._check(dense.shape[0] == shape[1],
+                 lambda: f"pysparse: dense has {dense.shape[0]} rows but the sparse matrix has {shape[1]} columns")
+    return dense.new_empty((shape[0], dense.shape[1]))
+
+
+@torch.library.register_fake("pysparse::bsr_spmm")
+def _bsr_spmm_fake(crow_indices, col_indices, values, shape, dense):
+    return _csr_spmm_fake(crow_indices, col_indices, values, shape, dense)
+
+
+@torch.library.register_fake("pysparse::csr_linear")
+def _csr_linear_fake(input, crow_indices, col_indices, values, shape, bias):
+    _fake_common(values, input, shape, "input")
+    torch._check(input.dim() >= 1 and input.shape[-1] == shape[1],
+                 lambda: f"pysparse: input's last dimension must equal the sparse matrix's columns ({shape[1]})")
+    if bias is not None:
+        torch._check(bias.dim() == 1 and bias.shape[0] == shape[0],
+                     lambda: f"pysparse: bias must have shape ({shape[0]},)")
+    return input.new_empty((*input.shape[:-1], shape[0]))
+
+
+@torch.library.register_fake("pysparse::bsr_linear")
+def _bsr_linear_fake(input, crow_indices, col_indices, values, shape, bias):
+    return _csr_linear_fake(input, crow_indices, col_indices, values, shape, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed wrappers, one per op
+
+def csr_spmm(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
+             shape: List[int], dense: torch.Tensor) -> torch.Tensor:
+    """A @ dense for A in CSR form (shape (M, K)); dense (K, n) -> (M, n), in values' dtype."""
+    return _ops.csr_spmm.default(crow_indices, col_indices, values, list(shape), dense)
+
+
+def csr_linear(input: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+               values: torch.Tensor, shape: List[int], bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """input @ A.T + bias for A in CSR form (shape (M, K)); input (..., K) -> (..., M)."""
+    return _ops.csr_linear.default(input, crow_indices, col_indices, values, list(shape), bias)
+
+
+def bsr_spmm(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
+             shape: List[int], dense: torch.Tensor) -> torch.Tensor:
+    """A @ dense for A in BSR form (values (nnzb, bh, bw)); dense (K, n) -> (M, n)."""
+    return _ops.bsr_spmm.default(crow_indices, col_indices, values, list(shape), dense)
+
+
+def bsr_linear(input: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+               values: torch.Tensor, shape: List[int], bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """input @ A.T + bias for A in BSR form; input (..., K) -> (..., M)."""
+    return _ops.bsr_linear.default(input, crow_indices, col_indices, values, list(shape), bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# User-facing entry points
+
+def _check_operands(fn: str, A, x: torch.Tensor, what: str) -> None:
+    if not isinstance(A, (CSR, BSR)):
+        raise TypeError(f"pysparse.{fn}: A must be a pysparse.CSR or pysparse.BSR, got {type(A).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"pysparse.{fn}: {what} must be a tensor, got {type(x).__name__}")
+    if x.dtype != A.dtype:
+        raise TypeError(f"pysparse.{fn}: {what} is {x.dtype} but A's values are {A.dtype}; "
+                        f"convert one of them (A.to({x.dtype}) or {what}.to({A.dtype}))")
+    if x.device != A.device:
+        raise ValueError(f"pysparse.{fn}: {what} is on {x.device} but A is on {A.device}")
+
+
+def spmm(A, X: torch.Tensor) -> torch.Tensor:
+    """A @ X for a sparse A (CSR or BSR, shape (M, K)) and a dense X (K, n): returns (M, n).
+
+    X may be non-contiguous. Values and X share a dtype (float32, bfloat16 or float16);
+    products accumulate in fp32 and the result has the input dtype.
+    """
+    _check_operands("spmm", A, X, "X")
+    if X.dim() != 2 or X.shape[0] != A.shape[1]:
+        raise ValueError(f"pysparse.spmm: A is {A.shape[0]}x{A.shape[1]}, so X must be "
+                         f"({A.shape[1]}, n), got {tuple(X.shape)}")
+    op = csr_spmm if isinstance(A, CSR) else bsr_spmm
+    return op(A.crow_indices, A.col_indices, A.values, list(A.shape), X)
+
+
+def linear(x: torch.Tensor, A, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ A.T + bias, the nn.Linear layout: A (out_features, in_features) sparse, x (..., in).
+
+    The bias is added in the kernel's epilogue (no extra pass over the output).
+    """
+    _check_operands("linear", A, x, "x")
+    if x.dim() < 1 or x.shape[-1] != A.shape[1]:
+        raise ValueError(f"pysparse.linear: A is {A.shape[0]}x{A.shape[1]}, so x must end in "
+                         f"{A.shape[1]} features, got shape {tuple(x.shape)}")
+    if bias is not None:
+        _check_operands("linear", A, bias, "bias")
+        if bias.dim() != 1 or bias.shape[0] != A.shape[0]:
+            raise ValueError(f"pysparse.linear: bias must have shape ({A.shape[0]},), got {tuple(bias.shape)}")
+    op = csr_linear if isinstance(A, CSR) else bsr_linear
+    return op(x, A.crow_indices, A.col_indices, A.values, list(A.shape), bias)

@@ -1,0 +1,60 @@
+"""Magnitude pruning, unstructured and block-structured."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+
+def _check(W: torch.Tensor, sparsity: float, fn: str) -> None:
+    if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
+        raise ValueError(f"pysparse.prune.{fn} needs a 2-D floating-point tensor")
+    if not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"pysparse.prune.{fn}: sparsity must be in [0, 1], got {sparsity}")
+
+
+def _keep_top(scores: torch.Tensor, keep: int, dim: int = -1) -> torch.Tensor:
+    """Boolean mask of the `keep` largest scores along dim (ties broken by position)."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if keep > 0:
+        idx = torch.topk(scores, keep, dim=dim, sorted=False).indices
+        mask.scatter_(dim, idx, True)
+    return mask
+
+
+def magnitude(W: torch.Tensor, sparsity: float, *, per_row: bool = False) -> torch.Tensor:
+    """Zero the smallest-|w| fraction `sparsity` of W (exactly round(sparsity * count) entries).
+
+    per_row=False ranks the whole tensor (global within the layer); per_row=True prunes every
+    output row to the same sparsity, which balances work across rows for the kernels.
+    """
+    _check(W, sparsity, "magnitude")
+    scores = W.detach().abs().float()
+    if per_row:
+        keep = W.shape[1] - round(sparsity * W.shape[1])
+        mask = _keep_top(scores, keep, dim=1)
+    else:
+        keep = W.numel() - round(sparsity * W.numel())
+        mask = _keep_top(scores.flatten(), keep).view_as(W)
+    return W * mask
+
+
+def blocks(W: torch.Tensor, sparsity: float, blocksize: Tuple[int, int] = (32, 32), *,
+           norm: str = "l2") -> torch.Tensor:
+    """Zero whole (bh, bw) blocks: the fraction `sparsity` of blocks with the smallest norm.
+
+    norm is "l2" (Frobenius) or "l1". The shape must be divisible by the block size.
+    """
+    _check(W, sparsity, "blocks")
+    bh, bw = (int(b) for b in blocksize)
+    M, K = W.shape
+    if bh <= 0 or bw <= 0 or M % bh or K % bw:
+        raise ValueError(f"pysparse.prune.blocks: shape {(M, K)} is not divisible by the block size {(bh, bw)}")
+    if norm not in ("l1", "l2"):
+        raise ValueError(f"pysparse.prune.blocks: norm must be 'l1' or 'l2', got {norm!r}")
+    b = W.detach().float().reshape(M // bh, bh, K // bw, bw)
+    scores = b.abs().sum(dim=(1, 3)) if norm == "l1" else b.square().sum(dim=(1, 3))
+    nblocks = scores.numel()
+    mask = _keep_top(scores.flatten(), nblocks - round(sparsity * nblocks)).view_as(scores)
+    full = mask[:, None, :, None].expand(M // bh, bh, K // bw, bw).reshape(M, K)
+    return W * full
