@@ -2,8 +2,10 @@
 
 Each format is a small Python object holding ordinary dense tensors (indices and values) and a
 shape. Nothing here is a torch sparse layout, so torch.compile, export and state_dicts see only
-strided tensors. Index tensors are int32 unless the matrix needs int64 (nnz or a dimension of
-2**31 or more); row pointers and column indices always share one dtype.
+strided tensors. Row pointers are int32 unless the matrix needs int64 (nnz or a dimension of
+2**31 or more). CSR column indices are int16 when the matrix has at most 32768 columns (they are
+a third of the bytes a memory-bound product reads), else they match the row pointers; BSR
+column indices always match the row pointers. ``index_dtype=`` overrides the choice.
 
 Construction from raw tensors validates them (``check=True``) and raises ``ValueError`` naming the
 first problem found; ``check=False`` skips the O(nnz) checks for data you already trust.
@@ -19,10 +21,33 @@ import torch
 _VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _INT32_MAX = 2**31 - 1
+_INT16_COLS = 2**15  # int16 column indices address columns 0 .. 32767
 
 
 def _index_dtype_for(*extents: int) -> torch.dtype:
     return torch.int32 if max(extents, default=0) <= _INT32_MAX else torch.int64
+
+
+def _csr_index_dtypes(index_dtype: Optional[torch.dtype], nnz: int, M: int, K: int):
+    """(row pointer dtype, column index dtype) for a CSR matrix.
+
+    None picks the smallest that fits: int32 row pointers (int64 from 2**31 nonzeros) and int16
+    column indices when K <= 32768. Column indices are a third to a half of the bytes a
+    memory-bound product streams, so this is what makes decode-sized products faster.
+    """
+    if index_dtype is None:
+        rows = _index_dtype_for(nnz, M, K)
+        return rows, (torch.int16 if rows == torch.int32 and K <= _INT16_COLS else rows)
+    if index_dtype == torch.int16:
+        if K > _INT16_COLS or nnz > _INT32_MAX:
+            raise ValueError(f"int16 column indices need at most {_INT16_COLS} columns and fewer "
+                             f"than 2**31 nonzeros, got {K} columns and {nnz} nonzeros")
+        return torch.int32, torch.int16
+    if index_dtype not in _INDEX_DTYPES:
+        raise ValueError(f"index_dtype must be None, torch.int16, torch.int32 or torch.int64, got {index_dtype}")
+    if index_dtype == torch.int32 and max(nnz, M, K) > _INT32_MAX:
+        raise ValueError(f"int32 indices cannot address {max(nnz, M, K)} entries: use torch.int64")
+    return index_dtype, index_dtype
 
 
 def _check_shape(shape: Sequence[int]) -> Tuple[int, int]:
@@ -51,9 +76,13 @@ def _validate_compressed(crow, col, values, rows, cols, value_dim, what):
     if crow.dim() != 1 or col.dim() != 1:
         raise ValueError(f"{what}: crow_indices and col_indices must be 1-D, got shapes "
                          f"{tuple(crow.shape)} and {tuple(col.shape)}")
-    if crow.dtype not in _INDEX_DTYPES or col.dtype != crow.dtype:
-        raise ValueError(f"{what}: crow_indices and col_indices must both be int32 or both int64, "
-                         f"got {crow.dtype} and {col.dtype}")
+    compact = what == "CSR" and crow.dtype == torch.int32 and col.dtype == torch.int16
+    if not compact and (crow.dtype not in _INDEX_DTYPES or col.dtype != crow.dtype):
+        raise ValueError(f"{what}: crow_indices and col_indices must both be int32 or both int64"
+                         + (" (or int32 and int16 with at most 32768 columns)" if what == "CSR" else "")
+                         + f", got {crow.dtype} and {col.dtype}")
+    if compact and cols > _INT16_COLS:
+        raise ValueError(f"{what}: int16 column indices need at most {_INT16_COLS} columns, got {cols}")
     if values.dtype not in _VALUE_DTYPES:
         raise ValueError(f"{what}: values must be float32, bfloat16 or float16, got {values.dtype}")
     if values.dim() != value_dim:
@@ -61,12 +90,15 @@ def _validate_compressed(crow, col, values, rows, cols, value_dim, what):
     if not (crow.device == col.device == values.device):
         raise ValueError(f"{what}: crow_indices, col_indices and values must be on one device, got "
                          f"{crow.device}, {col.device} and {values.device}")
+    unit = "block " if what == "BSR" else ""
     if crow.numel() != rows + 1:
-        raise ValueError(f"{what}: crow_indices must have {rows + 1} entries (rows + 1), "
+        raise ValueError(f"{what}: crow_indices must have {rows + 1} entries ({unit}rows + 1), "
                          f"got {crow.numel()}")
     nnz = col.numel()
     if values.shape[0] != nnz:
         raise ValueError(f"{what}: col_indices has {nnz} entries but values has {values.shape[0]}")
+    if "meta" in (crow.device.type, col.device.type, values.device.type):
+        return  # shapes and dtypes checked; there is no data to look at
     if int(crow[0]) != 0:
         raise ValueError(f"{what}: crow_indices[0] must be 0, got {int(crow[0])}")
     if int(crow[-1]) != nnz:
@@ -75,16 +107,17 @@ def _validate_compressed(crow, col, values, rows, cols, value_dim, what):
     counts = crow[1:] - crow[:-1]
     if rows and bool((counts < 0).any()):
         r = int(torch.nonzero(counts < 0)[0, 0])
-        raise ValueError(f"{what}: crow_indices must be non-decreasing, but row {r} ends "
+        raise ValueError(f"{what}: crow_indices must be non-decreasing, but {unit}row {r} ends "
                          f"({int(crow[r + 1])}) before it starts ({int(crow[r])})")
     if nnz == 0:
         return
+    col = col.int() if col.dtype == torch.int16 else col  # compare without int16 overflow
     bad = (col < 0) | (col >= cols)
     if bool(bad.any()):
         j = int(torch.nonzero(bad)[0, 0])
         r = int(torch.searchsorted(crow, torch.tensor(j, dtype=crow.dtype, device=crow.device), right=True)) - 1
-        raise ValueError(f"{what}: column index {int(col[j])} at position {j} (row {r}) is out of "
-                         f"range for {cols} columns")
+        raise ValueError(f"{what}: {unit}column index {int(col[j])} at position {j} ({unit}row {r}) "
+                         f"is out of range for {cols} {unit}columns")
     # Strictly increasing within each row: a step that is not positive must start a new row.
     step_ok = col[1:] > col[:-1]
     row_start = torch.zeros(nnz, dtype=torch.bool, device=col.device)
@@ -94,8 +127,18 @@ def _validate_compressed(crow, col, values, rows, cols, value_dim, what):
     if bool(bad.any()):
         j = int(torch.nonzero(bad)[0, 0]) + 1
         r = int(torch.searchsorted(crow, torch.tensor(j, dtype=crow.dtype, device=crow.device), right=True)) - 1
-        raise ValueError(f"{what}: column indices of row {r} must be sorted and unique, but "
+        raise ValueError(f"{what}: {unit}column indices of {unit}row {r} must be sorted and unique, but "
                          f"{int(col[j])} follows {int(col[j - 1])}")
+
+
+def _bsr_index_dtype(index_dtype: Optional[torch.dtype], nblocks: int, M: int, K: int) -> torch.dtype:
+    if index_dtype is None:
+        return _index_dtype_for(nblocks, M, K)
+    if index_dtype not in _INDEX_DTYPES:
+        raise ValueError(f"BSR index_dtype must be None, torch.int32 or torch.int64, got {index_dtype}")
+    if index_dtype == torch.int32 and max(nblocks, M, K) > _INT32_MAX:
+        raise ValueError(f"int32 indices cannot address {max(nblocks, M, K)} entries: use torch.int64")
+    return index_dtype
 
 
 class _Compressed:
@@ -163,7 +206,8 @@ class _Compressed:
     def __repr__(self) -> str:
         extra = f", blocksize={self.blocksize}" if isinstance(self, BSR) else ""
         return (f"{type(self).__name__}(shape={self.shape}{extra}, nnz={self.nnz}, "
-                f"density={self.density:.3f}, dtype={self.dtype}, index_dtype={self.index_dtype}, "
+                f"density={self.density:.3f}, dtype={self.dtype}, "
+                f"indices=({self.crow_indices.dtype}, {self.col_indices.dtype}), "
                 f"device={self.device})")
 
 
@@ -180,18 +224,31 @@ class CSR(_Compressed):
         self.crow_indices, self.col_indices, self.values = crow_indices, col_indices, values
         self.shape = (M, K)
 
+    @property
+    def col_dtype(self) -> torch.dtype:
+        return self.col_indices.dtype
+
     @classmethod
     def from_dense(cls, W: torch.Tensor, *, index_dtype: Optional[torch.dtype] = None) -> "CSR":
-        """Keep the nonzeros of a 2-D float tensor."""
+        """Keep the nonzeros of a 2-D float tensor.
+
+        index_dtype: None (int32 row pointers, int16 column indices when W has <= 32768 columns),
+        torch.int16 (the same, or an error), torch.int32 or torch.int64 (both index tensors).
+        """
         _check_dense(W, "CSR.from_dense")
         M, K = W.shape
         mask = W != 0
         nnz_rows = mask.sum(dim=1)
-        idt = index_dtype or _index_dtype_for(int(nnz_rows.sum()), M, K)
-        crow = torch.zeros(M + 1, dtype=idt, device=W.device)
+        rdt, cdt = _csr_index_dtypes(index_dtype, int(nnz_rows.sum()), M, K)
+        crow = torch.zeros(M + 1, dtype=rdt, device=W.device)
         crow[1:] = torch.cumsum(nnz_rows, 0)
-        col = mask.nonzero()[:, 1].to(idt)
+        col = mask.nonzero()[:, 1].to(cdt)
         return cls(crow, col, W[mask], (M, K), check=False)
+
+    def with_index_dtype(self, index_dtype: Optional[torch.dtype]) -> "CSR":
+        """The same matrix with other index dtypes (see from_dense)."""
+        rdt, cdt = _csr_index_dtypes(index_dtype, self.col_indices.numel(), *self.shape)
+        return self._replace(self.crow_indices.to(rdt), self.col_indices.to(cdt), self.values)
 
     def to_dense(self) -> torch.Tensor:
         M, K = self.shape
@@ -209,18 +266,21 @@ class CSR(_Compressed):
         if t.layout == torch.strided:
             return cls.from_dense(t, index_dtype=index_dtype)
         if t.layout != torch.sparse_csr:
-            t = t.to_sparse_csr()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+                t = t.to_sparse_csr()
         M, K = t.shape
         crow, col = t.crow_indices(), t.col_indices()
-        idt = index_dtype or _index_dtype_for(col.numel(), M, K)
+        rdt, cdt = _csr_index_dtypes(index_dtype, col.numel(), M, K)
         # torch permits unsorted columns within a row; our format does not.
-        return cls(crow.to(idt), col.to(idt), t.values(), (M, K), check=True)
+        return cls(crow.to(rdt), col.to(cdt), t.values(), (M, K), check=True)
 
     def to_torch(self) -> torch.Tensor:
+        """A torch.sparse_csr tensor (column indices widened to the row pointers' dtype)."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values,
-                                           self.shape, check_invariants=False)
+            return torch.sparse_csr_tensor(self.crow_indices, self.col_indices.to(self.crow_indices.dtype),
+                                           self.values, self.shape, check_invariants=False)
 
     @classmethod
     def from_scipy(cls, m, *, dtype: torch.dtype = torch.float32) -> "CSR":
@@ -229,8 +289,8 @@ class CSR(_Compressed):
         m.sum_duplicates()
         m.sort_indices()
         M, K = m.shape
-        idt = _index_dtype_for(m.nnz, M, K)
-        return cls(torch.from_numpy(m.indptr).to(idt), torch.from_numpy(m.indices).to(idt),
+        rdt, cdt = _csr_index_dtypes(None, m.nnz, M, K)
+        return cls(torch.from_numpy(m.indptr).to(rdt), torch.from_numpy(m.indices).to(cdt),
                    torch.from_numpy(m.data).to(dtype), (M, K))
 
 
@@ -267,7 +327,7 @@ class BSR(_Compressed):
             raise ValueError(f"BSR.from_dense: shape {(M, K)} is not divisible by the block size {(bh, bw)}")
         blocks = W.reshape(M // bh, bh, K // bw, bw).transpose(1, 2)  # (Mb, Kb, bh, bw)
         keep = (blocks != 0).flatten(2).any(dim=2)
-        idt = index_dtype or _index_dtype_for(int(keep.sum()), M, K)
+        idt = _bsr_index_dtype(index_dtype, int(keep.sum()), M, K)
         crow = torch.zeros(M // bh + 1, dtype=idt, device=W.device)
         crow[1:] = torch.cumsum(keep.sum(dim=1), 0)
         col = keep.nonzero()[:, 1].to(idt)
@@ -294,7 +354,7 @@ class BSR(_Compressed):
             return cls.from_dense(t.to_dense() if t.layout != torch.strided else t, blocksize, index_dtype=index_dtype)
         M, K = t.shape
         crow, col = t.crow_indices(), t.col_indices()
-        idt = index_dtype or _index_dtype_for(t.values().numel(), M, K)
+        idt = _bsr_index_dtype(index_dtype, col.numel(), M, K)
         return cls(crow.to(idt), col.to(idt), t.values(), (M, K), check=True)
 
     def to_torch(self) -> torch.Tensor:

@@ -1,6 +1,7 @@
 // The avx512 instantiation of the SpMM kernels (see spmm_impl.h).
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #include <immintrin.h>
 #include "kernels.h"

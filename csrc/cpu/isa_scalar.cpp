@@ -1,6 +1,7 @@
 // The scalar instantiation of the SpMM kernels (see spmm_impl.h).
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include "kernels.h"
 
 namespace pysparse {

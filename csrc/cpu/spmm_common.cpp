@@ -107,6 +107,8 @@ SparseOperand check_csr(const at::Tensor& crow, const at::Tensor& col, const at:
   A.crow = crow.contiguous();
   A.col = col.contiguous();
   A.values = values.contiguous();
+  TORCH_CHECK(col.scalar_type() != at::kShort || A.K <= 32768,
+              "pysparse: int16 column indices need at most 32768 columns, the matrix has ", A.K);
   if (A.crow.scalar_type() == at::kInt) check_row_pointers<int32_t>(A.crow, col.numel(), "nonzeros");
   else check_row_pointers<int64_t>(A.crow, col.numel(), "nonzeros");
   return A;
@@ -122,6 +124,8 @@ SparseOperand check_bsr(const at::Tensor& crow, const at::Tensor& col, const at:
   A.bh = int(values.size(1));
   A.bw = int(values.size(2));
   A.blocked = true;
+  TORCH_CHECK_TYPE(col.scalar_type() != at::kShort,
+                   "pysparse: BSR column indices must be int32 or int64, got int16");
   TORCH_CHECK(A.bh > 0 && A.bw > 0, "pysparse: BSR block size must be positive, got (", A.bh,
               ", ", A.bw, ")");
   TORCH_CHECK(A.M % A.bh == 0 && A.K % A.bw == 0, "pysparse: BSR shape (", A.M, ", ", A.K,
@@ -181,8 +185,9 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   if (linear) {
     TORCH_CHECK(dense.dim() >= 1 && dense.size(-1) == K, "pysparse: input's last dimension (",
                 dense.dim() ? dense.size(-1) : 0, ") must equal the sparse matrix's columns (", K, ")");
-    src = dense.dim() == 2 ? dense : dense.reshape({-1, K});
-    n = src.size(0);
+    n = 1;
+    for (int64_t d = 0; d + 1 < dense.dim(); ++d) n *= dense.size(d);
+    src = dense.dim() == 2 ? dense : dense.reshape({n, K});  // explicit n: K may be 0
     sk = src.stride(1);
     sn = src.stride(0);
     out_shape = dense.sizes().vec();
@@ -229,7 +234,7 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   P.n = n;
   P.nb = nb;
   at::Tensor packed;
-  const bool direct = dt == kF32 && (gemv ? sk == 1 : (sn == 1 && n == nb));
+  const bool direct = dt == kF32 && (gemv ? sk == 1 : (sn == 1 && n == nb && sk == nb));
   if (direct) {
     P.b = src.data_ptr<float>();
     P.ldb = gemv ? 1 : sk;
@@ -263,7 +268,7 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   const int64_t want_parts = serial ? 1 : std::min<int64_t>(nthreads, std::max<int64_t>(1, rows / 8));
   const int64_t row_cost = A.blocked ? 8 : 2;
   std::vector<int64_t> bounds =
-      it == kI32 ? balanced_rows<int32_t>(A.crow, rows, want_parts, row_cost, A.blocked ? 1 : 8)
+      it != kI64 ? balanced_rows<int32_t>(A.crow, rows, want_parts, row_cost, A.blocked ? 1 : 8)
                  : balanced_rows<int64_t>(A.crow, rows, want_parts, row_cost, A.blocked ? 1 : 8);
   const int64_t parts = int64_t(bounds.size()) - 1;
   const int64_t groups = serial ? 1 : std::min<int64_t>(npanels, (nthreads + parts - 1) / parts);

@@ -19,12 +19,12 @@ inline cpu::DType value_dtype(const at::Tensor& t, const char* what) {
 }
 
 inline cpu::IType index_dtype(const at::Tensor& crow, const at::Tensor& col) {
-  TORCH_CHECK_TYPE(crow.scalar_type() == col.scalar_type(),
-                   "pysparse: row pointers and column indices must share one dtype, got ",
-                   crow.scalar_type(), " and ", col.scalar_type());
-  TORCH_CHECK_TYPE(crow.scalar_type() == at::kInt || crow.scalar_type() == at::kLong,
-                   "pysparse: index tensors must be int32 or int64, got ", crow.scalar_type());
-  return crow.scalar_type() == at::kInt ? cpu::kI32 : cpu::kI64;
+  const auto r = crow.scalar_type(), c = col.scalar_type();
+  if (r == at::kInt && c == at::kInt) return cpu::kI32;
+  if (r == at::kLong && c == at::kLong) return cpu::kI64;
+  if (r == at::kInt && c == at::kShort) return cpu::kI32C16;
+  TORCH_CHECK_TYPE(false, "pysparse: index dtypes must be (int32, int32), (int64, int64) or "
+                   "(int32 row pointers, int16 column indices), got ", r, " and ", c);
 }
 
 inline void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* what) {

@@ -10,11 +10,14 @@ namespace cpu {
 
 // Storage dtypes of values and dense operands. Accumulation is always fp32.
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kNumDTypes = 3 };
-// Index dtypes of CSR/BSR row pointers and column indices (both share one dtype).
-enum IType : int { kI32 = 0, kI64 = 1, kNumITypes = 2 };
+// Index dtypes of (row pointers, column indices): both int32, both int64, or int32 row pointers
+// with int16 column indices (CSR only, K <= 32768): 6 instead of 8 bytes per fp32 nonzero, which
+// is what a memory-bound product (n <= 8, or weights streamed from DRAM) runs at.
+enum IType : int { kI32 = 0, kI64 = 1, kI32C16 = 2, kNumITypes = 3 };
 
 // The dense operand after packing: fp32, split into panels of `nb` columns. Element (k, j) of
-// panel p sits at b[p * panel_stride + k * ldb + j]; columns past n are zero.
+// panel p sits at b[p * panel_stride + k * ldb + j]; columns past n are zero. The CSR panel
+// kernel relies on ldb == nb (the launcher packs whenever that does not already hold).
 struct Panels {
   const float* b;
   int64_t ldb;

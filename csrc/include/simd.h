@@ -55,6 +55,13 @@ struct Vec512 {
     if (oob) { *bad = 1; i = _mm512_mask_mov_epi32(i, oob, _mm512_setzero_si512()); }
     return _mm512_i32gather_ps(i, x, 4);
   }
+  // int16 indices: widened as unsigned, so a negative index becomes >= 32768 >= K and is caught.
+  static V gather_checked(const float* x, const int16_t* idx, uint32_t K, int* bad) {
+    __m512i i = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)idx));
+    __mmask16 oob = _mm512_cmpge_epu32_mask(i, _mm512_set1_epi32(int(K)));
+    if (oob) { *bad = 1; i = _mm512_mask_mov_epi32(i, oob, _mm512_setzero_si512()); }
+    return _mm512_i32gather_ps(i, x, 4);
+  }
 };
 #endif
 
@@ -80,12 +87,17 @@ struct Vec256 {
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
   }
   static V load_cvt(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
-  static V gather_checked(const float* x, const int32_t* idx, uint32_t K, int* bad) {
-    __m256i i = _mm256_loadu_si256((const __m256i*)idx);
-    // i >= K (unsigned)  <=>  max_epu32(i, K) == i  for K > 0... use min: ok <=> min(i, K-1) == i
+  // Indices are clamped to K - 1 (unsigned, so negatives clamp too) and a clamp is reported.
+  static V gather_checked(const float* x, __m256i i, uint32_t K, int* bad) {
     __m256i c = _mm256_min_epu32(i, _mm256_set1_epi32(int(K - 1)));
     if (!_mm256_testc_si256(_mm256_cmpeq_epi32(c, i), _mm256_set1_epi32(-1))) *bad = 1;
     return _mm256_i32gather_ps(x, c, 4);
+  }
+  static V gather_checked(const float* x, const int32_t* idx, uint32_t K, int* bad) {
+    return gather_checked(x, _mm256_loadu_si256((const __m256i*)idx), K, bad);
+  }
+  static V gather_checked(const float* x, const int16_t* idx, uint32_t K, int* bad) {
+    return gather_checked(x, _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)idx)), K, bad);
   }
 };
 #endif
@@ -103,8 +115,9 @@ struct Vec {
   static float hsum(V v) { return v; }
   template <typename T>
   static V load_cvt(const T* p) { return to_f32(*p); }
-  static V gather_checked(const float* x, const int32_t* idx, uint32_t K, int* bad) {
-    uint32_t i = uint32_t(*idx);
+  template <typename CT>
+  static V gather_checked(const float* x, const CT* idx, uint32_t K, int* bad) {
+    uint64_t i = uint64_t(int64_t(*idx));
     if (i >= K) { *bad = 1; i = 0; }
     return x[i];
   }

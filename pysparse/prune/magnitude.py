@@ -14,7 +14,8 @@ def _check(W: torch.Tensor, sparsity: float, fn: str) -> None:
 
 
 def _keep_top(scores: torch.Tensor, keep: int, dim: int = -1) -> torch.Tensor:
-    """Boolean mask of the `keep` largest scores along dim (ties broken by position)."""
+    """Boolean mask of exactly `keep` largest scores along dim (which of tied scores is kept
+    is unspecified)."""
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if keep > 0:
         idx = torch.topk(scores, keep, dim=dim, sorted=False).indices
