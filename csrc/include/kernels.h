@@ -55,7 +55,7 @@ struct BsrArgs {
   Panels B;
   Output O;
   int* bad_index;
-  float* scratch;     // per-task: bh * nb + bh * bw floats (+ bh * 16 for the n == 1 path)
+  float* scratch;     // per-task: bh * nb + bh * bw floats (n > 1) or bh floats (n == 1)
 };
 
 struct PackArgs {

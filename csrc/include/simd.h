@@ -55,6 +55,29 @@ struct Vec512 {
     if (oob) { *bad = 1; i = _mm512_mask_mov_epi32(i, oob, _mm512_setzero_si512()); }
     return _mm512_i32gather_ps(i, x, 4);
   }
+  // The first len < W lanes; the others are zero (masked loads never touch memory past len).
+  static __mmask16 first(int len) { return __mmask16((1u << len) - 1u); }
+  static V load_cvt_partial(const float* p, int len) { return _mm512_maskz_loadu_ps(first(len), p); }
+  static V load_cvt_partial(const bf16_t* p, int len) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first(len), p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  static V load_cvt_partial(const f16_t* p, int len) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first(len), p));
+  }
+  static V gather_partial(const float* x, __m512i i, __mmask16 m, uint32_t K, int* bad) {
+    const __mmask16 oob = _mm512_mask_cmpge_epu32_mask(m, i, _mm512_set1_epi32(int(K)));
+    if (oob) *bad = 1;
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m & ~oob, i, x, 4);
+  }
+  static V gather_checked_partial(const float* x, const int32_t* idx, int len, uint32_t K, int* bad) {
+    const __mmask16 m = first(len);
+    return gather_partial(x, _mm512_maskz_loadu_epi32(m, idx), m, K, bad);
+  }
+  static V gather_checked_partial(const float* x, const int16_t* idx, int len, uint32_t K, int* bad) {
+    const __mmask16 m = first(len);
+    return gather_partial(x, _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, idx)), m, K, bad);
+  }
   // int16 indices: widened as unsigned, so a negative index becomes >= 32768 >= K and is caught.
   static V gather_checked(const float* x, const int16_t* idx, uint32_t K, int* bad) {
     __m512i i = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)idx));
@@ -87,18 +110,6 @@ struct Vec256 {
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
   }
   static V load_cvt(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
-  // Indices are clamped to K - 1 (unsigned, so negatives clamp too) and a clamp is reported.
-  static V gather_checked(const float* x, __m256i i, uint32_t K, int* bad) {
-    __m256i c = _mm256_min_epu32(i, _mm256_set1_epi32(int(K - 1)));
-    if (!_mm256_testc_si256(_mm256_cmpeq_epi32(c, i), _mm256_set1_epi32(-1))) *bad = 1;
-    return _mm256_i32gather_ps(x, c, 4);
-  }
-  static V gather_checked(const float* x, const int32_t* idx, uint32_t K, int* bad) {
-    return gather_checked(x, _mm256_loadu_si256((const __m256i*)idx), K, bad);
-  }
-  static V gather_checked(const float* x, const int16_t* idx, uint32_t K, int* bad) {
-    return gather_checked(x, _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)idx)), K, bad);
-  }
 };
 #endif
 
@@ -115,12 +126,6 @@ struct Vec {
   static float hsum(V v) { return v; }
   template <typename T>
   static V load_cvt(const T* p) { return to_f32(*p); }
-  template <typename CT>
-  static V gather_checked(const float* x, const CT* idx, uint32_t K, int* bad) {
-    uint64_t i = uint64_t(int64_t(*idx));
-    if (i >= K) { *bad = 1; i = 0; }
-    return x[i];
-  }
 };
 #endif
 
