@@ -266,6 +266,28 @@ def test_int16_columns_at_the_32768_boundary(isa):
                          torch.float32, what=f"K={K} n={n}")
 
 
+@pytest.mark.parametrize("n", [1, 3, 8, 40])
+def test_untouched_non_finite_inputs_do_not_leak(isa, dtype, n):
+    """Only stored nonzeros multiply: inf/NaN in rows of X that a CSR row never touches must not
+    reach that row's output (padded lanes of vector loads and gathers read nothing), while a
+    touched inf gives inf or NaN as the dense product does."""
+    torch.manual_seed(3)
+    M, K = 21, 53  # row lengths leave a partial vector at every width
+    W = torch.randn(M, K)
+    W[:, :2] = 0  # no row touches columns 0 and 1 ...
+    W[5, 1] = 1.0  # ... except row 5, which touches column 1
+    A = CSR.from_dense(W.to(dtype))
+    X = torch.randn(K, n).to(dtype)
+    X[0] = float("inf")
+    X[1] = float("nan")
+    y = pysparse.spmm(A, X)
+    finite_rows = [m for m in range(M) if m != 5]
+    assert torch.isfinite(y[finite_rows]).all()
+    assert torch.isnan(y[5]).all()
+    ref = W.to(dtype).double()[:, 2:] @ X.double()[2:]
+    torch.testing.assert_close(y[finite_rows].double(), ref[finite_rows], rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("xshape", [(2, 3, 0), (0,)], ids=["3-D", "1-D"])
 def test_linear_zero_in_features_nd_input(xshape):
     """in_features = 0 is a valid (empty) product, as in torch.nn.functional.linear: the result

@@ -225,7 +225,7 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
 
   const KernelTable& kt = active_kernels();
   const bool gemv = n == 1;
-  const int nb = gemv ? 1 : (A.blocked ? kt.bsr_panel_width(n) : kt.csr_panel_width(n));
+  const int nb = gemv ? 1 : (A.blocked ? kt.bsr_panel_width(n, K) : kt.csr_panel_width(n, K));
   const int64_t npanels = (n + nb - 1) / nb;
 
   // Pack B into fp32 panels unless it already is one contiguous fp32 panel of the right width

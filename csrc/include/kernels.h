@@ -73,8 +73,8 @@ using PackFn = void (*)(const PackArgs&, int64_t panel0, int64_t panel1, int64_t
 // n == 1 kernels (B.b is then a contiguous fp32 vector, panels ignored).
 struct KernelTable {
   const char* name;
-  int (*csr_panel_width)(int64_t n);
-  int (*bsr_panel_width)(int64_t n);
+  int (*csr_panel_width)(int64_t n, int64_t K);
+  int (*bsr_panel_width)(int64_t n, int64_t K);
   PackFn pack[kNumDTypes];
   CsrFn csr[kNumDTypes][kNumITypes];
   CsrFn csr_gemv[kNumDTypes][kNumITypes];
