@@ -29,8 +29,8 @@ def run(quick: bool = False) -> None:
     info = pysparse.info()
     print(f"pysparse {info['pysparse']} | torch {info['torch_runtime']} | CPU kernels: "
           f"{info['cpu_isa_selected']} | threads: {info['threads']}\n")
-    header = (f"| model | layer | W (out x in) | pattern | tokens | dense us | torch.sparse us "
-              f"| pysparse us | vs dense | vs torch.sparse |")
+    header = ("| model | layer | W (out x in) | pattern | tokens | dense us | torch.sparse us "
+              "| pysparse us | vs dense | vs torch.sparse |")
     print(header)
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     t0 = time.time()
