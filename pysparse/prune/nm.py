@@ -1,0 +1,42 @@
+"""N:M semi-structured pruning: keep the n most important of every m consecutive weights."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_M_CHOICES = (4, 8, 16)
+
+
+def nm(W: torch.Tensor, n: int = 2, m: int = 4, scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Zero all but the n largest-scoring of every m consecutive entries along the last dimension.
+
+    W: (..., K) floating-point, K a multiple of m. m is 4, 8 or 16 and 0 < n < m (2:4 is what
+    sparse tensor cores run). scores: importance of each weight, broadcastable to W (default
+    |W|); activation-aware criteria feed it, e.g. ``W.abs() * x_norm`` with ``x_norm`` (K,) the
+    per-input-channel norm of calibration activations (Wanda). Exactly n entries of each group are
+    kept (which of tied scores is unspecified). Returns a new tensor with W's dtype.
+    """
+    if not isinstance(W, torch.Tensor) or W.dim() < 1 or not W.is_floating_point():
+        raise ValueError("pysparse.prune.nm needs a floating-point tensor with at least 1 dimension")
+    if m not in _M_CHOICES:
+        raise ValueError(f"pysparse.prune.nm: m must be one of {_M_CHOICES}, got {m}")
+    if not 0 < n < m:
+        raise ValueError(f"pysparse.prune.nm: n must satisfy 0 < n < m = {m}, got {n}")
+    K = W.shape[-1]
+    if K % m:
+        raise ValueError(f"pysparse.prune.nm: the last dimension ({K}) is not a multiple of m = {m}")
+    if scores is None:
+        s = W.detach().abs()
+    else:
+        if not isinstance(scores, torch.Tensor):
+            raise ValueError(f"pysparse.prune.nm: scores must be a tensor, got {type(scores).__name__}")
+        try:
+            s = torch.broadcast_to(scores.detach().to(W.device), W.shape)
+        except RuntimeError:
+            raise ValueError(f"pysparse.prune.nm: scores of shape {tuple(scores.shape)} do not "
+                             f"broadcast to W's shape {tuple(W.shape)}") from None
+    groups = s.float().reshape(*W.shape[:-1], K // m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, torch.topk(groups, n, dim=-1, sorted=False).indices, True)
+    return W * keep.reshape(W.shape)
