@@ -19,6 +19,9 @@ TORCH_LIBRARY(pysparse, m) {
   m.def("csr_linear(Tensor input, Tensor crow_indices, Tensor col_indices, Tensor values, SymInt[] shape, Tensor? bias) -> Tensor");
   m.def("bsr_spmm(Tensor crow_indices, Tensor col_indices, Tensor values, SymInt[] shape, Tensor dense) -> Tensor");
   m.def("bsr_linear(Tensor input, Tensor crow_indices, Tensor col_indices, Tensor values, SymInt[] shape, Tensor? bias) -> Tensor");
+  // N:M semi-structured (2:4 included): values (M, K/m*n), mask (M, ceil(K/8)) uint8 bitmap.
+  m.def("nm_spmm(Tensor values, Tensor mask, SymInt[] shape, int n, int m, Tensor dense) -> Tensor");
+  m.def("nm_linear(Tensor input, Tensor values, Tensor mask, SymInt[] shape, int n, int m, Tensor? bias, str activation=\"none\") -> Tensor");
 }
 
 // Build facts and ISA control for pysparse.info() and the tests; not ops.

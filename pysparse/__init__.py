@@ -8,11 +8,11 @@
 """
 from ._loader import _C, _build_info
 from . import ops, prune
-from .formats import BSR, CSR
+from .formats import BSR, CSR, Sparse24, SparseNM
 from .ops import linear, spmm
 
 __version__ = _build_info.VERSION
-__all__ = ["CSR", "BSR", "spmm", "linear", "prune", "ops", "info", "set_cpu_isa"]
+__all__ = ["CSR", "BSR", "SparseNM", "Sparse24", "spmm", "linear", "prune", "ops", "info", "set_cpu_isa"]
 
 
 def set_cpu_isa(name: str) -> str:

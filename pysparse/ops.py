@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch
 
 from ._loader import _C  # noqa: F401  (loads the library that defines the ops)
-from .formats import BSR, CSR
+from .formats import BSR, CSR, SparseNM
 
 _ops = torch.ops.pysparse
 
@@ -55,6 +55,21 @@ def _bsr_linear_fake(input, crow_indices, col_indices, values, shape, bias):
     return _csr_linear_fake(input, crow_indices, col_indices, values, shape, bias)
 
 
+@torch.library.register_fake("pysparse::nm_spmm")
+def _nm_spmm_fake(values, mask, shape, n, m, dense):
+    return _csr_spmm_fake(None, None, values, shape, dense)
+
+
+@torch.library.register_fake("pysparse::nm_linear")
+def _nm_linear_fake(input, values, mask, shape, n, m, bias, activation="none"):
+    torch._check(activation in _ACTIVATIONS,
+                 lambda: f"pysparse: activation must be none, relu, gelu or silu, got {activation!r}")
+    return _csr_linear_fake(input, None, None, values, shape, bias)
+
+
+_ACTIVATIONS = ("none", "relu", "gelu", "silu")
+
+
 # ---------------------------------------------------------------------------------------------
 # Typed wrappers, one per op
 
@@ -82,12 +97,24 @@ def bsr_linear(input: torch.Tensor, crow_indices: torch.Tensor, col_indices: tor
     return _ops.bsr_linear.default(input, crow_indices, col_indices, values, list(shape), bias)
 
 
+def nm_spmm(values: torch.Tensor, mask: torch.Tensor, shape: List[int], n: int, m: int,
+            dense: torch.Tensor) -> torch.Tensor:
+    """A @ dense for A in N:M form (values (M, K/m*n), mask bitmap (M, ceil(K/8)) uint8)."""
+    return _ops.nm_spmm.default(values, mask, list(shape), n, m, dense)
+
+
+def nm_linear(input: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, shape: List[int],
+              n: int, m: int, bias: Optional[torch.Tensor] = None, activation: str = "none") -> torch.Tensor:
+    """act(input @ A.T + bias) for A in N:M form; activation in none, relu, gelu, silu."""
+    return _ops.nm_linear.default(input, values, mask, list(shape), n, m, bias, activation)
+
+
 # ---------------------------------------------------------------------------------------------
 # User-facing entry points
 
 def _check_operands(fn: str, A, x: torch.Tensor, what: str) -> None:
-    if not isinstance(A, (CSR, BSR)):
-        raise TypeError(f"pysparse.{fn}: A must be a pysparse.CSR or pysparse.BSR, got {type(A).__name__}")
+    if not isinstance(A, (CSR, BSR, SparseNM)):
+        raise TypeError(f"pysparse.{fn}: A must be a pysparse.CSR, BSR or SparseNM/Sparse24, got {type(A).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"pysparse.{fn}: {what} must be a tensor, got {type(x).__name__}")
     if x.dtype != A.dtype:
@@ -107,15 +134,21 @@ def spmm(A, X: torch.Tensor) -> torch.Tensor:
     if X.dim() != 2 or X.shape[0] != A.shape[1]:
         raise ValueError(f"pysparse.spmm: A is {A.shape[0]}x{A.shape[1]}, so X must be "
                          f"({A.shape[1]}, n), got {tuple(X.shape)}")
+    if isinstance(A, SparseNM):
+        return nm_spmm(A.values, A.mask, list(A.shape), A.n, A.m, X)
     op = csr_spmm if isinstance(A, CSR) else bsr_spmm
     return op(A.crow_indices, A.col_indices, A.values, list(A.shape), X)
 
 
-def linear(x: torch.Tensor, A, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x @ A.T + bias, the nn.Linear layout: A (out_features, in_features) sparse, x (..., in).
+def linear(x: torch.Tensor, A, bias: Optional[torch.Tensor] = None, *,
+           activation: str = "none") -> torch.Tensor:
+    """act(x @ A.T + bias), the nn.Linear layout: A (out_features, in_features) sparse, x (..., in).
 
-    The bias is added in the kernel's epilogue (no extra pass over the output).
+    The bias (and, for N:M formats, the activation: none, relu, gelu, silu) is applied in the
+    kernel's epilogue, with no extra pass over the output.
     """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"pysparse.linear: activation must be one of {_ACTIVATIONS}, got {activation!r}")
     _check_operands("linear", A, x, "x")
     if x.dim() < 1 or x.shape[-1] != A.shape[1]:
         raise ValueError(f"pysparse.linear: A is {A.shape[0]}x{A.shape[1]}, so x must end in "
@@ -124,5 +157,10 @@ def linear(x: torch.Tensor, A, bias: Optional[torch.Tensor] = None) -> torch.Ten
         _check_operands("linear", A, bias, "bias")
         if bias.dim() != 1 or bias.shape[0] != A.shape[0]:
             raise ValueError(f"pysparse.linear: bias must have shape ({A.shape[0]},), got {tuple(bias.shape)}")
+    if isinstance(A, SparseNM):
+        return nm_linear(x, A.values, A.mask, list(A.shape), A.n, A.m, bias, activation)
+    if activation != "none":
+        raise ValueError(f"pysparse.linear: a fused activation is implemented for N:M formats only; "
+                         f"apply torch.nn.functional.{activation} to the result")
     op = csr_linear if isinstance(A, CSR) else bsr_linear
     return op(x, A.crow_indices, A.col_indices, A.values, list(A.shape), bias)

@@ -390,7 +390,7 @@ def _A(dtype=torch.float32):
 @pytest.mark.parametrize("fn", ["spmm", "linear"])
 def test_api_rejects_non_format(fn):
     W = torch.randn(7, 33)
-    with pytest.raises(TypeError, match=rf"pysparse\.{fn}: A must be a pysparse\.CSR or pysparse\.BSR, got Tensor"):
+    with pytest.raises(TypeError, match=rf"pysparse\.{fn}: A must be a pysparse\.CSR, BSR or SparseNM/Sparse24, got Tensor"):
         pysparse.spmm(W, torch.randn(33, 2)) if fn == "spmm" else pysparse.linear(torch.randn(2, 33), W)
     with pytest.raises(TypeError, match=rf"pysparse\.{fn}: {'X' if fn == 'spmm' else 'x'} must be a tensor, got list"):
         pysparse.spmm(_A(), [[1.0]]) if fn == "spmm" else pysparse.linear([[1.0]], _A())

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <cstdlib>
 #include <mutex>
 
@@ -140,6 +141,49 @@ SparseOperand check_bsr(const at::Tensor& crow, const at::Tensor& col, const at:
   return A;
 }
 
+SparseOperand check_nm(const at::Tensor& values, const at::Tensor& mask, c10::SymIntArrayRef shape,
+                       int64_t n, int64_t m) {
+  value_dtype(values, "N:M values");
+  check_dim(values, 2, "N:M values");
+  check_dim(mask, 2, "N:M mask");
+  check_same_device(values, mask, "mask");
+  TORCH_CHECK(m == 4 || m == 8 || m == 16, "pysparse: N:M needs m in (4, 8, 16), got ", m);
+  TORCH_CHECK(n > 0 && n < m, "pysparse: N:M needs 0 < n < m, got ", n, ":", m);
+  TORCH_CHECK(shape.size() == 2, "pysparse: shape must have 2 entries, got ", shape.size());
+  SparseOperand A;
+  A.M = shape[0].expect_int();
+  A.K = shape[1].expect_int();
+  A.n = int(n);
+  A.m = int(m);
+  TORCH_CHECK(A.M >= 0 && A.K >= 0 && A.K % m == 0, "pysparse: N:M shape (", A.M, ", ", A.K,
+              ") needs non-negative sizes and columns divisible by m = ", m);
+  const int64_t kept = A.K / m * n, mbytes = (A.K + 7) / 8;
+  TORCH_CHECK(values.size(0) == A.M && values.size(1) == kept, "pysparse: N:M values must have shape (",
+              A.M, ", ", kept, "), got ", values.sizes());
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kByte, "pysparse: N:M mask must be uint8, got ", mask.scalar_type());
+  TORCH_CHECK(mask.size(0) == A.M && mask.size(1) == mbytes, "pysparse: N:M mask must have shape (",
+              A.M, ", ", mbytes, "), got ", mask.sizes());
+  A.values = values.contiguous();
+  A.mask = mask.contiguous();
+  // Every row must mark exactly `kept` positions, none past column K: the kernels step through
+  // the values by the mask, so this is what keeps their reads in bounds. O(K / 64) per row.
+  const uint8_t* p = A.mask.data_ptr<uint8_t>();
+  for (int64_t r = 0; r < A.M; ++r) {
+    const uint8_t* row = p + r * mbytes;
+    int64_t cnt = 0, w = 0;
+    for (; w + 8 <= mbytes; w += 8) {
+      uint64_t bits;
+      std::memcpy(&bits, row + w, 8);
+      cnt += __builtin_popcountll(bits);
+    }
+    for (; w < mbytes; ++w) cnt += __builtin_popcount(row[w]);
+    TORCH_CHECK(cnt == kept, "pysparse: N:M mask row ", r, " marks ", cnt, " positions, expected ", kept);
+    TORCH_CHECK(A.K % 8 == 0 || (row[mbytes - 1] >> (A.K % 8)) == 0, "pysparse: N:M mask row ", r,
+                " marks positions past the last column");
+  }
+  return A;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Partitioning: split rows (or block rows) into parts of about equal cost, where a row costs its
 // nonzeros plus a fixed overhead (loop setup and the epilogue's stores).
@@ -169,9 +213,9 @@ static std::vector<int64_t> balanced_rows(const at::Tensor& crow, int64_t rows, 
 static constexpr int64_t kSerialWork = 1 << 15;
 
 at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool linear,
-                       const std::optional<at::Tensor>& bias) {
+                       const std::optional<at::Tensor>& bias, int act) {
   const DType dt = value_dtype(A.values, "values");
-  const IType it = index_dtype(A.crow, A.col);
+  const IType it = A.nm() ? kI32 : index_dtype(A.crow, A.col);
   check_same_device(A.values, dense, linear ? "input" : "dense");
   TORCH_CHECK_TYPE(dense.scalar_type() == A.values.scalar_type(), "pysparse: ",
                    linear ? "input" : "dense", " dtype ", dense.scalar_type(),
@@ -216,10 +260,13 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
 
   at::Tensor out = at::empty({linear ? n : M, linear ? M : n}, A.values.options());
   if (M == 0 || n == 0) return out.reshape(out_shape);
-  if (A.col.numel() == 0 || K == 0) {
-    TORCH_CHECK(A.col.numel() == 0, "pysparse: a matrix with 0 columns cannot hold nonzeros");
+  if (A.values.numel() == 0 || K == 0) {
+    TORCH_CHECK(A.values.numel() == 0, "pysparse: a matrix with 0 columns cannot hold nonzeros");
     if (bias_t) out.copy_(linear ? bias_c.unsqueeze(0).expand({n, M}) : bias_c.unsqueeze(1).expand({M, n}));
     else out.zero_();
+    if (act == kActRelu) out.clamp_min_(0);
+    else if (act == kActGelu) out = at::gelu(out);
+    else if (act == kActSilu) out = at::silu(out);
     return out.reshape(out_shape);
   }
 
@@ -258,18 +305,24 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
     P.panel_stride = K * nb;
   }
 
-  Output O{out.data_ptr(), linear ? 1 : n, linear ? M : 1, bias_t ? bias_c.data_ptr() : nullptr};
+  Output O{out.data_ptr(), linear ? 1 : n, linear ? M : 1, bias_t ? bias_c.data_ptr() : nullptr, act};
 
   // Tasks: row parts (nnz-balanced) x panel groups, so a short, wide product still fills threads.
   const int64_t rows = A.blocked ? M / A.bh : M;
   const int64_t nthreads = at::get_num_threads();
-  const int64_t nnz_elems = A.col.numel() * A.bh * A.bw;
+  const int64_t nnz_elems = A.values.numel();
   const bool serial = nnz_elems * n < kSerialWork || nthreads == 1;
   const int64_t want_parts = serial ? 1 : std::min<int64_t>(nthreads, std::max<int64_t>(1, rows / 8));
   const int64_t row_cost = A.blocked ? 8 : 2;
-  std::vector<int64_t> bounds =
-      it != kI64 ? balanced_rows<int32_t>(A.crow, rows, want_parts, row_cost, A.blocked ? 1 : 8)
-                 : balanced_rows<int64_t>(A.crow, rows, want_parts, row_cost, A.blocked ? 1 : 8);
+  std::vector<int64_t> bounds;
+  if (A.nm()) {  // every row holds the same number of values: equal row counts balance
+    for (int64_t i = 0; i < want_parts; ++i) bounds.push_back(std::min(rows, (rows * i / want_parts + 15) / 16 * 16));
+    bounds.push_back(rows);
+    bounds.erase(std::unique(bounds.begin(), bounds.end()), bounds.end());
+  } else {
+    bounds = it != kI64 ? balanced_rows<int32_t>(A.crow, rows, want_parts, row_cost, A.blocked ? 1 : 8)
+                        : balanced_rows<int64_t>(A.crow, rows, want_parts, row_cost, A.blocked ? 1 : 8);
+  }
   const int64_t parts = int64_t(bounds.size()) - 1;
   const int64_t groups = serial ? 1 : std::min<int64_t>(npanels, (nthreads + parts - 1) / parts);
   const int64_t ntasks = parts * groups;
@@ -279,7 +332,11 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
     const int64_t part = t / groups, g = t % groups;
     const int64_t p0 = npanels * g / groups, p1 = npanels * (g + 1) / groups;
     const int64_t r0 = bounds[part], r1 = bounds[part + 1];
-    if (A.blocked) {
+    if (A.nm()) {
+      std::vector<int32_t> scratch(size_t(K / A.m * A.n) + 1);
+      NmArgs a{A.values.data_ptr(), A.mask.data_ptr<uint8_t>(), M, K, A.n, A.m, P, O, scratch.data()};
+      (gemv ? kt.nm_gemv[dt] : kt.nm[dt])(a, r0, r1, p0, p1);
+    } else if (A.blocked) {
       std::vector<float> scratch(size_t(A.bh) * (nb + A.bw + 17));
       BsrArgs a{A.crow.data_ptr(), A.col.data_ptr(), A.values.data_ptr(), M, K, A.bh, A.bw,
                 P, O, &bad[t], scratch.data()};

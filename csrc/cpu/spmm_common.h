@@ -22,20 +22,25 @@ std::vector<std::string> supported_isas();
 
 // What a sparse format tells the launcher; shape checks have already been done.
 struct SparseOperand {
-  at::Tensor crow, col, values;  // contiguous
+  at::Tensor crow, col, values;  // contiguous (crow/col undefined for N:M)
   int64_t M, K;                  // dense shape of A
   int bh = 1, bw = 1;            // block size (1 x 1 for CSR)
   bool blocked = false;
+  at::Tensor mask;               // N:M only: (M, (K + 7) / 8) uint8 bitmap
+  int n = 0, m = 0;              // N:M only
+  bool nm() const { return m != 0; }
 };
 
 // A @ B (layout spmm: B = dense (K, n), out (M, n)) or x @ A^T + bias
 // (layout linear: x (..., K), out (..., M)).
 at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool linear,
-                       const std::optional<at::Tensor>& bias);
+                       const std::optional<at::Tensor>& bias, int act = kActNone);
 
 // Validates crow/col/values against the shape and returns the operand (contiguous tensors).
 SparseOperand check_csr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
                         c10::SymIntArrayRef shape);
+SparseOperand check_nm(const at::Tensor& values, const at::Tensor& mask, c10::SymIntArrayRef shape,
+                       int64_t n, int64_t m);
 SparseOperand check_bsr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
                         c10::SymIntArrayRef shape);
 

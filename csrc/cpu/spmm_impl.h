@@ -12,6 +12,15 @@
 // Rows are finished into a small RT x nb tile which the epilogue adds the bias to, converts and
 // writes (transposed for the linear layout, RT contiguous outputs per column).
 
+static inline float activate(float v, int act) {
+  switch (act) {
+    case kActRelu: return v > 0.f ? v : 0.f;
+    case kActGelu: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));  // exact, as F.gelu
+    case kActSilu: return v / (1.f + expf(-v));
+    default: return v;
+  }
+}
+
 template <typename T>
 static inline void store_tile(const Output& O, const float* tile, int ld_tile, int64_t m0, int rows,
                               int64_t j0, int cols) {
@@ -19,6 +28,13 @@ static inline void store_tile(const Output& O, const float* tile, int ld_tile, i
   const T* bias = static_cast<const T*>(O.bias);
   float b[64];  // rows <= 64 (RT and BSR tiles are at most that tall; bh > 64 is split by caller)
   for (int i = 0; i < rows; ++i) b[i] = bias ? to_f32(bias[m0 + i]) : 0.f;
+  if (O.act != kActNone) {
+    for (int j = 0; j < cols; ++j) {
+      for (int i = 0; i < rows; ++i)
+        from_f32(activate(tile[i * ld_tile + j] + b[i], O.act), out + (m0 + i) * O.sm + (j0 + j) * O.sn);
+    }
+    return;
+  }
   if (O.sn == 1) {
     for (int i = 0; i < rows; ++i) {
       T* o = out + (m0 + i) * O.sm + j0;
@@ -384,6 +400,139 @@ static void bsr_gemv_kernel(const BsrArgs& a, int64_t br0, int64_t br1, int64_t,
 }
 
 // ---------------------------------------------------------------------------------------------
+// N:M, n > 1. The bitmap of a row is decoded into column positions (tzcnt per kept entry, one
+// 64-column word at a time), then the same row-axpy as CSR runs over them: no column index is
+// read from memory, so a 2:4 fp32 row streams 4.25 bytes per kept value instead of CSR's 6.
+template <typename VT, typename T, int NV>
+static void nm_panel_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+  using Vec = VT;
+  constexpr int W = Vec::W;
+  constexpr int NB = NV * W;
+  constexpr int SETS = NV >= 8 ? 1 : 8 / NV;
+  constexpr int RT_ROWS = 16;
+  const int64_t K = a.K, kept = K / a.m * a.n, mbytes = (K + 7) / 8;
+  const T* val = static_cast<const T*>(a.val);
+  int32_t* pos = a.scratch;
+  alignas(64) float tile[RT_ROWS * NB];
+  constexpr int kVbuf = 256;
+  alignas(64) float vbuf[kVbuf];
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* bp = a.B.b + p * a.B.panel_stride;
+    const int64_t j0 = p * NB;
+    const int cols = int(a.B.n - j0 < NB ? a.B.n - j0 : NB);
+    for (int64_t m0 = r0; m0 < r1; m0 += RT_ROWS) {
+      const int rows = int(r1 - m0 < RT_ROWS ? r1 - m0 : RT_ROWS);
+      for (int i = 0; i < rows; ++i) {
+        const uint8_t* mrow = a.mask + (m0 + i) * mbytes;
+        int64_t cnt = 0;
+        for (int64_t w = 0; w < mbytes; w += 8) {
+          uint64_t bits = 0;
+          std::memcpy(&bits, mrow + w, size_t(mbytes - w < 8 ? mbytes - w : 8));
+          while (bits && cnt < kept) {
+            pos[cnt++] = int32_t(w * 8 + __builtin_ctzll(bits));
+            bits &= bits - 1;
+          }
+        }
+        typename Vec::V acc[SETS][NV];
+        for (int s = 0; s < SETS; ++s)
+          for (int q = 0; q < NV; ++q) acc[s][q] = Vec::zero();
+        const T* vrow = val + (m0 + i) * kept;
+        for (int64_t j = 0; j < cnt;) {
+          const int len = int(cnt - j < kVbuf ? cnt - j : kVbuf);
+          const float* v;
+          if constexpr (sizeof(T) == 4) {
+            v = reinterpret_cast<const float*>(vrow + j);
+          } else {
+            int t = 0;
+            for (; t + Vec::W <= len; t += Vec::W) Vec::store(vbuf + t, Vec::load_cvt(vrow + j + t));
+            for (; t < len; ++t) vbuf[t] = to_f32(vrow[j + t]);
+            v = vbuf;
+          }
+          const int32_t* c = pos + j;
+          int t = 0;
+          for (; t + SETS <= len; t += SETS) {
+            for (int s = 0; s < SETS; ++s) {
+              const typename Vec::V vs = Vec::set1(v[t + s]);
+              const float* b = bp + int64_t(c[t + s]) * NB;
+              for (int q = 0; q < NV; ++q) acc[s][q] = Vec::fma(vs, Vec::load(b + q * W), acc[s][q]);
+            }
+          }
+          for (; t < len; ++t) {
+            const typename Vec::V vs = Vec::set1(v[t]);
+            const float* b = bp + int64_t(c[t]) * NB;
+            for (int q = 0; q < NV; ++q) acc[0][q] = Vec::fma(vs, Vec::load(b + q * W), acc[0][q]);
+          }
+          j += len;
+        }
+        for (int q = 0; q < NV; ++q) {
+          typename Vec::V s = acc[0][q];
+          for (int t = 1; t < SETS; ++t) s = Vec::add(s, acc[t][q]);
+          Vec::store(tile + i * NB + q * W, s);
+        }
+      }
+      store_tile<T>(a.O, tile, NB, m0, rows, j0, cols);
+    }
+  }
+}
+
+// N:M, n == 1. AVX-512: expand-load puts a 16-column chunk's kept values at their bitmap
+// positions (zeros elsewhere), then one dense FMA with x: no gather, no decoded positions.
+// Other ISAs walk the set bits.
+template <typename T>
+static void nm_gemv_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t, int64_t) {
+  const int64_t K = a.K, kept = K / a.m * a.n, mbytes = (K + 7) / 8;
+  const T* val = static_cast<const T*>(a.val);
+  const float* x = a.B.b;
+  alignas(64) float tile[64];
+  for (int64_t m0 = r0; m0 < r1; m0 += 64) {
+    const int rows = int(r1 - m0 < 64 ? r1 - m0 : 64);
+    for (int i = 0; i < rows; ++i) {
+      const uint8_t* mrow = a.mask + (m0 + i) * mbytes;
+      const T* v = val + (m0 + i) * kept;
+      float s = 0.f;
+      int64_t k = 0;
+#if PYSPARSE_ISA_LEVEL == 2
+      if constexpr (sizeof(T) == 4) {
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (; k + 32 <= K; k += 32) {
+          uint32_t bits;
+          std::memcpy(&bits, mrow + k / 8, 4);
+          const __mmask16 lo = __mmask16(bits), hi = __mmask16(bits >> 16);
+          acc0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(lo, v), _mm512_loadu_ps(x + k), acc0);
+          v += __builtin_popcount(lo);
+          acc1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(hi, v), _mm512_loadu_ps(x + k + 16), acc1);
+          v += __builtin_popcount(hi);
+        }
+        s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+      }
+#endif
+      float acc[2] = {0.f, 0.f};  // alternate two chains
+      int t = 0;
+      for (; k < K; k += 8) {
+        uint32_t bits = mrow[k / 8];
+        while (bits) {
+          const int b = __builtin_ctz(bits);
+          bits &= bits - 1;
+          acc[t++ & 1] += to_f32(*v++) * x[k + b];
+        }
+      }
+      tile[i] = s + acc[0] + acc[1];
+    }
+    store_tile<T>(a.O, tile, 1, m0, rows, 0, 1);
+  }
+}
+
+template <typename T>
+static void nm_dispatch_nv(const NmArgs& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+  if (a.B.nb == VecNarrow::W) return nm_panel_kernel<VecNarrow, T, 1>(a, r0, r1, p0, p1);
+  switch (a.B.nb / Vec::W) {
+    case 1: return nm_panel_kernel<Vec, T, 1>(a, r0, r1, p0, p1);
+    case 2: return nm_panel_kernel<Vec, T, 2>(a, r0, r1, p0, p1);
+    default: return nm_panel_kernel<Vec, T, 4>(a, r0, r1, p0, p1);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Panel widths. CSR: the narrowest accumulator that n fills (one 8-lane vector, or NV = 1, 2, 4
 // full vectors); at NV = 4 a nonzero costs 1 broadcast + 4 loads + 4 FMAs, which the load ports
 // sustain, and wider panels would not fit the register file with their SETS. The 4-vector panel
@@ -436,7 +585,9 @@ static KernelTable make_table(const char* name) {
   t.bsr[DT][kI32] = bsr_dispatch_nv<T, int32_t>;                 \
   t.bsr[DT][kI64] = bsr_dispatch_nv<T, int64_t>;                 \
   t.bsr_gemv[DT][kI32] = bsr_gemv_kernel<T, int32_t>;            \
-  t.bsr_gemv[DT][kI64] = bsr_gemv_kernel<T, int64_t>;
+  t.bsr_gemv[DT][kI64] = bsr_gemv_kernel<T, int64_t>;           \
+  t.nm[DT] = nm_dispatch_nv<T>;                                   \
+  t.nm_gemv[DT] = nm_gemv_kernel<T>;
   PYSPARSE_FILL(kF32, float)
   PYSPARSE_FILL(kBF16, bf16_t)
   PYSPARSE_FILL(kF16, f16_t)

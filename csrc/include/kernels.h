@@ -28,10 +28,14 @@ struct Panels {
 
 // Output element (m, j) goes to out[m * out_sm + j * out_sn], in the values' dtype, plus
 // bias[m] (same dtype) when bias is not null. spmm: (sm, sn) = (n, 1); linear: (1, M).
+// Activation applied after the bias in the epilogue.
+enum Activation : int { kActNone = 0, kActRelu = 1, kActGelu = 2, kActSilu = 3 };
+
 struct Output {
   void* out;
   int64_t sm, sn;
   const void* bias;
+  int act = kActNone;
 };
 
 struct CsrArgs {
@@ -58,6 +62,19 @@ struct BsrArgs {
   float* scratch;     // per-task: bh * nb + bh * bw floats (n > 1) or bh floats (n == 1)
 };
 
+// N:M semi-structured: in every group of m columns n are kept. Row r's kept values are
+// val[r * K/m*n ...] in column order; mask is a bitmap of kept positions, (K + 7) / 8 bytes per row,
+// bit j of byte b = column 8 b + j.
+struct NmArgs {
+  const void* val;
+  const uint8_t* mask;
+  int64_t M, K;
+  int n, m;
+  Panels B;
+  Output O;
+  int32_t* scratch;   // per task: K * n / m column positions of one row
+};
+
 struct PackArgs {
   const void* src;     // (K, n) with element strides (sk, sn)
   int64_t K, n, sk, sn;
@@ -67,6 +84,7 @@ struct PackArgs {
 
 using CsrFn = void (*)(const CsrArgs&, int64_t row0, int64_t row1, int64_t panel0, int64_t panel1);
 using BsrFn = void (*)(const BsrArgs&, int64_t brow0, int64_t brow1, int64_t panel0, int64_t panel1);
+using NmFn = void (*)(const NmArgs&, int64_t row0, int64_t row1, int64_t panel0, int64_t panel1);
 using PackFn = void (*)(const PackArgs&, int64_t panel0, int64_t panel1, int64_t k0, int64_t k1);
 
 // One table per instruction set. csr/bsr take the panel kernels; the *_gemv entries take the
@@ -80,6 +98,8 @@ struct KernelTable {
   CsrFn csr_gemv[kNumDTypes][kNumITypes];
   BsrFn bsr[kNumDTypes][kNumITypes];
   BsrFn bsr_gemv[kNumDTypes][kNumITypes];
+  NmFn nm[kNumDTypes];
+  NmFn nm_gemv[kNumDTypes];
 };
 
 const KernelTable& scalar_kernels();
