@@ -391,13 +391,13 @@ def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
     if pad:
         bits = torch.cat((bits, bits.new_zeros(R, pad)), dim=1)
     weights = (1 << torch.arange(8, device=bits.device)).to(torch.uint8)
-    return (bits.view(R, -1, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+    return (bits.view(R, bits.shape[1] // 8, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
 
 
 def _unpack_bits(packed: torch.Tensor, K: int) -> torch.Tensor:
     """Inverse of _pack_bits: (R, ceil(K / 8)) uint8 -> (R, K) bool."""
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    return ((packed[..., None] >> shifts) & 1).bool().reshape(packed.shape[0], -1)[:, :K]
+    return ((packed[..., None] >> shifts) & 1).bool().reshape(packed.shape[0], packed.shape[1] * 8)[:, :K]
 
 
 class SparseNM:

@@ -3,7 +3,7 @@
 #include <cstring>
 #include <type_traits>
 #include <math.h>
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,popcnt,bmi,bmi2")
 #include <immintrin.h>
 #include "kernels.h"
 

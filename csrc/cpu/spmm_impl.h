@@ -400,6 +400,35 @@ static void bsr_gemv_kernel(const BsrArgs& a, int64_t br0, int64_t br1, int64_t,
 }
 
 // ---------------------------------------------------------------------------------------------
+// N:M bitmap decoding: byte b of a row's mask covers columns 8b..8b+7; kBitPos[v] lists the set
+// bits of v in order. Each byte appends 8 candidate positions with one 8-wide add + store and
+// advances by its popcount: ~1 instruction per kept entry, where a tzcnt loop with its
+// unpredictable exit cost more than the FMAs it fed.
+struct BitPosTable {
+  uint8_t pos[256][8];
+  constexpr BitPosTable() : pos() {
+    for (int v = 0; v < 256; ++v) {
+      int c = 0;
+      for (int b = 0; b < 8; ++b)
+        if (v >> b & 1) pos[v][c++] = uint8_t(b);
+    }
+  }
+};
+static constexpr BitPosTable kBitPos{};
+
+// Column positions of a row's kept entries into pos (needs 8 slack entries); returns the count.
+static inline int64_t decode_row(const uint8_t* mrow, int64_t mbytes, int32_t* pos) {
+  int64_t cnt = 0;
+  for (int64_t b = 0; b < mbytes; ++b) {
+    const uint8_t v = mrow[b];
+    const int32_t base = int32_t(b * 8);
+    for (int j = 0; j < 8; ++j) pos[cnt + j] = base + kBitPos.pos[v][j];
+    cnt += __builtin_popcount(v);
+  }
+  return cnt;
+}
+
+// ---------------------------------------------------------------------------------------------
 // N:M, n > 1. The bitmap of a row is decoded into column positions (tzcnt per kept entry, one
 // 64-column word at a time), then the same row-axpy as CSR runs over them: no column index is
 // read from memory, so a 2:4 fp32 row streams 4.25 bytes per kept value instead of CSR's 6.
@@ -411,115 +440,157 @@ static void nm_panel_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t p0,
   constexpr int SETS = NV >= 8 ? 1 : 8 / NV;
   constexpr int RT_ROWS = 16;
   const int64_t K = a.K, kept = K / a.m * a.n, mbytes = (K + 7) / 8;
+  const int64_t ld_pos = kept + 8;
   const T* val = static_cast<const T*>(a.val);
-  int32_t* pos = a.scratch;
   alignas(64) float tile[RT_ROWS * NB];
   constexpr int kVbuf = 256;
   alignas(64) float vbuf[kVbuf];
-  for (int64_t p = p0; p < p1; ++p) {
-    const float* bp = a.B.b + p * a.B.panel_stride;
-    const int64_t j0 = p * NB;
-    const int cols = int(a.B.n - j0 < NB ? a.B.n - j0 : NB);
-    for (int64_t m0 = r0; m0 < r1; m0 += RT_ROWS) {
-      const int rows = int(r1 - m0 < RT_ROWS ? r1 - m0 : RT_ROWS);
-      for (int i = 0; i < rows; ++i) {
-        const uint8_t* mrow = a.mask + (m0 + i) * mbytes;
-        int64_t cnt = 0;
-        for (int64_t w = 0; w < mbytes; w += 8) {
-          uint64_t bits = 0;
-          std::memcpy(&bits, mrow + w, size_t(mbytes - w < 8 ? mbytes - w : 8));
-          while (bits && cnt < kept) {
-            pos[cnt++] = int32_t(w * 8 + __builtin_ctzll(bits));
-            bits &= bits - 1;
-          }
-        }
-        typename Vec::V acc[SETS][NV];
-        for (int s = 0; s < SETS; ++s)
-          for (int q = 0; q < NV; ++q) acc[s][q] = Vec::zero();
-        const T* vrow = val + (m0 + i) * kept;
-        for (int64_t j = 0; j < cnt;) {
-          const int len = int(cnt - j < kVbuf ? cnt - j : kVbuf);
-          const float* v;
-          if constexpr (sizeof(T) == 4) {
-            v = reinterpret_cast<const float*>(vrow + j);
-          } else {
-            int t = 0;
-            for (; t + Vec::W <= len; t += Vec::W) Vec::store(vbuf + t, Vec::load_cvt(vrow + j + t));
-            for (; t < len; ++t) vbuf[t] = to_f32(vrow[j + t]);
-            v = vbuf;
-          }
-          const int32_t* c = pos + j;
-          int t = 0;
-          for (; t + SETS <= len; t += SETS) {
-            for (int s = 0; s < SETS; ++s) {
-              const typename Vec::V vs = Vec::set1(v[t + s]);
-              const float* b = bp + int64_t(c[t + s]) * NB;
-              for (int q = 0; q < NV; ++q) acc[s][q] = Vec::fma(vs, Vec::load(b + q * W), acc[s][q]);
+  // Rows are decoded kNmChunkRows at a time, once for all panels (decoding per panel had made
+  // n = 512 slower than CSR on the same matrix).
+  for (int64_t c0 = r0; c0 < r1; c0 += kNmChunkRows) {
+    const int64_t c1 = c0 + kNmChunkRows < r1 ? c0 + kNmChunkRows : r1;
+    for (int64_t r = c0; r < c1; ++r) decode_row(a.mask + r * mbytes, mbytes, a.scratch + (r - c0) * ld_pos);
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* bp = a.B.b + p * a.B.panel_stride;
+      const int64_t j0 = p * NB;
+      const int cols = int(a.B.n - j0 < NB ? a.B.n - j0 : NB);
+      for (int64_t m0 = c0; m0 < c1; m0 += RT_ROWS) {
+        const int rows = int(c1 - m0 < RT_ROWS ? c1 - m0 : RT_ROWS);
+        for (int i = 0; i < rows; ++i) {
+          const int32_t* pos = a.scratch + (m0 + i - c0) * ld_pos;
+          typename Vec::V acc[SETS][NV];
+          for (int s = 0; s < SETS; ++s)
+            for (int q = 0; q < NV; ++q) acc[s][q] = Vec::zero();
+          const T* vrow = val + (m0 + i) * kept;
+          for (int64_t j = 0; j < kept;) {
+            const int len = int(kept - j < kVbuf ? kept - j : kVbuf);
+            const float* v;
+            if constexpr (sizeof(T) == 4) {
+              v = reinterpret_cast<const float*>(vrow + j);
+            } else {
+              int t = 0;
+              for (; t + Vec::W <= len; t += Vec::W) Vec::store(vbuf + t, Vec::load_cvt(vrow + j + t));
+              for (; t < len; ++t) vbuf[t] = to_f32(vrow[j + t]);
+              v = vbuf;
             }
+            const int32_t* c = pos + j;
+            int t = 0;
+            for (; t + SETS <= len; t += SETS) {
+              for (int s = 0; s < SETS; ++s) {
+                const typename Vec::V vs = Vec::set1(v[t + s]);
+                const float* b = bp + int64_t(c[t + s]) * NB;
+                for (int q = 0; q < NV; ++q) acc[s][q] = Vec::fma(vs, Vec::load(b + q * W), acc[s][q]);
+              }
+            }
+            for (; t < len; ++t) {
+              const typename Vec::V vs = Vec::set1(v[t]);
+              const float* b = bp + int64_t(c[t]) * NB;
+              for (int q = 0; q < NV; ++q) acc[0][q] = Vec::fma(vs, Vec::load(b + q * W), acc[0][q]);
+            }
+            j += len;
           }
-          for (; t < len; ++t) {
-            const typename Vec::V vs = Vec::set1(v[t]);
-            const float* b = bp + int64_t(c[t]) * NB;
-            for (int q = 0; q < NV; ++q) acc[0][q] = Vec::fma(vs, Vec::load(b + q * W), acc[0][q]);
+          for (int q = 0; q < NV; ++q) {
+            typename Vec::V s = acc[0][q];
+            for (int t = 1; t < SETS; ++t) s = Vec::add(s, acc[t][q]);
+            Vec::store(tile + i * NB + q * W, s);
           }
-          j += len;
         }
-        for (int q = 0; q < NV; ++q) {
-          typename Vec::V s = acc[0][q];
-          for (int t = 1; t < SETS; ++t) s = Vec::add(s, acc[t][q]);
-          Vec::store(tile + i * NB + q * W, s);
-        }
+        store_tile<T>(a.O, tile, NB, m0, rows, j0, cols);
       }
-      store_tile<T>(a.O, tile, NB, m0, rows, j0, cols);
     }
   }
 }
 
 // N:M, n == 1. AVX-512: expand-load puts a 16-column chunk's kept values at their bitmap
-// positions (zeros elsewhere), then one dense FMA with x: no gather, no decoded positions.
-// Other ISAs walk the set bits.
+// positions (zeros elsewhere), then one dense FMA with x: no gather, no decoded positions;
+// 16-bit values are widened to fp32 a chunk at a time first. Other ISAs decode positions and
+// run the CSR scalar loop.
 template <typename T>
 static void nm_gemv_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t, int64_t) {
   const int64_t K = a.K, kept = K / a.m * a.n, mbytes = (K + 7) / 8;
   const T* val = static_cast<const T*>(a.val);
   const float* x = a.B.b;
+  int32_t* pos = a.scratch;
   alignas(64) float tile[64];
+  constexpr int64_t kChunk = 512;  // columns per widening chunk (<= 480 kept values)
+  alignas(64) float vbuf[kChunk];
+  int bad = 0;
   for (int64_t m0 = r0; m0 < r1; m0 += 64) {
     const int rows = int(r1 - m0 < 64 ? r1 - m0 : 64);
     for (int i = 0; i < rows; ++i) {
       const uint8_t* mrow = a.mask + (m0 + i) * mbytes;
-      const T* v = val + (m0 + i) * kept;
+      const T* vrow = val + (m0 + i) * kept;
       float s = 0.f;
-      int64_t k = 0;
 #if PYSPARSE_ISA_LEVEL == 2
-      if constexpr (sizeof(T) == 4) {
+      if (K % 32 == 0) {
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-        for (; k + 32 <= K; k += 32) {
-          uint32_t bits;
-          std::memcpy(&bits, mrow + k / 8, 4);
-          const __mmask16 lo = __mmask16(bits), hi = __mmask16(bits >> 16);
-          acc0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(lo, v), _mm512_loadu_ps(x + k), acc0);
-          v += __builtin_popcount(lo);
-          acc1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(hi, v), _mm512_loadu_ps(x + k + 16), acc1);
-          v += __builtin_popcount(hi);
+        const T* v = vrow;
+        for (int64_t c0 = 0; c0 < K; c0 += kChunk) {
+          const int64_t c1 = c0 + kChunk < K ? c0 + kChunk : K;
+          const int64_t len = (c1 - c0) / a.m * a.n;
+          const float* f;
+          if constexpr (sizeof(T) == 4) {
+            f = reinterpret_cast<const float*>(v);
+          } else {
+            int64_t t = 0;
+            for (; t + 16 <= len; t += 16) _mm512_storeu_ps(vbuf + t, Vec::load_cvt(v + t));
+            for (; t < len; ++t) vbuf[t] = to_f32(v[t]);
+            f = vbuf;
+          }
+          // Every 16 columns hold exactly 16 n / m kept values (m divides 16), so the value
+          // pointer advances by a constant (no popcount chain) and a masked load of that many
+          // values feeds a register-form expand.
+          const int per16 = 16 / a.m * a.n;
+          const __mmask16 take = __mmask16((1u << per16) - 1u);
+          for (int64_t k = c0; k < c1; k += 32) {
+            uint32_t bits;
+            std::memcpy(&bits, mrow + k / 8, 4);
+            const __m512 vlo = _mm512_maskz_loadu_ps(take, f);
+            const __m512 vhi = _mm512_maskz_loadu_ps(take, f + per16);
+            acc0 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(__mmask16(bits), vlo), _mm512_loadu_ps(x + k), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(__mmask16(bits >> 16), vhi), _mm512_loadu_ps(x + k + 16), acc1);
+            f += 2 * per16;
+          }
+          v += len;
         }
-        s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        tile[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        continue;
       }
 #endif
-      float acc[2] = {0.f, 0.f};  // alternate two chains
-      int t = 0;
-      for (; k < K; k += 8) {
-        uint32_t bits = mrow[k / 8];
-        while (bits) {
-          const int b = __builtin_ctz(bits);
-          bits &= bits - 1;
-          acc[t++ & 1] += to_f32(*v++) * x[k + b];
+      const int64_t cnt = decode_row(mrow, mbytes, pos);
+      float acc4[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int64_t j = 0; j < cnt; j += kChunk) {
+        const int64_t len = cnt - j < kChunk ? cnt - j : kChunk;
+        const float* f;
+        if constexpr (sizeof(T) == 4) {
+          f = reinterpret_cast<const float*>(vrow + j);
+        } else {
+          int64_t t = 0;
+          for (; t + Vec::W <= len; t += Vec::W) Vec::store(vbuf + t, Vec::load_cvt(vrow + j + t));
+          for (; t < len; ++t) vbuf[t] = to_f32(vrow[j + t]);
+          f = vbuf;
         }
+        gemv_row_scalar(f, pos + j, len, x, uint64_t(K), &bad, acc4);
       }
-      tile[i] = s + acc[0] + acc[1];
+      tile[i] = s + (acc4[0] + acc4[1]) + (acc4[2] + acc4[3]);
     }
     store_tile<T>(a.O, tile, 1, m0, rows, 0, 1);
   }
+}
+
+static int64_t nm_bad_row(const uint8_t* mask, int64_t rows, int64_t mbytes, int64_t kept, int64_t K) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = mask + r * mbytes;
+    int64_t cnt = 0, w = 0;
+    for (; w + 8 <= mbytes; w += 8) {
+      uint64_t bits;
+      std::memcpy(&bits, row + w, 8);
+      cnt += __builtin_popcountll(bits);
+    }
+    for (; w < mbytes; ++w) cnt += __builtin_popcount(row[w]);
+    if (cnt != kept || (K % 8 && (row[mbytes - 1] >> (K % 8)) != 0)) return r;
+  }
+  return -1;
 }
 
 template <typename T>
@@ -572,6 +643,7 @@ static KernelTable make_table(const char* name) {
   t.name = name;
   t.csr_panel_width = csr_panel_width;
   t.bsr_panel_width = bsr_panel_width;
+  t.nm_bad_row = nm_bad_row;
   t.pack[kF32] = pack_panels<float>;
   t.pack[kBF16] = pack_panels<bf16_t>;
   t.pack[kF16] = pack_panels<f16_t>;

@@ -65,6 +65,7 @@ struct BsrArgs {
 // N:M semi-structured: in every group of m columns n are kept. Row r's kept values are
 // val[r * K/m*n ...] in column order; mask is a bitmap of kept positions, (K + 7) / 8 bytes per row,
 // bit j of byte b = column 8 b + j.
+constexpr int64_t kNmChunkRows = 32;  // rows whose positions the N:M panel kernel decodes at once
 struct NmArgs {
   const void* val;
   const uint8_t* mask;
@@ -72,7 +73,7 @@ struct NmArgs {
   int n, m;
   Panels B;
   Output O;
-  int32_t* scratch;   // per task: K * n / m column positions of one row
+  int32_t* scratch;   // per task: kNmChunkRows * (K * n / m + 8) decoded column positions
 };
 
 struct PackArgs {
@@ -100,6 +101,8 @@ struct KernelTable {
   BsrFn bsr_gemv[kNumDTypes][kNumITypes];
   NmFn nm[kNumDTypes];
   NmFn nm_gemv[kNumDTypes];
+  // First row of an N:M bitmap that does not mark exactly `kept` positions within K columns, or -1.
+  int64_t (*nm_bad_row)(const uint8_t* mask, int64_t rows, int64_t mbytes, int64_t kept, int64_t K);
 };
 
 const KernelTable& scalar_kernels();
