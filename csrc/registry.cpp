@@ -20,6 +20,8 @@ TORCH_LIBRARY(pysparse, m) {
   m.def("bsr_spmm(Tensor crow_indices, Tensor col_indices, Tensor values, SymInt[] shape, Tensor dense) -> Tensor");
   m.def("bsr_linear(Tensor input, Tensor crow_indices, Tensor col_indices, Tensor values, SymInt[] shape, Tensor? bias) -> Tensor");
   // N:M semi-structured (2:4 included): values (M, K/m*n), mask (M, ceil(K/8)) uint8 bitmap.
+  m.def("nm_compress(Tensor dense, int n, int m) -> (Tensor values, Tensor mask)");
+  m.def("nm_decompress(Tensor values, Tensor mask, SymInt[] shape, int n, int m) -> Tensor");
   m.def("nm_spmm(Tensor values, Tensor mask, SymInt[] shape, int n, int m, Tensor dense) -> Tensor");
   m.def("nm_linear(Tensor input, Tensor values, Tensor mask, SymInt[] shape, int n, int m, Tensor? bias, str activation=\"none\") -> Tensor");
 }

@@ -475,6 +475,13 @@ class SparseNM:
         if prune:
             from .prune import nm as _prune_nm
             W = _prune_nm(W.float(), n, m).to(W.dtype) if W.dtype == torch.int8 else _prune_nm(W, n, m)
+        if W.device.type == "cpu":  # one C++ pass (pysparse::nm_compress)
+            try:
+                values, mask = torch.ops.pysparse.nm_compress(W, n, m)
+            except ValueError as e:
+                msg = str(e).splitlines()[0].replace("pysparse: ", "")
+                raise ValueError(f"SparseNM.from_dense: {msg}; pass prune=True to keep the {n} largest") from None
+            return cls(values, mask, (R, K), n, m, check=False)
         groups = W.reshape(R, K // m, m)
         nz = groups != 0
         count = nz.sum(-1)
@@ -483,7 +490,8 @@ class SparseNM:
             raise ValueError(f"SparseNM.from_dense: row {r}, group {g} (columns {g * m}..{g * m + m - 1}) "
                              f"has {int(count[r, g])} nonzeros, more than {n}:{m} allows; "
                              f"pass prune=True to keep the {n} largest")
-        # Keep the nonzeros, then pad each group with its lowest-indexed zero positions.
+        # Keep the nonzeros, then pad each group with its lowest-indexed zero positions (as the
+        # C++ op does).
         rank = nz.to(torch.int16) * m + (m - 1 - torch.arange(m, device=W.device, dtype=torch.int16))
         kept = torch.zeros_like(nz)
         kept.scatter_(-1, torch.topk(rank, n, dim=-1).indices, True)
@@ -495,6 +503,8 @@ class SparseNM:
         return _unpack_bits(self.mask, self.shape[1])
 
     def to_dense(self) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return torch.ops.pysparse.nm_decompress(self.values, self.mask, list(self.shape), self.n, self.m)
         out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         out[self.kept_mask()] = self.values.reshape(-1)
         return out

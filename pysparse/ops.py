@@ -70,6 +70,18 @@ def _nm_linear_fake(input, values, mask, shape, n, m, bias, activation="none"):
 _ACTIVATIONS = ("none", "relu", "gelu", "silu")
 
 
+@torch.library.register_fake("pysparse::nm_compress")
+def _nm_compress_fake(dense, n, m):
+    torch._check(dense.dim() == 2, lambda: "pysparse: dense must be 2-D")
+    R, K = dense.shape
+    return dense.new_empty((R, K // m * n)), dense.new_empty((R, (K + 7) // 8), dtype=torch.uint8)
+
+
+@torch.library.register_fake("pysparse::nm_decompress")
+def _nm_decompress_fake(values, mask, shape, n, m):
+    return values.new_empty(tuple(shape))
+
+
 # ---------------------------------------------------------------------------------------------
 # Typed wrappers, one per op
 

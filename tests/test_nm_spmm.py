@@ -239,3 +239,45 @@ def test_api_errors():
     C = pysparse.CSR.from_dense(A.to_dense())
     with pytest.raises(ValueError, match=r"fused activation is implemented for N:M formats only"):
         pysparse.linear(randn(2, 32, g=gen(1)), C, activation="relu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Compression ops
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.int8,), ids=lambda d: str(d).split(".")[-1])
+def test_compress_op_matches_the_python_definition(dtype):
+    W = _nm_matrix(33, 64, 3, 8, torch.float32, holes=0.3)
+    W = (W * 20).to(dtype)
+    values, mask = torch.ops.pysparse.nm_compress(W, 3, 8)
+    kept = SparseNM(values, mask, (33, 64), 3, 8).kept_mask()
+    assert bool((kept | (W == 0)).all()), "every nonzero must be kept"
+    assert torch.equal(values, W[kept].view(33, 24))
+    assert torch.equal(torch.ops.pysparse.nm_decompress(values, mask, [33, 64], 3, 8), W)
+    torch.library.opcheck(torch.ops.pysparse.nm_compress.default, (W, 3, 8))
+    torch.library.opcheck(torch.ops.pysparse.nm_decompress.default, (values, mask, [33, 64], 3, 8))
+
+
+def test_compress_pads_groups_with_their_lowest_zero_positions():
+    W = torch.tensor([[0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 7.0, 0.0, 0.0, 0.0, 0.0]])
+    assert Sparse24.from_dense(W).kept_mask().tolist() == [[True, True, False, False,
+                                                            True, False, False, True,
+                                                            True, True, False, False]]
+
+
+def test_compress_zero_and_nan_semantics():
+    W = torch.tensor([[-0.0, 1.0, 0.0, float("nan")]])
+    A = Sparse24.from_dense(W)
+    assert A.kept_mask().tolist() == [[False, True, False, True]]
+    assert torch.equal(A.to_dense().isnan(), W.isnan())
+
+
+def test_compress_op_errors():
+    W = torch.ones(3, 8)
+    with pytest.raises(ValueError, match=r"pysparse: row 0, group 0 \(columns 0..3\) has 4 nonzeros, more than 2:4 allows"):
+        torch.ops.pysparse.nm_compress(W, 2, 4)
+    with pytest.raises(RuntimeError, match=r"N:M needs m in \(4, 8, 16\), got 6"):
+        torch.ops.pysparse.nm_compress(W, 2, 6)
+    with pytest.raises(RuntimeError, match=r"10 columns are not a multiple of m = 4"):
+        torch.ops.pysparse.nm_compress(torch.zeros(2, 10), 2, 4)
+    with pytest.raises(TypeError, match=r"nm_compress takes float32, bfloat16, float16 or int8"):
+        torch.ops.pysparse.nm_compress(torch.zeros(2, 8, dtype=torch.float64), 2, 4)
