@@ -545,8 +545,10 @@ static void nm_gemv_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t, int
           for (int64_t k = c0; k < c1; k += 32) {
             uint32_t bits;
             std::memcpy(&bits, mrow + k / 8, 4);
-            const __m512 vlo = _mm512_maskz_loadu_ps(take, f);
-            const __m512 vhi = _mm512_maskz_loadu_ps(take, f + per16);
+            // 2:4 and 4:8 hold 8 values per 16 columns: a plain 256-bit load, which streams from
+            // DRAM at twice the rate of the masked load (3072x768 cold, n = 1: 310 -> 138 us).
+            const __m512 vlo = per16 == 8 ? _mm512_castps256_ps512(_mm256_loadu_ps(f)) : _mm512_maskz_loadu_ps(take, f);
+            const __m512 vhi = per16 == 8 ? _mm512_castps256_ps512(_mm256_loadu_ps(f + 8)) : _mm512_maskz_loadu_ps(take, f + per16);
             acc0 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(__mmask16(bits), vlo), _mm512_loadu_ps(x + k), acc0);
             acc1 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(__mmask16(bits >> 16), vhi), _mm512_loadu_ps(x + k + 16), acc1);
             f += 2 * per16;
