@@ -83,7 +83,7 @@ setup(
     name="pysparse-kernels",
     version=f"{VERSION}+{local}",
     description="Native sparse kernels (CSR/BSR SpMM, ...) that make pruned networks run faster in PyTorch",
-    packages=find_packages(include=["pysparse", "pysparse.*"]),
+    packages=find_packages(include=["pysparse", "pysparse.*", "triton_kernels"]),
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

@@ -12,6 +12,24 @@ from .formats import BSR, CSR, Sparse24, SparseNM
 from .ops import linear, spmm
 
 __version__ = _build_info.VERSION
+
+
+def _load_gpu_kernels():
+    """Register the Triton kernels as the CUDA implementations of their ops (GPU machines only)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from . import _triton  # noqa: F401
+    except ImportError:
+        return None
+    import triton
+
+    return triton.__version__
+
+
+_TRITON = _load_gpu_kernels()
 __all__ = ["CSR", "BSR", "SparseNM", "Sparse24", "spmm", "linear", "prune", "ops", "info", "set_cpu_isa"]
 
 
@@ -36,6 +54,7 @@ def info() -> dict:
         "cuda_version_built": _build_info.CUDA_VERSION,
         "cuda_arch_list": _build_info.CUDA_ARCH_LIST,
         "cuda_available": torch.cuda.is_available(),
+        "triton_kernels": _TRITON,  # triton version when the GPU kernels are registered, else None
         "cpu_isa_compiled": list(_build_info.CPU_ISA_COMPILED),
         "cpu_isa_supported": list(_C.cpu_isa_supported()),
         "cpu_isa_selected": _C.cpu_isa(),

@@ -16,6 +16,14 @@ import dataclasses
 import io
 from typing import List, Optional, Tuple
 
+import os
+
+# Triton kernels run on CPU tensors under the interpreter where no GPU exists; it has to be set
+# before triton is first imported (torch.compile may import it).
+import torch as _torch_for_env
+if not _torch_for_env.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 
