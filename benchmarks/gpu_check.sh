@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (torch with CUDA, triton, nvcc): build pysparse against the torch that
+# is there, run the GPU-relevant tests on CUDA tensors, then time every GPU path against its
+# peers, printing one table last. Budget: under 8 minutes on one H200. Shared by the GPU issues:
+# each adds its tests and its rows to benchmarks/gpu_bench.py.
+#   bash benchmarks/gpu_check.sh            (writes logs under $OUT when the device tool sets it)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/pysparse_gpu_check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+echo "== build ($(( $(date +%s) - start )) s)"
+MAX_JOBS=16 $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+$PY -c "import pysparse, json; print(json.dumps(pysparse.info()))" | tee "$OUT/info.json"
+
+echo "== tests ($(( $(date +%s) - start )) s)"
+timeout 240 $PY -m pytest -q -x -p no:cacheprovider tests/test_triton_nm_linear.py tests/test_nm_spmm.py \
+  2>&1 | tee "$OUT/tests.log" | tail -5
+
+echo "== timings ($(( $(date +%s) - start )) s)"
+timeout 240 $PY benchmarks/gpu_bench.py 2>&1 | tee "$OUT/bench.log"
+echo "== done in $(( $(date +%s) - start )) s"
