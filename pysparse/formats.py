@@ -400,6 +400,14 @@ def _unpack_bits(packed: torch.Tensor, K: int) -> torch.Tensor:
     return ((packed[..., None] >> shifts) & 1).bool().reshape(packed.shape[0], packed.shape[1] * 8)[:, :K]
 
 
+def _nm_native(device: torch.device) -> bool:
+    """Whether pysparse::nm_compress / nm_decompress have a kernel for this device."""
+    if device.type == "cpu":
+        return True
+    from ._loader import _C
+    return device.type == "cuda" and _C.cuda_compiled()
+
+
 class SparseNM:
     """N:M semi-structured sparsity: in every group of m consecutive columns, n are kept.
 
@@ -475,7 +483,7 @@ class SparseNM:
         if prune:
             from .prune import nm as _prune_nm
             W = _prune_nm(W.float(), n, m).to(W.dtype) if W.dtype == torch.int8 else _prune_nm(W, n, m)
-        if W.device.type == "cpu":  # one C++ pass (pysparse::nm_compress)
+        if _nm_native(W.device):  # one pass of the C++/CUDA kernel (pysparse::nm_compress)
             try:
                 values, mask = torch.ops.pysparse.nm_compress(W, n, m)
             except ValueError as e:
@@ -503,7 +511,7 @@ class SparseNM:
         return _unpack_bits(self.mask, self.shape[1])
 
     def to_dense(self) -> torch.Tensor:
-        if self.device.type == "cpu":
+        if _nm_native(self.device):
             return torch.ops.pysparse.nm_decompress(self.values, self.mask, list(self.shape), self.n, self.m)
         out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         out[self.kept_mask()] = self.values.reshape(-1)

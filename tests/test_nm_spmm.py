@@ -281,3 +281,19 @@ def test_compress_op_errors():
         torch.ops.pysparse.nm_compress(torch.zeros(2, 10), 2, 4)
     with pytest.raises(TypeError, match=r"nm_compress takes float32, bfloat16, float16 or int8"):
         torch.ops.pysparse.nm_compress(torch.zeros(2, 8, dtype=torch.float64), 2, 4)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and pysparse._C.cuda_compiled()),
+                    reason="needs a GPU and the CUDA build")
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (8, 16), (3, 8)])
+@pytest.mark.parametrize("dtype", DTYPES + (torch.int8,), ids=lambda d: str(d).split(".")[-1])
+def test_cuda_compress_matches_cpu(n, m, dtype):
+    W = _nm_matrix(67, 12 * m, n, m, holes=0.3)
+    W = (W * 20).to(dtype)
+    v_cpu, m_cpu = torch.ops.pysparse.nm_compress(W, n, m)
+    v_gpu, m_gpu = torch.ops.pysparse.nm_compress(W.cuda(), n, m)
+    assert torch.equal(v_gpu.cpu(), v_cpu) and torch.equal(m_gpu.cpu(), m_cpu)
+    back = torch.ops.pysparse.nm_decompress(v_gpu, m_gpu, list(W.shape), n, m)
+    assert torch.equal(back.cpu(), W)
+    with pytest.raises(ValueError, match=r"row 0, group 0 .* more than"):
+        torch.ops.pysparse.nm_compress(torch.ones(3, 2 * m, device="cuda"), n, m)

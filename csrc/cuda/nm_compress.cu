@@ -1,0 +1,91 @@
+// CUDA launchers of pysparse::nm_compress and pysparse::nm_decompress (kernels in
+// nm_compress_kernel.cuh). Launched on the current stream under a device guard.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "nm_compress_kernel.cuh"
+
+namespace pysparse {
+namespace cuda {
+
+static void check_nm_args(int64_t n, int64_t m) {
+  TORCH_CHECK(m == 4 || m == 8 || m == 16, "pysparse: N:M needs m in (4, 8, 16), got ", m);
+  TORCH_CHECK(n > 0 && n < m, "pysparse: N:M needs 0 < n < m, got ", n, ":", m);
+}
+
+static int grid_for(int64_t units) {
+  const int64_t blocks = (units + 255) / 256;
+  return int(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
+}
+
+static std::tuple<at::Tensor, at::Tensor> nm_compress_cuda(const at::Tensor& dense, int64_t n, int64_t m) {
+  check_nm_args(n, m);
+  TORCH_CHECK(dense.dim() == 2, "pysparse: dense must be 2-D, got shape ", dense.sizes());
+  const auto st = dense.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kChar,
+                   "pysparse: nm_compress takes float32, bfloat16, float16 or int8, got ", st);
+  const int64_t R = dense.size(0), K = dense.size(1);
+  TORCH_CHECK(K % m == 0, "pysparse: ", K, " columns are not a multiple of m = ", m);
+  c10::cuda::CUDAGuard guard(dense.device());
+  const at::Tensor src = dense.contiguous();
+  at::Tensor values = at::empty({R, K / m * n}, dense.options());
+  at::Tensor mask = at::empty({R, (K + 7) / 8}, dense.options().dtype(at::kByte));
+  at::Tensor bad = at::full({1}, R, dense.options().dtype(at::kLong));
+  const int64_t unit = m > 8 ? m : 8, units = R * ((K + unit - 1) / unit);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto* badp = reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>());
+  if (units > 0) {
+    switch (dense.element_size()) {
+      case 4: nm_compress_kernel<uint32_t><<<grid_for(units), 256, 0, stream>>>((const uint32_t*)src.data_ptr(), R, K, int(n), int(m), (uint32_t*)values.data_ptr(), mask.data_ptr<uint8_t>(), badp); break;
+      case 2: nm_compress_kernel<uint16_t><<<grid_for(units), 256, 0, stream>>>((const uint16_t*)src.data_ptr(), R, K, int(n), int(m), (uint16_t*)values.data_ptr(), mask.data_ptr<uint8_t>(), badp); break;
+      default: nm_compress_kernel<uint8_t><<<grid_for(units), 256, 0, stream>>>((const uint8_t*)src.data_ptr(), R, K, int(n), int(m), (uint8_t*)values.data_ptr(), mask.data_ptr<uint8_t>(), badp); break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const int64_t first = bad.item<int64_t>();  // synchronises: the error must name the group
+  if (first < R) {
+    const at::Tensor nz = (src[first] != 0).reshape({K / m, m}).sum(1).cpu();
+    const int64_t g = (nz > n).nonzero()[0][0].item<int64_t>();
+    TORCH_CHECK_VALUE(false, "pysparse: row ", first, ", group ", g, " (columns ", g * m, "..", g * m + m - 1,
+                      ") has ", nz[g].item<int64_t>(), " nonzeros, more than ", n, ":", m, " allows");
+  }
+  return {values, mask};
+}
+
+static at::Tensor nm_decompress_cuda(const at::Tensor& values, const at::Tensor& mask, c10::SymIntArrayRef shape,
+                                     int64_t n, int64_t m) {
+  check_nm_args(n, m);
+  TORCH_CHECK(shape.size() == 2, "pysparse: shape must have 2 entries, got ", shape.size());
+  const int64_t R = shape[0].expect_int(), K = shape[1].expect_int();
+  TORCH_CHECK(R >= 0 && K >= 0 && K % m == 0, "pysparse: shape (", R, ", ", K, ") needs columns divisible by m = ", m);
+  TORCH_CHECK(values.dim() == 2 && values.size(0) == R && values.size(1) == K / m * n,
+              "pysparse: N:M values must have shape (", R, ", ", K / m * n, "), got ", values.sizes());
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kByte, "pysparse: N:M mask must be uint8, got ", mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == R && mask.size(1) == (K + 7) / 8,
+              "pysparse: N:M mask must have shape (", R, ", ", (K + 7) / 8, "), got ", mask.sizes());
+  TORCH_CHECK(mask.device() == values.device(), "pysparse: mask is on ", mask.device(), " but the values are on ", values.device());
+  c10::cuda::CUDAGuard guard(values.device());
+  const at::Tensor v = values.contiguous(), mk = mask.contiguous();
+  at::Tensor out = at::empty({R, K}, values.options());
+  const int64_t unit = m > 8 ? m : 8, units = R * ((K + unit - 1) / unit);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (units > 0) {
+    switch (values.element_size()) {
+      case 4: nm_decompress_kernel<uint32_t><<<grid_for(units), 256, 0, stream>>>((const uint32_t*)v.data_ptr(), mk.data_ptr<uint8_t>(), R, K, int(n), int(m), (uint32_t*)out.data_ptr()); break;
+      case 2: nm_decompress_kernel<uint16_t><<<grid_for(units), 256, 0, stream>>>((const uint16_t*)v.data_ptr(), mk.data_ptr<uint8_t>(), R, K, int(n), int(m), (uint16_t*)out.data_ptr()); break;
+      default: nm_decompress_kernel<uint8_t><<<grid_for(units), 256, 0, stream>>>((const uint8_t*)v.data_ptr(), mk.data_ptr<uint8_t>(), R, K, int(n), int(m), (uint8_t*)out.data_ptr()); break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(pysparse, CUDA, m) {
+  m.impl("nm_compress", &nm_compress_cuda);
+  m.impl("nm_decompress", &nm_decompress_cuda);
+}
+
+}  // namespace cuda
+}  // namespace pysparse
