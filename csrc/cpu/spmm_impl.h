@@ -105,6 +105,54 @@ static inline uint64_t max_index(const CT* c, int len) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Pieces shared by the row-axpy kernels (CSR and N:M).
+
+// The fp32 view of len values: the values themselves, or 16-bit ones widened into buf with
+// vector converts (a scalar widen + broadcast per nonzero cost bf16 ~1.5x fp32's time at n = 8).
+template <typename Vec, typename T>
+static inline const float* widen(const T* src, int len, float* buf) {
+  if constexpr (sizeof(T) == 4) {
+    return reinterpret_cast<const float*>(src);
+  } else {
+    int t = 0;
+    for (; t + Vec::W <= len; t += Vec::W) Vec::store(buf + t, Vec::load_cvt(src + t));
+    for (; t < len; ++t) buf[t] = to_f32(src[t]);
+    return buf;
+  }
+}
+
+// acc += v[t] * (panel row c[t]) for t < len; nonzeros rotate over the SETS accumulator sets.
+// ldb == NB, so the row address is a shift, not an imul.
+template <typename Vec, int NV, int SETS, typename CT>
+static inline void axpy_rows(typename Vec::V (&acc)[SETS][NV], const float* v, const CT* c, int len,
+                             const float* bp) {
+  constexpr int W = Vec::W, NB = NV * W;
+  int t = 0;
+  for (; t + SETS <= len; t += SETS) {
+    for (int s = 0; s < SETS; ++s) {
+      const typename Vec::V vs = Vec::set1(v[t + s]);
+      const float* b = bp + int64_t(c[t + s]) * NB;
+      for (int q = 0; q < NV; ++q) acc[s][q] = Vec::fma(vs, Vec::load(b + q * W), acc[s][q]);
+    }
+  }
+  for (; t < len; ++t) {
+    const typename Vec::V vs = Vec::set1(v[t]);
+    const float* b = bp + int64_t(c[t]) * NB;
+    for (int q = 0; q < NV; ++q) acc[0][q] = Vec::fma(vs, Vec::load(b + q * W), acc[0][q]);
+  }
+}
+
+// Sum the accumulator sets into one tile row.
+template <typename Vec, int NV, int SETS>
+static inline void finish_row(typename Vec::V (&acc)[SETS][NV], float* out) {
+  for (int q = 0; q < NV; ++q) {
+    typename Vec::V s = acc[0][q];
+    for (int t = 1; t < SETS; ++t) s = Vec::add(s, acc[t][q]);
+    Vec::store(out + q * Vec::W, s);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // CSR, n > 1.
 // NV vectors of type VT per row accumulator. FMA latency is 4 cycles at 2 per cycle, so 8
 // independent chains keep the FMA units busy: the nonzeros of a row rotate over SETS = 8 / NV
@@ -145,43 +193,16 @@ static void csr_panel_kernel(const CsrArgs& a, int64_t r0, int64_t r1, int64_t p
           typename Vec::V acc[SETS][NV];
           for (int s = 0; s < SETS; ++s)
             for (int q = 0; q < NV; ++q) acc[s][q] = Vec::zero();
-          // 16-bit values are widened a chunk at a time with vector converts: a scalar
-          // convert + broadcast per nonzero cost bf16 ~1.5x the fp32 time at n = 8.
           for (int64_t j = crow[m0 + i], end = crow[m0 + i + 1]; j < end;) {
             const int len = int(end - j < kVbuf ? end - j : kVbuf);
             const CT* c = col + j;
-            const float* v;
-            if constexpr (sizeof(T) == 4) {
-              v = reinterpret_cast<const float*>(val + j);
-            } else {
-              int t = 0;
-              for (; t + Vec::W <= len; t += Vec::W) Vec::store(vbuf + t, Vec::load_cvt(val + j + t));
-              for (; t < len; ++t) vbuf[t] = to_f32(val[j + t]);
-              v = vbuf;
-            }
             // One vectorised max over the chunk's indices replaces a compare per nonzero in
             // the FMA loop; a chunk holding a bad index is skipped and reported.
             if (max_index(c, len) >= K) { bad = 1; j += len; continue; }
-            int t = 0;
-            for (; t + SETS <= len; t += SETS) {
-              for (int s = 0; s < SETS; ++s) {
-                const typename Vec::V vs = Vec::set1(v[t + s]);
-                const float* b = bp + int64_t(c[t + s]) * NB;  // ldb == NB: a shift, no imul
-                for (int q = 0; q < NV; ++q) acc[s][q] = Vec::fma(vs, Vec::load(b + q * W), acc[s][q]);
-              }
-            }
-            for (; t < len; ++t) {
-              const typename Vec::V vs = Vec::set1(v[t]);
-              const float* b = bp + int64_t(c[t]) * NB;
-              for (int q = 0; q < NV; ++q) acc[0][q] = Vec::fma(vs, Vec::load(b + q * W), acc[0][q]);
-            }
+            axpy_rows<Vec, NV, SETS>(acc, widen<Vec>(val + j, len, vbuf), c, len, bp);
             j += len;
           }
-          for (int q = 0; q < NV; ++q) {
-            typename Vec::V s = acc[0][q];
-            for (int t = 1; t < SETS; ++t) s = Vec::add(s, acc[t][q]);
-            Vec::store(tile + i * NB + q * W, s);
-          }
+          finish_row<Vec, NV, SETS>(acc, tile + i * NB);
         }
         store_tile<T>(a.O, tile, NB, m0, rows, j0, cols);
       }
@@ -225,7 +246,7 @@ static inline void gemv_row_scalar(const float* v, const CT* c, int64_t len, con
 
 template <typename T, typename RT, typename CT>
 static void csr_gemv_kernel(const CsrArgs& a, int64_t r0, int64_t r1, int64_t, int64_t) {
-  constexpr int W = Vec::W;
+  [[maybe_unused]] constexpr int W = Vec::W;  // used by the AVX-512 block
   const RT* crow = static_cast<const RT*>(a.crow);
   const CT* col = static_cast<const CT*>(a.col);
   const T* val = static_cast<const T*>(a.val);
@@ -273,10 +294,7 @@ static void csr_gemv_kernel(const CsrArgs& a, int64_t r0, int64_t r1, int64_t, i
       } else {
         for (; j < end; j += kVbuf) {
           const int len = int(end - j < kVbuf ? end - j : kVbuf);
-          int t = 0;
-          for (; t + Vec::W <= len; t += Vec::W) Vec::store(vbuf + t, Vec::load_cvt(val + j + t));
-          for (; t < len; ++t) vbuf[t] = to_f32(val[j + t]);
-          gemv_row_scalar(vbuf, col + j, len, x, K, &bad, acc4);
+          gemv_row_scalar(widen<Vec>(val + j, len, vbuf), col + j, len, x, K, &bad, acc4);
         }
       }
       const float s0 = acc4[0], s1 = acc4[1], s2 = acc4[2], s3 = acc4[3];
@@ -470,19 +488,10 @@ static void nm_panel_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t p0,
           const T* vrow = val + (m0 + i) * kept;
           for (int64_t j = 0; j < kept;) {
             const int len = int(kept - j < kVbuf ? kept - j : kVbuf);
-            const float* v;
-            if constexpr (sizeof(T) == 4) {
-              v = reinterpret_cast<const float*>(vrow + j);
-            } else {
-              int t = 0;
-              for (; t + Vec::W <= len; t += Vec::W) Vec::store(vbuf + t, Vec::load_cvt(vrow + j + t));
-              for (; t < len; ++t) vbuf[t] = to_f32(vrow[j + t]);
-              v = vbuf;
-            }
-            int t = 0;
+            const float* v = widen<Vec>(vrow + j, len, vbuf);
             if (half) {
               const uint8_t* mb = a.mask + (m0 + i) * mbytes + j / 4;
-              for (; t < len; t += 8) {  // len is a multiple of 8 here
+              for (int t = 0; t < len; t += 8) {  // len is a multiple of 8 here
                 uint32_t pa, pb;
                 std::memcpy(&pa, kBitPos.pos[mb[t / 4]], 4);
                 std::memcpy(&pb, kBitPos.pos[mb[t / 4 + 1]], 4);
@@ -496,29 +505,12 @@ static void nm_panel_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t p0,
                     acc[u % SETS][q] = Vec::fma(vs, Vec::load(b + q * W), acc[u % SETS][q]);
                 }
               }
-              j += len;
-              continue;
-            }
-            const int32_t* c = pos + j;
-            for (; t + SETS <= len; t += SETS) {
-              for (int s = 0; s < SETS; ++s) {
-                const typename Vec::V vs = Vec::set1(v[t + s]);
-                const float* b = bp + int64_t(c[t + s]) * NB;
-                for (int q = 0; q < NV; ++q) acc[s][q] = Vec::fma(vs, Vec::load(b + q * W), acc[s][q]);
-              }
-            }
-            for (; t < len; ++t) {
-              const typename Vec::V vs = Vec::set1(v[t]);
-              const float* b = bp + int64_t(c[t]) * NB;
-              for (int q = 0; q < NV; ++q) acc[0][q] = Vec::fma(vs, Vec::load(b + q * W), acc[0][q]);
+            } else {
+              axpy_rows<Vec, NV, SETS>(acc, v, pos + j, len, bp);
             }
             j += len;
           }
-          for (int q = 0; q < NV; ++q) {
-            typename Vec::V s = acc[0][q];
-            for (int t = 1; t < SETS; ++t) s = Vec::add(s, acc[t][q]);
-            Vec::store(tile + i * NB + q * W, s);
-          }
+          finish_row<Vec, NV, SETS>(acc, tile + i * NB);
         }
         store_tile<T>(a.O, tile, NB, m0, rows, j0, cols);
       }
@@ -553,15 +545,7 @@ static void nm_gemv_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t, int
         for (int64_t c0 = 0; c0 < K; c0 += kChunk) {
           const int64_t c1 = c0 + kChunk < K ? c0 + kChunk : K;
           const int64_t len = (c1 - c0) / a.m * a.n;
-          const float* f;
-          if constexpr (sizeof(T) == 4) {
-            f = reinterpret_cast<const float*>(v);
-          } else {
-            int64_t t = 0;
-            for (; t + 16 <= len; t += 16) _mm512_storeu_ps(vbuf + t, Vec::load_cvt(v + t));
-            for (; t < len; ++t) vbuf[t] = to_f32(v[t]);
-            f = vbuf;
-          }
+          const float* f = widen<Vec>(v, int(len), vbuf);
           // Every 16 columns hold exactly 16 n / m kept values (m divides 16), so the value
           // pointer advances by a constant (no popcount chain) and a masked load of that many
           // values feeds a register-form expand.
@@ -588,16 +572,7 @@ static void nm_gemv_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t, int
       float acc4[4] = {0.f, 0.f, 0.f, 0.f};
       for (int64_t j = 0; j < cnt; j += kChunk) {
         const int64_t len = cnt - j < kChunk ? cnt - j : kChunk;
-        const float* f;
-        if constexpr (sizeof(T) == 4) {
-          f = reinterpret_cast<const float*>(vrow + j);
-        } else {
-          int64_t t = 0;
-          for (; t + Vec::W <= len; t += Vec::W) Vec::store(vbuf + t, Vec::load_cvt(vrow + j + t));
-          for (; t < len; ++t) vbuf[t] = to_f32(vrow[j + t]);
-          f = vbuf;
-        }
-        gemv_row_scalar(f, pos + j, len, x, uint64_t(K), &bad, acc4);
+        gemv_row_scalar(widen<Vec>(vrow + j, int(len), vbuf), pos + j, len, x, uint64_t(K), &bad, acc4);
       }
       tile[i] = s + (acc4[0] + acc4[1]) + (acc4[2] + acc4[3]);
     }
