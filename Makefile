@@ -1,6 +1,6 @@
 # make test   : create .venv (torch 2.13.0 CPU + test deps), build, run the whole test suite
 # make demo   : create .venv, build, run the main job (python -m pysparse demo)
-# make bench  : the SpMM benchmark sweep (writes benchmarks/results/ and prints a summary)
+# make bench  : the CSR/BSR and 2:4 benchmark sweeps (write benchmarks/results/, print summaries)
 # make build  : (re)build pysparse._C in place
 PYTHON ?= python3
 VENV   ?= .venv
@@ -29,6 +29,7 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/bench_spmm.py
+	$(PY) benchmarks/bench_nm_spmm.py
 
 clean:
 	rm -rf build dist *.egg-info pysparse/_C*.so pysparse/_build_info.py
