@@ -141,11 +141,9 @@ def _bsr_index_dtype(index_dtype: Optional[torch.dtype], nblocks: int, M: int, K
     return index_dtype
 
 
-class _Compressed:
-    """Shared behaviour of CSR and BSR (compressed rows of scalars or of blocks)."""
+class _Format:
+    """What every format has: stored values, a dense shape, their dtype and device."""
 
-    crow_indices: torch.Tensor
-    col_indices: torch.Tensor
     values: torch.Tensor
     shape: Tuple[int, int]
 
@@ -158,13 +156,21 @@ class _Compressed:
         return self.values.device
 
     @property
-    def index_dtype(self) -> torch.dtype:
-        return self.crow_indices.dtype
+    def nnz(self) -> int:
+        """Stored entries (BSR: the scalars inside stored blocks; N:M: kept positions, zeros
+        included)."""
+        return self.values.numel()
+
+
+class _Compressed(_Format):
+    """Shared behaviour of CSR and BSR (compressed rows of scalars or of blocks)."""
+
+    crow_indices: torch.Tensor
+    col_indices: torch.Tensor
 
     @property
-    def nnz(self) -> int:
-        """Stored entries (for BSR: scalars inside the stored blocks)."""
-        return self.values.numel()
+    def index_dtype(self) -> torch.dtype:
+        return self.crow_indices.dtype
 
     @property
     def density(self) -> float:
@@ -408,7 +414,7 @@ def _nm_native(device: torch.device) -> bool:
     return device.type == "cuda" and _C.cuda_compiled()
 
 
-class SparseNM:
+class SparseNM(_Format):
     """N:M semi-structured sparsity: in every group of m consecutive columns, n are kept.
 
     values (rows, cols * n / m): the kept entries of each group in ascending column order.
@@ -449,19 +455,6 @@ class SparseNM:
                 if K % 8 and bool((mask[:, -1] >> (K % 8)).any()):
                     raise ValueError("SparseNM: mask bits past the last column must be zero")
         self.values, self.mask, self.shape, self.n, self.m = values, mask, (R, K), n, m
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
-    def nnz(self) -> int:
-        """Stored entries (kept positions, zeros included)."""
-        return self.values.numel()
 
     @property
     def density(self) -> float:
