@@ -19,11 +19,6 @@ static inline bool is_zero(U bits) {  // +0 and -0 are zero for floats, as `W !=
   else return (bits & 0x7fffffffu) == 0;
 }
 
-static void check_nm_args(int64_t n, int64_t m) {
-  TORCH_CHECK(m == 4 || m == 8 || m == 16, "pysparse: N:M needs m in (4, 8, 16), got ", m);
-  TORCH_CHECK(n > 0 && n < m, "pysparse: N:M needs 0 < n < m, got ", n, ":", m);
-}
-
 // Returns the first row holding a group with more than n nonzeros, or -1. Groups with fewer
 // keep their nonzeros and then their lowest-indexed zero positions.
 template <typename U>
@@ -64,13 +59,8 @@ static int64_t compress_rows(const U* src, int64_t R, int64_t K, int n, int m, U
 }
 
 static std::tuple<at::Tensor, at::Tensor> nm_compress(const at::Tensor& dense, int64_t n, int64_t m) {
-  check_nm_args(n, m);
-  check_dim(dense, 2, "dense");
-  const auto st = dense.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kChar,
-                   "pysparse: nm_compress takes float32, bfloat16, float16 or int8, got ", st);
+  check_nm_compress_input(dense, n, m);
   const int64_t R = dense.size(0), K = dense.size(1);
-  TORCH_CHECK(K % m == 0, "pysparse: ", K, " columns are not a multiple of m = ", m);
   const at::Tensor src = dense.contiguous();
   at::Tensor values = at::empty({R, K / m * n}, dense.options());
   at::Tensor mask = at::empty({R, (K + 7) / 8}, dense.options().dtype(at::kByte));
@@ -80,12 +70,7 @@ static std::tuple<at::Tensor, at::Tensor> nm_compress(const at::Tensor& dense, i
     case 2: bad = compress_rows((const uint16_t*)src.data_ptr(), R, K, n, m, (uint16_t*)values.data_ptr(), mask.data_ptr<uint8_t>()); break;
     default: bad = compress_rows((const uint8_t*)src.data_ptr(), R, K, n, m, (uint8_t*)values.data_ptr(), mask.data_ptr<uint8_t>()); break;
   }
-  if (bad >= 0) {  // name the first offending group of that row
-    const at::Tensor nz = (src[bad] != 0).reshape({K / m, m}).sum(1);
-    const int64_t g = (nz > n).nonzero()[0][0].item<int64_t>();
-    TORCH_CHECK_VALUE(false, "pysparse: row ", bad, ", group ", g, " (columns ", g * m, "..", g * m + m - 1,
-                      ") has ", nz[g].item<int64_t>(), " nonzeros, more than ", n, ":", m, " allows");
-  }
+  if (bad >= 0) throw_nm_too_many(src, bad, n, m);
   return {values, mask};
 }
 
@@ -107,16 +92,8 @@ static void decompress_rows(const U* vals, const uint8_t* mask, int64_t R, int64
 
 static at::Tensor nm_decompress(const at::Tensor& values, const at::Tensor& mask, c10::SymIntArrayRef shape,
                                 int64_t n, int64_t m) {
-  check_nm_args(n, m);
-  TORCH_CHECK(shape.size() == 2, "pysparse: shape must have 2 entries, got ", shape.size());
-  const int64_t R = shape[0].expect_int(), K = shape[1].expect_int();
-  TORCH_CHECK(R >= 0 && K >= 0 && K % m == 0, "pysparse: shape (", R, ", ", K, ") needs columns divisible by m = ", m);
+  const auto [R, K] = check_nm_operand(values, mask, shape, n, m);
   const int64_t kept = K / m * n;
-  check_dim(values, 2, "N:M values");
-  TORCH_CHECK(values.size(0) == R && values.size(1) == kept, "pysparse: N:M values must have shape (", R, ", ", kept, "), got ", values.sizes());
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kByte, "pysparse: N:M mask must be uint8, got ", mask.scalar_type());
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == R && mask.size(1) == (K + 7) / 8, "pysparse: N:M mask must have shape (", R, ", ", (K + 7) / 8, "), got ", mask.sizes());
-  check_same_device(values, mask, "mask");
   const at::Tensor v = values.contiguous(), mk = mask.contiguous();
   at::Tensor out = at::empty({R, K}, values.options());
   switch (values.element_size()) {  // a bad mask can only misplace values: reads stop at `kept`

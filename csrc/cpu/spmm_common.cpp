@@ -145,25 +145,11 @@ SparseOperand check_bsr(const at::Tensor& crow, const at::Tensor& col, const at:
 SparseOperand check_nm(const at::Tensor& values, const at::Tensor& mask, c10::SymIntArrayRef shape,
                        int64_t n, int64_t m) {
   value_dtype(values, "N:M values");
-  check_dim(values, 2, "N:M values");
-  check_dim(mask, 2, "N:M mask");
-  check_same_device(values, mask, "mask");
-  TORCH_CHECK(m == 4 || m == 8 || m == 16, "pysparse: N:M needs m in (4, 8, 16), got ", m);
-  TORCH_CHECK(n > 0 && n < m, "pysparse: N:M needs 0 < n < m, got ", n, ":", m);
-  TORCH_CHECK(shape.size() == 2, "pysparse: shape must have 2 entries, got ", shape.size());
   SparseOperand A;
-  A.M = shape[0].expect_int();
-  A.K = shape[1].expect_int();
+  std::tie(A.M, A.K) = check_nm_operand(values, mask, shape, n, m);
   A.n = int(n);
   A.m = int(m);
-  TORCH_CHECK(A.M >= 0 && A.K >= 0 && A.K % m == 0, "pysparse: N:M shape (", A.M, ", ", A.K,
-              ") needs non-negative sizes and columns divisible by m = ", m);
   const int64_t kept = A.K / m * n, mbytes = (A.K + 7) / 8;
-  TORCH_CHECK(values.size(0) == A.M && values.size(1) == kept, "pysparse: N:M values must have shape (",
-              A.M, ", ", kept, "), got ", values.sizes());
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kByte, "pysparse: N:M mask must be uint8, got ", mask.scalar_type());
-  TORCH_CHECK(mask.size(0) == A.M && mask.size(1) == mbytes, "pysparse: N:M mask must have shape (",
-              A.M, ", ", mbytes, "), got ", mask.sizes());
   A.values = values.contiguous();
   A.mask = mask.contiguous();
   // Every row must mark exactly `kept` positions, none past column K: the kernels step through

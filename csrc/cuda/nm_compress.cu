@@ -5,15 +5,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "nm_compress_kernel.cuh"
 
 namespace pysparse {
 namespace cuda {
-
-static void check_nm_args(int64_t n, int64_t m) {
-  TORCH_CHECK(m == 4 || m == 8 || m == 16, "pysparse: N:M needs m in (4, 8, 16), got ", m);
-  TORCH_CHECK(n > 0 && n < m, "pysparse: N:M needs 0 < n < m, got ", n, ":", m);
-}
 
 static int grid_for(int64_t units) {
   const int64_t blocks = (units + 255) / 256;
@@ -21,13 +17,8 @@ static int grid_for(int64_t units) {
 }
 
 static std::tuple<at::Tensor, at::Tensor> nm_compress_cuda(const at::Tensor& dense, int64_t n, int64_t m) {
-  check_nm_args(n, m);
-  TORCH_CHECK(dense.dim() == 2, "pysparse: dense must be 2-D, got shape ", dense.sizes());
-  const auto st = dense.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kChar,
-                   "pysparse: nm_compress takes float32, bfloat16, float16 or int8, got ", st);
+  check_nm_compress_input(dense, n, m);
   const int64_t R = dense.size(0), K = dense.size(1);
-  TORCH_CHECK(K % m == 0, "pysparse: ", K, " columns are not a multiple of m = ", m);
   c10::cuda::CUDAGuard guard(dense.device());
   const at::Tensor src = dense.contiguous();
   at::Tensor values = at::empty({R, K / m * n}, dense.options());
@@ -45,27 +36,13 @@ static std::tuple<at::Tensor, at::Tensor> nm_compress_cuda(const at::Tensor& den
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const int64_t first = bad.item<int64_t>();  // synchronises: the error must name the group
-  if (first < R) {
-    const at::Tensor nz = (src[first] != 0).reshape({K / m, m}).sum(1).cpu();
-    const int64_t g = (nz > n).nonzero()[0][0].item<int64_t>();
-    TORCH_CHECK_VALUE(false, "pysparse: row ", first, ", group ", g, " (columns ", g * m, "..", g * m + m - 1,
-                      ") has ", nz[g].item<int64_t>(), " nonzeros, more than ", n, ":", m, " allows");
-  }
+  if (first < R) throw_nm_too_many(src, first, n, m);
   return {values, mask};
 }
 
 static at::Tensor nm_decompress_cuda(const at::Tensor& values, const at::Tensor& mask, c10::SymIntArrayRef shape,
                                      int64_t n, int64_t m) {
-  check_nm_args(n, m);
-  TORCH_CHECK(shape.size() == 2, "pysparse: shape must have 2 entries, got ", shape.size());
-  const int64_t R = shape[0].expect_int(), K = shape[1].expect_int();
-  TORCH_CHECK(R >= 0 && K >= 0 && K % m == 0, "pysparse: shape (", R, ", ", K, ") needs columns divisible by m = ", m);
-  TORCH_CHECK(values.dim() == 2 && values.size(0) == R && values.size(1) == K / m * n,
-              "pysparse: N:M values must have shape (", R, ", ", K / m * n, "), got ", values.sizes());
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kByte, "pysparse: N:M mask must be uint8, got ", mask.scalar_type());
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == R && mask.size(1) == (K + 7) / 8,
-              "pysparse: N:M mask must have shape (", R, ", ", (K + 7) / 8, "), got ", mask.sizes());
-  TORCH_CHECK(mask.device() == values.device(), "pysparse: mask is on ", mask.device(), " but the values are on ", values.device());
+  const auto [R, K] = check_nm_operand(values, mask, shape, n, m);
   c10::cuda::CUDAGuard guard(values.device());
   const at::Tensor v = values.contiguous(), mk = mask.contiguous();
   at::Tensor out = at::empty({R, K}, values.options());

@@ -3,6 +3,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <utility>
+
 #include "kernels.h"
 
 namespace pysparse {
@@ -34,6 +36,53 @@ inline void check_same_device(const at::Tensor& ref, const at::Tensor& t, const 
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* what) {
   TORCH_CHECK(t.dim() == dim, "pysparse: ", what, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+// ---- N:M (values + kept-position bitmap), shared by the CPU and CUDA launchers ---------------
+
+inline void check_nm_pattern(int64_t n, int64_t m) {
+  TORCH_CHECK(m == 4 || m == 8 || m == 16, "pysparse: N:M needs m in (4, 8, 16), got ", m);
+  TORCH_CHECK(n > 0 && n < m, "pysparse: N:M needs 0 < n < m, got ", n, ":", m);
+}
+
+// Checks values (R, K/m*n) and mask (R, ceil(K/8)) uint8 against shape; returns (R, K).
+inline std::pair<int64_t, int64_t> check_nm_operand(const at::Tensor& values, const at::Tensor& mask,
+                                                    c10::SymIntArrayRef shape, int64_t n, int64_t m) {
+  check_nm_pattern(n, m);
+  check_dim(values, 2, "N:M values");
+  check_dim(mask, 2, "N:M mask");
+  check_same_device(values, mask, "mask");
+  TORCH_CHECK(shape.size() == 2, "pysparse: shape must have 2 entries, got ", shape.size());
+  const int64_t R = shape[0].expect_int(), K = shape[1].expect_int();
+  TORCH_CHECK(R >= 0 && K >= 0 && K % m == 0, "pysparse: N:M shape (", R, ", ", K,
+              ") needs non-negative sizes and columns divisible by m = ", m);
+  const int64_t kept = K / m * n, mbytes = (K + 7) / 8;
+  TORCH_CHECK(values.size(0) == R && values.size(1) == kept, "pysparse: N:M values must have shape (",
+              R, ", ", kept, "), got ", values.sizes());
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kByte, "pysparse: N:M mask must be uint8, got ", mask.scalar_type());
+  TORCH_CHECK(mask.size(0) == R && mask.size(1) == mbytes, "pysparse: N:M mask must have shape (", R,
+              ", ", mbytes, "), got ", mask.sizes());
+  return {R, K};
+}
+
+// The dense input of nm_compress: 2-D, a 1/2/4-byte dtype, columns divisible by m.
+inline void check_nm_compress_input(const at::Tensor& dense, int64_t n, int64_t m) {
+  check_nm_pattern(n, m);
+  check_dim(dense, 2, "dense");
+  const auto st = dense.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kChar,
+                   "pysparse: nm_compress takes float32, bfloat16, float16 or int8, got ", st);
+  TORCH_CHECK(dense.size(1) % m == 0, "pysparse: ", dense.size(1), " columns are not a multiple of m = ", m);
+}
+
+// Raised when row `row` of dense holds a group with more than n nonzeros: names the first one.
+[[noreturn]] inline void throw_nm_too_many(const at::Tensor& dense, int64_t row, int64_t n, int64_t m) {
+  const int64_t K = dense.size(1);
+  const at::Tensor nz = (dense[row] != 0).reshape({K / m, m}).sum(1).cpu();
+  const int64_t g = (nz > n).nonzero()[0][0].item<int64_t>();
+  TORCH_CHECK_VALUE(false, "pysparse: row ", row, ", group ", g, " (columns ", g * m, "..", g * m + m - 1,
+                    ") has ", nz[g].item<int64_t>(), " nonzeros, more than ", n, ":", m, " allows");
+  __builtin_unreachable();
 }
 
 }  // namespace pysparse
