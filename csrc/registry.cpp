@@ -24,6 +24,14 @@ TORCH_LIBRARY(pysparse, m) {
   m.def("nm_decompress(Tensor values, Tensor mask, SymInt[] shape, int n, int m) -> Tensor");
   m.def("nm_spmm(Tensor values, Tensor mask, SymInt[] shape, int n, int m, Tensor dense) -> Tensor");
   m.def("nm_linear(Tensor input, Tensor values, Tensor mask, SymInt[] shape, int n, int m, Tensor? bias, str activation=\"none\") -> Tensor");
+  // Attention over the active blocks of a block mask: q (B, H, Lq, D), k/v (B, Hkv, Lk, D);
+  // block_kind int8 (B|1, H|1, ceil(Lq/block_q), ceil(Lk/block_k)): 0 skip, 1 partial, 2 full
+  // (None: all partial). Partial blocks allow key j for query i iff elem_mask (bool, broadcast to
+  // (B, H, Lq, Lk)), band_lo <= j - i <= band_hi and j < kv_len[b]; bias is added on every
+  // visited block; head_mask (H,) False heads and rows with no allowed key give zeros.
+  m.def("masked_attention(Tensor q, Tensor k, Tensor v, Tensor? block_kind, int block_q, int block_k, "
+        "Tensor? elem_mask, Tensor? bias, int band_lo, int band_hi, Tensor? kv_len, float scale, "
+        "Tensor? head_mask) -> Tensor");
 }
 
 // Build facts and ISA control for pysparse.info() and the tests; not ops.

@@ -5,9 +5,11 @@
     A = pysparse.CSR.from_dense(W)          # or pysparse.BSR.from_dense(W, blocksize=(32, 32))
     y = pysparse.spmm(A, X)                 # A @ X
     y = pysparse.linear(x, A, bias)         # x @ A.T + bias, the nn.Linear layout
+    out = pysparse.masked_attention(q, k, v, block_mask=pysparse.BlockMask.causal(L))
 """
 from ._loader import _C, _build_info
 from . import ops, prune
+from .attention import BlockMask, masked_attention
 from .formats import BSR, CSR, Sparse24, SparseNM
 from .ops import linear, spmm
 
@@ -30,7 +32,8 @@ def _load_gpu_kernels():
 
 
 _TRITON = _load_gpu_kernels()
-__all__ = ["CSR", "BSR", "SparseNM", "Sparse24", "spmm", "linear", "prune", "ops", "info", "set_cpu_isa"]
+__all__ = ["CSR", "BSR", "SparseNM", "Sparse24", "BlockMask", "spmm", "linear", "masked_attention", "prune",
+           "ops", "info", "set_cpu_isa"]
 
 
 def set_cpu_isa(name: str) -> str:

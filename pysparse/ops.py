@@ -170,9 +170,46 @@ def linear(x: torch.Tensor, A, bias: Optional[torch.Tensor] = None, *,
         if bias.dim() != 1 or bias.shape[0] != A.shape[0]:
             raise ValueError(f"pysparse.linear: bias must have shape ({A.shape[0]},), got {tuple(bias.shape)}")
     if isinstance(A, SparseNM):
+        if _use_cusparselt(x, A):
+            return _cusparselt_linear(x, A, bias, activation)
         return nm_linear(x, A.values, A.mask, list(A.shape), A.n, A.m, bias, activation)
     if activation != "none":
         raise ValueError(f"pysparse.linear: a fused activation is implemented for N:M formats only; "
                          f"apply torch.nn.functional.{activation} to the result")
     op = csr_linear if isinstance(A, CSR) else bsr_linear
     return op(x, A.crow_indices, A.col_indices, A.values, list(A.shape), bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA 2:4 at many tokens: the sparse tensor cores through torch's cuSPARSELt op. Our Triton
+# kernel (registered as nm_linear's CUDA kernel) expands the values in registers and wins where
+# the weight bytes dominate (decode); from _CSLT_MIN_TOKENS tokens on the product is compute-bound
+# and the hardware 2:4 path is the one to use. The compressed weight is made once per format
+# object and cached on it (keyed by the tensors' identity and version, so an in-place update of
+# values or mask recompresses). NOT YET RUN ON A GPU: see benchmarks/RESULTS.md.
+
+_CSLT_MIN_TOKENS = 64
+
+
+def _use_cusparselt(x: torch.Tensor, A: SparseNM) -> bool:
+    if not x.is_cuda or (A.n, A.m) != (2, 4) or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if x.numel() // A.shape[1] < _CSLT_MIN_TOKENS or A.shape[0] % 64 or A.shape[1] % 64:
+        return False
+    backend = getattr(torch.backends, "cusparselt", None)
+    return backend is not None and backend.is_available()
+
+
+def _cusparselt_linear(x: torch.Tensor, A: SparseNM, bias, activation: str) -> torch.Tensor:
+    key = (A.values.data_ptr(), A.values._version, A.mask.data_ptr(), A.mask._version)
+    cached = getattr(A, "_cslt", None)
+    if cached is None or cached[0] != key:
+        cached = (key, torch._cslt_compress(A.to_dense()))
+        A._cslt = cached
+    x2 = x.reshape(-1, A.shape[1])
+    pad = (-x2.shape[0]) % 16  # cuSPARSELt wants the dense operand's dims in multiples of 16
+    xp = torch.nn.functional.pad(x2, (0, 0, 0, pad)) if pad else x2
+    y = torch._cslt_sparse_mm(cached[1], xp.t(), bias=bias, transpose_result=True)[: x2.shape[0]]
+    if activation != "none":
+        y = getattr(torch.nn.functional, activation)(y)
+    return y.reshape(*x.shape[:-1], A.shape[0])

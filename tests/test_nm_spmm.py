@@ -20,6 +20,18 @@ PATTERNS = [(2, 4), (1, 4), (3, 4), (4, 8), (3, 8), (8, 16), (5, 16)]
 ACTS = {"none": lambda y: y, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
+def _unpack(mask, K):
+    bits = (mask[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1
+    return bits.bool().reshape(mask.shape[0], -1)[:, :K].clone()
+
+
+def _pack(dense):
+    R, K = dense.shape
+    padded = torch.zeros(R, (K + 7) // 8 * 8, dtype=torch.uint8)
+    padded[:, :K] = dense.to(torch.uint8)
+    return (padded.view(R, -1, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1).to(torch.uint8)
+
+
 def _nm_matrix(R, K, n, m, dtype=torch.float32, seed=0, holes=0.0):
     """An n:m matrix; `holes` zeroes a further fraction so some groups hold fewer than n."""
     W = pysparse.prune.nm(randn(R, K, g=gen(seed)), n, m)
@@ -149,7 +161,8 @@ WIDTHS = (1, 2, 8, 9, 16, 33, 64, 65, 130)
 def test_spmm_matches_fp64_reference(isa, n, m, dtype):
     pysparse.set_cpu_isa(isa)
     try:
-        for R, K in ((37, 16 * m), (20, 8 * m + m)):
+        # 1056 columns: two 512-column widening chunks and a 32-column tail in the 2:4 n = 1 kernel
+        for R, K in ((37, 16 * m), (20, 8 * m + m), (9, 1056)):
             W = _nm_matrix(R, K, n, m, dtype, holes=0.2)
             A = SparseNM.from_dense(W, n, m)
             for width in WIDTHS:
@@ -208,14 +221,33 @@ def test_raw_op_rejects_a_bad_mask_without_reading_out_of_bounds():
     X = randn(32, 4, g=gen(1))
     mask = A.mask.clone()
     mask[5, 1] = 0xFF  # 8 kept positions in a byte that must hold 4
-    with pytest.raises(RuntimeError, match=r"pysparse: N:M mask row 5 does not mark exactly 16 positions"):
+    with pytest.raises(RuntimeError, match=r"pysparse: N:M mask row 5 has a group of 4 columns that does not mark exactly 2"):
         torch.ops.pysparse.nm_spmm(A.values, mask, [8, 32], 2, 4, X)
     A12 = Sparse24.from_dense(_nm_matrix(8, 12, 2, 4))
     mask = A12.mask.clone()
     mask[0, 1] |= 0x80  # a position past column 12, count fixed up below
     mask[0, 0] &= mask[0, 0] - 1  # ... and one inside cleared, so only the position is wrong
-    with pytest.raises(RuntimeError, match=r"N:M mask row 0 does not mark exactly 6 positions within the 12 columns"):
+    with pytest.raises(RuntimeError, match=r"N:M mask row 0 has a group .* \(or marks a column past 12\)"):
         torch.ops.pysparse.nm_spmm(A12.values, mask, [8, 12], 2, 4, randn(12, 1, g=gen(2)))
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4), (4, 8), (2, 8), (8, 16), (5, 16)])
+@pytest.mark.parametrize("col", [0, 100, 255, 300, 519])
+def test_uneven_groups_with_the_right_row_count_are_rejected(n, m, col):
+    # One position moved from its group to the neighbouring one: every row still marks K n / m
+    # positions, but the kernels step through the values per group, so this must not pass.
+    K = 528  # 66 mask bytes: two 32-byte vector chunks and a scalar tail
+    A = SparseNM.from_dense(_nm_matrix(4, K, n, m), n, m)
+    dense = _unpack(A.mask, K)
+    g = col // m
+    src = next(c for c in range(g * m, g * m + m) if dense[2, c])
+    dst_g = g + 1 if g + 1 < K // m else g - 1
+    dst = next(c for c in range(dst_g * m, dst_g * m + m) if not dense[2, c])
+    dense[2, src], dense[2, dst] = False, True
+    mask = _pack(dense)
+    with pytest.raises(RuntimeError, match=r"N:M mask row 2 has a group"):
+        torch.ops.pysparse.nm_spmm(A.values, mask, [4, K], n, m, randn(K, 3, g=gen(1)))
+    torch.ops.pysparse.nm_spmm(A.values, A.mask, [4, K], n, m, randn(K, 3, g=gen(1)))  # the original passes
 
 
 @pytest.mark.parametrize("args,msg,exc", [

@@ -60,3 +60,18 @@ def test_linear_dispatches_cuda_tensors_here():
     x = randn(4, 512, g=gen(10)).to(torch.bfloat16).cuda()
     y = pysparse.linear(x, A, activation="silu")
     torch.testing.assert_close(y.float().cpu(), F.silu(x.float().cpu() @ W.float().T), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (cuSPARSELt)")
+def test_many_tokens_take_cusparselt_and_recompress_after_an_update():
+    from pysparse import ops
+    W = pysparse.prune.nm(randn(256, 512, g=gen(11)), 2, 4).to(torch.bfloat16)
+    A = SparseNM.from_dense(W).to("cuda")
+    b = randn(256, g=gen(12)).to(torch.bfloat16).cuda()
+    x = randn(2, 50, 512, g=gen(13)).to(torch.bfloat16).cuda()  # 100 tokens, not a multiple of 16
+    if not ops._use_cusparselt(x, A):
+        pytest.skip("this torch has no cuSPARSELt")
+    ref = lambda: F.gelu(x.float() @ A.to_dense().float().T + b.float())  # noqa: E731
+    torch.testing.assert_close(pysparse.linear(x, A, b, activation="gelu").float(), ref(), rtol=2e-2, atol=5e-2)
+    A.values.mul_(2)  # in place: the cached compressed weight must be rebuilt
+    torch.testing.assert_close(pysparse.linear(x, A, b, activation="gelu").float(), ref(), rtol=2e-2, atol=1e-1)

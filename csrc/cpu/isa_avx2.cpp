@@ -12,6 +12,7 @@ namespace cpu {
 namespace isa_avx2 {
 #define PYSPARSE_ISA_LEVEL 1
 #include "simd.h"
+#include "attention_impl.h"
 #include "spmm_impl.h"
 }  // namespace isa_avx2
 

@@ -1,4 +1,4 @@
-// The avx512 instantiation of the SpMM kernels (see spmm_impl.h).
+// The avx512 instantiation of the SpMM and attention kernels (see spmm_impl.h).
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -12,6 +12,7 @@ namespace cpu {
 namespace isa_avx512 {
 #define PYSPARSE_ISA_LEVEL 2
 #include "simd.h"
+#include "attention_impl.h"
 #include "spmm_impl.h"
 }  // namespace isa_avx512
 

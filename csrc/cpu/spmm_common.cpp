@@ -149,15 +149,13 @@ SparseOperand check_nm(const at::Tensor& values, const at::Tensor& mask, c10::Sy
   std::tie(A.M, A.K) = check_nm_operand(values, mask, shape, n, m);
   A.n = int(n);
   A.m = int(m);
-  const int64_t kept = A.K / m * n, mbytes = (A.K + 7) / 8;
   A.values = values.contiguous();
   A.mask = mask.contiguous();
-  // Every row must mark exactly `kept` positions, none past column K: the kernels step through
-  // the values by the mask, so this is what keeps their reads in bounds. Counted by the ISA
-  // kernels (hardware popcount; the portable build's software popcount cost 2x the product).
-  const int64_t bad = active_kernels().nm_bad_row(A.mask.data_ptr<uint8_t>(), A.M, mbytes, kept, A.K);
-  TORCH_CHECK(bad < 0, "pysparse: N:M mask row ", bad, " does not mark exactly ", kept,
-              " positions within the ", A.K, " columns");
+  // Every group of m columns must mark exactly n positions, none past column K: the kernels step
+  // through the values by the mask, so this keeps their reads in bounds and their sums right.
+  const int64_t bad = active_kernels().nm_bad_row(A.mask.data_ptr<uint8_t>(), A.M, A.K, A.n, A.m);
+  TORCH_CHECK(bad < 0, "pysparse: N:M mask row ", bad, " has a group of ", m, " columns that does not mark exactly ",
+              n, " positions (or marks a column past ", A.K, ")");
   return A;
 }
 

@@ -522,6 +522,57 @@ static void nm_panel_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t p0,
 // positions (zeros elsewhere), then one dense FMA with x: no gather, no decoded positions;
 // 16-bit values are widened to fp32 a chunk at a time first. Other ISAs decode positions and
 // run the CSR scalar loop.
+#if PYSPARSE_ISA_LEVEL == 2
+// One 2:4 row times x. Rather than expanding the values to dense width (vexpandps: ~6 cycles a
+// register on Zen 5, 3.4x this loop's time), pick the x entries that meet the kept values: 32
+// columns hold 16 kept values, and lane l of the index vector is the column of value l. Lanes
+// 2g and 2g + 1 read nibble g of the 32-bit mask word (a variable shift), a 32-entry dword table
+// turns (nibble, which of the two) into the position inside the group, the group offset is
+// added, and one two-source permute gathers x from the 32 columns in registers.
+template <typename T>
+static inline float gemv_row_24(const uint8_t* mrow, const T* vrow, int64_t K, const float* x, float* vbuf) {
+  alignas(64) static const int32_t kPos[32] = {
+      // first kept position of each nibble, then the second (0 where fewer than two bits are set;
+      // the mask check has already rejected such groups)
+      0, 0, 1, 0, 2, 0, 1, 0, 3, 0, 1, 0, 2, 0, 1, 0,
+      0, 0, 0, 1, 0, 2, 2, 1, 0, 3, 3, 1, 3, 2, 2, 1};
+  const __m512i ta = _mm512_load_si512(kPos), tb = _mm512_load_si512(kPos + 16);
+  const __m512i shift = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i second = _mm512_setr_epi32(0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16);
+  const __m512i nib = _mm512_set1_epi32(15);
+  auto index = [&](uint32_t bits) {  // shift doubles as the group offset (4 g)
+    const __m512i sel = _mm512_or_si512(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(bits)), shift), nib), second);
+    return _mm512_add_epi32(_mm512_permutex2var_epi32(ta, sel, tb), shift);
+  };
+  auto term = [&](const float* f, int64_t k, uint32_t bits) {
+    return std::pair<__m512, __m512>(_mm512_loadu_ps(f), _mm512_permutex2var_ps(_mm512_loadu_ps(x + k), index(bits), _mm512_loadu_ps(x + k + 16)));
+  };
+  constexpr int64_t kChunk = 512;  // columns per widening chunk of 16-bit values
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  const T* v = vrow;
+  for (int64_t c0 = 0; c0 < K; c0 += kChunk) {
+    const int64_t c1 = c0 + kChunk < K ? c0 + kChunk : K;
+    const float* f = widen<Vec>(v, int((c1 - c0) / 2), vbuf);
+    v += (c1 - c0) / 2;
+    int64_t k = c0;
+    for (; k + 64 <= c1; k += 64, f += 32) {  // two independent FMA chains
+      uint64_t bits;
+      std::memcpy(&bits, mrow + k / 8, 8);
+      const auto t0 = term(f, k, uint32_t(bits)), t1 = term(f + 16, k + 32, uint32_t(bits >> 32));
+      acc0 = _mm512_fmadd_ps(t0.first, t0.second, acc0);
+      acc1 = _mm512_fmadd_ps(t1.first, t1.second, acc1);
+    }
+    if (k < c1) {
+      uint32_t bits;
+      std::memcpy(&bits, mrow + k / 8, 4);
+      const auto t0 = term(f, k, bits);
+      acc0 = _mm512_fmadd_ps(t0.first, t0.second, acc0);
+    }
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+#endif
+
 template <typename T>
 static void nm_gemv_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t, int64_t) {
   const int64_t K = a.K, kept = K / a.m * a.n, mbytes = (K + 7) / 8;
@@ -539,6 +590,10 @@ static void nm_gemv_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t, int
       const T* vrow = val + (m0 + i) * kept;
       float s = 0.f;
 #if PYSPARSE_ISA_LEVEL == 2
+      if (a.n == 2 && a.m == 4 && K % 32 == 0) {
+        tile[i] = gemv_row_24(mrow, vrow, K, x, vbuf);
+        continue;
+      }
       if (K % 32 == 0) {
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
         const T* v = vrow;
@@ -580,17 +635,44 @@ static void nm_gemv_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t, int
   }
 }
 
-static int64_t nm_bad_row(const uint8_t* mask, int64_t rows, int64_t mbytes, int64_t kept, int64_t K) {
+// Whether every group of m columns in these whole mask bytes marks exactly n positions.
+static inline bool nm_bytes_ok(const uint8_t* p, int64_t len, int n, int m) {
+  for (int64_t b = 0; b < len; ++b) {
+    const int lo = __builtin_popcount(p[b] & 15u), hi = __builtin_popcount(p[b] >> 4);
+    if (m == 4 ? (lo != n || hi != n) : m == 8 ? lo + hi != n
+                                               : (b + 1 >= len || lo + hi + __builtin_popcount(p[++b]) != n))
+      return false;
+  }
+  return true;
+}
+
+// First row of an N:M bitmap with a group that does not mark exactly n positions (or a bit past
+// column K), or -1. Checked per group, not per row: the fast kernels step through the values a
+// fixed count per 16 or 32 columns, so an uneven row would be read out of step (in bounds, but
+// wrong). 32 bytes at a time with a nibble popcount table; ~0.02 ms for a 4096x4096 2:4 mask.
+static int64_t nm_bad_row(const uint8_t* mask, int64_t rows, int64_t K, int n, int m) {
+  const int64_t mbytes = (K + 7) / 8, full = K / 8;  // K % 8 is 0 or 4 (m divides K)
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* row = mask + r * mbytes;
-    int64_t cnt = 0, w = 0;
-    for (; w + 8 <= mbytes; w += 8) {
-      uint64_t bits;
-      std::memcpy(&bits, row + w, 8);
-      cnt += __builtin_popcountll(bits);
+    int64_t b = 0;
+#if PYSPARSE_ISA_LEVEL >= 1
+    const __m256i popc = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i lo4 = _mm256_set1_epi8(15), want8 = _mm256_set1_epi8(char(n));
+    for (; b + 32 <= full; b += 32) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b));
+      const __m256i cl = _mm256_shuffle_epi8(popc, _mm256_and_si256(v, lo4));
+      const __m256i ch = _mm256_shuffle_epi8(popc, _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4));
+      __m256i ok;
+      if (m == 4) ok = _mm256_and_si256(_mm256_cmpeq_epi8(cl, want8), _mm256_cmpeq_epi8(ch, want8));
+      else if (m == 8) ok = _mm256_cmpeq_epi8(_mm256_add_epi8(cl, ch), want8);
+      else ok = _mm256_cmpeq_epi16(_mm256_maddubs_epi16(_mm256_add_epi8(cl, ch), _mm256_set1_epi8(1)),
+                                   _mm256_set1_epi16(short(n)));
+      if (_mm256_movemask_epi8(ok) != -1) return r;
     }
-    for (; w < mbytes; ++w) cnt += __builtin_popcount(row[w]);
-    if (cnt != kept || (K % 8 && (row[mbytes - 1] >> (K % 8)) != 0)) return r;
+#endif
+    if (!nm_bytes_ok(row + b, full - b, n, m)) return r;
+    if (full < mbytes && (__builtin_popcount(row[full] & 15u) != n || (row[full] >> 4) != 0)) return r;
   }
   return -1;
 }
@@ -661,7 +743,9 @@ static KernelTable make_table(const char* name) {
   t.bsr_gemv[DT][kI32] = bsr_gemv_kernel<T, int32_t>;            \
   t.bsr_gemv[DT][kI64] = bsr_gemv_kernel<T, int64_t>;           \
   t.nm[DT] = nm_dispatch_nv<T>;                                   \
-  t.nm_gemv[DT] = nm_gemv_kernel<T>;
+  t.nm_gemv[DT] = nm_gemv_kernel<T>;                              \
+  t.attn_pack[DT] = attn_pack<T>;                                 \
+  t.attn[DT] = attn_task<T>;
   PYSPARSE_FILL(kF32, float)
   PYSPARSE_FILL(kBF16, bf16_t)
   PYSPARSE_FILL(kF16, f16_t)

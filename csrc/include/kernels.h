@@ -83,6 +83,47 @@ struct PackArgs {
   int nb;
 };
 
+// Masked attention. q (B, H, Lq, Dk), k (B, Hkv, Lk, Dk), v (B, Hkv, Lk, Dv), out (B, H, Lq, Dv)
+// in T, last dim contiguous, the others through the strides (b, h, l). Grouped-query: head h
+// reads kv head h / (H / Hkv).
+// kind (int8, may be null = every block partial): 0 skip, 1 partial, 2 full for block (qb, kb)
+// of bq x bk elements, at kind[b * kind_sb + h * kind_sh + qb * KB + kb].
+// On partial blocks key j is allowed for query i iff emask (if any) is nonzero, band_lo <= j - i
+// <= band_hi and j < kv_len[b] (if any). bias (fp32, may be null) is added on every visited
+// block. Scores are scale * q.k. head_mask (may be null): heads with 0 write zeros. A row with no
+// allowed key writes zeros.
+// Two passes: attn_pack converts one (b, kv head)'s K to fp32 K^T blocks kt[B][Hkv][KB][Dk][bkp]
+// and V to fp32 rows vp[B][Hkv][Lk][dvp] (padded with zeros); attn then runs one
+// (b, h, query block) task at a time.
+struct AttnArgs {
+  const void *q, *k, *v;
+  void* out;
+  int64_t B, H, Hkv, Lq, Lk, Dk, Dv;
+  int64_t sq[3], sk[3], sv[3], so[3];
+  const int8_t* kind;
+  int64_t kind_sb, kind_sh, QB, KB, bq, bk;
+  const uint8_t* emask;
+  int64_t sm[4];
+  const float* bias;
+  int64_t sbias[4];
+  int64_t band_lo, band_hi;
+  const int64_t* kv_len;
+  float scale;
+  const uint8_t* head_mask;
+  float *kt, *vp;
+};
+// Head dims and block widths are padded to 16 lanes (the widest vector) so every ISA shares the
+// packed layout and the scratch size.
+inline int64_t attn_pad(int64_t x) { return (x + 15) / 16 * 16; }
+inline int64_t attn_kt_floats(const AttnArgs& a) { return a.B * a.Hkv * a.KB * a.Dk * attn_pad(a.bk); }
+inline int64_t attn_vp_floats(const AttnArgs& a) { return a.B * a.Hkv * a.Lk * attn_pad(a.Dv); }
+// Per worker: the Q tile, the score tile, the output tile, running max and sum.
+inline int64_t attn_scratch_floats(const AttnArgs& a) {
+  return a.bq * a.Dk + a.bq * attn_pad(a.bk) + a.bq * attn_pad(a.Dv) + 2 * a.bq;
+}
+using AttnPackFn = void (*)(const AttnArgs&, int64_t b_hkv);
+using AttnFn = void (*)(const AttnArgs&, int64_t task, float* scratch);
+
 using CsrFn = void (*)(const CsrArgs&, int64_t row0, int64_t row1, int64_t panel0, int64_t panel1);
 using BsrFn = void (*)(const BsrArgs&, int64_t brow0, int64_t brow1, int64_t panel0, int64_t panel1);
 using NmFn = void (*)(const NmArgs&, int64_t row0, int64_t row1, int64_t panel0, int64_t panel1);
@@ -101,8 +142,11 @@ struct KernelTable {
   BsrFn bsr_gemv[kNumDTypes][kNumITypes];
   NmFn nm[kNumDTypes];
   NmFn nm_gemv[kNumDTypes];
-  // First row of an N:M bitmap that does not mark exactly `kept` positions within K columns, or -1.
-  int64_t (*nm_bad_row)(const uint8_t* mask, int64_t rows, int64_t mbytes, int64_t kept, int64_t K);
+  // First row of an N:M bitmap with a group of m columns that does not mark exactly n positions
+  // (or with a bit set past column K), or -1.
+  int64_t (*nm_bad_row)(const uint8_t* mask, int64_t rows, int64_t K, int n, int m);
+  AttnPackFn attn_pack[kNumDTypes];
+  AttnFn attn[kNumDTypes];
 };
 
 const KernelTable& scalar_kernels();

@@ -9,7 +9,9 @@
 // load_cvt(const T*)  W elements of T (float, bf16_t, f16_t) widened to fp32
 // store_cvt(T*, V, n) first n lanes rounded to T (round-to-nearest-even)
 // fma(a, b, c)        a * b + c
-// hsum(V)             sum of the lanes
+// add/sub/mul/max     lane-wise
+// hsum(V), hmax(V)    sum / max of the lanes
+// exp2(V)             2^x, ~2 ulp; exactly 0 for x <= -127 (so -inf, a masked score, gives 0)
 
 struct bf16_t { uint16_t x; };
 struct f16_t { uint16_t x; };
@@ -30,6 +32,17 @@ static inline void from_f32(float f, bf16_t* dst) {
 }
 static inline void from_f32(float f, f16_t* dst) { _Float16 h = (_Float16)f; std::memcpy(&dst->x, &h, 2); }
 
+// 2^f for f in [-0.5, 0.5]: Taylor coefficients of exp(f ln 2) to degree 7 (truncation error
+// (ln 2)^8 / 8! * 0.5^8 ~ 5e-9, below fp32's half ulp).
+#define PYSPARSE_EXP2_POLY(F, P)                                                        \
+  P = fma(F, set1(1.5252734e-5f), set1(1.5403530e-4f));                                 \
+  P = fma(F, P, set1(1.3333558e-3f));                                                    \
+  P = fma(F, P, set1(9.6181291e-3f));                                                    \
+  P = fma(F, P, set1(5.5504109e-2f));                                                    \
+  P = fma(F, P, set1(2.4022651e-1f));                                                    \
+  P = fma(F, P, set1(6.9314718e-1f));                                                    \
+  P = fma(F, P, set1(1.0f));
+
 #if PYSPARSE_ISA_LEVEL == 2
 struct Vec512 {
   using V = __m512;
@@ -40,7 +53,21 @@ struct Vec512 {
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  static float hmax(V v) { return _mm512_reduce_max_ps(v); }
+  static V exp2(V x) {
+    x = _mm512_max_ps(x, set1(-127.f));
+    const V n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = _mm512_sub_ps(x, n);
+    V p;
+    PYSPARSE_EXP2_POLY(f, p)
+    // 2^n built in the exponent field: n = -127 gives the bit pattern of 0.0
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  }
   static V load_cvt(const float* p) { return load(p); }
   static V load_cvt(const bf16_t* p) {
     __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
@@ -98,6 +125,24 @@ struct Vec256 {
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static float hmax(V v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static V exp2(V x) {
+    x = _mm256_max_ps(x, set1(-127.f));
+    const V n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = _mm256_sub_ps(x, n);
+    V p;
+    PYSPARSE_EXP2_POLY(f, p)
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
   static float hsum(V v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -123,7 +168,12 @@ struct Vec {
   static void store(float* p, V v) { *p = v; }
   static V fma(V a, V b, V c) { return a * b + c; }
   static V add(V a, V b) { return a + b; }
+  static V sub(V a, V b) { return a - b; }
+  static V mul(V a, V b) { return a * b; }
+  static V max(V a, V b) { return a > b ? a : b; }
   static float hsum(V v) { return v; }
+  static float hmax(V v) { return v; }
+  static V exp2(V x) { return x <= -127.f ? 0.f : exp2f(x); }
   template <typename T>
   static V load_cvt(const T* p) { return to_f32(*p); }
 };

@@ -1,0 +1,128 @@
+// CPU implementation of pysparse::masked_attention: checks, then two parallel passes (pack K^T
+// and V per kv head; one task per (batch, head, query block), handed out dynamically because
+// masked rows of blocks differ in cost). The kernels are in attention_impl.h, compiled per ISA.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <optional>
+#include <vector>
+
+#include "checks.h"
+#include "spmm_common.h"
+
+namespace pysparse {
+namespace cpu {
+
+// t broadcast to (B, H, Lq, Lk) by expand (so its broadcast dims get stride 0), or an error
+// naming what.
+static at::Tensor expand_mask(const at::Tensor& t, int64_t B, int64_t H, int64_t Lq, int64_t Lk, const char* what) {
+  TORCH_CHECK(t.dim() == 4, "pysparse: ", what, " must be 4-D (B or 1, H or 1, Lq, Lk), got shape ", t.sizes());
+  const int64_t want[4] = {B, H, Lq, Lk};
+  for (int d = 0; d < 4; ++d)
+    TORCH_CHECK(t.size(d) == want[d] || t.size(d) == 1, "pysparse: ", what, " of shape ", t.sizes(),
+                " does not broadcast to (", B, ", ", H, ", ", Lq, ", ", Lk, ")");
+  return t.expand({B, H, Lq, Lk});
+}
+
+static at::Tensor masked_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                   const std::optional<at::Tensor>& block_kind, int64_t block_q, int64_t block_k,
+                                   const std::optional<at::Tensor>& elem_mask, const std::optional<at::Tensor>& bias,
+                                   int64_t band_lo, int64_t band_hi, const std::optional<at::Tensor>& kv_len,
+                                   double scale, const std::optional<at::Tensor>& head_mask) {
+  check_dim(q_in, 4, "q");
+  check_dim(k_in, 4, "k");
+  check_dim(v_in, 4, "v");
+  const DType dt = value_dtype(q_in, "q");
+  TORCH_CHECK_TYPE(k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
+                   "pysparse: q, k and v must share a dtype, got ", q_in.scalar_type(), ", ",
+                   k_in.scalar_type(), " and ", v_in.scalar_type());
+  const int64_t B = q_in.size(0), H = q_in.size(1), Lq = q_in.size(2), Dk = q_in.size(3);
+  const int64_t Hkv = k_in.size(1), Lk = k_in.size(2), Dv = v_in.size(3);
+  TORCH_CHECK(k_in.size(0) == B && v_in.size(0) == B, "pysparse: q, k and v must share the batch size, got ",
+              B, ", ", k_in.size(0), " and ", v_in.size(0));
+  TORCH_CHECK(k_in.size(3) == Dk, "pysparse: q and k must share the head dim, got ", Dk, " and ", k_in.size(3));
+  TORCH_CHECK(v_in.size(1) == Hkv && v_in.size(2) == Lk, "pysparse: k and v must have the same heads and length, got ",
+              k_in.sizes(), " and ", v_in.sizes());
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "pysparse: the ", H, " query heads must be a multiple of the ", Hkv, " key/value heads");
+  TORCH_CHECK(block_q > 0 && block_k > 0, "pysparse: block sizes must be positive, got ", block_q, " x ", block_k);
+  for (const at::Tensor* t : {&k_in, &v_in}) check_same_device(q_in, *t, "k/v");
+  // Only the last dim must be contiguous: (B, L, H, D) tensors transposed to (B, H, L, D) run as is.
+  auto last_contig = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
+  const at::Tensor q = last_contig(q_in), k = last_contig(k_in), v = last_contig(v_in);
+
+  const int64_t QB = (Lq + block_q - 1) / block_q, KB = (Lk + block_k - 1) / block_k;
+  AttnArgs a{};
+  at::Tensor kind, em, bs, kvl, hm;
+  if (block_kind) {
+    kind = *block_kind;
+    TORCH_CHECK_TYPE(kind.scalar_type() == at::kChar, "pysparse: block_kind must be int8, got ", kind.scalar_type());
+    check_dim(kind, 4, "block_kind");
+    TORCH_CHECK((kind.size(0) == B || kind.size(0) == 1) && (kind.size(1) == H || kind.size(1) == 1) &&
+                    kind.size(2) == QB && kind.size(3) == KB,
+                "pysparse: block_kind must have shape (", B, " or 1, ", H, " or 1, ", QB, ", ", KB, ") for ", Lq, "x", Lk,
+                " in ", block_q, "x", block_k, " blocks, got ", kind.sizes());
+    check_same_device(q_in, kind, "block_kind");
+    kind = kind.contiguous();
+    a.kind = kind.data_ptr<int8_t>();
+    a.kind_sb = kind.size(0) == 1 ? 0 : kind.stride(0);
+    a.kind_sh = kind.size(1) == 1 ? 0 : kind.stride(1);
+  }
+  if (elem_mask) {
+    TORCH_CHECK_TYPE(elem_mask->scalar_type() == at::kBool, "pysparse: elem_mask must be bool, got ", elem_mask->scalar_type());
+    check_same_device(q_in, *elem_mask, "elem_mask");
+    em = expand_mask(*elem_mask, B, H, Lq, Lk, "elem_mask");
+    a.emask = reinterpret_cast<const uint8_t*>(em.data_ptr<bool>());
+    for (int d = 0; d < 4; ++d) a.sm[d] = em.stride(d);
+  }
+  if (bias) {
+    TORCH_CHECK_TYPE(at::isFloatingType(bias->scalar_type()), "pysparse: bias must be a float tensor, got ", bias->scalar_type());
+    check_same_device(q_in, *bias, "bias");
+    bs = expand_mask(bias->to(at::kFloat), B, H, Lq, Lk, "bias");
+    a.bias = bs.data_ptr<float>();
+    for (int d = 0; d < 4; ++d) a.sbias[d] = bs.stride(d);
+  }
+  if (kv_len) {
+    TORCH_CHECK(kv_len->dim() == 1 && kv_len->size(0) == B, "pysparse: kv_len must have shape (", B, "), got ", kv_len->sizes());
+    check_same_device(q_in, *kv_len, "kv_len");
+    kvl = kv_len->to(at::kLong).contiguous();
+    a.kv_len = kvl.data_ptr<int64_t>();
+  }
+  if (head_mask) {
+    TORCH_CHECK(head_mask->dim() == 1 && head_mask->size(0) == H && head_mask->scalar_type() == at::kBool,
+                "pysparse: head_mask must be bool of shape (", H, "), got ", head_mask->scalar_type(), " ", head_mask->sizes());
+    check_same_device(q_in, *head_mask, "head_mask");
+    hm = head_mask->contiguous();
+    a.head_mask = reinterpret_cast<const uint8_t*>(hm.data_ptr<bool>());
+  }
+
+  at::Tensor out = at::empty({B, H, Lq, Dv}, q.options());
+  if (out.numel() == 0) return out;
+  if (Lk == 0) return out.zero_();
+  a.q = q.data_ptr(), a.k = k.data_ptr(), a.v = v.data_ptr(), a.out = out.data_ptr();
+  a.B = B, a.H = H, a.Hkv = Hkv, a.Lq = Lq, a.Lk = Lk, a.Dk = Dk, a.Dv = Dv;
+  for (int d = 0; d < 3; ++d) a.sq[d] = q.stride(d), a.sk[d] = k.stride(d), a.sv[d] = v.stride(d), a.so[d] = out.stride(d);
+  a.QB = QB, a.KB = KB, a.bq = block_q, a.bk = block_k;
+  a.band_lo = band_lo, a.band_hi = band_hi;
+  a.scale = float(scale);
+  at::Tensor kt = at::empty({attn_kt_floats(a)}, q.options().dtype(at::kFloat));
+  at::Tensor vp = at::empty({attn_vp_floats(a)}, q.options().dtype(at::kFloat));
+  a.kt = kt.data_ptr<float>(), a.vp = vp.data_ptr<float>();
+
+  const KernelTable& table = active_kernels();
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) table.attn_pack[dt](a, t);
+  });
+  const int64_t ntasks = B * H * QB, workers = std::min<int64_t>(at::get_num_threads(), ntasks);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> scratch(size_t(attn_scratch_floats(a)));  // one worker per index
+    for (int64_t t; (t = next.fetch_add(1)) < ntasks;) table.attn[dt](a, t, scratch.data());
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(pysparse, CPU, m) { m.impl("masked_attention", &masked_attention); }
+
+}  // namespace cpu
+}  // namespace pysparse
