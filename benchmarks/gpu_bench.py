@@ -1,6 +1,6 @@
 """GPU timings for benchmarks/gpu_check.sh: each GPU path of pysparse against its peers, bf16,
-medians of triton.testing.do_bench (CUDA events), correctness checked first. Prints one table
-last. Never run on a machine without CUDA (it exits)."""
+medians of triton.testing.do_bench (CUDA events), correctness checked first. Prints two tables
+last (2:4 linear, then block-sparse attention). Never run on a machine without CUDA (it exits)."""
 from __future__ import annotations
 
 import sys
@@ -58,11 +58,93 @@ for R, K in ((4096, 4096), (11008, 4096)):
             except Exception as e:  # noqa: BLE001
                 print(f"cuSPARSELt F.linear failed at T={T}: {type(e).__name__}")
         bytes_moved = A.values.numel() * 2 + A.mask.numel() + x.numel() * 2 + R * T * 2
-        rows.append((f"{R}x{K}", T, t_ours, t_dense, t_cslt, bytes_moved / t_ours / 1e3))
+        path = "cuSPARSELt" if pysparse.ops._use_cusparselt(x, A) else "Triton"
+        rows.append((f"{R}x{K}", T, path, t_ours, t_dense, t_cslt, bytes_moved / t_ours / 1e3))
 
-print("\n| W (bf16, 2:4) | tokens | pysparse Triton us | cuBLAS dense us | cuSPARSELt us | x vs dense | x vs cuSPARSELt | GB/s |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
-for shape, T, t_ours, t_dense, t_cslt, gbs in rows:
+print("\n| W (bf16, 2:4) | tokens | pysparse.linear path | pysparse us | cuBLAS dense us | torch cuSPARSELt us | x vs dense | x vs cuSPARSELt | GB/s |")
+print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+for shape, T, path, t_ours, t_dense, t_cslt, gbs in rows:
     c = f"{t_cslt:.1f}" if t_cslt else "n/a"
     xc = f"{t_cslt / t_ours:.2f}" if t_cslt else "n/a"
-    print(f"| {shape} | {T} | {t_ours:.1f} | {t_dense:.1f} | {c} | {t_dense / t_ours:.2f} | {xc} | {gbs:.0f} |")
+    print(f"| {shape} | {T} | {path} | {t_ours:.1f} | {t_dense:.1f} | {c} | {t_dense / t_ours:.2f} | {xc} | {gbs:.0f} |")
+
+
+# Block-sparse attention: pysparse's Triton kernel (mask blocks = its tiles, skipped blocks never
+# visited) against dense SDPA and FlexAttention on the same mask, bf16. The CUDA op runs
+# _triton.masked_attention, which is timed as called (block kinds -> active lists included);
+# FlexAttention's block mask is built once outside the timing, as its users would.
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: E402
+
+B, H, L, D = 1, 32, 4096, 128
+BQ, BK = 128, 64  # FA2's Hopper tile in Triton; FlexAttention keeps its own 128 x 128 blocks
+WINDOW, GLOBAL = 256, 128
+NO_BAND = 2**62
+flex = torch.compile(flex_attention, dynamic=False)
+q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+scale = D ** -0.5
+attn_rows = []
+
+
+def block_kinds(allowed):
+    """(1, 1, L/BQ, L/BK) int8: 2 where the block is all allowed, 0 where none is, 1 otherwise."""
+    a = allowed.view(L // BQ, BQ, L // BK, BK)
+    every, some = a.all(3).all(1), a.any(3).any(1)
+    return torch.where(every, 2, torch.where(some, 1, 0)).to(torch.int8)[None, None]
+
+
+def attention_row(name, mask_mod, band_lo, band_hi, needs_elem_mask):
+    i = torch.arange(L, device=dev)
+    allowed = mask_mod(None, None, i[:, None], i[None, :])
+    kind = block_kinds(allowed)
+    elem = allowed[None, None] if needs_elem_mask else None
+
+    def ours():
+        return _triton.masked_attention(q, k, v, kind, BQ, BK, elem, None, band_lo, band_hi, None,
+                                        scale, None)
+
+    if name == "causal":
+        def sdpa():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        sdpa_kind = "flash, is_causal"
+    else:
+        def sdpa():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        sdpa_kind = "dense bool mask"
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed)
+    rel = lambda x: ((x.float() - ref).norm() / ref.norm()).item()  # noqa: E731
+    for what, fn in (("pysparse", ours), ("SDPA", sdpa)):
+        err = rel(fn())
+        assert err < 1e-2, f"{what} attention off: {err} ({name})"
+    t_flex = None
+    try:
+        bm = create_block_mask(mask_mod, B=None, H=None, Q_LEN=L, KV_LEN=L, device=dev)
+
+        def flex_fn():
+            return flex(q, k, v, block_mask=bm, scale=scale)
+        err = rel(flex_fn())
+        assert err < 1e-2, f"FlexAttention off: {err} ({name})"
+        t_flex = bench(flex_fn)
+    except Exception as e:  # noqa: BLE001 - report, do not fail the table
+        print(f"FlexAttention failed ({name}):", type(e).__name__, str(e).splitlines()[0])
+    t_ours, t_sdpa = bench(ours), bench(sdpa)
+    visited = (kind != 0).float().mean().item()
+    tflops = 4 * B * H * D * allowed.sum().item() / t_ours / 1e6  # on the allowed pairs only
+    attn_rows.append((name, visited, t_ours, t_sdpa, sdpa_kind, t_flex, tflops))
+
+
+attention_row("causal", lambda b, h, i, j: i >= j, -NO_BAND, 0, False)
+attention_row(f"sliding window {WINDOW}", lambda b, h, i, j: (i >= j) & (i - j < WINDOW),
+              -(WINDOW - 1), 0, False)
+attention_row(f"causal local {WINDOW} + global {GLOBAL}",
+              lambda b, h, i, j: (i >= j) & ((i - j < WINDOW) | (j < GLOBAL)), -NO_BAND, 0, True)
+t_full = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+
+print(f"\nDense unmasked SDPA (flash) at the same shape: {t_full:.1f} us")
+print(f"\n| mask (B={B}, H={H}, L={L}, D={D}, bf16; pysparse tiles {BQ}x{BK}) | blocks visited | pysparse us "
+      "| SDPA us | SDPA path | FlexAttention us | x vs SDPA | x vs Flex | pysparse TFLOP/s |")
+print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+for name, visited, t_ours, t_sdpa, sdpa_kind, t_flex, tflops in attn_rows:
+    fl = f"{t_flex:.1f}" if t_flex else "n/a"
+    xf = f"{t_flex / t_ours:.2f}" if t_flex else "n/a"
+    print(f"| {name} | {visited:.1%} | {t_ours:.1f} | {t_sdpa:.1f} | {sdpa_kind} | {fl} | "
+          f"{t_sdpa / t_ours:.2f} | {xf} | {tflops:.0f} |")
