@@ -8,45 +8,23 @@
 // which is where a sparse mask turns into saved time (SDPA evaluates every block). For each
 // active block:
 //   S = Q K^T         register tiles of 4 query rows x up to 4 vectors of keys, K pre-packed as
-//                     fp32 K^T (one pass per kv head, shared by all query blocks and GQA heads),
-//                     so every FMA is a broadcast of one q entry times a contiguous key vector;
+//                     fp32 K^T (once per kv head and task, shared by all its query blocks and
+//                     GQA heads; only the key blocks some tile uses), so every FMA is a
+//                     broadcast of one q entry times a contiguous key vector;
 //   mask              only on partial blocks (element mask, band, key length); the additive
 //                     bias on every visited block;
 //   online softmax    running max m and sum l per row, the output tile rescaled by 2^(m_old -
 //                     m_new) only when the max moved;
-//   O += P V          register tiles of 4 rows x up to 4 vectors of the value dim, V pre-packed
-//                     as fp32 rows.
+//   O += P V          register tiles of 4 rows x up to 4 vectors of the value dim, V read in
+//                     place when it is fp32 with whole vectors per row, else packed as fp32.
+// One task is one kv head (or a part of its query blocks when there are fewer kv heads than
+// threads), and the packs live in thread-local buffers reused across calls: packing every head
+// into fresh buffers cost ~25k page faults per call at (1, 32, 2048, 128), 35 ms even when the
+// mask skipped every tile.
 // A row that has seen no allowed key keeps m = -inf and contributes nothing, so it ends as zeros
 // (SDPA gives NaN there).
 
 constexpr float kLog2e = 1.4426950408889634f;
-
-template <typename T>
-static void attn_pack(const AttnArgs& a, int64_t bh) {
-  const int64_t b = bh / a.Hkv, hk = bh % a.Hkv, bkp = attn_pad(a.bk), dvp = attn_pad(a.Dv);
-  if (a.head_mask) {  // nothing to pack when every query head of this kv head is pruned
-    const int64_t g = a.H / a.Hkv;
-    bool any = false;
-    for (int64_t h = hk * g; h < hk * g + g; ++h) any |= a.head_mask[h] != 0;
-    if (!any) return;
-  }
-  const T* k = static_cast<const T*>(a.k) + b * a.sk[0] + hk * a.sk[1];
-  const T* v = static_cast<const T*>(a.v) + b * a.sv[0] + hk * a.sv[1];
-  float* kt = a.kt + bh * a.KB * a.Dk * bkp;
-  for (int64_t kb = 0; kb < a.KB; ++kb) {
-    float* dst = kt + kb * a.Dk * bkp;
-    const int64_t j0 = kb * a.bk, cols = a.Lk - j0 < a.bk ? a.Lk - j0 : a.bk;
-    for (int64_t j = 0; j < bkp; ++j) {
-      const T* row = k + (j0 + j) * a.sk[2];
-      for (int64_t d = 0; d < a.Dk; ++d) dst[d * bkp + j] = j < cols ? to_f32(row[d]) : 0.f;
-    }
-  }
-  float* vp = a.vp + bh * a.Lk * dvp;
-  for (int64_t j = 0; j < a.Lk; ++j) {
-    const T* row = v + j * a.sv[2];
-    for (int64_t d = 0; d < dvp; ++d) vp[j * dvp + d] = d < a.Dv ? to_f32(row[d]) : 0.f;
-  }
-}
 
 // S[r][c W ..] = sum_d Q[r][d] K^T[d][c W ..] for RT rows and NC vectors of keys.
 template <int RT, int NC>
@@ -98,6 +76,13 @@ template <template <int, int> class Tile, typename... Args>
 static inline void over_tiles(int64_t rows, int64_t nvec, int64_t ld_row_a, int64_t ld_row_out,
                               const float* A, const float* Bm, float* Out, Args... args) {
   for (int64_t r = 0; r < rows;) {
+    // One vector of keys (16-key blocks on AVX-512) gets 8-row tiles: 4 rows would issue more
+    // broadcasts than FMAs.
+    if (nvec == 1 && rows - r >= 8) {
+      Tile<8, 1>::run(A + r * ld_row_a, Bm, Out + r * ld_row_out, args...);
+      r += 8;
+      continue;
+    }
     const int rt = rows - r >= 4 ? 4 : 1;
     for (int64_t c = 0; c < nvec; c += 4) {
       const int nc = int(nvec - c < 4 ? nvec - c : 4);
@@ -139,12 +124,28 @@ struct PV {
   }
 };
 
+static inline int64_t round_vec(int64_t x) { return (x + Vec::W - 1) / Vec::W * Vec::W; }
+
+// A thread's buffer of at least n floats, kept across calls (see the header: fresh buffers per
+// call were page-fault bound).
+static inline float* thread_buffer(int slot, size_t n) {
+  static thread_local std::vector<float> bufs[3];
+  if (bufs[slot].size() < n) bufs[slot].resize(n);
+  return bufs[slot].data();
+}
+
+// The packed operands of one kv head: K^T blocks kt[kb][Dk][bkp], V rows at v + j * ldv.
+struct KvPack {
+  const float* kt;
+  const float* v;
+  int64_t bkp, ldv;
+};
+
+// One (b, h, query block): its query tile against the active key blocks.
 template <typename T>
-static void attn_task(const AttnArgs& a, int64_t task, float* scratch) {
-  const int64_t qb = a.QB - 1 - task % a.QB;  // longest (causal) query blocks first
-  const int64_t bh = task / a.QB, b = bh / a.H, h = bh % a.H, hk = h / (a.H / a.Hkv);
+static void attn_tile(const AttnArgs& a, int64_t b, int64_t h, int64_t qb, const KvPack& kv, float* scratch) {
   const int64_t i0 = qb * a.bq, rows = a.Lq - i0 < a.bq ? a.Lq - i0 : a.bq;
-  const int64_t bkp = attn_pad(a.bk), dvp = attn_pad(a.Dv), nv = (a.Dv + Vec::W - 1) / Vec::W;
+  const int64_t bkp = kv.bkp, dvp = round_vec(a.Dv), nv = dvp / Vec::W;
   float* Q = scratch;                 // rows x Dk
   float* S = Q + a.bq * a.Dk;         // rows x bkp
   float* O = S + a.bq * bkp;          // rows x dvp
@@ -158,14 +159,18 @@ static void attn_task(const AttnArgs& a, int64_t task, float* scratch) {
   }
   const T* q = static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1] + i0 * a.sq[2];
   const float qscale = a.scale * kLog2e;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < a.Dk; ++d) Q[r * a.Dk + d] = to_f32(q[r * a.sq[2] + d]) * qscale;
+  const auto vscale = Vec::set1(qscale);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* src = q + r * a.sq[2];
+    float* dst = Q + r * a.Dk;
+    int64_t d = 0;
+    for (; d + Vec::W <= a.Dk; d += Vec::W) Vec::store(dst + d, Vec::mul(Vec::load_cvt(src + d), vscale));
+    for (; d < a.Dk; ++d) dst[d] = to_f32(src[d]) * qscale;
+  }
   for (int64_t i = 0; i < rows * dvp; ++i) O[i] = 0.f;
   for (int64_t r = 0; r < rows; ++r) mrow[r] = -INFINITY, lrow[r] = 0.f;
 
   const int8_t* kinds = a.kind ? a.kind + b * a.kind_sb + h * a.kind_sh + qb * a.KB : nullptr;
-  const float* kt = a.kt + (b * a.Hkv + hk) * a.KB * a.Dk * bkp;
-  const float* vp = a.vp + (b * a.Hkv + hk) * a.Lk * dvp;
   const uint8_t* em = a.emask ? a.emask + b * a.sm[0] + h * a.sm[1] + i0 * a.sm[2] : nullptr;
   const float* bias = a.bias ? a.bias + b * a.sbias[0] + h * a.sbias[1] + i0 * a.sbias[2] : nullptr;
   const int64_t kvlen = a.kv_len ? a.kv_len[b] : a.Lk;
@@ -174,7 +179,7 @@ static void attn_task(const AttnArgs& a, int64_t task, float* scratch) {
     if (kind == 0) continue;
     const int64_t j0 = kb * a.bk, cols = a.Lk - j0 < a.bk ? a.Lk - j0 : a.bk;
     const int64_t nk = (cols + Vec::W - 1) / Vec::W, width = nk * Vec::W;
-    over_tiles<QK>(rows, nk, a.Dk, bkp, Q, kt + kb * a.Dk * bkp, S, a.Dk, bkp, bkp, a.Dk);
+    over_tiles<QK>(rows, nk, a.Dk, bkp, Q, kv.kt + kb * a.Dk * bkp, S, a.Dk, bkp, bkp, a.Dk);
     for (int64_t r = 0; r < rows; ++r) {
       float* s = S + r * bkp;
       const int64_t i = i0 + r;
@@ -190,10 +195,12 @@ static void attn_task(const AttnArgs& a, int64_t task, float* scratch) {
         hi = hi < lo ? lo : hi > cols ? cols : hi;
         for (int64_t j = 0; j < lo; ++j) s[j] = -INFINITY;
         for (int64_t j = hi; j < cols; ++j) s[j] = -INFINITY;
-        if (em) {
+        if (em) {  // branch-free select: a random mask mispredicts a branch half the time
           const uint8_t* mr = em + r * a.sm[2] + j0 * a.sm[3];
-          for (int64_t j = lo; j < hi; ++j)
-            if (!mr[j * a.sm[3]]) s[j] = -INFINITY;
+          if (a.sm[3] == 1)
+            for (int64_t j = lo; j < hi; ++j) s[j] = mr[j] ? s[j] : -INFINITY;
+          else
+            for (int64_t j = lo; j < hi; ++j) s[j] = mr[j * a.sm[3]] ? s[j] : -INFINITY;
         }
       }
       for (int64_t j = cols; j < width; ++j) s[j] = -INFINITY;
@@ -212,18 +219,74 @@ static void attn_task(const AttnArgs& a, int64_t task, float* scratch) {
         sum = Vec::add(sum, p);
       }
       if (mnew != mrow[r]) {
-        const float alpha = exp2f(mrow[r] - mnew);  // 0 when the old max was -inf
-        const auto va = Vec::set1(alpha);
-        for (int64_t c = 0; c < nv * Vec::W; c += Vec::W) Vec::store(O + r * dvp + c, Vec::mul(Vec::load(O + r * dvp + c), va));
-        lrow[r] *= alpha;
+        if (lrow[r] > 0.f) {  // rescale what earlier blocks added (nothing on a row's first block)
+          const float alpha = exp2f(mrow[r] - mnew);
+          const auto va = Vec::set1(alpha);
+          for (int64_t c = 0; c < nv * Vec::W; c += Vec::W) Vec::store(O + r * dvp + c, Vec::mul(Vec::load(O + r * dvp + c), va));
+          lrow[r] *= alpha;
+        }
         mrow[r] = mnew;
       }
       lrow[r] += Vec::hsum(sum);
     }
-    over_tiles<PV>(rows, nv, bkp, dvp, S, vp + j0 * dvp, O, bkp, dvp, dvp, cols);
+    over_tiles<PV>(rows, nv, bkp, dvp, S, kv.v + j0 * kv.ldv, O, bkp, kv.ldv, dvp, cols);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const float inv = lrow[r] > 0.f ? 1.f / lrow[r] : 0.f;
-    for (int64_t d = 0; d < a.Dv; ++d) from_f32(O[r * dvp + d] * inv, out + r * a.so[2] + d);
+    int64_t d = 0;
+    if constexpr (std::is_same<T, float>::value) {
+      const auto vinv = Vec::set1(inv);
+      for (; d + Vec::W <= a.Dv; d += Vec::W) Vec::store(out + r * a.so[2] + d, Vec::mul(Vec::load(O + r * dvp + d), vinv));
+    }
+    for (; d < a.Dv; ++d) from_f32(O[r * dvp + d] * inv, out + r * a.so[2] + d);
   }
+}
+
+// Task: kv head (b, hk) = task / parts, part task % parts of its (query head, query block) pairs.
+template <typename T>
+static void attn_kv_head(const AttnArgs& a, int64_t task) {
+  const int64_t bh = task / a.parts, part = task % a.parts, b = bh / a.Hkv, hk = bh % a.Hkv;
+  const int64_t group = a.H / a.Hkv, npairs = group * a.QB;
+  const int64_t p0 = npairs * part / a.parts, p1 = npairs * (part + 1) / a.parts;
+  // Pairs run longest-first within a head (the last query blocks of a causal mask), so the
+  // dynamic schedule across tasks ends on short work.
+  auto pair_head = [&](int64_t p) { return hk * group + p / a.QB; };
+  auto pair_qblock = [&](int64_t p) { return a.QB - 1 - p % a.QB; };
+
+  // Key blocks some pair of this task visits: only those are packed.
+  std::vector<uint8_t> used(size_t(a.KB), a.kind ? 0 : 1);
+  if (a.kind) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t h = pair_head(p);
+      if (a.head_mask && !a.head_mask[h]) continue;
+      const int8_t* row = a.kind + b * a.kind_sb + h * a.kind_sh + pair_qblock(p) * a.KB;
+      for (int64_t kb = 0; kb < a.KB; ++kb) used[size_t(kb)] |= row[kb] != 0;
+    }
+  }
+  KvPack kv;
+  kv.bkp = round_vec(a.bk);
+  const int64_t dvp = round_vec(a.Dv);
+  float* kt = thread_buffer(0, size_t(a.KB * a.Dk * kv.bkp));
+  const T* k = static_cast<const T*>(a.k) + b * a.sk[0] + hk * a.sk[1];
+  const T* v = static_cast<const T*>(a.v) + b * a.sv[0] + hk * a.sv[1];
+  const bool v_in_place = std::is_same<T, float>::value && a.Dv % Vec::W == 0;
+  float* vp = v_in_place ? nullptr : thread_buffer(1, size_t(a.Lk * dvp));
+  for (int64_t kb = 0; kb < a.KB; ++kb) {
+    if (!used[size_t(kb)]) continue;
+    const int64_t j0 = kb * a.bk, cols = a.Lk - j0 < a.bk ? a.Lk - j0 : a.bk;
+    float* dst = kt + kb * a.Dk * kv.bkp;
+    for (int64_t j = 0; j < kv.bkp; ++j) {
+      const T* row = k + (j0 + j) * a.sk[2];
+      for (int64_t d = 0; d < a.Dk; ++d) dst[d * kv.bkp + j] = j < cols ? to_f32(row[d]) : 0.f;
+    }
+    if (vp)
+      for (int64_t j = j0; j < j0 + cols; ++j)
+        for (int64_t d = 0; d < dvp; ++d) vp[j * dvp + d] = d < a.Dv ? to_f32(v[j * a.sv[2] + d]) : 0.f;
+  }
+  kv.kt = kt;
+  if (v_in_place) kv.v = reinterpret_cast<const float*>(v), kv.ldv = a.sv[2];
+  else kv.v = vp, kv.ldv = dvp;
+
+  float* scratch = thread_buffer(2, size_t(a.bq * (a.Dk + kv.bkp + dvp + 2)));
+  for (int64_t p = p0; p < p1; ++p) attn_tile<T>(a, b, pair_head(p), pair_qblock(p), kv, scratch);
 }

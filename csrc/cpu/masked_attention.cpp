@@ -1,9 +1,10 @@
-// CPU implementation of pysparse::masked_attention: checks, then two parallel passes (pack K^T
-// and V per kv head; one task per (batch, head, query block), handed out dynamically because
-// masked rows of blocks differ in cost). The kernels are in attention_impl.h, compiled per ISA.
+// CPU implementation of pysparse::masked_attention: checks, then one task per kv head (or part of
+// one), handed out dynamically because masked heads and query blocks differ in cost. The kernels
+// are in attention_impl.h, compiled per ISA.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <optional>
 #include <vector>
@@ -105,19 +106,16 @@ static at::Tensor masked_attention(const at::Tensor& q_in, const at::Tensor& k_i
   a.QB = QB, a.KB = KB, a.bq = block_q, a.bk = block_k;
   a.band_lo = band_lo, a.band_hi = band_hi;
   a.scale = float(scale);
-  at::Tensor kt = at::empty({attn_kt_floats(a)}, q.options().dtype(at::kFloat));
-  at::Tensor vp = at::empty({attn_vp_floats(a)}, q.options().dtype(at::kFloat));
-  a.kt = kt.data_ptr<float>(), a.vp = vp.data_ptr<float>();
 
-  const KernelTable& table = active_kernels();
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) table.attn_pack[dt](a, t);
-  });
-  const int64_t ntasks = B * H * QB, workers = std::min<int64_t>(at::get_num_threads(), ntasks);
+  // One task per kv head; a head's query blocks are split into parts when there are too few
+  // heads to give every thread a few tasks (each part packs its own copy of the key blocks).
+  const int64_t threads = at::get_num_threads(), heads = B * Hkv;
+  a.parts = std::max<int64_t>(1, std::min<int64_t>((4 * threads + heads - 1) / heads, (H / Hkv) * QB));
+  const int64_t ntasks = heads * a.parts, workers = std::min<int64_t>(threads, ntasks);
+  const AttnFn fn = active_kernels().attn[dt];
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> scratch(size_t(attn_scratch_floats(a)));  // one worker per index
-    for (int64_t t; (t = next.fetch_add(1)) < ntasks;) table.attn[dt](a, t, scratch.data());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t t; (t = next.fetch_add(1)) < ntasks;) fn(a, t);
   });
   return out;
 }

@@ -744,8 +744,7 @@ static KernelTable make_table(const char* name) {
   t.bsr_gemv[DT][kI64] = bsr_gemv_kernel<T, int64_t>;           \
   t.nm[DT] = nm_dispatch_nv<T>;                                   \
   t.nm_gemv[DT] = nm_gemv_kernel<T>;                              \
-  t.attn_pack[DT] = attn_pack<T>;                                 \
-  t.attn[DT] = attn_task<T>;
+  t.attn[DT] = attn_kv_head<T>;
   PYSPARSE_FILL(kF32, float)
   PYSPARSE_FILL(kBF16, bf16_t)
   PYSPARSE_FILL(kF16, f16_t)

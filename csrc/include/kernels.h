@@ -92,9 +92,8 @@ struct PackArgs {
 // <= band_hi and j < kv_len[b] (if any). bias (fp32, may be null) is added on every visited
 // block. Scores are scale * q.k. head_mask (may be null): heads with 0 write zeros. A row with no
 // allowed key writes zeros.
-// Two passes: attn_pack converts one (b, kv head)'s K to fp32 K^T blocks kt[B][Hkv][KB][Dk][bkp]
-// and V to fp32 rows vp[B][Hkv][Lk][dvp] (padded with zeros); attn then runs one
-// (b, h, query block) task at a time.
+// Task t covers kv head (b, hk) = t / parts and part t % parts of its (query head, query block)
+// pairs; it packs the key blocks those pairs use into thread-local buffers first.
 struct AttnArgs {
   const void *q, *k, *v;
   void* out;
@@ -110,19 +109,9 @@ struct AttnArgs {
   const int64_t* kv_len;
   float scale;
   const uint8_t* head_mask;
-  float *kt, *vp;
+  int64_t parts;
 };
-// Head dims and block widths are padded to 16 lanes (the widest vector) so every ISA shares the
-// packed layout and the scratch size.
-inline int64_t attn_pad(int64_t x) { return (x + 15) / 16 * 16; }
-inline int64_t attn_kt_floats(const AttnArgs& a) { return a.B * a.Hkv * a.KB * a.Dk * attn_pad(a.bk); }
-inline int64_t attn_vp_floats(const AttnArgs& a) { return a.B * a.Hkv * a.Lk * attn_pad(a.Dv); }
-// Per worker: the Q tile, the score tile, the output tile, running max and sum.
-inline int64_t attn_scratch_floats(const AttnArgs& a) {
-  return a.bq * a.Dk + a.bq * attn_pad(a.bk) + a.bq * attn_pad(a.Dv) + 2 * a.bq;
-}
-using AttnPackFn = void (*)(const AttnArgs&, int64_t b_hkv);
-using AttnFn = void (*)(const AttnArgs&, int64_t task, float* scratch);
+using AttnFn = void (*)(const AttnArgs&, int64_t task);
 
 using CsrFn = void (*)(const CsrArgs&, int64_t row0, int64_t row1, int64_t panel0, int64_t panel1);
 using BsrFn = void (*)(const BsrArgs&, int64_t brow0, int64_t brow1, int64_t panel0, int64_t panel1);
@@ -145,7 +134,6 @@ struct KernelTable {
   // First row of an N:M bitmap with a group of m columns that does not mark exactly n positions
   // (or with a bit set past column K), or -1.
   int64_t (*nm_bad_row)(const uint8_t* mask, int64_t rows, int64_t K, int n, int m);
-  AttnPackFn attn_pack[kNumDTypes];
   AttnFn attn[kNumDTypes];
 };
 

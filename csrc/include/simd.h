@@ -7,7 +7,6 @@
 // Vec::W              lanes per vector
 // zero/set1/load/store  fp32
 // load_cvt(const T*)  W elements of T (float, bf16_t, f16_t) widened to fp32
-// store_cvt(T*, V, n) first n lanes rounded to T (round-to-nearest-even)
 // fma(a, b, c)        a * b + c
 // add/sub/mul/max     lane-wise
 // hsum(V), hmax(V)    sum / max of the lanes
