@@ -32,6 +32,12 @@ TORCH_LIBRARY(pysparse, m) {
   m.def("masked_attention(Tensor q, Tensor k, Tensor v, Tensor? block_kind, int block_q, int block_k, "
         "Tensor? elem_mask, Tensor? bias, int band_lo, int band_hi, Tensor? kv_len, float scale, "
         "Tensor? head_mask) -> Tensor");
+  // Fused FFN: out = W2 g(x) + b2, g(x) = act(W1 x + b1) [* (W3 x)] [zeroed where |g| <= threshold].
+  // Each weight is a format tag and its tensors: "dense" [W], "dense_t" [W^T] (w2 only: the
+  // activation-sparse layout), "csr"/"bsr" [crow, col, values], "nm:N:M" [values, mask]; f3 "none"
+  // without a gate. Weights are in nn.Linear layout: w1, w3 (hidden, d), w2 (d, hidden).
+  m.def("pruned_ffn(Tensor x, str f1, Tensor[] w1, Tensor? b1, str f2, Tensor[] w2, Tensor? b2, str f3, "
+        "Tensor[] w3, int hidden, str activation, float threshold) -> Tensor");
 }
 
 // Build facts and ISA control for pysparse.info() and the tests; not ops.

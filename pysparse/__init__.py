@@ -10,6 +10,7 @@
 from ._loader import _C, _build_info
 from . import ops, prune
 from .attention import BlockMask, masked_attention
+from .ffn import pruned_ffn, transposed_w2
 from .formats import BSR, CSR, Sparse24, SparseNM
 from .ops import linear, spmm
 
@@ -32,8 +33,8 @@ def _load_gpu_kernels():
 
 
 _TRITON = _load_gpu_kernels()
-__all__ = ["CSR", "BSR", "SparseNM", "Sparse24", "BlockMask", "spmm", "linear", "masked_attention", "prune",
-           "ops", "info", "set_cpu_isa"]
+__all__ = ["CSR", "BSR", "SparseNM", "Sparse24", "BlockMask", "spmm", "linear", "masked_attention", "pruned_ffn",
+           "transposed_w2", "prune", "ops", "info", "set_cpu_isa"]
 
 
 def set_cpu_isa(name: str) -> str:

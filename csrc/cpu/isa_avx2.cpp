@@ -14,6 +14,7 @@ namespace isa_avx2 {
 #define PYSPARSE_ISA_LEVEL 1
 #include "simd.h"
 #include "attention_impl.h"
+#include "ffn_impl.h"
 #include "spmm_impl.h"
 }  // namespace isa_avx2
 

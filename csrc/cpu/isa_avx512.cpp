@@ -14,6 +14,7 @@ namespace isa_avx512 {
 #define PYSPARSE_ISA_LEVEL 2
 #include "simd.h"
 #include "attention_impl.h"
+#include "ffn_impl.h"
 #include "spmm_impl.h"
 }  // namespace isa_avx512
 

@@ -12,6 +12,7 @@ namespace isa_scalar {
 #define PYSPARSE_ISA_LEVEL 0
 #include "simd.h"
 #include "attention_impl.h"
+#include "ffn_impl.h"
 #include "spmm_impl.h"
 }  // namespace isa_scalar
 

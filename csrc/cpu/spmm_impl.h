@@ -744,7 +744,8 @@ static KernelTable make_table(const char* name) {
   t.bsr_gemv[DT][kI64] = bsr_gemv_kernel<T, int64_t>;           \
   t.nm[DT] = nm_dispatch_nv<T>;                                   \
   t.nm_gemv[DT] = nm_gemv_kernel<T>;                              \
-  t.attn[DT] = attn_kv_head<T>;
+  t.attn[DT] = attn_kv_head<T>;                                   \
+  t.ffn_skip[DT] = ffn_skip<T>;
   PYSPARSE_FILL(kF32, float)
   PYSPARSE_FILL(kBF16, bf16_t)
   PYSPARSE_FILL(kF16, f16_t)

@@ -113,6 +113,21 @@ struct AttnArgs {
 };
 using AttnFn = void (*)(const AttnArgs&, int64_t task);
 
+// Activation-sparse second product of the fused FFN for one token: acc[c] = sum_i hv[i] *
+// w2t[nz[i] * d + c] for the columns c of vector chunks [chunk0, chunk1) (chunks of
+// kFfnChunkCols; the last may be partial). w2t (hidden, d) in T, row-major: row j is neuron j's
+// output weights, so skipping a zero intermediate entry skips a whole contiguous row.
+constexpr int64_t kFfnChunkCols = 64;
+struct FfnSkipArgs {
+  const void* w2t;
+  int64_t d;
+  const int32_t* nz;
+  const float* hv;
+  int64_t nnz;
+  float* acc;
+};
+using FfnSkipFn = void (*)(const FfnSkipArgs&, int64_t chunk0, int64_t chunk1);
+
 using CsrFn = void (*)(const CsrArgs&, int64_t row0, int64_t row1, int64_t panel0, int64_t panel1);
 using BsrFn = void (*)(const BsrArgs&, int64_t brow0, int64_t brow1, int64_t panel0, int64_t panel1);
 using NmFn = void (*)(const NmArgs&, int64_t row0, int64_t row1, int64_t panel0, int64_t panel1);
@@ -135,6 +150,7 @@ struct KernelTable {
   // (or with a bit set past column K), or -1.
   int64_t (*nm_bad_row)(const uint8_t* mask, int64_t rows, int64_t K, int n, int m);
   AttnFn attn[kNumDTypes];
+  FfnSkipFn ffn_skip[kNumDTypes];
 };
 
 const KernelTable& scalar_kernels();

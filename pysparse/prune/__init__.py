@@ -1,5 +1,7 @@
-"""Pruning utilities: they return dense tensors with zeros, ready for a sparse format."""
+"""Pruning utilities: they return dense tensors with zeros, ready for a sparse format, or (neuron
+pruning) smaller dense weights."""
+from .ffn import PrunedFFN, ffn_neurons
 from .magnitude import blocks, magnitude
 from .nm import nm
 
-__all__ = ["magnitude", "blocks", "nm"]
+__all__ = ["magnitude", "blocks", "nm", "ffn_neurons", "PrunedFFN"]

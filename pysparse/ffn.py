@@ -1,0 +1,82 @@
+"""The fused feed-forward block: ``pruned_ffn``.
+
+    y = pysparse.pruned_ffn(x, w1, b1, w2, b2, activation="gelu")                 # BERT-style
+    y = pysparse.pruned_ffn(x, w_gate, None, w_down, None, activation="silu", w3=w_up)  # SwiGLU
+
+Each weight may be a dense tensor (e.g. neuron-pruned to a smaller hidden size with
+``pysparse.prune.ffn_neurons``), a CSR, BSR or N:M (2:4) format. For ReLU (or ``threshold > 0``)
+at decode sizes, pass W2 *transposed in memory* to skip the rows of W2 that meet zero
+activations: ``w2 = w2t.t()`` with ``w2t`` (hidden, d) contiguous (see ``transposed_w2``).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from ._loader import _C  # noqa: F401  (loads the library that defines the op)
+from .formats import BSR, CSR, SparseNM
+
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+
+
+@torch.library.register_fake("pysparse::pruned_ffn")
+def _pruned_ffn_fake(x, f1, w1, b1, f2, w2, b2, f3, w3, hidden, activation, threshold):
+    torch._check(activation in ACTIVATIONS, lambda: f"pysparse: activation must be one of {ACTIVATIONS}")
+    return torch.empty_like(x)
+
+
+def _encode(w, name: str, rows: int, cols: int, x: torch.Tensor, allow_t: bool = False) -> Tuple[str, List[torch.Tensor]]:
+    """(format tag, tensors) of one weight in nn.Linear layout (rows, cols)."""
+    if isinstance(w, torch.Tensor):
+        if w.dim() != 2 or tuple(w.shape) != (rows, cols):
+            raise ValueError(f"pysparse.pruned_ffn: {name} must have shape ({rows}, {cols}), got {tuple(w.shape)}")
+        if allow_t and w.stride(0) == 1 and w.stride(1) == rows and rows > 1:
+            return "dense_t", [w.t()]  # stored transposed: the activation-sparse layout
+        return "dense", [w]
+    if isinstance(w, (CSR, BSR, SparseNM)):
+        if tuple(w.shape) != (rows, cols):
+            raise ValueError(f"pysparse.pruned_ffn: {name} must have shape ({rows}, {cols}), got {tuple(w.shape)}")
+        if isinstance(w, SparseNM):
+            return f"nm:{w.n}:{w.m}", [w.values, w.mask]
+        return ("csr" if isinstance(w, CSR) else "bsr"), [w.crow_indices, w.col_indices, w.values]
+    raise TypeError(f"pysparse.pruned_ffn: {name} must be a tensor, CSR, BSR or SparseNM, got {type(w).__name__}")
+
+
+def transposed_w2(w2: torch.Tensor) -> torch.Tensor:
+    """W2 (d, hidden) with the same values stored transposed (a (d, hidden) view of a contiguous
+    (hidden, d) tensor): the layout in which pruned_ffn skips zero activations."""
+    return w2.t().contiguous().t()
+
+
+def pruned_ffn(x: torch.Tensor, w1, b1: Optional[torch.Tensor], w2, b2: Optional[torch.Tensor], *,
+               activation: str = "gelu", w3=None, threshold: float = 0.0) -> torch.Tensor:
+    """W2 act(W1 x + b1) + b2, or with w3 the gated W2 (act(W1 x + b1) * (W3 x)) + b2, fused.
+
+    x (..., d); w1 and w3 (hidden, d), w2 (d, hidden), nn.Linear layout, each a dense tensor or a
+    pysparse CSR / BSR / SparseNM; b1 (hidden,), b2 (d,) or None. activation: none, relu, gelu
+    (erf), gelu_tanh or silu. threshold > 0 zeroes intermediate entries with |h| <= threshold
+    before the second product (CATS-style activation sparsity: an approximation, exact only when
+    those entries are already 0, as after a ReLU). Tokens run in tiles whose intermediate stays in
+    cache; with a ReLU or a threshold, a few tokens, and a dense w2 stored transposed
+    (``transposed_w2``), only the rows of W2^T at nonzero activations are read.
+    fp32, bf16, fp16 (fp32 accumulation inside each product; the intermediate is rounded to x's
+    dtype, as the unfused torch sequence does).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"pysparse.pruned_ffn: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError("pysparse.pruned_ffn: x must be a tensor of shape (..., d)")
+    d = x.shape[-1]
+    if not isinstance(w1, (torch.Tensor, CSR, BSR, SparseNM)):
+        raise TypeError(f"pysparse.pruned_ffn: w1 must be a tensor, CSR, BSR or SparseNM, got {type(w1).__name__}")
+    hidden = w1.shape[0]
+    f1, t1 = _encode(w1, "w1", hidden, d, x)
+    f2, t2 = _encode(w2, "w2", d, hidden, x, allow_t=True)
+    f3, t3 = ("none", []) if w3 is None else _encode(w3, "w3", hidden, d, x)
+    for name, b, n in (("b1", b1, hidden), ("b2", b2, d)):
+        if b is not None and (b.dim() != 1 or b.shape[0] != n):
+            raise ValueError(f"pysparse.pruned_ffn: {name} must have shape ({n},), got {tuple(b.shape)}")
+    if threshold < 0:
+        raise ValueError(f"pysparse.pruned_ffn: threshold must be >= 0, got {threshold}")
+    return torch.ops.pysparse.pruned_ffn(x, f1, t1, b1, f2, t2, b2, f3, t3, hidden, activation, float(threshold))
