@@ -1,6 +1,6 @@
 """GPU timings for benchmarks/gpu_check.sh: each GPU path of pysparse against its peers, bf16,
-medians of triton.testing.do_bench (CUDA events), correctness checked first. Prints two tables
-last (2:4 linear, then block-sparse attention). Never run on a machine without CUDA (it exits)."""
+medians of triton.testing.do_bench (CUDA events), correctness checked first. Prints three tables
+(2:4 linear, block-sparse attention, then the fused FFN). Never run on a machine without CUDA (it exits)."""
 from __future__ import annotations
 
 import sys
@@ -148,3 +148,65 @@ for name, visited, t_ours, t_sdpa, sdpa_kind, t_flex, tflops in attn_rows:
     xf = f"{t_flex / t_ours:.2f}" if t_flex else "n/a"
     print(f"| {name} | {visited:.1%} | {t_ours:.1f} | {t_sdpa:.1f} | {sdpa_kind} | {fl} | "
           f"{t_sdpa / t_ours:.2f} | {xf} | {tflops:.0f} |")
+
+
+# Fused FFN at decode: pysparse::pruned_ffn's CUDA kernel (the launcher, as the op calls it:
+# fp32 accumulator filled with b2, the fused kernel, the cast) against the unfused torch sequence
+# on the same (pruned) weights, cuBLAS F.linear -> act [* F.linear] -> F.linear, bf16. Both are
+# timed by do_bench, which flushes L2 between calls: the weights come from HBM, as at decode.
+# Up to _triton.FFN_MAX_FUSED_TOKENS tokens the launcher runs the fused kernel; this table is
+# where that cutoff is read off.
+ffn_rows = []
+FFN_BLOCKS = (
+    ("BERT-base 768->3072 gelu", 768, 3072, "gelu", False, "dense"),
+    ("LLaMA 2048->5632 silu, gated", 2048, 5632, "silu", True, "dense"),
+    ("LLaMA 2048->5632 silu, gated", 2048, 5632, "silu", True, "2:4"),
+)
+for name, d, hidden, act, gated, kind in FFN_BLOCKS:
+    def weight(R, K):
+        W = torch.randn(R, K, device=dev) / K ** 0.5
+        return (pysparse.prune.nm(W, 2, 4) if kind == "2:4" else W).to(torch.bfloat16)
+
+    W1, W2 = weight(hidden, d), weight(d, hidden)
+    W3 = weight(hidden, d) if gated else None
+    b1 = None if gated else torch.randn(hidden, device=dev, dtype=torch.bfloat16) * 0.1
+    b2 = None if gated else torch.randn(d, device=dev, dtype=torch.bfloat16) * 0.1
+
+    def packed(W):
+        if kind == "dense":
+            return "dense", [W]
+        A = pysparse.SparseNM.from_dense(W.cpu(), 2, 4).to(dev)
+        return "nm:2:4", [A.values, A.mask]
+
+    (f1, w1), (f2, w2) = packed(W1), packed(W2)
+    f3, w3 = packed(W3) if gated else ("none", [])
+    act_fn = getattr(F, act)
+    weight_bytes = sum(t.numel() * t.element_size() for t in w1 + w2 + w3)
+    for T in (1, 4, 16, 64):
+        x = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
+
+        def fused():
+            return _triton.pruned_ffn(x, f1, w1, b1, f2, w2, b2, f3, w3, hidden, act, 0.0)
+
+        def unfused():
+            h = act_fn(F.linear(x, W1, b1))
+            if gated:
+                h = h * F.linear(x, W3)
+            return F.linear(h, W2, b2)
+
+        hf = act_fn(F.linear(x.float(), W1.float(), b1.float() if b1 is not None else None))
+        if gated:
+            hf = hf * F.linear(x.float(), W3.float())
+        ref = F.linear(hf, W2.float(), b2.float() if b2 is not None else None)
+        for what, fn in (("pysparse fused FFN", fused), ("unfused torch FFN", unfused)):
+            err = ((fn().float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, f"{what} off: {err} ({name}, {kind}, T={T})"
+        path = "fused" if T <= _triton.FFN_MAX_FUSED_TOKENS else "unfused"
+        t_ours, t_torch = bench(fused), bench(unfused)
+        ffn_rows.append((name, kind, T, path, t_ours, t_torch, weight_bytes / t_ours / 1e3))
+
+print("\n| FFN block (bf16) | weights | tokens | pysparse path | pysparse us | unfused torch (cuBLAS) us "
+      "| x vs unfused | weight GB/s |")
+print("|---|---|---:|---|---:|---:|---:|---:|")
+for name, kind, T, path, t_ours, t_torch, gbs in ffn_rows:
+    print(f"| {name} | {kind} | {T} | {path} | {t_ours:.1f} | {t_torch:.1f} | {t_torch / t_ours:.2f} | {gbs:.0f} |")
