@@ -1,6 +1,7 @@
 # make test   : create .venv (torch 2.13.0 CPU + test deps), build, run the whole test suite
 # make demo   : create .venv, build, run the main job (python -m pysparse demo)
-# make bench  : the CSR/BSR and 2:4 benchmark sweeps (write benchmarks/results/, print summaries)
+# make bench  : the CPU benchmark sweeps: CSR/BSR, 2:4, masked attention, fused FFN
+#               (write benchmarks/results/, print summaries; ~20 min)
 # make build  : (re)build pysparse._C in place
 PYTHON ?= python3
 VENV   ?= .venv
@@ -30,6 +31,8 @@ demo: build
 bench: build
 	$(PY) benchmarks/bench_spmm.py
 	$(PY) benchmarks/bench_nm_spmm.py
+	$(PY) benchmarks/bench_masked_attention.py
+	$(PY) benchmarks/bench_pruned_ffn.py
 
 clean:
 	rm -rf build dist *.egg-info pysparse/_C*.so pysparse/_build_info.py

@@ -46,17 +46,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
 
 import pysparse
+from _timing import median_us
 
 MASKS = ("none", "causal", "sliding256", "local_global", "random97")
 TOL = 1e-4
-
-
-def median_us(fn, min_run_time):
-    t = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return t.blocked_autorange(min_run_time=min_run_time).median * 1e6
 
 
 def block_sparsity(mask, b):

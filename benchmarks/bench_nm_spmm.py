@@ -14,32 +14,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import itertools
 import socket
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
 
 import pysparse
+from _timing import median_us, rotating
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def median_us(fn, min_run_time):
-    t = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return t.blocked_autorange(min_run_time=min_run_time).median * 1e6
-
-
-def rotating(make, nbytes, cold, mb=64):
-    """A callable that returns a fresh copy each call (cold) or the same object (warm)."""
-    if not cold:
-        obj = make()
-        return lambda: obj
-    copies = [make() for _ in range(max(2, int(mb * 2**20 / max(nbytes, 1)) + 1))]
-    it = itertools.cycle(copies)
-    return lambda: next(it)
 
 
 def main():

@@ -16,7 +16,7 @@ import triton
 from triton_kernels.masked_attention import configs as attn_configs, masked_attention_kernel
 from triton_kernels.nm_linear import configs, nm_linear_kernel
 
-_ACT = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
+_ACT = {"none": 0, "relu": 1, "gelu": 2, "silu": 3, "gelu_tanh": 4}  # triton_kernels/_tiles.py
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _autotuned = triton.autotune(configs=configs(), key=["T", "R", "K", "N", "M"])(nm_linear_kernel)
 
@@ -193,7 +193,6 @@ from .formats import BSR, CSR, _NM_CHOICES  # noqa: E402
 # (F.linear -> act -> F.linear) uses the tensor cores better. 64 is a first guess, not a
 # measurement: move it to where the gpu_bench.py FFN table crosses over.
 FFN_MAX_FUSED_TOKENS = 64
-_FFN_ACT = {"none": 0, "relu": 1, "gelu": 2, "silu": 3, "gelu_tanh": 4}
 _FFN_CODE = {"dense": 0, "dense_t": 1, "nm": 2}  # the kernel's F1/F2/F3
 # The token count is in the key because the best BLOCK_H moves with it (more tokens, more
 # atomics per program). The accumulator is filled with b2 before the launch and summed into with
@@ -315,8 +314,8 @@ def pruned_ffn(x: torch.Tensor, f1: str, w1, b1: Optional[torch.Tensor], f2: str
     `block` fixes the kernel's BLOCK_H (a power of two >= 16) and BLOCK_D (>= 16) instead of
     autotuning; the interpreter always uses one large tile.
     """
-    if activation not in _FFN_ACT:
-        raise ValueError(f"pruned_ffn: activation must be one of {tuple(_FFN_ACT)}, got {activation!r}")
+    if activation not in _ACT:
+        raise ValueError(f"pruned_ffn: activation must be one of {tuple(_ACT)}, got {activation!r}")
     d, hidden, threshold = x.shape[-1], int(hidden), float(threshold)
     s1 = _FFNWeight("w1", f1, w1, (hidden, d), allow_t=False)
     s2 = _FFNWeight("w2", f2, w2, (d, hidden), allow_t=True)
@@ -354,7 +353,7 @@ def pruned_ffn(x: torch.Tensor, f1: str, w1, b1: Optional[torch.Tensor], f2: str
         meta = dict(F1=_FFN_CODE[s1.kind], N1=s1.n, M1=s1.m,
                     F3=_FFN_CODE[s3_or_1.kind], N3=s3_or_1.n, M3=s3_or_1.m,
                     F2=_FFN_CODE[s2.kind], N2=s2.n, M2=s2.m,
-                    GATED=s3 is not None, HAS_B1=b1 is not None, ACT=_FFN_ACT[activation],
+                    GATED=s3 is not None, HAS_B1=b1 is not None, ACT=_ACT[activation],
                     HAS_THRESHOLD=threshold > 0,
                     DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                     # The smallest token tile that tl.dot takes and that covers T.

@@ -142,7 +142,7 @@ def test_opcheck_and_compile():
     (dict(threshold=-1.0), ValueError, r"threshold must be >= 0"),
     (dict(w1="dense"), TypeError, r"w1 must be a tensor, CSR, BSR or SparseNM, got str"),
     (dict(x=torch.randn(2, 32, dtype=torch.float64)), TypeError, r"x must be float32, bfloat16 or float16"),
-    (dict(w2=torch.randn(32, 64, dtype=torch.bfloat16)), TypeError, r"w2 dtype BFloat16 differs from x's dtype Float"),
+    (dict(w2=torch.randn(32, 64, dtype=torch.bfloat16)), TypeError, r"w2 dtype torch.bfloat16 differs from x's dtype torch.float32"),
 ])
 def test_bad_input(kwargs, exc, msg):
     g = gen(12)
@@ -202,3 +202,25 @@ def test_ffn_neurons_bad_input():
         pysparse.prune.ffn_neurons(w1, None, w2, 0.5, "taylor")
     with pytest.raises(ValueError, match=r"scores must have shape \(8,\)"):
         pysparse.prune.ffn_neurons(w1, None, w2, 0.5, torch.ones(7))
+
+
+def test_raw_op_runs_dense_weights_too():
+    # pruned_ffn calls torch directly for all-dense weights; the op itself must still be right.
+    d, h = 40, 72
+    dense, (w1, w2, w3) = weights(d, h, "dense", torch.float32, seed=14, gated=True)
+    x = torch.randn(70, d, generator=gen(15))
+    b1 = torch.randn(h, generator=gen(16))
+    out = torch.ops.pysparse.pruned_ffn(x, "dense", [w1], b1, "dense", [w2], None, "dense", [w3], h, "gelu_tanh", 0.0)
+    check_budget(out, x, dense, b1, None, "gelu_tanh", torch.float32, what="raw dense")
+
+
+@pytest.mark.parametrize("fmt", ["nm24", "dense_t"])
+def test_several_token_tiles(fmt):
+    # Tiles hold at most 8 MB of intermediate: hidden = 33000 makes them 64 tokens, so 150 tokens
+    # run as 64 + 64 + 22.
+    d, h = 8, 33000
+    dense, (w1, w2, _) = weights(d, h, fmt, torch.float32, seed=17)
+    x = torch.randn(150, d, generator=gen(18))
+    b2 = torch.randn(d, generator=gen(19))
+    out = pysparse.pruned_ffn(x, w1, None, w2, b2, activation="relu")
+    check_budget(out, x, dense, None, b2, "relu", torch.float32, what=f"{fmt} tiles")

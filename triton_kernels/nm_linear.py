@@ -11,6 +11,8 @@ Aimed at decode-sized token counts, where cuSPARSELt's 2:4 GEMM loses to dense.
 import triton
 import triton.language as tl
 
+from triton_kernels._tiles import activation, weight_tile
+
 
 def configs():
     # Small token tiles first: decode (1-16 tokens) is what this kernel is for.
@@ -33,28 +35,16 @@ def nm_linear_kernel(x_ptr, val_ptr, mask_ptr, bias_ptr, y_ptr,
     toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < R
     tok_ok = toks < T
-    kept_per_row = K // M * N
-    mbytes = (K + 7) // 8
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        byte = tl.load(mask_ptr + rows[:, None] * mbytes + (cols // 8)[None, :], mask=tile_ok, other=0)
-        kept = (byte.to(tl.int32) >> (cols % 8)[None, :]) & 1
-        rank = tl.cumsum(kept, axis=1)  # 1-based index of each kept entry within the chunk
-        vidx = rows[:, None] * kept_per_row + (k0 // M) * N + rank - 1
-        w = tl.load(val_ptr + vidx, mask=tile_ok & (kept != 0), other=0.0).to(tl.float32)
+        w = weight_tile(val_ptr, mask_ptr, rows, cols, row_ok, col_ok, col_ok, K, 0, 0, k0, True, N, M)
         x = tl.load(x_ptr + toks[:, None] * stride_xt + cols[None, :] * stride_xk,
                     mask=tok_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(x, tl.trans(w))
+        acc += tl.dot(x, tl.trans(w.to(tl.float32)))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    if ACT == 1:
-        acc = tl.maximum(acc, 0.0)
-    elif ACT == 2:
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-    elif ACT == 3:
-        acc = acc / (1.0 + tl.exp(-acc))
+    acc = activation(acc, ACT)
     tl.store(y_ptr + toks[:, None] * stride_yt + rows[None, :] * stride_yr,
              acc.to(y_ptr.dtype.element_ty), mask=tok_ok[:, None] & row_ok[None, :])

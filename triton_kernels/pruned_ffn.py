@@ -36,6 +36,8 @@ token cutoff are first guesses until benchmarks/gpu_bench.py has run.
 import triton
 import triton.language as tl
 
+from triton_kernels._tiles import activation, weight_tile
+
 
 def configs():
     # BLOCK_H sets both the number of programs (hidden / BLOCK_H: enough to fill the SMs at
@@ -48,26 +50,6 @@ def configs():
         triton.Config({"BLOCK_H": 64, "BLOCK_D": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_H": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     ]
-
-
-@triton.jit
-def _weight_tile(w_ptr, bits_ptr, rows, cols, row_ok, col_ok, need, K, stride_r, stride_c, c0,
-                 NM: tl.constexpr, N: tl.constexpr, M: tl.constexpr):
-    """The (len(rows), len(cols)) tile of a (R, K) weight starting at column c0 (a multiple of M
-    for N:M), zeros outside row_ok x col_ok. Values are only fetched where `need` (per column)
-    holds; the N:M bitmap is read over the full range, since ranks count every kept column."""
-    rows = rows.to(tl.int64)
-    ok = row_ok[:, None] & col_ok[None, :]
-    if NM:
-        byte = tl.load(bits_ptr + rows[:, None] * ((K + 7) // 8) + (cols // 8)[None, :], mask=ok, other=0)
-        kept = (byte.to(tl.int32) >> (cols % 8)[None, :]) & 1
-        rank = tl.cumsum(kept, axis=1)
-        vidx = rows[:, None] * (K // M * N) + (c0 // M) * N + rank - 1
-        w = tl.load(w_ptr + vidx, mask=ok & need[None, :] & (kept != 0), other=0.0)
-    else:
-        w = tl.load(w_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c,
-                    mask=ok & need[None, :], other=0.0)
-    return w
 
 
 # T changes every decode step; specializing on it (== 1, multiple of 16) would only recompile.
@@ -99,27 +81,18 @@ def pruned_ffn_kernel(x_ptr, w1_ptr, m1_ptr, b1_ptr, w3_ptr, m3_ptr, w2_ptr, m2_
         cols = k0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
         x = tl.load(x_rows + cols[None, :] * stride_xd, mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
-        w1 = _weight_tile(w1_ptr, m1_ptr, hid, cols, hid_ok, col_ok, col_ok, D, stride_w1r, stride_w1c,
+        w1 = weight_tile(w1_ptr, m1_ptr, hid, cols, hid_ok, col_ok, col_ok, D, stride_w1r, stride_w1c,
                           k0, F1 == 2, N1, M1)
         acc1 = tl.dot(x, tl.trans(w1.to(x.dtype)), acc1, input_precision=DOT_PRECISION)
         if GATED:
-            w3 = _weight_tile(w3_ptr, m3_ptr, hid, cols, hid_ok, col_ok, col_ok, D, stride_w3r,
+            w3 = weight_tile(w3_ptr, m3_ptr, hid, cols, hid_ok, col_ok, col_ok, D, stride_w3r,
                               stride_w3c, k0, F3 == 2, N3, M3)
             acc3 = tl.dot(x, tl.trans(w3.to(x.dtype)), acc3, input_precision=DOT_PRECISION)
 
     g = acc1
     if HAS_B1:
         g += tl.load(b1_ptr + hid, mask=hid_ok, other=0.0).to(tl.float32)[None, :]
-    if ACT == 1:
-        g = tl.maximum(g, 0.0)
-    elif ACT == 2:
-        g = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
-    elif ACT == 3:
-        g = g / (1.0 + tl.exp(-g))
-    elif ACT == 4:
-        # tanh(z) = 1 - 2 / (1 + e^(2z)): saturates to +-1 at either end without a NaN.
-        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        g = 0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * z)))
+    g = activation(g, ACT)
     if GATED:
         g = g * acc3
     if HAS_THRESHOLD:
@@ -141,7 +114,7 @@ def pruned_ffn_kernel(x_ptr, w1_ptr, m1_ptr, b1_ptr, w3_ptr, m3_ptr, w2_ptr, m2_
         for n0 in range(0, D, BLOCK_D):
             feats = n0 + tl.arange(0, BLOCK_D)
             feat_ok = feats < D
-            w2 = _weight_tile(w2_ptr, m2_ptr, feats, hid, feat_ok, hid_ok, need, HIDDEN, stride_w2r,
+            w2 = weight_tile(w2_ptr, m2_ptr, feats, hid, feat_ok, hid_ok, need, HIDDEN, stride_w2r,
                               stride_w2c, h0, F2 == 2, N2, M2)
             part = tl.dot(gq, tl.trans(w2.to(gq.dtype)), input_precision=DOT_PRECISION)
             tl.atomic_add(o_rows + feats[None, :], part, mask=tok_ok[:, None] & feat_ok[None, :],
