@@ -156,8 +156,9 @@ def linear(x: torch.Tensor, A, bias: Optional[torch.Tensor] = None, *,
            activation: str = "none") -> torch.Tensor:
     """act(x @ A.T + bias), the nn.Linear layout: A (out_features, in_features) sparse, x (..., in).
 
-    The bias (and, for N:M formats, the activation: none, relu, gelu, silu) is applied in the
-    kernel's epilogue, with no extra pass over the output.
+    The bias (and, for N:M formats, a relu) is applied in the kernel's epilogue; gelu and silu
+    (N:M formats) run over the output right after, while it is in cache, with torch's vector
+    kernels (on CUDA the Triton kernel fuses all three).
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"pysparse.linear: activation must be one of {_ACTIVATIONS}, got {activation!r}")

@@ -329,3 +329,24 @@ def test_cuda_compress_matches_cpu(n, m, dtype):
     assert torch.equal(back.cpu(), W)
     with pytest.raises(ValueError, match=r"row 0, group 0 .* more than"):
         torch.ops.pysparse.nm_compress(torch.ones(3, 2 * m, device="cuda"), n, m)
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_linear_at_a_few_tokens(isa, dtype):
+    # 2:4 on AVX-512 runs a token-row kernel (groups of 2, 4 or 8 tokens, padding tokens dropped,
+    # 64-token output slices); 1056 columns = two 512-column chunks and a 32-column tail.
+    pysparse.set_cpu_isa(isa)
+    try:
+        W = _nm_matrix(37, 1056, 2, 4, dtype, holes=0.1)
+        A = Sparse24.from_dense(W)
+        b = randn(37, g=gen(20)).to(dtype)
+        for T in (2, 3, 4, 5, 8, 9, 16, 17, 66):
+            x = randn(T, 1056, g=gen(T)).to(dtype)
+            for xv in (x, x.t().contiguous().t()):  # token rows contiguous, and not
+                y = pysparse.linear(xv, A, b, activation="relu")
+                ref = reference_nm_linear(xv, W, b, "relu")
+                absref = xv.double().abs() @ W.double().abs().T + b.double().abs()
+                assert_close(y, ref, absref, dtype, what=f"{isa} T={T} contiguous={xv.is_contiguous()}")
+    finally:
+        pysparse.set_cpu_isa("auto")

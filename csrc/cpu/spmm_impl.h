@@ -12,14 +12,9 @@
 // Rows are finished into a small RT x nb tile which the epilogue adds the bias to, converts and
 // writes (transposed for the linear layout, RT contiguous outputs per column).
 
-static inline float activate(float v, int act) {
-  switch (act) {
-    case kActRelu: return v > 0.f ? v : 0.f;
-    case kActGelu: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));  // exact, as F.gelu
-    case kActSilu: return v / (1.f + expf(-v));
-    default: return v;
-  }
-}
+// The epilogue fuses ReLU only; the launcher applies gelu and silu with torch's vector kernels
+// (a scalar erff per output cost more than the product at n = 32).
+static inline float activate(float v, int act) { return act == kActRelu ? (v > 0.f ? v : 0.f) : v; }
 
 template <typename T>
 static inline void store_tile(const Output& O, const float* tile, int ld_tile, int64_t m0, int rows,
@@ -518,34 +513,46 @@ static void nm_panel_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t p0,
   }
 }
 
-// N:M, n == 1. AVX-512: expand-load puts a 16-column chunk's kept values at their bitmap
-// positions (zeros elsewhere), then one dense FMA with x: no gather, no decoded positions;
-// 16-bit values are widened to fp32 a chunk at a time first. Other ISAs decode positions and
-// run the CSR scalar loop.
+// N:M, n == 1. AVX-512: 2:4 as below; other patterns expand-load a 16-column chunk's kept values
+// to their bitmap positions (zeros elsewhere), then one dense FMA with x. 16-bit values are
+// widened to fp32 a chunk at a time first. Other ISAs decode positions and run the CSR scalar loop.
 #if PYSPARSE_ISA_LEVEL == 2
-// One 2:4 row times x. Rather than expanding the values to dense width (vexpandps: ~6 cycles a
+// 2:4 on AVX-512. Rather than expanding the values to dense width (vexpandps: ~6 cycles a
 // register on Zen 5, 3.4x this loop's time), pick the x entries that meet the kept values: 32
-// columns hold 16 kept values, and lane l of the index vector is the column of value l. Lanes
-// 2g and 2g + 1 read nibble g of the 32-bit mask word (a variable shift), a 32-entry dword table
-// turns (nibble, which of the two) into the position inside the group, the group offset is
-// added, and one two-source permute gathers x from the 32 columns in registers.
-template <typename T>
-static inline float gemv_row_24(const uint8_t* mrow, const T* vrow, int64_t K, const float* x, float* vbuf) {
-  alignas(64) static const int32_t kPos[32] = {
-      // first kept position of each nibble, then the second (0 where fewer than two bits are set;
-      // the mask check has already rejected such groups)
-      0, 0, 1, 0, 2, 0, 1, 0, 3, 0, 1, 0, 2, 0, 1, 0,
-      0, 0, 0, 1, 0, 2, 2, 1, 0, 3, 3, 1, 3, 2, 2, 1};
-  const __m512i ta = _mm512_load_si512(kPos), tb = _mm512_load_si512(kPos + 16);
-  const __m512i shift = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
-  const __m512i second = _mm512_setr_epi32(0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16);
-  const __m512i nib = _mm512_set1_epi32(15);
-  auto index = [&](uint32_t bits) {  // shift doubles as the group offset (4 g)
+// columns hold 16 kept values, Index24 gives the column of each, and one two-source permute
+// gathers x from the 32 columns in registers.
+// The column of each of the 16 kept values in 32 columns of a 2:4 row, from the row's 32-bit
+// mask word: lanes 2g and 2g + 1 read nibble g (a variable shift), a 32-entry dword table turns
+// (nibble, which of the two) into the position inside the group, and the group offset is added.
+struct Index24 {
+  __m512i ta, tb, shift, second, nib;
+  Index24() {
+    alignas(64) static const int32_t kPos[32] = {
+        // first kept position of each nibble, then the second (0 where fewer than two bits are
+        // set; the mask check has already rejected such groups)
+        0, 0, 1, 0, 2, 0, 1, 0, 3, 0, 1, 0, 2, 0, 1, 0,
+        0, 0, 0, 1, 0, 2, 2, 1, 0, 3, 3, 1, 3, 2, 2, 1};
+    ta = _mm512_load_si512(kPos), tb = _mm512_load_si512(kPos + 16);
+    shift = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+    second = _mm512_setr_epi32(0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16);
+    nib = _mm512_set1_epi32(15);
+  }
+  __m512i operator()(uint32_t bits) const {  // shift doubles as the group offset (4 g)
     const __m512i sel = _mm512_or_si512(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(bits)), shift), nib), second);
     return _mm512_add_epi32(_mm512_permutex2var_epi32(ta, sel, tb), shift);
-  };
+  }
+};
+
+// x entries k .. k + 32 permuted to meet the 16 kept values of those columns.
+static inline __m512 gather24(const float* x, int64_t k, __m512i idx) {
+  return _mm512_permutex2var_ps(_mm512_loadu_ps(x + k), idx, _mm512_loadu_ps(x + k + 16));
+}
+
+template <typename T>
+static inline float gemv_row_24(const uint8_t* mrow, const T* vrow, int64_t K, const float* x, float* vbuf) {
+  const Index24 index;
   auto term = [&](const float* f, int64_t k, uint32_t bits) {
-    return std::pair<__m512, __m512>(_mm512_loadu_ps(f), _mm512_permutex2var_ps(_mm512_loadu_ps(x + k), index(bits), _mm512_loadu_ps(x + k + 16)));
+    return std::pair<__m512, __m512>(_mm512_loadu_ps(f), gather24(x, k, index(bits)));
   };
   constexpr int64_t kChunk = 512;  // columns per widening chunk of 16-bit values
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -570,6 +577,74 @@ static inline float gemv_row_24(const uint8_t* mrow, const T* vrow, int64_t K, c
     }
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+// 2:4, n >= 2 columns of B taken as rows of B^T (the linear layout's input rows), AVX-512:
+// the n = 1 loop with one accumulator per token. The index vector of 32 columns is built once and serves every token,
+// so 16 kept values cost 5 index ops plus, per token, 2 loads, a permute and a full-width FMA:
+// ~2.3 instructions per kept value at n = 8 against ~6 for the row-axpy (position extract,
+// broadcast, load, half-width FMA); 3072x768 n = 8: 280 -> 141 us. Tokens go in groups of NT = 2,
+// 4 or 8 (one group of 16 ran out of general registers for the token pointers and was slower than
+// two of 8; n = 2 computed as 4 cost 2x); tokens past n re-read token n - 1's row and are dropped.
+// It beats the row-axpy panel kernel at every n measured (4096x4096 n = 128: 17.4 -> 15.0 ms,
+// n = 512: 66 -> 58 ms), so 2:4 on AVX-512 uses it for all n > 1, 64 tokens per output tile:
+// this call computes tokens t0 .. min(t0 + NT, n) into the tile of the slice starting at s0.
+template <typename T, int NT>
+static void nm_small_group_24(const NmArgs& a, int64_t m0, int rows, int64_t s0, int64_t t0, int64_t n,
+                              float* tile, float* vbuf, __m512* part) {
+  const int64_t K = a.K, kept = K / 2, mbytes = K / 8, ldx = a.B.ldb;
+  const Index24 index;
+  const float* xt[NT];
+  for (int t = 0; t < NT; ++t) xt[t] = a.B.b + (t0 + t < n ? t0 + t : n - 1) * ldx;
+  // Column chunks outside, rows inside: a chunk of the tokens (8 x 512 x 4 B = 16 KB) stays in L1
+  // for all the block's rows; whole rows at K = 3072 streamed 96 KB of x from L2 per row and ran
+  // at half the speed (768x3072, n = 8: 242 us). Partial sums wait in `part` between chunks.
+  constexpr int64_t kChunk = 512;
+  for (int64_t c0 = 0; c0 < K; c0 += kChunk) {
+    const int64_t c1 = c0 + kChunk < K ? c0 + kChunk : K;
+    for (int i = 0; i < rows; ++i) {
+      const uint8_t* mrow = a.mask + (m0 + i) * mbytes;
+      const float* f = widen<Vec>(static_cast<const T*>(a.val) + (m0 + i) * kept + c0 / 2, int((c1 - c0) / 2), vbuf);
+      __m512 acc[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = c0 ? part[i * NT + t] : _mm512_setzero_ps();
+      for (int64_t k = c0; k < c1; k += 32, f += 16) {
+        // One FMA chain per token paces the loop at its 4-cycle latency per 64 bytes of values,
+        // too few loads in flight to stream W from DRAM (4096x4096, n = 2: 1145 us against
+        // 569 us at n = 1); a prefetch 1 KB ahead keeps the misses going.
+        _mm_prefetch(reinterpret_cast<const char*>(f + 256), _MM_HINT_T0);
+        uint32_t bits;
+        std::memcpy(&bits, mrow + k / 8, 4);
+        const __m512i idx = index(bits);
+        const __m512 vals = _mm512_loadu_ps(f);
+        for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(vals, gather24(xt[t], k, idx), acc[t]);
+      }
+      for (int t = 0; t < NT; ++t) part[i * NT + t] = acc[t];
+    }
+  }
+  for (int i = 0; i < rows; ++i)
+    for (int t = 0; t < NT && t0 + t < n; ++t) tile[i * kNmTokenSlice + t0 - s0 + t] = _mm512_reduce_add_ps(part[i * NT + t]);
+}
+
+template <typename T>
+static void nm_small_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t, int64_t) {
+  constexpr int RT = 16;
+  alignas(64) float tile[RT * kNmTokenSlice];
+  alignas(64) float vbuf[256];
+  __m512 part[RT * 8];
+  const int64_t n = a.B.n;
+  for (int64_t m0 = r0; m0 < r1; m0 += RT) {
+    const int rows = int(r1 - m0 < RT ? r1 - m0 : RT);
+    // The block's rows of W (16 x K/2 values, <= 128 KB at K = 4096) stay in L2 across all the
+    // token groups; each group's tokens stay in L1 per column chunk.
+    for (int64_t s0 = 0; s0 < n; s0 += kNmTokenSlice) {
+      const int64_t s1 = s0 + kNmTokenSlice < n ? s0 + kNmTokenSlice : n;
+      if (s1 - s0 == 2) nm_small_group_24<T, 2>(a, m0, rows, s0, s0, s1, tile, vbuf, part);
+      else if (s1 - s0 <= 4) nm_small_group_24<T, 4>(a, m0, rows, s0, s0, s1, tile, vbuf, part);
+      else
+        for (int64_t t0 = s0; t0 < s1; t0 += 8) nm_small_group_24<T, 8>(a, m0, rows, s0, t0, s1, tile, vbuf, part);
+      store_tile<T>(a.O, tile, int(kNmTokenSlice), m0, rows, s0, int(s1 - s0));
+    }
+  }
 }
 #endif
 
@@ -731,6 +806,11 @@ static KernelTable make_table(const char* name) {
   t.pack[kF32] = pack_panels<float>;
   t.pack[kBF16] = pack_panels<bf16_t>;
   t.pack[kF16] = pack_panels<f16_t>;
+#if PYSPARSE_ISA_LEVEL == 2
+#define PYSPARSE_NM_SMALL(T) nm_small_kernel<T>
+#else
+#define PYSPARSE_NM_SMALL(T) nullptr
+#endif
 #define PYSPARSE_FILL(DT, T)                                     \
   t.csr[DT][kI32] = csr_dispatch_nv<T, int32_t, int32_t>;        \
   t.csr[DT][kI64] = csr_dispatch_nv<T, int64_t, int64_t>;        \
@@ -744,11 +824,13 @@ static KernelTable make_table(const char* name) {
   t.bsr_gemv[DT][kI64] = bsr_gemv_kernel<T, int64_t>;           \
   t.nm[DT] = nm_dispatch_nv<T>;                                   \
   t.nm_gemv[DT] = nm_gemv_kernel<T>;                              \
+  t.nm_small[DT] = PYSPARSE_NM_SMALL(T);                          \
   t.attn[DT] = attn_kv_head<T>;                                   \
   t.ffn_skip[DT] = ffn_skip<T>;
   PYSPARSE_FILL(kF32, float)
   PYSPARSE_FILL(kBF16, bf16_t)
   PYSPARSE_FILL(kF16, f16_t)
 #undef PYSPARSE_FILL
+#undef PYSPARSE_NM_SMALL
   return t;
 }
