@@ -26,6 +26,30 @@
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+#if PYSPARSE_ISA_LEVEL == 2
+// In-register transpose of a 16 x 16 fp32 block (rows r[0..16) become columns): pairs interleaved,
+// then 64-bit pairs, then 128-bit lanes twice.
+static inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+#endif
+
 // S[r][c W ..] = sum_d Q[r][d] K^T[d][c W ..] for RT rows and NC vectors of keys.
 template <int RT, int NC>
 static inline void qk_tile(const float* Q, int64_t ldq, const float* Kt, int64_t ldk, float* S,
@@ -275,7 +299,23 @@ static void attn_kv_head(const AttnArgs& a, int64_t task) {
     if (!used[size_t(kb)]) continue;
     const int64_t j0 = kb * a.bk, cols = a.Lk - j0 < a.bk ? a.Lk - j0 : a.bk;
     float* dst = kt + kb * a.Dk * kv.bkp;
-    for (int64_t j = 0; j < kv.bkp; ++j) {
+    int64_t j = 0;
+#if PYSPARSE_ISA_LEVEL == 2
+    // 16 keys x 16 dims at a time through registers: the scalar transpose was as costly as the
+    // FMAs on 16-key tiles (L = 128, random 16x16 mask).
+    for (; j + 16 <= cols; j += 16) {
+      int64_t d = 0;
+      for (; d + 16 <= a.Dk; d += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) r[i] = Vec::load_cvt(k + (j0 + j + i) * a.sk[2] + d);
+        transpose16(r);
+        for (int i = 0; i < 16; ++i) Vec::store(dst + (d + i) * kv.bkp + j, r[i]);
+      }
+      for (; d < a.Dk; ++d)
+        for (int i = 0; i < 16; ++i) dst[d * kv.bkp + j + i] = to_f32(k[(j0 + j + i) * a.sk[2] + d]);
+    }
+#endif
+    for (; j < kv.bkp; ++j) {
       const T* row = k + (j0 + j) * a.sk[2];
       for (int64_t d = 0; d < a.Dk; ++d) dst[d * kv.bkp + j] = j < cols ? to_f32(row[d]) : 0.f;
     }
