@@ -3,12 +3,16 @@
 # make bench  : the CPU benchmark sweeps: CSR/BSR, 2:4, masked attention, fused FFN
 #               (write benchmarks/results/, print summaries; ~20 min)
 # make build  : (re)build pysparse._C in place
+# make wheels : dist/pysparse_kernels-*+cpu (torch 2.13.0) and +cu130 (torch 2.14.1, sm_80/sm_90)
+# make wheel-check : the wheels install, import and fail as they should (CI runs it; no GPU needed)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
+CUDA_VENV  ?= .venv-cu
+CUDA_TORCH ?= torch==2.14.1
 
-.PHONY: venv build test demo bench clean
+.PHONY: venv build test demo bench wheels wheel-check clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +21,12 @@ $(VENV)/.deps: requirements-dev.txt
 	touch $@
 
 venv: $(VENV)/.deps
+
+# The CUDA build's torch (CUDA 13.0; its pip dependencies carry the CUDA headers setup.py adds).
+$(CUDA_VENV)/.deps:
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q --disable-pip-version-check $(CUDA_TORCH) numpy ninja setuptools wheel
+	touch $@
 
 build: venv
 	$(PY) setup.py -q build_ext --inplace 2>&1 | grep -E "error|Error" || true
@@ -33,6 +43,13 @@ bench: build
 	$(PY) benchmarks/bench_nm_spmm.py
 	$(PY) benchmarks/bench_masked_attention.py
 	$(PY) benchmarks/bench_pruned_ffn.py
+
+wheels: $(VENV)/.deps $(CUDA_VENV)/.deps
+	rm -rf dist
+	bash .ci/wheels.sh
+
+wheel-check: wheels
+	bash .ci/wheel_check.sh
 
 clean:
 	rm -rf build dist *.egg-info pysparse/_C*.so pysparse/_build_info.py

@@ -50,6 +50,7 @@ def info() -> dict:
     """What was built and what runs here: versions, CPU ISA paths, threads, CUDA."""
     import torch
 
+    ops = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("pysparse::"))
     return {
         "pysparse": __version__,
         "torch_built_against": _C.torch_version(),
@@ -63,5 +64,8 @@ def info() -> dict:
         "cpu_isa_supported": list(_C.cpu_isa_supported()),
         "cpu_isa_selected": _C.cpu_isa(),
         "threads": torch.get_num_threads(),
-        "ops": sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("pysparse::")),
+        "ops": ops,
+        # ops with a CUDA implementation registered (C++ kernels always when built with CUDA;
+        # the Triton ones only where a GPU is present)
+        "cuda_kernels": [n for n in ops if torch._C._dispatch_has_kernel_for_dispatch_key(f"pysparse::{n}", "CUDA")],
     }
