@@ -1,6 +1,7 @@
 """GPU timings for benchmarks/gpu_check.sh: each GPU path of pysparse against its peers, bf16,
-medians of triton.testing.do_bench (CUDA events), correctness checked first. Prints three tables
-(2:4 linear, block-sparse attention, then the fused FFN). Never run on a machine without CUDA (it exits)."""
+medians of triton.testing.do_bench (CUDA events), correctness checked first. Prints four tables
+(2:4 linear, block-sparse attention, the fused FFN, then BSR x dense, that one in fp16 and bf16).
+Never run on a machine without CUDA (it exits)."""
 from __future__ import annotations
 
 import sys
@@ -210,3 +211,54 @@ print("\n| FFN block (bf16) | weights | tokens | pysparse path | pysparse us | u
 print("|---|---|---:|---|---:|---:|---:|---:|")
 for name, kind, T, path, t_ours, t_torch, gbs in ffn_rows:
     print(f"| {name} | {kind} | {T} | {path} | {t_ours:.1f} | {t_torch:.1f} | {t_torch / t_ours:.2f} | {gbs:.0f} |")
+
+
+# BSR x dense: pysparse.spmm on CUDA BSR tensors (pysparse::bsr_spmm's CUDA kernel, the Triton
+# kernel of triton_kernels/bsr_spmm.py, timed as the op calls it) against torch's own Triton
+# BSR kernel (torch.sparse._triton_ops.bsr_dense_mm, on a torch sparse_bsr tensor of the same
+# matrix) and dense cuBLAS on the zero-filled matrix; fp16 and bf16, 90% of the 32x32 blocks zero.
+bsr_rows = []
+BSR_M, BSR_K, BSR_BLOCK, BSR_SPARSITY = 4096, 4096, (32, 32), 0.9
+W32 = pysparse.prune.blocks(torch.randn(BSR_M, BSR_K, device=dev), BSR_SPARSITY, blocksize=BSR_BLOCK)
+try:
+    from torch.sparse._triton_ops import bsr_dense_mm
+except Exception as e:  # noqa: BLE001 - report, do not fail the table
+    print("torch bsr_dense_mm unavailable:", type(e).__name__, str(e).splitlines()[0])
+    bsr_dense_mm = None
+for dtype in (torch.float16, torch.bfloat16):
+    Wd = W32.to(dtype)
+    A = pysparse.BSR.from_dense(Wd, blocksize=BSR_BLOCK)
+    A_torch = None
+    if bsr_dense_mm is not None:
+        try:
+            A_torch = Wd.to_sparse_bsr(BSR_BLOCK)
+        except Exception as e:  # noqa: BLE001 - report, do not fail the table
+            print(f"torch sparse_bsr tensor failed ({dtype}):", type(e).__name__, str(e).splitlines()[0])
+    nnzb = A.values.shape[0]
+    for n in (128, 512, 2048):
+        X = torch.randn(BSR_K, n, device=dev, dtype=dtype)
+        ref = Wd.float() @ X.float()
+        rel = lambda y: ((y.float() - ref).norm() / ref.norm()).item()  # noqa: E731
+        err = rel(pysparse.spmm(A, X))
+        assert err < 1e-2, f"pysparse BSR spmm off: {err} ({dtype}, n={n})"
+        t_torch = None
+        if A_torch is not None:
+            try:
+                err = rel(bsr_dense_mm(A_torch, X))
+                assert err < 1e-2, f"torch bsr_dense_mm off: {err} ({dtype}, n={n})"
+                t_torch = bench(lambda: bsr_dense_mm(A_torch, X))
+            except Exception as e:  # noqa: BLE001 - report, do not fail the table
+                print(f"torch bsr_dense_mm failed ({dtype}, n={n}):", type(e).__name__, str(e).splitlines()[0])
+        t_ours = bench(lambda: pysparse.spmm(A, X))
+        t_dense = bench(lambda: Wd @ X)
+        tflops = 2 * nnzb * BSR_BLOCK[0] * BSR_BLOCK[1] * n / t_ours / 1e6  # on the stored blocks only
+        bsr_rows.append((str(dtype).replace("torch.", ""), n, nnzb, t_ours, t_torch, t_dense, tflops))
+
+print(f"\n| dtype (A {BSR_M}x{BSR_K}, {BSR_BLOCK[0]}x{BSR_BLOCK[1]} blocks, {BSR_SPARSITY:.0%} zero) | n | blocks "
+      "| pysparse us | torch bsr_dense_mm us | cuBLAS dense us | x vs torch | x vs dense | pysparse TFLOP/s |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+for dt, n, nnzb, t_ours, t_torch, t_dense, tflops in bsr_rows:
+    tt = f"{t_torch:.1f}" if t_torch else "n/a"
+    xt = f"{t_torch / t_ours:.2f}" if t_torch else "n/a"
+    print(f"| {dt} | {n} | {nnzb} | {t_ours:.1f} | {tt} | {t_dense:.1f} | {xt} | {t_dense / t_ours:.2f} "
+          f"| {tflops:.1f} |")
