@@ -26,7 +26,7 @@ echo "== 2. $(basename "$cu_whl") next to torch 2.14.1 (CUDA)"
 import pysparse
 i = pysparse.info()
 assert i['cuda_built'] and i['cuda_version_built'] == '13.0', i
-assert {'nm_compress', 'nm_decompress'} <= set(i['cuda_kernels']), i['cuda_kernels']
+assert {'nm_compress', 'nm_decompress', 'csr_spmm', 'csr_linear'} <= set(i['cuda_kernels']), i['cuda_kernels']
 print('cuda wheel imports; CUDA kernels:', i['cuda_kernels'], 'archs', i['cuda_arch_list'])
 ")
 

@@ -19,7 +19,7 @@ MAX_JOBS=16 $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tai
 $PY -c "import pysparse, json; print(json.dumps(pysparse.info()))" | tee "$OUT/info.json"
 
 echo "== tests ($(( $(date +%s) - start )) s)"
-timeout 300 $PY -m pytest -q -x -p no:cacheprovider tests/test_triton_nm_linear.py tests/test_nm_spmm.py \
+timeout 300 $PY -m pytest -q -x -p no:cacheprovider tests/test_triton_nm_linear.py tests/test_nm_spmm.py tests/test_csr_spmm.py \
   tests/test_triton_masked_attention.py tests/test_triton_pruned_ffn.py tests/test_triton_bsr_spmm.py \
   2>&1 | tee "$OUT/tests.log" | tail -5
 

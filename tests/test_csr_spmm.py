@@ -613,3 +613,22 @@ def test_raw_garbage_indices_never_crash():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", _FUZZ], capture_output=True, text=True, timeout=300, env=env, cwd=root)
     assert r.returncode == 0 and "FUZZ-OK" in r.stdout, f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (csrc/cuda/csr_spmm.cu)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("index_dtype", [None, torch.int32, torch.int64])
+def test_cuda_kernel_matches_the_cpu_one(dtype, index_dtype):
+    W = pysparse.prune.magnitude(torch.randn(300, 200, generator=gen(1)), 0.9).to(dtype)
+    W[7] = 0  # an empty row
+    A = CSR.from_dense(W, index_dtype=index_dtype)
+    Ac = A.to("cuda")
+    for n in (1, 5, 64, 130, 300):  # one and four columns per lane, partial tiles
+        X = torch.randn(200, n, generator=gen(n)).to(dtype)
+        torch.testing.assert_close(pysparse.spmm(Ac, X.cuda()).cpu(), pysparse.spmm(A, X), rtol=2e-2, atol=2e-2)
+    x, b = torch.randn(3, 4, 200, generator=gen(2)).to(dtype), torch.randn(300, generator=gen(3)).to(dtype)
+    torch.testing.assert_close(pysparse.linear(x.cuda(), Ac, b.cuda()).cpu(), pysparse.linear(x, A, b), rtol=2e-2, atol=2e-2)
+    bad_col = Ac.col_indices.clone()
+    bad_col[0] = 10_000
+    with pytest.raises(RuntimeError, match=r"column index or row pointer is out of range"):
+        torch.ops.pysparse.csr_spmm(Ac.crow_indices, bad_col, Ac.values, [300, 200], torch.ones(200, 2, device="cuda", dtype=dtype))

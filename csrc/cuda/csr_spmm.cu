@@ -1,0 +1,110 @@
+// CUDA launchers of pysparse::csr_spmm and pysparse::csr_linear (kernel in csr_spmm_kernel.cuh).
+// Checks what is cheap to check on the host, orders rows by length (longest first) on the device,
+// launches on the current stream under a device guard. The linear layout runs as out^T = A @ x^T
+// on a transposed copy of x (the kernel wants rows of B contiguous) and returns the transpose.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "csr_spmm_kernel.cuh"
+
+namespace pysparse {
+namespace cuda {
+
+template <typename T, typename RT, typename CT>
+static void launch(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values, const at::Tensor& perm,
+                   int64_t M, int64_t K, const at::Tensor& B, const at::Tensor* bias, at::Tensor& out, int* bad) {
+  const int64_t n = B.size(1);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  // 4 columns per lane (128 per warp) once n fills them; narrow outputs (decode) one per lane.
+  auto go = [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    const dim3 grid(unsigned((M + kWarpsPerBlock - 1) / kWarpsPerBlock), unsigned((n + 32 * VEC - 1) / (32 * VEC)));
+    csr_spmm_kernel<T, RT, CT, VEC><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(
+        crow.data_ptr<RT>(), col.data_ptr<CT>(), reinterpret_cast<const T*>(values.data_ptr()), perm.data_ptr<int64_t>(),
+        M, K, values.numel(), reinterpret_cast<const T*>(B.data_ptr()), B.stride(0), n,
+        bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr, reinterpret_cast<T*>(out.data_ptr()), out.stride(0), bad);
+  };
+  if (n >= 128) go(std::integral_constant<int, 4>());
+  else go(std::integral_constant<int, 1>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+static void dispatch_index(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values, const at::Tensor& perm,
+                           int64_t M, int64_t K, const at::Tensor& B, const at::Tensor* bias, at::Tensor& out, int* bad) {
+  const auto r = crow.scalar_type(), c = col.scalar_type();
+  if (r == at::kInt && c == at::kInt) return launch<T, int32_t, int32_t>(crow, col, values, perm, M, K, B, bias, out, bad);
+  if (r == at::kLong && c == at::kLong) return launch<T, int64_t, int64_t>(crow, col, values, perm, M, K, B, bias, out, bad);
+  if (r == at::kInt && c == at::kShort) return launch<T, int32_t, int16_t>(crow, col, values, perm, M, K, B, bias, out, bad);
+  index_dtype(crow, col);  // throws the one-sentence error
+}
+
+// out (M, n) = A @ B for B (K, n); bias per row of out.
+static at::Tensor spmm_mn(const at::Tensor& crow_in, const at::Tensor& col_in, const at::Tensor& values_in,
+                          c10::SymIntArrayRef shape, const at::Tensor& B_in, const std::optional<at::Tensor>& bias) {
+  value_dtype(values_in, "values");
+  check_dim(crow_in, 1, "crow_indices");
+  check_dim(col_in, 1, "col_indices");
+  check_dim(values_in, 1, "values");
+  TORCH_CHECK(shape.size() == 2, "pysparse: shape must have 2 entries, got ", shape.size());
+  const int64_t M = shape[0].expect_int(), K = shape[1].expect_int();
+  TORCH_CHECK(crow_in.numel() == M + 1, "pysparse: crow_indices must have ", M + 1, " entries, got ", crow_in.numel());
+  TORCH_CHECK(col_in.numel() == values_in.numel(), "pysparse: col_indices and values must have the same length, got ",
+              col_in.numel(), " and ", values_in.numel());
+  for (const at::Tensor* t : {&crow_in, &col_in, &B_in}) check_same_device(values_in, *t, "operand");
+  TORCH_CHECK_TYPE(B_in.scalar_type() == values_in.scalar_type(), "pysparse: dense dtype ", B_in.scalar_type(),
+                   " differs from the sparse values' dtype ", values_in.scalar_type());
+  TORCH_CHECK(B_in.size(0) == K, "pysparse: dense has ", B_in.size(0), " rows but the sparse matrix has ", K, " columns");
+  if (bias) {
+    check_same_device(values_in, *bias, "bias");
+    TORCH_CHECK_TYPE(bias->scalar_type() == values_in.scalar_type(), "pysparse: bias dtype differs from the values' dtype");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == M, "pysparse: bias must have shape (", M, "), got ", bias->sizes());
+  }
+  c10::cuda::CUDAGuard guard(values_in.device());
+  const at::Tensor crow = crow_in.contiguous(), col = col_in.contiguous(), values = values_in.contiguous();
+  const at::Tensor B = B_in.stride(1) == 1 ? B_in : B_in.contiguous();
+  at::Tensor out = at::empty({M, B.size(1)}, values.options());
+  if (M == 0 || B.size(1) == 0) return out;
+  // Longest rows first: a stable descending sort of the row lengths, on the device.
+  const at::Tensor lengths = (crow.slice(0, 1) - crow.slice(0, 0, M)).to(at::kLong);
+  const at::Tensor perm = std::get<1>(lengths.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true)).contiguous();
+  const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
+  at::Tensor bad = at::zeros({1}, values.options().dtype(at::kInt));
+  switch (values.scalar_type()) {
+    case at::kFloat: dispatch_index<float>(crow, col, values, perm, M, K, B, bias ? &bias_c : nullptr, out, bad.data_ptr<int>()); break;
+    case at::kHalf: dispatch_index<__half>(crow, col, values, perm, M, K, B, bias ? &bias_c : nullptr, out, bad.data_ptr<int>()); break;
+    default: dispatch_index<__nv_bfloat16>(crow, col, values, perm, M, K, B, bias ? &bias_c : nullptr, out, bad.data_ptr<int>()); break;
+  }
+  // Synchronises: a bad index must be an error, not a silently clamped result.
+  TORCH_CHECK(bad.item<int>() == 0, "pysparse: a column index or row pointer is out of range for a matrix with ", K,
+              " columns and ", values.numel(), " stored values");
+  return out;
+}
+
+static at::Tensor csr_spmm_cuda(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                                c10::SymIntArrayRef shape, const at::Tensor& dense) {
+  check_dim(dense, 2, "dense");
+  return spmm_mn(crow, col, values, shape, dense, std::nullopt);
+}
+
+static at::Tensor csr_linear_cuda(const at::Tensor& input, const at::Tensor& crow, const at::Tensor& col,
+                                  const at::Tensor& values, c10::SymIntArrayRef shape, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(shape.size() == 2, "pysparse: shape must have 2 entries, got ", shape.size());
+  const int64_t M = shape[0].expect_int(), K = shape[1].expect_int();
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == K, "pysparse: input's last dimension must equal the sparse matrix's columns (", K, ")");
+  const at::Tensor x = input.reshape({-1, K});
+  std::vector<int64_t> out_shape = input.sizes().vec();
+  out_shape.back() = M;
+  return spmm_mn(crow, col, values, shape, x.t(), bias).t().reshape(out_shape);
+}
+
+TORCH_LIBRARY_IMPL(pysparse, CUDA, m) {
+  m.impl("csr_spmm", &csr_spmm_cuda);
+  m.impl("csr_linear", &csr_linear_cuda);
+}
+
+}  // namespace cuda
+}  // namespace pysparse
