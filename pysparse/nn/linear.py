@@ -1,0 +1,108 @@
+"""``SparseLinear``: nn.Linear with its weight in a pysparse format."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import prune
+from ..formats import BSR, CSR, SparseNM
+from ..ops import linear as sparse_linear
+
+_FORMATS = {"csr": CSR, "bsr": BSR, "nm": SparseNM}
+
+
+class SparseLinear(torch.nn.Module):
+    """y = x @ W.T + b with W held as CSR, BSR or N:M (2:4), a drop-in for nn.Linear.
+
+    The format's tensors are registered as buffers (named ``weight_<field>``), so ``.to()``,
+    ``state_dict()``/``load_state_dict()`` and ``torch.compile(fullgraph=True)`` work as for any
+    module; the weight is rebuilt from them on each call without copies or checks. Inference only
+    (the ops have no autograd formula).
+    """
+
+    def __init__(self, weight, bias: Optional[torch.Tensor] = None):
+        super().__init__()
+        if not isinstance(weight, (CSR, BSR, SparseNM)):
+            raise TypeError(f"SparseLinear needs a CSR, BSR or SparseNM weight, got {type(weight).__name__}")
+        self.kind = "nm" if isinstance(weight, SparseNM) else ("bsr" if isinstance(weight, BSR) else "csr")
+        self.out_features, self.in_features = weight.shape
+        self.nm: Tuple[int, int] = (weight.n, weight.m) if self.kind == "nm" else (0, 0)
+        for name in self._fields():
+            self.register_buffer("weight_" + name, getattr(weight, name))
+        # For from_state_dict only (forward reads the Python attributes: compile-friendly).
+        self.register_buffer("weight_shape", torch.tensor(weight.shape, dtype=torch.int64))
+        if self.kind == "nm":
+            self.register_buffer("weight_nm", torch.tensor(self.nm, dtype=torch.int64))
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"SparseLinear: bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+        self.register_buffer("bias", bias)
+
+    def _fields(self):
+        return ("values", "mask") if self.kind == "nm" else ("crow_indices", "col_indices", "values")
+
+    @property
+    def weight(self):
+        """The weight as its format object (sharing the buffers)."""
+        shape = (self.out_features, self.in_features)
+        t = [getattr(self, "weight_" + f) for f in self._fields()]
+        if self.kind == "nm":
+            return SparseNM(t[0], t[1], shape, *self.nm, check=False)
+        return _FORMATS[self.kind](*t, shape, check=False)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, prefix: str = "") -> "SparseLinear":
+        """Rebuild a module from its state_dict (the format's checks run: bad indices are refused)."""
+        shape = tuple(int(v) for v in sd[prefix + "weight_shape"].tolist())
+        bias = sd.get(prefix + "bias")
+        if prefix + "weight_mask" in sd:
+            n, m = (int(v) for v in sd[prefix + "weight_nm"].tolist())
+            return cls(SparseNM(sd[prefix + "weight_values"], sd[prefix + "weight_mask"], shape, n, m), bias)
+        values = sd[prefix + "weight_values"]
+        fmt = BSR if values.dim() == 3 else CSR
+        return cls(fmt(sd[prefix + "weight_crow_indices"], sd[prefix + "weight_col_indices"], values, shape), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_linear(x, self.weight, self.bias)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, format: str = "csr", *, sparsity: float = 0.0,
+                    blocksize: Tuple[int, int] = (32, 32), n: int = 2, m: int = 4,
+                    scores: Optional[torch.Tensor] = None, index_dtype: Optional[torch.dtype] = None) -> "SparseLinear":
+        """Prune an nn.Linear and store it sparse.
+
+        format "csr": the ``sparsity`` fraction of smallest-|w| weights dropped (0 keeps the
+        existing zeros only); "bsr": the ``sparsity`` fraction of blocks of ``blocksize`` with the
+        smallest norm dropped; "nm": n of every m inputs kept per row, by |w| or by ``scores``
+        (e.g. |W| * ||x|| from calibration data). The original module is not modified.
+        """
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"SparseLinear.from_linear needs an nn.Linear, got {type(linear).__name__}")
+        with torch.no_grad():
+            W = linear.weight.detach()
+            bias = None if linear.bias is None else linear.bias.detach().clone()
+            if format == "csr":
+                A = CSR.from_dense(prune.magnitude(W, sparsity) if sparsity else W, index_dtype=index_dtype)
+            elif format == "bsr":
+                A = BSR.from_dense(prune.blocks(W, sparsity, blocksize=blocksize) if sparsity else W, blocksize=blocksize)
+            elif format == "nm":
+                A = SparseNM.from_dense(prune.nm(W, n, m, scores=scores), n, m)
+            else:
+                raise ValueError(f"SparseLinear.from_linear: format must be 'csr', 'bsr' or 'nm', got {format!r}")
+        return cls(A, bias)
+
+    def to_linear(self) -> torch.nn.Linear:
+        """A dense nn.Linear with the same (pruned) weights."""
+        lin = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                              device=self.weight_values.device, dtype=self.weight_values.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight.to_dense())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        fmt = f"{self.nm[0]}:{self.nm[1]}" if self.kind == "nm" else self.kind
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={fmt}, density={self.weight.density:.3f}")
