@@ -12,6 +12,7 @@ from . import nn, ops, prune
 from .attention import BlockMask, masked_attention
 from .ffn import pruned_ffn, transposed_w2
 from .formats import BSR, CSR, Sparse24, SparseNM
+from .nn import sparsify
 from .ops import linear, spmm
 
 __version__ = _build_info.VERSION
@@ -34,7 +35,7 @@ def _load_gpu_kernels():
 
 _TRITON = _load_gpu_kernels()
 __all__ = ["CSR", "BSR", "SparseNM", "Sparse24", "BlockMask", "spmm", "linear", "masked_attention", "pruned_ffn",
-           "transposed_w2", "nn", "prune", "ops", "info", "set_cpu_isa"]
+           "transposed_w2", "sparsify", "nn", "prune", "ops", "info", "set_cpu_isa"]
 
 
 def set_cpu_isa(name: str) -> str:

@@ -1,4 +1,5 @@
 """Drop-in modules over the pysparse formats and ops (the sparsify issue builds on these)."""
 from .linear import SparseLinear
+from .sparsify import sparsify
 
-__all__ = ["SparseLinear"]
+__all__ = ["SparseLinear", "sparsify"]

@@ -102,7 +102,11 @@ class SparseLinear(torch.nn.Module):
                 lin.bias.copy_(self.bias)
         return lin
 
+    @property
+    def format_name(self) -> str:
+        """"csr", "bsr" or "n:m" (e.g. "2:4")."""
+        return f"{self.nm[0]}:{self.nm[1]}" if self.kind == "nm" else self.kind
+
     def extra_repr(self) -> str:
-        fmt = f"{self.nm[0]}:{self.nm[1]}" if self.kind == "nm" else self.kind
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"format={fmt}, density={self.weight.density:.3f}")
+                f"format={self.format_name}, density={self.weight.density:.3f}")

@@ -1,0 +1,76 @@
+"""pysparse.sparsify: recipes, criteria, the never-slower-than-dense choice, the report."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pysparse
+from pysparse.nn import SparseLinear
+from conftest import gen
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128), torch.nn.ReLU(),
+                               torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
+
+
+def test_recipe_swaps_the_inner_layers_and_reports():
+    model = mlp()
+    x = torch.randn(16, 64, generator=gen(1))
+    report = pysparse.sparsify(model, {"*": {"format": "nm", "n": 2, "m": 4, "min_speedup": 0.0}},
+                               calibration=lambda m: m(x))
+    assert isinstance(model[0], torch.nn.Linear) and isinstance(model[6], torch.nn.Linear)  # ends skipped
+    assert isinstance(model[2], SparseLinear) and isinstance(model[4], SparseLinear)
+    assert [r["name"] for r in report] == ["2", "4"]
+    for r in report:
+        assert r["format"] == "2:4" and r["kernel"] == "sparse" and r["sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert r["timed_shape"] == (16, 128) and r["dense_us"] > 0 and r["sparse_us"] > 0
+    dense = torch.nn.Sequential(*[m.to_linear() if isinstance(m, SparseLinear) else m for m in model])
+    torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_that_would_be_slower_stays_dense_but_pruned():
+    model = mlp(1)
+    report = pysparse.sparsify(model, {"4": {"format": "csr", "sparsity": 0.5, "min_speedup": 1e9}}, skip_ends=False)
+    assert [r["kernel"] for r in report] == ["dense"]
+    assert isinstance(model[4], torch.nn.Linear)
+    assert (model[4].weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_patterns_none_and_last_match_wins():
+    model = mlp(2)
+    recipe = {"*": {"format": "csr", "sparsity": 0.9, "min_speedup": 0.0}, "2": None}
+    report = pysparse.sparsify(model, recipe, skip_ends=False, time_layers=False)
+    assert [r["name"] for r in report] == ["0", "4", "6"]
+    assert isinstance(model[2], torch.nn.Linear) and all("speedup" not in r for r in report)
+
+
+def test_wanda_keeps_the_weights_on_loud_inputs():
+    # Input feature 0 is 1000x louder than the others: |W| * ||x|| must keep its weights even where
+    # |W| alone would drop them.
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].weight[:, 0] = 0.01
+    x = torch.randn(32, 8, generator=gen(4))
+    x[:, 0] *= 1000
+    pysparse.sparsify(model, {"*": {"format": "nm", "criterion": "wanda", "min_speedup": 0.0}},
+                      calibration=lambda m: m(x), skip_ends=False, time_layers=False)
+    assert torch.all(model[0].weight.to_dense()[:, 0] != 0)
+    magnitude = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False))
+    with torch.no_grad():
+        magnitude[0].weight.copy_(torch.ones(8, 8))
+        magnitude[0].weight[:, 0] = 0.01
+    pysparse.sparsify(magnitude, {"*": {"format": "nm", "min_speedup": 0.0}}, skip_ends=False, time_layers=False)
+    assert torch.all(magnitude[0].weight.to_dense()[:, 0] == 0)
+
+
+def test_bad_recipes():
+    with pytest.raises(ValueError, match=r"criterion 'wanda' for '2' needs calibration inputs"):
+        pysparse.sparsify(mlp(), {"*": {"format": "nm", "criterion": "wanda"}})
+    with pytest.raises(ValueError, match=r"criterion must be 'magnitude' or 'wanda', got 'taylor'"):
+        pysparse.sparsify(mlp(), {"*": {"format": "nm", "criterion": "taylor"}})
+    with pytest.raises(ValueError, match=r"has no nn.Linear layers"):
+        pysparse.sparsify(torch.nn.ReLU(), {"*": {}})
