@@ -74,3 +74,32 @@ def test_bad_recipes():
         pysparse.sparsify(mlp(), {"*": {"format": "nm", "criterion": "taylor"}})
     with pytest.raises(ValueError, match=r"has no nn.Linear layers"):
         pysparse.sparsify(torch.nn.ReLU(), {"*": {}})
+
+
+def test_save_and_load_bit_identical_and_tamper_refused(tmp_path):
+    model = mlp(5)
+    x = torch.randn(8, 64, generator=gen(6))
+    pysparse.sparsify(model, {"2": {"format": "csr", "sparsity": 0.8, "min_speedup": 0.0},
+                              "4": {"format": "nm", "min_speedup": 0.0}}, time_layers=False)
+    path = tmp_path / "m.safetensors"
+    pysparse.nn.save_sparse(model, path)
+    back = pysparse.nn.load_sparse(mlp(99), path)  # a fresh dense model of the same architecture
+    assert isinstance(back[2], SparseLinear) and back[2].format_name == "csr" and back[4].format_name == "2:4"
+    assert torch.equal(back(x), model(x))
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+    from pysparse._safetensors import load_file, save_file
+    tensors, meta = load_file(path)
+    tensors["2.weight_col_indices"] = tensors["2.weight_col_indices"].clone()
+    tensors["2.weight_col_indices"][3] = 5000
+    save_file(tensors, tmp_path / "bad.safetensors", meta)
+    with pytest.raises(ValueError, match=r"layer '2': .*column index"):
+        pysparse.nn.load_sparse(mlp(99), tmp_path / "bad.safetensors")
+    meta2 = dict(meta, **{"pysparse.sparse_layers": '["9"]'})
+    save_file(tensors, tmp_path / "bad2.safetensors", meta2)
+    with pytest.raises(ValueError, match=r"layer '9' does not exist in this model"):
+        pysparse.nn.load_sparse(mlp(99), tmp_path / "bad2.safetensors")
+    save_file({"a": torch.ones(1)}, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match=r"not a pysparse model file"):
+        pysparse.nn.load_sparse(mlp(99), tmp_path / "plain.safetensors")
