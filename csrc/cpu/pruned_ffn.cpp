@@ -114,6 +114,7 @@ static void skip_second_product(const Weight& w2, const at::Tensor& h, const std
   const int64_t d = w2.w.size(1), hidden = h.size(1);
   const DType dt = value_dtype(h, "x");
   const at::Tensor hf = h.to(at::kFloat).contiguous();
+  const at::Tensor b2f = b2 ? b2->to(at::kFloat) : at::Tensor();  // once, not per token
   std::vector<int32_t> nz(static_cast<size_t>(hidden));
   std::vector<float> hv(static_cast<size_t>(hidden)), acc(static_cast<size_t>(d));
   const int64_t chunks = (d + kFfnChunkCols - 1) / kFfnChunkCols;
@@ -126,7 +127,7 @@ static void skip_second_product(const Weight& w2, const at::Tensor& h, const std
     FfnSkipArgs a{w2.w.data_ptr(), d, nz.data(), hv.data(), cnt, acc.data()};
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) { fn(a, c0, c1); });
     at::Tensor y = at::from_blob(acc.data(), {d}, at::TensorOptions().dtype(at::kFloat));
-    if (b2) y = y + b2->to(at::kFloat);
+    if (b2) y = y + b2f;
     out_rows[t].copy_(y);
   }
 }

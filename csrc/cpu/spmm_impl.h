@@ -461,9 +461,9 @@ static void nm_panel_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t p0,
   // Rows are decoded kNmChunkRows at a time, once for all panels (decoding per panel had made
   // n = 512 slower than CSR on the same matrix). 2:4 and 4:8 skip the decode: every mask byte
   // then holds exactly 4 kept positions, read straight from the byte table inside the FMA loop
-  // (4096x4096 fp32: n = 8 3030 -> 2692 us, now equal to CSR of the same matrix; n = 32 5216 ->
-  // 4825 us. On 3072x768 n = 8 it stays ~1.25x slower than that CSR: ~5-6 instructions per kept
-  // value against CSR's 4).
+  // (4096x4096 fp32: n = 8 3030 -> 2692 us; n = 32 5216 -> 4825 us; ~5-6 instructions per kept
+  // value against CSR's 4). On AVX-512, 2:4 with K % 32 == 0 skips this kernel for the faster
+  // token-row one (nm_small_kernel); 4:8, other patterns and the other ISAs run it.
   const bool half = 2 * a.n == a.m && a.m <= 8 && K % 16 == 0;
   for (int64_t c0 = r0; c0 < r1; c0 += kNmChunkRows) {
     const int64_t c1 = c0 + kNmChunkRows < r1 ? c0 + kNmChunkRows : r1;
