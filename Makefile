@@ -39,13 +39,15 @@ test: build
 	$(PY) -m pytest -q tests
 
 demo: build
-	$(PY) -m pysparse demo
+	$(PY) -m pysparse demo --plot benchmarks/results/minilm_demo.png --sensitivity benchmarks/results/minilm_sensitivity.png \
+		--json benchmarks/results/minilm_demo.json
 
 bench: build
 	$(PY) benchmarks/bench_spmm.py
 	$(PY) benchmarks/bench_nm_spmm.py
 	$(PY) benchmarks/bench_masked_attention.py
 	$(PY) benchmarks/bench_pruned_ffn.py
+	$(PY) benchmarks/bench_sparsify.py
 
 wheels: $(VENV)/.deps $(CUDA_VENV)/.deps
 	rm -rf dist

@@ -8,7 +8,7 @@
     out = pysparse.masked_attention(q, k, v, block_mask=pysparse.BlockMask.causal(L))
 """
 from ._loader import _C, _build_info
-from . import nn, ops, prune
+from . import analyze, nn, ops, prune
 from .attention import BlockMask, masked_attention
 from .ffn import pruned_ffn, transposed_w2
 from .formats import BSR, CSR, Sparse24, SparseNM
@@ -35,7 +35,7 @@ def _load_gpu_kernels():
 
 _TRITON = _load_gpu_kernels()
 __all__ = ["CSR", "BSR", "SparseNM", "Sparse24", "BlockMask", "spmm", "linear", "masked_attention", "pruned_ffn",
-           "transposed_w2", "sparsify", "nn", "prune", "ops", "info", "set_cpu_isa"]
+           "transposed_w2", "sparsify", "nn", "prune", "analyze", "ops", "info", "set_cpu_isa"]
 
 
 def set_cpu_isa(name: str) -> str:

@@ -1,15 +1,74 @@
-"""python -m pysparse {info,demo}"""
+"""python -m pysparse {info,demo,sparsify}"""
 import argparse
+import importlib
 import json
 import sys
+from pathlib import Path
+
+
+def _build_model(spec: str, weights):
+    """'package.module:factory' -> the nn.Module the factory returns (the first element when it
+    returns a tuple, e.g. (model, tokenizer)), with a safetensors state dict loaded into it."""
+    import torch
+
+    mod_name, _, fn_name = spec.partition(":")
+    if not fn_name:
+        raise SystemExit(f"pysparse sparsify: MODEL must be 'package.module:factory', got {spec!r}")
+    try:
+        factory = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"pysparse sparsify: cannot import {spec!r}: {e}") from None
+    model = factory()
+    if isinstance(model, tuple):
+        model = model[0]
+    if not isinstance(model, torch.nn.Module):
+        raise SystemExit(f"pysparse sparsify: {spec} returned {type(model).__name__}, not an nn.Module")
+    if weights:
+        from ._safetensors import load_file
+
+        model.load_state_dict(load_file(weights)[0])
+    return model.eval()
+
+
+def _calibration(path):
+    """A torch.load(weights_only=True) file: a tensor, a tuple of tensors (one batch's positional
+    arguments) or a list of those (one call per batch)."""
+    import torch
+
+    data = torch.load(path, weights_only=True)
+    batches = data if isinstance(data, list) else [data]
+    calls = []
+    for b in batches:
+        args = b if isinstance(b, tuple) else (b,)
+        if not all(isinstance(a, torch.Tensor) for a in args):
+            raise SystemExit(f"pysparse sparsify: {path} must hold a tensor, a tuple of tensors or a list of those")
+        calls.append(lambda m, args=args: m(*args))
+    return calls
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pysparse", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="what was built and which kernels run here")
-    d = sub.add_parser("demo", help="prune BERT-base and LLaMA-7B sized layers; ours vs dense vs torch.sparse")
-    d.add_argument("--quick", action="store_true", help="BERT-base layers only")
+    d = sub.add_parser("demo", help="prune all-MiniLM-L6-v2 with several recipes: size, latency, fidelity")
+    d.add_argument("--quick", action="store_true", help="3 recipes, 200 evaluation sentences (a smoke run)")
+    d.add_argument("--plot", default="minilm_demo.png", help="speed-vs-fidelity plot (PNG) path; '' for none")
+    d.add_argument("--json", default="", help="also write the numbers to this JSON file")
+    d.add_argument("--sensitivity", default="minilm_sensitivity.png",
+                   help="per-layer sensitivity plot (PNG) path; '' to skip the analysis")
+    s = sub.add_parser("sparsify", help="prune your model with a recipe and save it (safetensors)",
+                       description="Prune a model with a recipe (see pysparse.sparsify), swap in the fastest kernels "
+                                   "for this machine, print the report and save the result with save_sparse. Load it "
+                                   "back with pysparse.nn.load_sparse(factory(), OUT).")
+    s.add_argument("model", help="'package.module:factory': a callable that builds your (dense) model")
+    s.add_argument("--weights", help="safetensors state dict to load into the built model")
+    s.add_argument("--recipe", required=True, help="JSON file or JSON text: {pattern: rule or null}")
+    s.add_argument("--calibration", help="torch.save'd inputs: a tensor, a tuple of tensors or a list of them")
+    s.add_argument("--shapes", help="token counts to tune the kernels for, e.g. 1,256 (default: the calibration shape)")
+    s.add_argument("--keep-ends", action="store_true", help="also prune the first and last linear layers")
+    s.add_argument("--no-cache", action="store_true", help="time the kernels again instead of using the on-disk choices")
+    s.add_argument("--out", required=True, help="output .safetensors file")
+    s.add_argument("--report", help="also write the report as JSON here")
     args = p.parse_args(argv)
     import pysparse
 
@@ -18,7 +77,30 @@ def main(argv=None) -> int:
     elif args.cmd == "demo":
         from ._demo import run
 
-        run(quick=args.quick)
+        run(quick=args.quick, plot=args.plot or None, out_json=args.json or None,
+            sensitivity_plot=args.sensitivity or None)
+    elif args.cmd == "sparsify":
+        text = Path(args.recipe).read_text() if Path(args.recipe).is_file() else args.recipe
+        try:
+            recipe = json.loads(text)
+        except ValueError as e:
+            raise SystemExit(f"pysparse sparsify: --recipe is neither a JSON file nor JSON text ({e})") from None
+        model = _build_model(args.model, args.weights)
+        calib = _calibration(args.calibration) if args.calibration else None
+        shapes = [int(t) for t in args.shapes.split(",")] if args.shapes else None
+        try:
+            report = pysparse.sparsify(model, recipe, calib, skip_ends=not args.keep_ends, shapes=shapes,
+                                       cache=not args.no_cache)
+        except ValueError as e:
+            raise SystemExit(f"pysparse sparsify: {e}") from None
+        for r in report:
+            extra = (f"{r['format']} sparsity {r['sparsity']:.2f} kernel {r['kernel']} speedup {r.get('speedup', '-')}"
+                     if r["kind"] == "linear" else f"{r['shape']} -> {r['after']}")
+            print(f"{r['name']:40s} {r['kind']:8s} {extra}")
+        pysparse.nn.save_sparse(model, args.out)
+        if args.report:
+            Path(args.report).write_text(json.dumps(report, indent=1, default=str))
+        print(f"saved {args.out}")
     return 0
 
 

@@ -281,6 +281,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         if any(s not in (1, w) for s, w in zip(am.shape, want)):
             raise ValueError(f"pysparse.masked_attention: attn_mask of shape {tuple(attn_mask.shape)} does not "
                              f"broadcast to {want}")
+        am = am.expand(am.shape[0], am.shape[1], Lq, Lk)  # e.g. (B, 1, 1, Lk) key padding: one row for every query
         if am.dtype == torch.bool:
             m = BlockMask.from_dense_mask(am, block)
         elif am.dtype.is_floating_point:

@@ -17,6 +17,10 @@ import io
 from typing import List, Optional, Tuple
 
 import os
+import tempfile
+
+# sparsify's kernel-choice cache goes to a throwaway folder, never the user's ~/.cache.
+os.environ.setdefault("PYSPARSE_CACHE_DIR", tempfile.mkdtemp(prefix="pysparse-test-cache-"))
 
 # Triton kernels run on CPU tensors under the interpreter where no GPU exists; it has to be set
 # before triton is first imported (torch.compile may import it).

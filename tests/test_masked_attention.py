@@ -127,6 +127,20 @@ def test_block_mask_and_attn_mask_and_causal_combine():
     torch.testing.assert_close(out.double(), reference_masked_attention(q, k, v, allowed), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_key_padding_mask_broadcasts_over_queries_with_causal(float_mask):
+    # (B, 1, 1, Lk) is how encoders pass padding; combined with is_causal it must still broadcast.
+    q, k, v = (torch.randn(2, 4, 70, 16, generator=gen(i)) for i in range(3))
+    keep = torch.ones(2, 1, 1, 70, dtype=torch.bool)
+    keep[1, ..., 50:] = False
+    causal = torch.ones(70, 70, dtype=torch.bool).tril()
+    am = torch.zeros(keep.shape).masked_fill(~keep, float("-inf")) if float_mask else keep
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=keep & causal)
+    torch.testing.assert_close(masked_attention(q, k, v, attn_mask=am, is_causal=True), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(masked_attention(q, k, v, attn_mask=am), F.scaled_dot_product_attention(q, k, v, attn_mask=keep),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_fully_masked_rows_are_zero_not_nan():
     B, H, L, D = 2, 2, 70, 32
     q, k, v = qkv(B, H, H, L, L, D, seed=8)

@@ -1,5 +1,6 @@
-"""Save and load a sparsified model as one safetensors file: plain tensors and a JSON list of the
-swapped layers, no pickle, so loading never executes code; every index tensor is validated."""
+"""Save and load a sparsified model as one safetensors file: plain tensors and JSON lists of the
+swapped and dropped layers, no pickle, so loading never executes code; every index tensor is
+validated. Structured pruning (fewer heads or neurons) is restored from the tensor shapes."""
 from __future__ import annotations
 
 import json
@@ -8,31 +9,60 @@ from typing import Dict
 import torch
 
 from .._safetensors import load_file, save_file
+from ..prune import structured as st
 from .linear import SparseLinear
 
 _KEY = "pysparse.sparse_layers"
+_DROPPED = "pysparse.dropped_layers"
 
 
 def save_sparse(model: torch.nn.Module, path) -> None:
-    """Write model.state_dict() and the names of its SparseLinear layers to `path`."""
+    """Write model.state_dict() and the names of its SparseLinear and dropped layers to `path`."""
     layers = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+    dropped = [n for n, m in model.named_modules() if isinstance(m, st.Passthrough)]
     tensors: Dict[str, torch.Tensor] = {k: v for k, v in model.state_dict().items() if v is not None}
-    save_file(tensors, path, {_KEY: json.dumps(layers), "format": "pysparse"})
+    save_file(tensors, path, {_KEY: json.dumps(layers), _DROPPED: json.dumps(dropped), "format": "pysparse"})
+
+
+def _names(meta, key, path):
+    try:
+        names = json.loads(meta.get(key, "[]"))
+        assert isinstance(names, list) and all(isinstance(n, str) for n in names)
+    except (ValueError, AssertionError):
+        raise ValueError(f"{path}: the {key!r} metadata is not a JSON list of module names") from None
+    return names
+
+
+def _set(model, name, new):
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
     """Load a file written by save_sparse into `model`, an instance of the same architecture
-    (dense, e.g. freshly built): the recorded layers are swapped for SparseLinear modules built
-    from the file, with the formats' full index checks (a tampered file is refused with a
-    ValueError naming the problem), then every other tensor is loaded strictly. Returns model."""
+    (dense, e.g. freshly built): dropped layers become passthroughs, linears whose weight has
+    another shape in the file (pruned heads or neurons) are resized, the recorded layers are
+    swapped for SparseLinear modules built from the file, with the formats' full index checks (a
+    tampered file is refused with a ValueError naming the problem), attention head counts follow
+    the new projection sizes, then every tensor is loaded strictly. Returns model."""
     tensors, meta = load_file(path)
     if _KEY not in meta:
         raise ValueError(f"{path}: not a pysparse model file (no {_KEY!r} entry in its metadata)")
-    try:
-        layers = json.loads(meta[_KEY])
-        assert isinstance(layers, list) and all(isinstance(n, str) for n in layers)
-    except (ValueError, AssertionError):
-        raise ValueError(f"{path}: the {_KEY!r} metadata is not a JSON list of module names") from None
+    layers, dropped = _names(meta, _KEY, path), _names(meta, _DROPPED, path)
+    head_dims = {n: p.head_dim for n, m in model.named_modules() if (p := st.attention_parts(m)) is not None}
+    for name in dropped:
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: dropped layer {name!r} does not exist in this model") from None
+        _set(model, name, st.Passthrough(type(old).__name__))
+    for name, mod in list(model.named_modules()):
+        w = tensors.get(name + ".weight")
+        if isinstance(mod, torch.nn.Linear) and w is not None and tuple(w.shape) != tuple(mod.weight.shape):
+            if w.dim() != 2:
+                raise ValueError(f"{path}: {name}.weight must be 2-D, got shape {tuple(w.shape)}")
+            _set(model, name, torch.nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None,
+                                             device=mod.weight.device, dtype=mod.weight.dtype))
     for name in layers:
         try:
             old = model.get_submodule(name)
@@ -45,10 +75,15 @@ def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
             raise ValueError(f"{path}: layer {name!r} lacks tensor {e.args[0]!r}") from None
         except ValueError as e:
             raise ValueError(f"{path}: layer {name!r}: {e}") from None
-        if isinstance(old, torch.nn.Linear) and (old.in_features, old.out_features) != (new.in_features, new.out_features):
-            raise ValueError(f"{path}: layer {name!r} is {new.out_features}x{new.in_features} in the file but "
-                             f"{old.out_features}x{old.in_features} in the model")
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
+        if not isinstance(old, (torch.nn.Linear, SparseLinear)):
+            raise ValueError(f"{path}: layer {name!r} is a {type(old).__name__} in this model, not a linear layer")
+        _set(model, name, new)  # its shape is the file's: structured pruning may have resized it
+    for name, hd in head_dims.items():
+        p = st.attention_parts(model.get_submodule(name))
+        if p is not None and (p.q.out_features % hd or p.k.out_features % hd):
+            raise ValueError(f"{path}: attention {name!r} has projections of {p.q.out_features} and "
+                             f"{p.k.out_features} rows, not whole heads of {hd}")
+        if p is not None:
+            p.set_heads(p.q.out_features // hd, p.k.out_features // hd)
     model.load_state_dict(tensors, strict=True)
     return model

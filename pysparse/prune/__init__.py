@@ -3,5 +3,7 @@ pruning) smaller dense weights."""
 from .ffn import PrunedFFN, ffn_neurons
 from .magnitude import blocks, magnitude
 from .nm import nm
+from .structured import Passthrough, attention_parts, ffn_parts, prune_heads, prune_neurons
 
-__all__ = ["magnitude", "blocks", "nm", "ffn_neurons", "PrunedFFN"]
+__all__ = ["magnitude", "blocks", "nm", "ffn_neurons", "PrunedFFN", "prune_heads", "prune_neurons",
+           "attention_parts", "ffn_parts", "Passthrough"]

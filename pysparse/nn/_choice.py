@@ -1,0 +1,89 @@
+"""Kernel choice for a swapped layer: time the candidates (dense included) once on this machine and
+remember the winner on disk, keyed by machine, torch and pysparse versions, layer shape, format,
+density, dtype and token-count bucket.
+
+The cache is a JSON file, ``$PYSPARSE_CACHE_DIR/kernel_choice.json`` (default
+``~/.cache/pysparse``); delete it, or pass ``cache=False`` to ``sparsify``, to time again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+
+_FILE = "kernel_choice.json"
+
+
+def cache_path() -> Path:
+    return Path(os.environ.get("PYSPARSE_CACHE_DIR") or Path.home() / ".cache" / "pysparse") / _FILE
+
+
+def machine_key() -> str:
+    """CPU model, the kernel ISA in use, threads, torch and pysparse versions."""
+    from .. import _C, __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}|{_C.cpu_isa()}|t{torch.get_num_threads()}|torch {torch.__version__}|pysparse {__version__}"
+
+
+def bucket(tokens: int) -> int:
+    """Token counts are timed per power-of-two bucket (1, 2, 4, ..., rounded up)."""
+    return 1 << max(0, int(tokens) - 1).bit_length()
+
+
+def median_time(fn: Callable[[], object], reps: int = 15) -> float:
+    """Median seconds of `reps` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _load() -> dict:
+    try:
+        data = json.loads(cache_path().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # a missing or corrupt cache only costs a re-timing
+
+
+def _store(key: str, value: dict) -> None:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _load()
+        data[key] = value
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)  # atomic: concurrent writers lose an entry at worst, never the file
+    except OSError:
+        pass  # a read-only home directory must not break sparsify
+
+
+def time_candidates(key: str, candidates: Dict[str, Callable[[], object]], *, use_cache: bool = True,
+                    reps: int = 15) -> "tuple[Dict[str, float], bool]":
+    """Seconds per call of each candidate and whether they came from the cache."""
+    full = f"{machine_key()}|{key}"
+    if use_cache:
+        hit: Optional[dict] = _load().get(full)
+        if hit and set(hit) == set(candidates):
+            return {k: float(v) for k, v in hit.items()}, True
+    times = {name: median_time(fn, reps) for name, fn in candidates.items()}
+    if use_cache:
+        _store(full, times)
+    return times, False
