@@ -43,11 +43,11 @@ demo: build
 		--json benchmarks/results/minilm_demo.json
 
 bench: build
-	$(PY) benchmarks/bench_spmm.py
-	$(PY) benchmarks/bench_nm_spmm.py
-	$(PY) benchmarks/bench_masked_attention.py
-	$(PY) benchmarks/bench_pruned_ffn.py
-	$(PY) benchmarks/bench_sparsify.py
+	PYTHONPATH=. $(PY) benchmarks/bench_spmm.py
+	PYTHONPATH=. $(PY) benchmarks/bench_nm_spmm.py
+	PYTHONPATH=. $(PY) benchmarks/bench_masked_attention.py
+	PYTHONPATH=. $(PY) benchmarks/bench_pruned_ffn.py
+	PYTHONPATH=. $(PY) benchmarks/bench_sparsify.py
 
 wheels: $(VENV)/.deps $(CUDA_VENV)/.deps
 	rm -rf dist

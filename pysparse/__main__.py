@@ -1,4 +1,4 @@
-"""python -m pysparse {info,demo,sparsify}"""
+"""python -m pysparse {info,demo,layers,sparsify}"""
 import argparse
 import importlib
 import json
@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     d.add_argument("--json", default="", help="also write the numbers to this JSON file")
     d.add_argument("--sensitivity", default="minilm_sensitivity.png",
                    help="per-layer sensitivity plot (PNG) path; '' to skip the analysis")
+    ly = sub.add_parser("layers", help="BERT-base and LLaMA-7B sized layers at 90%%: pysparse vs dense vs torch.sparse")
+    ly.add_argument("--quick", action="store_true", help="BERT-base layers only")
     s = sub.add_parser("sparsify", help="prune your model with a recipe and save it (safetensors)",
                        description="Prune a model with a recipe (see pysparse.sparsify), swap in the fastest kernels "
                                    "for this machine, print the report and save the result with save_sparse. Load it "
@@ -79,6 +81,10 @@ def main(argv=None) -> int:
 
         run(quick=args.quick, plot=args.plot or None, out_json=args.json or None,
             sensitivity_plot=args.sensitivity or None)
+    elif args.cmd == "layers":
+        from ._layers import run
+
+        run(quick=args.quick)
     elif args.cmd == "sparsify":
         text = Path(args.recipe).read_text() if Path(args.recipe).is_file() else args.recipe
         try:
