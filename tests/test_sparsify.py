@@ -115,3 +115,16 @@ def test_save_and_load_bit_identical_and_tamper_refused(tmp_path):
     save_file({"a": torch.ones(1)}, tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match=r"not a pysparse model file"):
         pysparse.nn.load_sparse(mlp(99), tmp_path / "plain.safetensors")
+
+
+def test_global_scope_ranks_weights_across_layers():
+    model = mlp(7)
+    with torch.no_grad():
+        model[2].weight.mul_(100.0)  # layer 2's weights dominate a global magnitude ranking
+    report = pysparse.sparsify(model, {"*": {"format": "csr", "sparsity": 0.5, "scope": "global", "kernel": "sparse"}},
+                               time_layers=False)
+    by = {r["name"]: r["sparsity"] for r in report}
+    assert by["2"] < 0.02 and by["4"] > 0.98  # the global half comes almost all from layer 4
+    assert (by["2"] + by["4"]) / 2 == pytest.approx(0.5, abs=0.01)  # equal sizes: the average is the target
+    with pytest.raises(ValueError, match=r"scope 'global' for '2' needs format 'csr'"):
+        pysparse.sparsify(mlp(), {"*": {"format": "nm", "scope": "global"}})

@@ -41,7 +41,7 @@ from ..prune import structured as st
 from . import _choice
 from .linear import SparseLinear
 
-_STRUCT_KEYS = {"heads", "neurons", "drop", "reconstruct", "scope"}
+_STRUCT_KEYS = {"heads", "neurons", "drop", "reconstruct"}  # "scope" and "criterion" belong to both kinds
 _WEIGHT_KEYS = {"format", "sparsity", "n", "m", "blocksize", "kernel", "min_speedup"}
 Calibration = Union[Callable[[torch.nn.Module], object], Sequence[Callable[[torch.nn.Module], object]]]
 
@@ -416,24 +416,23 @@ def sparsify(model: torch.nn.Module, recipe: Dict[str, Optional[dict]], calibrat
     if wt and calibration is None:
         raise ValueError(f"sparsify: criterion 'taylor' for {next(iter(wt))!r} needs calibration inputs")
     taylor = _taylor(model, calibration, {}, wt)[1] if wt else {}
+    scores = {name: _weight_scores(name, lin, rule, stats, taylor) for name, lin, rule in todo}
+    sparsity = _global_sparsity(todo, scores)
     for name, lin, rule in _progress(todo, "sparsify: layers", progress):
         rule = dict(rule)
         fmt = rule.pop("format", "csr")
-        criterion = rule.pop("criterion", "magnitude")
+        rule.pop("criterion", None)
+        rule.pop("scope", None)
         min_speedup = float(rule.pop("min_speedup", 1.0))
         kernel = rule.pop("kernel", "auto")
         if kernel not in ("auto", "sparse", "dense"):
             raise ValueError(f"sparsify: kernel must be 'auto', 'sparse' or 'dense', got {kernel!r}")
-        if criterion == "wanda":
-            if name not in stats.sq:
-                raise ValueError(f"sparsify: criterion 'wanda' for {name!r} needs calibration inputs that reach it")
-            rule["scores"] = lin.weight.detach().abs() * stats.sq[name].sqrt()[None, :]
-        elif criterion == "taylor":
-            rule["scores"] = taylor[name]
-        elif criterion != "magnitude":
-            raise ValueError(f"sparsify: criterion must be 'magnitude', 'wanda' or 'taylor', got {criterion!r}")
-        if "scores" in rule and fmt != "nm":
-            rule = _prune_by_scores(lin, fmt, rule)
+        if name in sparsity:
+            rule["sparsity"] = sparsity[name]
+        if scores[name] is not None:
+            rule["scores"] = scores[name]
+            if fmt != "nm":
+                rule = _prune_by_scores(lin, fmt, rule)
         sparse = SparseLinear.from_linear(lin, fmt, **rule)
         dense = sparse.to_linear()
         nnz = sparse.weight.to_dense().count_nonzero().item()
@@ -449,6 +448,49 @@ def sparsify(model: torch.nn.Module, recipe: Dict[str, Optional[dict]], calibrat
         _set(model, name, choice)
         report.append(row)
     return report
+
+
+def _weight_scores(name, lin, rule, stats, taylor) -> Optional[torch.Tensor]:
+    """Importance of every weight under the rule's criterion (None: magnitude, the format's own)."""
+    criterion = rule.get("criterion", "magnitude")
+    if criterion == "wanda":
+        if name not in stats.sq:
+            raise ValueError(f"sparsify: criterion 'wanda' for {name!r} needs calibration inputs that reach it")
+        return lin.weight.detach().abs() * stats.sq[name].sqrt()[None, :]
+    if criterion == "taylor":
+        return taylor[name]
+    if criterion != "magnitude":
+        raise ValueError(f"sparsify: criterion must be 'magnitude', 'wanda' or 'taylor', got {criterion!r}")
+    return None
+
+
+def _global_sparsity(todo, scores) -> Dict[str, float]:
+    """Per-layer sparsity for rules with scope "global": one threshold over the scores of every
+    layer the rule matches, so the rule's sparsity holds over all of them together and each
+    layer loses what falls under it (magnitude: |W|, comparable across layers only when their
+    scales are; Wanda and Taylor scores are in loss/output units)."""
+    groups: Dict[int, list] = {}
+    for name, lin, rule in todo:
+        scope = rule.get("scope", "local")
+        if scope not in ("local", "global"):
+            raise ValueError(f"sparsify: scope must be 'local' or 'global', got {scope!r}")
+        if scope == "global":
+            if rule.get("format", "csr") != "csr":
+                raise ValueError(f"sparsify: scope 'global' for {name!r} needs format 'csr' (N:M and blocks are "
+                                 f"ranked within their groups and blocks)")
+            groups.setdefault(id(rule), []).append((name, lin, rule))
+    out = {}
+    for members in groups.values():
+        flat = torch.cat([(scores[n] if scores[n] is not None else lin.weight.detach().abs()).float().flatten()
+                          for n, lin, _ in members])
+        drop = round(float(members[0][2].get("sparsity", 0.0)) * flat.numel())
+        if drop == 0:
+            continue
+        thr = flat.kthvalue(drop).values
+        for n, lin, _ in members:
+            sc = (scores[n] if scores[n] is not None else lin.weight.detach().abs()).float()
+            out[n] = (sc <= thr).float().mean().item()
+    return out
 
 
 def _prune_by_scores(lin: torch.nn.Linear, fmt: str, rule: dict) -> dict:
