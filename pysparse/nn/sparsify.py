@@ -17,7 +17,8 @@ rank units across every module the rule matches), ``reconstruct`` (refit the out
 least squares so the pruned block reproduces the dense block's output on the calibration inputs).
 Weight rules (on nn.Linear): ``format`` ("csr" | "bsr" | "nm"), ``sparsity``, ``n``/``m``,
 ``blocksize``, ``criterion`` ("magnitude" | "wanda": |W| * ||x|| | "taylor": (w dL/dw)^2 summed
-over calibration batches), ``kernel`` ("auto" | "sparse" | "dense"), ``min_speedup`` (default 1.0).
+over calibration batches), ``scope`` ("local" | "global": csr only, one threshold over every
+linear the rule matches), ``kernel`` ("auto" | "sparse" | "dense"), ``min_speedup`` (default 1.0).
 For each module, the last matching pattern wins among the rules that apply to it (weight rules
 for linears; for heads, the rules that set ``heads``; for neurons, those that set ``neurons``). By default the first and last nn.Linear of
 the model are skipped (the most sensitive; ``skip_ends=False`` prunes them too).
