@@ -84,7 +84,7 @@ def test_bad_recipes():
         pysparse.sparsify(mlp(), {"*": {"heads": 0.5}})
     with pytest.raises(ValueError, match=r"kernel must be 'auto', 'sparse' or 'dense', got 'fast'"):
         pysparse.sparsify(mlp(), {"*": {"format": "nm", "kernel": "fast"}})
-    with pytest.raises(ValueError, match=r"has no nn.Linear layers"):
+    with pytest.raises(ValueError, match=r"has no nn.Linear or nn.Conv2d layers"):
         pysparse.sparsify(torch.nn.ReLU(), {"*": {}})
 
 
@@ -128,3 +128,26 @@ def test_global_scope_ranks_weights_across_layers():
     assert (by["2"] + by["4"]) / 2 == pytest.approx(0.5, abs=0.01)  # equal sizes: the average is the target
     with pytest.raises(ValueError, match=r"scope 'global' for '2' needs format 'csr'"):
         pysparse.sparsify(mlp(), {"*": {"format": "nm", "scope": "global"}})
+
+
+def small_cnn(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, padding=1),
+                               torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(32, 10)).eval()
+
+
+def test_convolutions_are_swapped_timed_and_pruned():
+    from pysparse.nn import SparseConv2d
+
+    model = small_cnn()
+    x = torch.randn(2, 3, 16, 16, generator=gen(8))
+    report = pysparse.sparsify(model, {"*": {"format": "csr", "sparsity": 0.8, "criterion": "wanda", "min_speedup": 0.0}},
+                               calibration=lambda m: m(x))
+    assert [r["name"] for r in report] == ["2", "4"]  # the stem conv and the classifier are the ends
+    assert all(r["kind"] == "conv" and r["sparsity"] == pytest.approx(0.8, abs=0.01) for r in report)
+    assert report[0]["times_us"][2] and isinstance(model[2], SparseConv2d)
+    dense = torch.nn.Sequential(*[m.to_conv() if isinstance(m, SparseConv2d) else m for m in model])
+    torch.testing.assert_close(model(x), dense(x), rtol=1e-4, atol=1e-5)
+    untimed = pysparse.sparsify(small_cnn(), {"2": {"format": "nm"}})  # no calibration: no input shape to time at
+    assert untimed[0]["times_us"] is None and untimed[0]["kernel"] == "2:4"

@@ -1,7 +1,8 @@
 """Drop-in modules over the pysparse formats and ops (the sparsify issue builds on these)."""
+from .conv import SparseConv2d
 from .linear import SparseLinear
 from .modules import MaskedAttention, SparseFFN
 from .serialize import load_sparse, save_sparse
 from .sparsify import sparsify
 
-__all__ = ["SparseLinear", "SparseFFN", "MaskedAttention", "sparsify", "save_sparse", "load_sparse"]
+__all__ = ["SparseLinear", "SparseConv2d", "SparseFFN", "MaskedAttention", "sparsify", "save_sparse", "load_sparse"]

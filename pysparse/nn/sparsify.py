@@ -15,13 +15,14 @@ intermediate neurons removed), ``drop`` (the module becomes a passthrough), ``cr
 ("magnitude" | "activation" | "taylor" | "entropy" (heads only)), ``scope`` ("local" | "global":
 rank units across every module the rule matches), ``reconstruct`` (refit the output projection by
 least squares so the pruned block reproduces the dense block's output on the calibration inputs).
-Weight rules (on nn.Linear): ``format`` ("csr" | "bsr" | "nm"), ``sparsity``, ``n``/``m``,
+Weight rules (on nn.Linear and nn.Conv2d, a conv's weight pruned as its (Cout, Cin*kh*kw)
+matrix and swapped for ``SparseConv2d``): ``format`` ("csr" | "bsr" | "nm"), ``sparsity``, ``n``/``m``,
 ``blocksize``, ``criterion`` ("magnitude" | "wanda": |W| * ||x|| | "taylor": (w dL/dw)^2 summed
 over calibration batches), ``scope`` ("local" | "global": csr only, one threshold over every
 linear the rule matches), ``kernel`` ("auto" | "sparse" | "dense"), ``min_speedup`` (default 1.0).
 For each module, the last matching pattern wins among the rules that apply to it (weight rules
-for linears; for heads, the rules that set ``heads``; for neurons, those that set ``neurons``). By default the first and last nn.Linear of
-the model are skipped (the most sensitive; ``skip_ends=False`` prunes them too).
+for linears; for heads, the rules that set ``heads``; for neurons, those that set ``neurons``). By default the first and last nn.Linear / nn.Conv2d
+of the model are skipped (the most sensitive; ``skip_ends=False`` prunes them too).
 
 Calibration is a callable ``f(model)`` (or a list of them, one per batch) that runs the model on
 representative inputs. Criteria "activation", "entropy", "wanda" and ``reconstruct`` record
@@ -40,6 +41,7 @@ import torch
 
 from ..prune import structured as st
 from . import _choice
+from .conv import SparseConv2d
 from .linear import SparseLinear
 
 _STRUCT_KEYS = {"heads", "neurons", "drop", "reconstruct"}  # "scope" and "criterion" belong to both kinds
@@ -94,7 +96,10 @@ def _record(model, linears, structs, calibration) -> _Stats:
 
     def lin_hook(name):
         def f(mod, args, out):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            x = args[0].detach()
+            # per input feature: the last dim of a linear's input, the channel dim of a conv's
+            x = (x.transpose(0, 1).reshape(x.shape[1], -1).T if isinstance(mod, torch.nn.Conv2d)
+                 else x.reshape(-1, x.shape[-1])).float()
             s.sq[name] = s.sq.get(name, 0) + (x * x).sum(0)
             s.shape[name] = tuple(args[0].shape)
         return f
@@ -368,11 +373,12 @@ def _apply_structure(model, recipe, calibration, progress, report) -> None:
         report.append({"name": name, "kind": "drop", "shape": "layer", "after": "passthrough"})
 
 
-def _candidates(sparse: SparseLinear, dense: torch.nn.Linear) -> Dict[str, torch.nn.Module]:
+def _candidates(sparse, dense) -> Dict[str, torch.nn.Module]:
     """The stored format, CSR (which holds any zero pattern), and the dense pruned layer."""
     out = {sparse.format_name: sparse}
-    if sparse.kind != "csr":
-        out["csr"] = SparseLinear.from_linear(dense, "csr")
+    if sparse.format_name != "csr":
+        out["csr"] = (SparseConv2d.from_conv(dense, "csr") if isinstance(dense, torch.nn.Conv2d)
+                      else SparseLinear.from_linear(dense, "csr"))
     out["dense"] = dense
     return out
 
@@ -392,7 +398,8 @@ def sparsify(model: torch.nn.Module, recipe: Dict[str, Optional[dict]], calibrat
     are cached on disk (see ``pysparse.nn._choice``; ``cache=False`` re-times). ``progress``: a
     progress line on stderr (default: when stderr is a terminal).
     Report rows: name, kind ("heads" | "neurons" | "drop" | "linear"), shape before/after and, for
-    linears, format, sparsity, kernel kept, times in us per candidate at each shape, speedup.
+    linears and convs, format, sparsity, kernel kept, times in us per candidate at each shape
+    (convs: at their calibration input; untimed without calibration), speedup.
     """
     if progress is None:
         progress = sys.stderr.isatty()
@@ -403,12 +410,12 @@ def sparsify(model: torch.nn.Module, recipe: Dict[str, Optional[dict]], calibrat
     report: List[dict] = []
     if any(_kind(r) == "struct" for r in recipe.values()):
         _apply_structure(model, recipe, calibration, progress, report)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     weight_rules = any(_kind(r) == "weight" for r in recipe.values())
     if not weight_rules:
         return report
     if not linears:
-        raise ValueError("sparsify: the model has no nn.Linear layers")
+        raise ValueError("sparsify: the model has no nn.Linear or nn.Conv2d layers")
     ends = {linears[0][0], linears[-1][0]} if skip_ends else set()
     todo = [(n, m, _rule_for(n, recipe, "weight")) for n, m in linears]
     todo = [(n, m, r) for n, m, r in todo if r is not None and n not in ends]
@@ -434,17 +441,23 @@ def sparsify(model: torch.nn.Module, recipe: Dict[str, Optional[dict]], calibrat
             rule["scores"] = scores[name]
             if fmt != "nm":
                 rule = _prune_by_scores(lin, fmt, rule)
-        sparse = SparseLinear.from_linear(lin, fmt, **rule)
-        dense = sparse.to_linear()
-        nnz = sparse.weight.to_dense().count_nonzero().item()
-        row = {"name": name, "kind": "linear", "shape": tuple(lin.weight.shape), "format": sparse.format_name,
+        conv = isinstance(lin, torch.nn.Conv2d)
+        if conv:
+            rule.pop("index_dtype", None)
+            sparse = SparseConv2d.from_conv(lin, fmt, **rule)
+            dense = sparse.to_conv()
+        else:
+            sparse = SparseLinear.from_linear(lin, fmt, **rule)
+            dense = sparse.to_linear()
+        nnz = dense.weight.count_nonzero().item()
+        row = {"name": name, "kind": "conv" if conv else "linear", "shape": tuple(lin.weight.shape), "format": sparse.format_name,
                "sparsity": round(1.0 - nnz / lin.weight.numel(), 4)}
         choice = sparse
         if kernel == "dense":
             choice = dense
         elif time_layers and kernel == "auto":
             choice = _choose(name, sparse, dense, stats, shapes, min_speedup, cache, row)
-        row["kernel"] = "dense" if choice is dense else (choice.format_name if isinstance(choice, SparseLinear) else "dense")
+        row["kernel"] = "dense" if choice is dense else choice.format_name
         # A layer kept dense still carries the pruning (its zeros), so quality is the recipe's.
         _set(model, name, choice)
         report.append(row)
@@ -457,7 +470,12 @@ def _weight_scores(name, lin, rule, stats, taylor) -> Optional[torch.Tensor]:
     if criterion == "wanda":
         if name not in stats.sq:
             raise ValueError(f"sparsify: criterion 'wanda' for {name!r} needs calibration inputs that reach it")
-        return lin.weight.detach().abs() * stats.sq[name].sqrt()[None, :]
+        norms = stats.sq[name].sqrt()
+        if isinstance(lin, torch.nn.Conv2d):
+            if lin.groups != 1:
+                raise ValueError(f"sparsify: criterion 'wanda' for {name!r} needs a conv with groups=1")
+            return lin.weight.detach().abs() * norms[None, :, None, None]  # one norm per input channel
+        return lin.weight.detach().abs() * norms[None, :]
     if criterion == "taylor":
         return taylor[name]
     if criterion != "magnitude":
@@ -498,17 +516,17 @@ def _prune_by_scores(lin: torch.nn.Linear, fmt: str, rule: dict) -> dict:
     """CSR/BSR with a score criterion: zero by score here, then store the zeros as the format."""
     from .. import prune
 
-    scores = rule.pop("scores")
     W = lin.weight.detach()
+    scores = rule.pop("scores").float().reshape(W.shape[0], -1)  # a conv's weight as its (Cout, K) matrix
     if fmt == "csr":
-        mask = prune.magnitude(scores.float(), rule.pop("sparsity", 0.0)) != 0
+        mask = prune.magnitude(scores, rule.pop("sparsity", 0.0)) != 0
     elif fmt == "bsr":
         bs = rule.get("blocksize", (32, 32))
-        mask = prune.blocks(scores.float(), rule.pop("sparsity", 0.0), bs) != 0
+        mask = prune.blocks(scores, rule.pop("sparsity", 0.0), bs) != 0
     else:
         raise ValueError(f"sparsify: format must be 'csr', 'bsr' or 'nm', got {fmt!r}")
     with torch.no_grad():
-        lin.weight.mul_(mask.to(W.dtype))
+        lin.weight.mul_(mask.reshape(W.shape).to(W.dtype))
     return rule
 
 
@@ -516,17 +534,25 @@ def _choose(name, sparse, dense, stats, shapes, min_speedup, cache, row):
     """Time the candidates at each tuned shape; keep the fastest one that beats dense by
     min_speedup at every shape (by geometric-mean speedup among those), else dense."""
     calib = stats.shape.get(name)
-    lead = int(torch.Size(calib[:-1]).numel()) if calib else 1
-    token_counts = [int(t) for t in shapes] if shapes else [lead]
+    dt = dense.weight.dtype
+    density = 1.0 - row["sparsity"]
+    shape_key = "x".join(map(str, dense.weight.shape))
+    if isinstance(dense, torch.nn.Conv2d):
+        # A conv is timed at its calibration input (batch and spatial size matter, not tokens).
+        if calib is None:
+            row["times_us"], row["cached"] = None, False
+            return sparse  # nothing to time it at: the requested format is kept (report says untimed)
+        inputs = {calib[0]: (tuple(calib), f"{dt}|conv {shape_key} s{dense.stride} p{dense.padding} "
+                                           f"in {'x'.join(map(str, calib))}|{sparse.format_name}|{density:.2f}")}
+    else:
+        lead = int(torch.Size(calib[:-1]).numel()) if calib else 1
+        inputs = {t: ((t, dense.in_features), f"{dt}|{shape_key}|{sparse.format_name}|{density:.2f}|b{_choice.bucket(t)}")
+                  for t in ([int(t) for t in shapes] if shapes else [lead])}
     cands = _candidates(sparse, dense)
     speed: Dict[str, List[float]] = {k: [] for k in cands if k != "dense"}
     row["times_us"], row["cached"] = {}, True
-    dt = dense.weight.dtype
-    density = 1.0 - row["sparsity"]
-    for tokens in token_counts:
-        x = torch.randn(tokens, dense.in_features, dtype=dt)
-        key = (f"{dt}|{dense.out_features}x{dense.in_features}|{sparse.format_name}|{density:.2f}|"
-               f"b{_choice.bucket(tokens)}")
+    for tokens, (shape, key) in inputs.items():
+        x = torch.randn(shape, dtype=dt)
         times, hit = _choice.time_candidates(key, {k: (lambda m=m: m(x)) for k, m in cands.items()}, use_cache=cache)
         row["cached"] &= hit
         row["times_us"][tokens] = {k: round(v * 1e6, 1) for k, v in times.items()}
