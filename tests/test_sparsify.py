@@ -151,3 +151,28 @@ def test_convolutions_are_swapped_timed_and_pruned():
     torch.testing.assert_close(model(x), dense(x), rtol=1e-4, atol=1e-5)
     untimed = pysparse.sparsify(small_cnn(), {"2": {"format": "nm"}})  # no calibration: no input shape to time at
     assert untimed[0]["times_us"] is None and untimed[0]["kernel"] == "2:4"
+
+
+def test_sparse_convs_save_and_load(tmp_path):
+    from pysparse.nn import SparseConv2d
+
+    model = small_cnn(3)
+    model[4] = torch.nn.Conv2d(32, 32, 3, padding=1, groups=4)
+    x = torch.randn(2, 3, 16, 16, generator=gen(9))
+    pysparse.sparsify(model, {"2": {"format": "csr", "sparsity": 0.7, "kernel": "sparse"},
+                              "4": {"format": "nm", "n": 4, "m": 8, "kernel": "sparse"}})
+    path = tmp_path / "cnn.safetensors"
+    pysparse.nn.save_sparse(model, path)
+    fresh = small_cnn(4)
+    fresh[4] = torch.nn.Conv2d(32, 32, 3, padding=1, groups=4)
+    back = pysparse.nn.load_sparse(fresh, path)
+    assert isinstance(back[2], SparseConv2d) and back[4].format_name == "4:8" and back[4].groups == 4
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+    from pysparse._safetensors import load_file, save_file
+    tensors, meta = load_file(path)
+    tensors["2.weight_col_indices"] = tensors["2.weight_col_indices"].clone()
+    tensors["2.weight_col_indices"][0] = 10_000
+    save_file(tensors, tmp_path / "bad.safetensors", meta)
+    with pytest.raises(ValueError, match=r"layer '2': .*column index"):
+        pysparse.nn.load_sparse(small_cnn(5), tmp_path / "bad.safetensors")

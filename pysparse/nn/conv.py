@@ -32,7 +32,6 @@ _IM2COL_BYTES = 2 * 2**20
 
 # Read each image sequentially before its 1x1 product when the input is bigger than this (see
 # _forward_1x1); about half the L3 of the machine measured.
-_PREFETCH = True
 _STREAM_BYTES = 16 * 2**20
 
 # BSR block sizes tried when none is given: the largest square block dividing the matrix.
@@ -71,22 +70,24 @@ class SparseConv2d(torch.nn.Module):
     * depthwise: ``F.conv2d`` with the pruned dense weight.
 
     Measured on 2 Zen 5 cores (torch.set_num_threads(2)), fp32, 90% unstructured CSR against
-    nn.Conv2d (oneDNN) with the same weights, ResNet-50 shapes at 224x224 input, medians of the
-    best of interleaved runs taken while the machine was otherwise idle:
+    nn.Conv2d (oneDNN) with the same weights, no bias, ResNet-50 shapes at 224x224 input; median
+    over 5 idle moments of the best of interleaved calls:
 
-    * 1x1, batch 1: 1.8x (64 -> 64, 56x56) to 2.9x (512 -> 2048, 7x7); 2.45x over the 15
-      distinct 1x1 shapes together. Batch 8: 1.1x (64 -> 64) to 2.3x (1024 -> 2048, stride 2);
-      1.8x together: each image's product is copied into the batch output (the op has no
-      ``out=``), and the dense kernel amortises its own overheads better over a batch.
-      Arrangements measured and dropped: one spmm over the batch concatenated along H*W (two
-      transposing copies: 1.1-3.5 ms slower at batch 8), one linear over the channels-last view of
-      NCHW input (the kernel's transposing pack: 2-4x slower than per-image spmm at 1 thread),
-      column chunks of each image (no gain).
-    * 3x3, batch 1: 1.1x (64 ch, 56x56) to 2.3x (512 ch, 7x7); batch 8: 0.9x to 1.6x.
-    * The CPU ops split rows across threads and both threads read every packed column panel;
-      when the two vCPUs do not share a cache (it changes while a VM runs) a 256 -> 64 56x56
-      product takes 430 us on 2 threads against 178 us on 1, and every ratio above falls by
-      20-60%. Partitioning wide products by column panels in the kernel would avoid that.
+    * 1x1, batch 1: 1.96x (256 -> 64, 56x56) to 3.05x (512 -> 2048, 7x7), 2.5x over ResNet-50's
+      36 1x1 layers together. Batch 8: 1.12x (64 -> 64, 56x56) to 2.31x (1024 -> 2048, stride
+      2), 1.9x together; the 56x56 and 28x28 layers stay under 2x because each image's product
+      is copied into the batch output (the op has no ``out=``: 0.3 ms of 1.1 ms for 128 -> 512
+      28x28) and its input streams from DRAM. Dropped after measuring: one spmm over the batch
+      concatenated along H*W (two transposing copies: 1.1-3.5 ms slower at batch 8), one linear
+      over the channels-last view of NCHW input (the kernel's transposing pack: 2-4x slower at 1
+      thread), column chunks of each image (no gain).
+    * 3x3, batch 1: 1.1x (64 ch, 56x56) to 2.4x (512 ch, 7x7); batch 8: 0.9x to 1.6x.
+    * The CPU ops split rows across threads and both threads read every packed column panel.
+      While the two vCPUs did not share a cache (it came and went on the VM measured) a 256 -> 64
+      56x56 product took 430 us on 2 threads against 178 us on 1 (133 us otherwise), and the
+      ratios above fell to 1.05-2.5x (1x1, batch 1) and 0.55-2.0x (batch 8). Partitioning wide
+      products by column panels in the kernel, so each thread packs the panels it multiplies,
+      would avoid that.
     """
 
     def __init__(self, weights: Sequence, bias: Optional[torch.Tensor], in_channels: int, out_channels: int,
@@ -268,6 +269,34 @@ class SparseConv2d(torch.nn.Module):
                 mats = [SparseNM.from_dense(p.contiguous(), n, m) for p in parts]
         return cls(mats, bias, *args)
 
+    def config(self) -> dict:
+        """What a state_dict does not say (JSON-able): hyperparameters, format and n:m."""
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels, "kernel_size": list(self.kernel_size),
+                "stride": list(self.stride), "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+                "dilation": list(self.dilation), "groups": self.groups, "kind": self.kind, "nm": list(self.nm)}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, config: dict, prefix: str = "") -> "SparseConv2d":
+        """Rebuild a module from its state_dict and config(); the formats' checks run, so bad
+        indices are refused with a ValueError."""
+        c = dict(config)
+        kind, (n, m), G = c.pop("kind"), c.pop("nm"), int(c["groups"])
+        bias = sd.get(prefix + "bias")
+        args = (c["in_channels"], c["out_channels"], c["kernel_size"], c["stride"], c["padding"], c["dilation"], G)
+        if kind == "dense":
+            return cls([], bias, *args, dense_weight=sd[prefix + "weight"])
+        kh, kw = (int(v) for v in c["kernel_size"])
+        shape = (int(c["out_channels"]) // G, int(c["in_channels"]) // G * kh * kw)
+        mats = []
+        for g in range(G):
+            p = prefix + ("weight_" if G == 1 else f"weight{g}_")
+            if kind == "nm":
+                mats.append(SparseNM(sd[p + "values"], sd[p + "mask"], shape, int(n), int(m)))
+            else:
+                fmt = CSR if kind == "csr" else BSR
+                mats.append(fmt(sd[p + "crow_indices"], sd[p + "col_indices"], sd[p + "values"], shape))
+        return cls(mats, bias, *args)
+
     def to_conv(self) -> torch.nn.Conv2d:
         """A dense nn.Conv2d with the same (pruned) weights and hyperparameters."""
         W = self.dense_weight()
@@ -332,7 +361,7 @@ class SparseConv2d(torch.nn.Module):
         # hardware prefetchers follow), finds it in L3. 256 -> 64 56x56 at batch 8 (26 MB), 1
         # thread: 4.4 -> 3.6 ms; below the threshold the image is in cache already and the
         # extra read only costs.
-        stream = _PREFETCH and x.is_contiguous() and x.numel() * x.element_size() > _STREAM_BYTES
+        stream = x.is_contiguous() and x.numel() * x.element_size() > _STREAM_BYTES
         if N == 1 and G == 1:
             X = x[0].reshape(self.in_channels, H * W)  # a copy only after subsampling
             if stream:

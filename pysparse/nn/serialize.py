@@ -10,18 +10,23 @@ import torch
 
 from .._safetensors import load_file, save_file
 from ..prune import structured as st
+from .conv import SparseConv2d
 from .linear import SparseLinear
 
 _KEY = "pysparse.sparse_layers"
 _DROPPED = "pysparse.dropped_layers"
+_CONVS = "pysparse.sparse_convs"
 
 
 def save_sparse(model: torch.nn.Module, path) -> None:
-    """Write model.state_dict() and the names of its SparseLinear and dropped layers to `path`."""
+    """Write model.state_dict(), the names of its SparseLinear and dropped layers and the
+    configs of its SparseConv2d layers to `path`."""
     layers = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
     dropped = [n for n, m in model.named_modules() if isinstance(m, st.Passthrough)]
+    convs = {n: m.config() for n, m in model.named_modules() if isinstance(m, SparseConv2d)}
     tensors: Dict[str, torch.Tensor] = {k: v for k, v in model.state_dict().items() if v is not None}
-    save_file(tensors, path, {_KEY: json.dumps(layers), _DROPPED: json.dumps(dropped), "format": "pysparse"})
+    save_file(tensors, path, {_KEY: json.dumps(layers), _DROPPED: json.dumps(dropped), _CONVS: json.dumps(convs),
+                              "format": "pysparse"})
 
 
 def _names(meta, key, path):
@@ -78,6 +83,25 @@ def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
         if not isinstance(old, (torch.nn.Linear, SparseLinear)):
             raise ValueError(f"{path}: layer {name!r} is a {type(old).__name__} in this model, not a linear layer")
         _set(model, name, new)  # its shape is the file's: structured pruning may have resized it
+    try:
+        convs = json.loads(meta.get(_CONVS, "{}"))
+        assert isinstance(convs, dict) and all(isinstance(v, dict) for v in convs.values())
+    except (ValueError, AssertionError):
+        raise ValueError(f"{path}: the {_CONVS!r} metadata is not a JSON object of layer configs") from None
+    for name, config in convs.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: layer {name!r} does not exist in this model") from None
+        if not isinstance(old, (torch.nn.Conv2d, SparseConv2d)):
+            raise ValueError(f"{path}: layer {name!r} is a {type(old).__name__} in this model, not a convolution")
+        sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        try:
+            _set(model, name, SparseConv2d.from_state_dict(sub, config))
+        except KeyError as e:
+            raise ValueError(f"{path}: layer {name!r} lacks {e.args[0]!r}") from None
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: layer {name!r}: {e}") from None
     for name, hd in head_dims.items():
         p = st.attention_parts(model.get_submodule(name))
         if p is not None and (p.q.out_features % hd or p.k.out_features % hd):
