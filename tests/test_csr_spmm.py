@@ -632,3 +632,17 @@ def test_cuda_kernel_matches_the_cpu_one(dtype, index_dtype):
     bad_col[0] = 10_000
     with pytest.raises(RuntimeError, match=r"column index or row pointer is out of range"):
         torch.ops.pysparse.csr_spmm(Ac.crow_indices, bad_col, Ac.values, [300, 200], torch.ones(200, 2, device="cuda", dtype=dtype))
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+def test_wide_operand_split_by_panels_across_threads(isa, fmt):
+    # A small matrix against a very wide operand (a 1x1 convolution's shape) is split by column
+    # panels between threads instead of by rows: both halves must land, ragged last panel too.
+    W = pysparse.prune.magnitude(torch.randn(32, 64, generator=gen(40)), 0.6)
+    A = pysparse.CSR.from_dense(W) if fmt == "csr" else pysparse.BSR.from_dense(W, (8, 8))
+    X = torch.randn(64, 4096 + 37, generator=gen(41))
+    from conftest import num_threads
+
+    with num_threads(2):
+        got = pysparse.spmm(A, X)
+    torch.testing.assert_close(got, W @ X, rtol=1e-5, atol=1e-4)

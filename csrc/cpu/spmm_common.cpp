@@ -300,7 +300,13 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   const int64_t nthreads = at::get_num_threads();
   const int64_t nnz_elems = A.values.numel();
   const bool serial = nnz_elems * n < kSerialWork || nthreads == 1;
-  const int64_t want_parts = serial ? 1 : std::min<int64_t>(nthreads, std::max<int64_t>(1, rows / 8));
+  // A wide dense operand that dwarfs the sparse matrix (a 1x1 convolution: 25k columns against a
+  // few thousand nonzeros) is split by panel groups instead: each thread then reads its own half
+  // of the packed operand (the half it packed) rather than every panel, and the small matrix
+  // twice. Split by rows otherwise, where the matrix is the bigger stream.
+  const int64_t b_bytes = K * n * 4, a_bytes = nnz_elems * int64_t(A.values.element_size() + 4);
+  const bool by_panels = !serial && !A.nm() && npanels >= 2 * nthreads && b_bytes > 8 * a_bytes;
+  const int64_t want_parts = serial || by_panels ? 1 : std::min<int64_t>(nthreads, std::max<int64_t>(1, rows / 8));
   const int64_t row_cost = A.blocked ? 8 : 2;
   std::vector<int64_t> bounds;
   if (A.nm()) {  // every row holds the same number of values: equal row counts balance
