@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -23,9 +21,7 @@ import torch
 import pysparse
 from pysparse.models.cnn import resnet50
 from pysparse.nn.conv import SparseConv2d
-from pysparse.nn._choice import median_time
-
-sys.path.insert(0, os.path.dirname(__file__))
+from pysparse.nn._choice import alternating
 
 # (Cin, Cout, kernel, stride, spatial of the input) of ResNet-50's distinct conv shapes (v1.5:
 # the stride sits on the 3x3).
@@ -39,22 +35,11 @@ LAYERS = [
 PATTERNS = [("70% csr", "csr", 0.7), ("90% csr", "csr", 0.9), ("2:4", "nm", 0.5)]
 
 
-def pair(fa, fb, rounds=5, reps=5):
-    """Median seconds of fa and fb over alternating rounds."""
-    ta, tb = [], []
-    for _ in range(rounds):
-        ta.append(median_time(fa, reps))
-        tb.append(median_time(fb, reps))
-    return sorted(ta)[rounds // 2], sorted(tb)[rounds // 2]
-
-
 def swap_convs(model, fmt, sparsity):
     """Every Conv2d except the stem (the first) -> SparseConv2d; depthwise ones stay dense."""
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
     for name, conv in convs[1:]:
-        new = SparseConv2d.from_conv(conv, fmt, sparsity=sparsity) if fmt == "csr" else SparseConv2d.from_conv(conv, fmt)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, new)
+        model.set_submodule(name, SparseConv2d.from_conv(conv, fmt, sparsity=sparsity))  # nm ignores sparsity
     return model
 
 
@@ -78,9 +63,9 @@ def main() -> None:
                 x = torch.randn(b, cin, hw, hw)
                 ratios, t_dense = [], None
                 for label, fmt, sp in PATTERNS:
-                    sc = SparseConv2d.from_conv(conv, fmt, sparsity=sp) if fmt == "csr" else SparseConv2d.from_conv(conv, fmt)
+                    sc = SparseConv2d.from_conv(conv, fmt, sparsity=sp)
                     dense = sc.to_conv()  # the same pruned weights, run by torch
-                    td, ts = pair(lambda: dense(x), lambda: sc(x), rounds=3)
+                    td, ts = alternating(lambda: dense(x), lambda: sc(x), rounds=3)
                     t_dense = td if t_dense is None else min(t_dense, td)
                     ratios.append(td / ts)
                     out["layers"].append({"cin": cin, "cout": cout, "k": k, "hw": hw, "batch": b, "pattern": label,
@@ -101,7 +86,7 @@ def main() -> None:
             model = make().eval()
             for b in batches:
                 x = torch.randn(b, 3, 224, 224)
-                td, tv = pair(lambda: base(x), lambda: model(x), rounds=3, reps=3)
+                td, tv = alternating(lambda: base(x), lambda: model(x), rounds=3, reps=3)
                 row = {"variant": label, "batch": b, "dense_ms": td * 1e3, "ms": tv * 1e3, "speedup": td / tv}
                 out["network"].append(row)
                 print(f"| {label} | {b} | {td * 1e3:.0f} | {tv * 1e3:.0f} | {td / tv:.2f}x | "

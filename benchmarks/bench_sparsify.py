@@ -20,7 +20,7 @@ import torch
 
 import pysparse
 from pysparse.models.minilm import MiniLM
-from pysparse.nn._choice import median_time
+from pysparse.nn._choice import alternating
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _timing import median_us  # noqa: E402
@@ -59,14 +59,9 @@ def main() -> None:
                 pruned_dense = copy.deepcopy(model)  # same zeros, every layer dense: the reference
                 for name, m in list(pruned_dense.named_modules()):
                     if isinstance(m, pysparse.nn.SparseLinear):
-                        parent, _, attr = name.rpartition(".")
-                        setattr(pruned_dense.get_submodule(parent), attr, m.to_linear())
+                        pruned_dense.set_submodule(name, m.to_linear())
                 diff = (model(ids, mask) - pruned_dense(ids, mask)).abs().max().item()
-                td, ts = [], []
-                for _ in range(5):  # alternate so that machine noise hits both
-                    td.append(median_time(lambda: dense(ids, mask), 5))
-                    ts.append(median_time(lambda: model(ids, mask), 5))
-                td, ts = sorted(td)[2], sorted(ts)[2]
+                td, ts = alternating(lambda: dense(ids, mask), lambda: model(ids, mask), rounds=5, reps=5)
                 swapped = sum(r["kernel"] != "dense" for r in report)
                 rows.append({"recipe": label, "kernel": kernel, "swapped": swapped, "layers": len(report),
                              "dense_ms": td * 1e3, "sparse_ms": ts * 1e3, "speedup": td / ts, "max_diff": diff})

@@ -18,10 +18,10 @@ from typing import Dict, List, Optional
 import torch
 
 import pysparse
-from .nn._choice import median_time
+from .nn._choice import alternating
 from .nn.linear import SparseLinear
 
-# (label, recipe, criterion kind). "layers.*" matches the encoder layers (attention + FFN modules)
+# (label, recipe). "layers.*" matches the encoder layers (attention + FFN modules)
 # and every linear inside them; sparsify skips the model's first and last linear by default.
 RECIPES = [
     ("2:4 all linears, magnitude", {"layers.*": {"format": "nm"}}),
@@ -59,15 +59,6 @@ def _stored(model: torch.nn.Module) -> Dict[str, float]:
             values += m.weight.numel()
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values() if t is not None)
     return {"layer_params": values, "bytes": nbytes}
-
-
-def _alternating(fa, fb, rounds: int = 5, reps: int = 7):
-    """Median seconds of fa and fb, timed in alternating rounds so machine noise hits both."""
-    ta, tb = [], []
-    for _ in range(rounds):
-        ta.append(median_time(fa, reps))
-        tb.append(median_time(fb, reps))
-    return sorted(ta)[rounds // 2], sorted(tb)[rounds // 2]
 
 
 def run(quick: bool = False, plot: Optional[str] = None, out_json: Optional[str] = None,
@@ -112,8 +103,8 @@ def run(quick: bool = False, plot: Optional[str] = None, out_json: Optional[str]
         t_sparsify = time.perf_counter() - t0
         fid = _fidelity(encode(model, tok, evals), ref)
         with torch.no_grad():
-            d32, s32 = _alternating(lambda: dense(*b32), lambda: model(*b32), rounds=3 if quick else 5)
-            d1, s1 = _alternating(lambda: dense(*b1), lambda: model(*b1), rounds=3 if quick else 5, reps=15)
+            d32, s32 = alternating(lambda: dense(*b32), lambda: model(*b32), rounds=3 if quick else 5)
+            d1, s1 = alternating(lambda: dense(*b1), lambda: model(*b1), rounds=3 if quick else 5, reps=15)
         lin = [r for r in report if r["kind"] == "linear"]
         swapped = f"{sum(r['kernel'] != 'dense' for r in lin)}/{len(lin)}" if lin else "-"
         size = _stored(model)

@@ -53,6 +53,16 @@ def median_time(fn: Callable[[], object], reps: int = 15) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def alternating(fa: Callable[[], object], fb: Callable[[], object], rounds: int = 5, reps: int = 7):
+    """Median seconds of fa and fb over `rounds` alternating rounds (each the median of `reps`
+    calls), so that machine noise hits both sides of a ratio alike."""
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(median_time(fa, reps))
+        tb.append(median_time(fb, reps))
+    return sorted(ta)[rounds // 2], sorted(tb)[rounds // 2]
+
+
 def _load() -> dict:
     try:
         data = json.loads(cache_path().read_text())

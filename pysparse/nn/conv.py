@@ -313,7 +313,7 @@ class SparseConv2d(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4):
-            raise ValueError(f"SparseConv2d: input must be a 3-D (C, H, W) or 4-D (N, C, H, W) tensor, got "
+            raise ValueError("SparseConv2d: input must be a 3-D (C, H, W) or 4-D (N, C, H, W) tensor, got "
                              + (f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__))
         if x.dim() == 3:
             return self.forward(x.unsqueeze(0)).squeeze(0)

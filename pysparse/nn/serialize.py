@@ -38,10 +38,6 @@ def _names(meta, key, path):
     return names
 
 
-def _set(model, name, new):
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
-
 
 def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
     """Load a file written by save_sparse into `model`, an instance of the same architecture
@@ -60,13 +56,13 @@ def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
             old = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{path}: dropped layer {name!r} does not exist in this model") from None
-        _set(model, name, st.Passthrough(type(old).__name__))
+        model.set_submodule(name, st.Passthrough(type(old).__name__))
     for name, mod in list(model.named_modules()):
         w = tensors.get(name + ".weight")
         if isinstance(mod, torch.nn.Linear) and w is not None and tuple(w.shape) != tuple(mod.weight.shape):
             if w.dim() != 2:
                 raise ValueError(f"{path}: {name}.weight must be 2-D, got shape {tuple(w.shape)}")
-            _set(model, name, torch.nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None,
+            model.set_submodule(name, torch.nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None,
                                              device=mod.weight.device, dtype=mod.weight.dtype))
     for name in layers:
         try:
@@ -82,7 +78,7 @@ def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
             raise ValueError(f"{path}: layer {name!r}: {e}") from None
         if not isinstance(old, (torch.nn.Linear, SparseLinear)):
             raise ValueError(f"{path}: layer {name!r} is a {type(old).__name__} in this model, not a linear layer")
-        _set(model, name, new)  # its shape is the file's: structured pruning may have resized it
+        model.set_submodule(name, new)  # its shape is the file's: structured pruning may have resized it
     try:
         convs = json.loads(meta.get(_CONVS, "{}"))
         assert isinstance(convs, dict) and all(isinstance(v, dict) for v in convs.values())
@@ -97,7 +93,7 @@ def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
             raise ValueError(f"{path}: layer {name!r} is a {type(old).__name__} in this model, not a convolution")
         sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
         try:
-            _set(model, name, SparseConv2d.from_state_dict(sub, config))
+            model.set_submodule(name, SparseConv2d.from_state_dict(sub, config))
         except KeyError as e:
             raise ValueError(f"{path}: layer {name!r} lacks {e.args[0]!r}") from None
         except (ValueError, TypeError) as e:

@@ -122,13 +122,7 @@ def _record(model, linears, structs, calibration) -> _Stats:
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
                 s.unit[key] = s.unit.get(key, 0) + x.square().sum(0)
             handles.append(parts.down.register_forward_pre_hook(ffn_hook))
-    try:
-        for f in _calls(calibration):
-            with torch.no_grad():
-                f(model)
-    finally:
-        for h in handles:
-            h.remove()
+    _run(model, calibration, handles)
     for key, (what, parts, _) in structs.items():
         if what == "neurons" and key in s.unit:
             s.unit[key] = s.unit[key] * parts.down.weight.detach().double().square().sum(0)
@@ -158,7 +152,18 @@ def _calls(calibration: Calibration):
     return list(calibration) if isinstance(calibration, (list, tuple)) else [calibration]
 
 
-def _taylor(model, calibration, gates: Dict[str, tuple], weights: Dict[str, torch.nn.Linear]):
+def _run(model, calibration: Calibration, hooks: list) -> None:
+    """Run every calibration call on `model` without grad, then remove `hooks` (also on error)."""
+    try:
+        for f in _calls(calibration):
+            with torch.no_grad():
+                f(model)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _taylor(model, calibration, units: Dict[str, tuple], weights: Dict[str, torch.nn.Module]):
     """First-order Taylor importance, squared and summed over calibration tokens (Fisher form).
 
     Units: the input x of the output projection (o-proj / down-proj) is watched; removing unit j
@@ -167,8 +172,8 @@ def _taylor(model, calibration, gates: Dict[str, tuple], weights: Dict[str, torc
     unit_scores: Dict[str, torch.Tensor] = {}
     weight_scores: Dict[str, torch.Tensor] = {}
     handles = []
-    for key, (lin, units, width) in gates.items():
-        def pre(mod, args, key=key, units=units, width=width):
+    for key, (lin, n_units, width) in units.items():  # (output projection, units, columns per unit)
+        def pre(mod, args, key=key, units=n_units, width=width):
             x = args[0]
             if x.requires_grad:
                 def on_grad(g, x=x.detach()):
@@ -178,15 +183,12 @@ def _taylor(model, calibration, gates: Dict[str, tuple], weights: Dict[str, torc
         handles.append(lin.register_forward_pre_hook(pre))
     params = list(model.parameters())
     req = [p.requires_grad for p in params]
+    # Only the scored weights need gradients; with none (unit scores) the watched activations
+    # need a path to the loss, so every parameter requires grad (their .grad is cleared after).
     for p in params:
-        p.requires_grad_(False)
+        p.requires_grad_(not weights)
     for lin in weights.values():
         lin.weight.requires_grad_(True)
-    # With no weight to differentiate, the watched activations need a path to the loss: let the
-    # model's parameters require grad (their .grad is cleared afterwards).
-    if not weights:
-        for p in params:
-            p.requires_grad_(True)
     try:
         for f in _calls(calibration):
             with torch.enable_grad():
@@ -221,13 +223,7 @@ def _reconstruct(model, ref, name: str, residual: Optional[str], calibration, ri
     if residual:
         res_in: List[torch.Tensor] = []
         hooks.append(ref.get_submodule(residual).register_forward_pre_hook(lambda m, a: res_in.append(flat(a[0]))))
-    try:
-        for f in _calls(calibration):
-            with torch.no_grad():
-                f(ref)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run(ref, calibration, hooks)
     if residual:
         targets = [t + r for t, r in zip(targets, res_in)]
     k = lin.in_features
@@ -244,13 +240,7 @@ def _reconstruct(model, ref, name: str, residual: Optional[str], calibration, ri
     hooks = [lin.register_forward_pre_hook(acc)]
     if residual:
         hooks.append(model.get_submodule(residual).register_forward_pre_hook(lambda m, a: cur.__setitem__("res", flat(a[0]))))
-    try:
-        for f in _calls(calibration):
-            with torch.no_grad():
-                f(model)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run(model, calibration, hooks)
     G.diagonal().add_(ridge * G.diagonal().mean())
     if lin.bias is None:  # no bias to absorb the mean: refit without the constant column
         G, C = G[:-1, :-1], C[:-1]
@@ -268,8 +258,8 @@ def _unit_scores(model, key: str, entry: tuple, calibration) -> torch.Tensor:
     if crit == "magnitude":
         return st.head_scores_magnitude(p) if what == "heads" else st.neuron_scores_magnitude(p)
     if crit == "taylor":
-        gate = (p.o, p.units, p.unit_width) if what == "heads" else (p.down, p.down.in_features, 1)
-        return _taylor(model, calibration, {key: gate}, {})[0][key]
+        watch = (p.o, p.units, p.unit_width) if what == "heads" else (p.down, p.down.in_features, 1)
+        return _taylor(model, calibration, {key: watch}, {})[0][key]
     stats = _record(model, [], {key: entry}, calibration)
     if crit == "activation":
         return stats.unit[key]
@@ -279,11 +269,6 @@ def _unit_scores(model, key: str, entry: tuple, calibration) -> torch.Tensor:
 
 def _name_of(model, module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
-
-
-def _set(model, name: str, new: torch.nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 def _apply_structure(model, recipe, calibration, progress, report) -> None:
@@ -369,7 +354,7 @@ def _apply_structure(model, recipe, calibration, progress, report) -> None:
         row.update(criterion=rule.get("criterion", "magnitude"), reconstructed=bool(rule.get("reconstruct")))
         report.append(row)
     for name in drops:
-        _set(model, name, st.Passthrough(type(model.get_submodule(name)).__name__))
+        model.set_submodule(name, st.Passthrough(type(model.get_submodule(name)).__name__))
         report.append({"name": name, "kind": "drop", "shape": "layer", "after": "passthrough"})
 
 
@@ -459,7 +444,7 @@ def sparsify(model: torch.nn.Module, recipe: Dict[str, Optional[dict]], calibrat
             choice = _choose(name, sparse, dense, stats, shapes, min_speedup, cache, row)
         row["kernel"] = "dense" if choice is dense else choice.format_name
         # A layer kept dense still carries the pruning (its zeros), so quality is the recipe's.
-        _set(model, name, choice)
+        model.set_submodule(name, choice)
         report.append(row)
     return report
 

@@ -18,6 +18,15 @@ class PrunedFFN(NamedTuple):
     kept: torch.Tensor
 
 
+def neuron_norms(w1: torch.Tensor, w2: torch.Tensor, w3: Optional[torch.Tensor] = None, p: int = 2) -> torch.Tensor:
+    """Per intermediate neuron j: ||W1[j, :]||_p + ||W2[:, j]||_p (+ ||W3[j, :]||_p), in fp64."""
+    with torch.no_grad():
+        score = w1.double().norm(p=p, dim=1) + w2.double().norm(p=p, dim=0)
+        if w3 is not None:
+            score = score + w3.double().norm(p=p, dim=1)
+    return score
+
+
 def ffn_neurons(w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, ratio: float,
                 criterion: Union[str, torch.Tensor] = "l1", *, w3: Optional[torch.Tensor] = None,
                 keep_shape: bool = False) -> PrunedFFN:
@@ -44,11 +53,7 @@ def ffn_neurons(w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, 
             raise ValueError(f"pysparse.prune.ffn_neurons: scores must have shape ({h},), got {tuple(criterion.shape)}")
         score = criterion.detach().double().to(w1.device)
     elif criterion in ("l1", "l2"):
-        p = 1 if criterion == "l1" else 2
-        with torch.no_grad():
-            score = w1.double().norm(p=p, dim=1) + w2.double().norm(p=p, dim=0)
-            if w3 is not None:
-                score = score + w3.double().norm(p=p, dim=1)
+        score = neuron_norms(w1, w2, w3, p=1 if criterion == "l1" else 2)
     else:
         raise ValueError(f"pysparse.prune.ffn_neurons: criterion must be 'l1', 'l2' or a tensor of scores, got {criterion!r}")
     keep = max(1, round(h * (1.0 - float(ratio))))

@@ -20,6 +20,8 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
+from .ffn import neuron_norms
+
 
 class AttentionParts(NamedTuple):
     q: torch.nn.Linear
@@ -46,15 +48,11 @@ class AttentionParts(NamedTuple):
 
 
 class FFNParts(NamedTuple):
-    up: torch.nn.Linear              # act(up x) [* gate-less]; LLaMA: gate_proj carries the activation
-    gate: Optional[torch.nn.Linear]  # LLaMA: up_proj (the linear factor); None for BERT
+    up: torch.nn.Linear              # the projection the activation is applied to (LLaMA: gate_proj)
+    gate: Optional[torch.nn.Linear]  # the linear factor it is multiplied by (LLaMA: up_proj); None for BERT
     down: torch.nn.Linear
     residual_is_input: bool  # post-norm (BERT): the block's residual is up's input, added to down's output
     replace: Callable[[str, torch.nn.Linear], None]   # replace("up" | "gate" | "down", new)
-
-
-def _setter(owner: torch.nn.Module, attr: str):
-    return lambda new: setattr(owner, attr, new)
 
 
 def attention_parts(module: torch.nn.Module) -> Optional[AttentionParts]:
@@ -173,11 +171,7 @@ def prune_neurons(module: torch.nn.Module, keep: torch.Tensor) -> None:
 
 def neuron_scores_magnitude(p: FFNParts) -> torch.Tensor:
     """||W_up[j]|| + ||W_down[:, j]|| (+ ||W_gate[j]||), L2."""
-    with torch.no_grad():
-        s = p.up.weight.double().norm(dim=1) + p.down.weight.double().norm(dim=0)
-        if p.gate is not None:
-            s = s + p.gate.weight.double().norm(dim=1)
-    return s
+    return neuron_norms(p.up.weight, p.down.weight, None if p.gate is None else p.gate.weight)
 
 
 class Passthrough(torch.nn.Module):
