@@ -7,6 +7,7 @@ block-sparse attention kernel.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -54,7 +55,9 @@ def _nm_linear_cuda(input, values, mask, shape, n, m, bias, activation="none"):
 
 @torch.library.register_kernel("pysparse::nm_spmm", "cuda")
 def _nm_spmm_cuda(values, mask, shape, n, m, dense):
-    return nm_linear(dense.t(), values.contiguous(), mask.contiguous(), shape, n, m).t()
+    if dense.dim() < 2:
+        raise ValueError(f"nm_spmm: dense must be (K, n) or a batch (..., K, n), got {dense.dim()}-D")
+    return nm_linear(dense.transpose(-1, -2), values.contiguous(), mask.contiguous(), shape, n, m).transpose(-1, -2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,21 +442,23 @@ def _bsr_launch(crow, col, values, b, bias, out, M, N, K, b_strides, out_strides
 
 def bsr_spmm(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, shape,
              dense: torch.Tensor, *, block_n: Optional[int] = None) -> torch.Tensor:
-    """A @ dense for A (M, K) in BSR form (values (nnzb, bh, bw)); dense (K, n), any strides ->
-    (M, n) in values' dtype, accumulated in fp32.
+    """A @ dense for A (M, K) in BSR form (values (nnzb, bh, bw)); dense (K, n), any strides, or a
+    batch (..., K, n) -> (..., M, n) in values' dtype, accumulated in fp32.
 
-    `block_n` fixes the output-column tile (a power of two >= 16) instead of autotuning; the
-    interpreter always uses one large tile.
+    A batch runs one launch per matrix. `block_n` fixes the output-column tile (a power of two
+    >= 16) instead of autotuning; the interpreter always uses one large tile.
     """
-    if dense.dim() != 2:
-        raise ValueError(f"bsr_spmm: dense must be 2-D (K, n), got {dense.dim()}-D")
+    if dense.dim() < 2:
+        raise ValueError(f"bsr_spmm: dense must be (K, n) or a batch (..., K, n), got {dense.dim()}-D")
     M, K, _, _ = _bsr_check("bsr_spmm", crow_indices, col_indices, values, shape, dense, "dense")
-    if dense.shape[0] != K:
-        raise ValueError(f"bsr_spmm: dense has {dense.shape[0]} rows but A has {K} columns")
-    n = dense.shape[1]
-    out = torch.empty((M, n), dtype=values.dtype, device=values.device)
-    _bsr_launch(crow_indices, col_indices, values, dense, None, out, M, n, K,
-                (dense.stride(0), dense.stride(1)), (out.stride(0), out.stride(1)), block_n)
+    if dense.shape[-2] != K:
+        raise ValueError(f"bsr_spmm: dense has {dense.shape[-2]} rows but A has {K} columns")
+    n, batch = dense.shape[-1], math.prod(dense.shape[:-2])
+    out = torch.empty((*dense.shape[:-2], M, n), dtype=values.dtype, device=values.device)
+    b3, o3 = dense.reshape(batch, K, n), out.view(batch, M, n)
+    for i in range(batch):
+        _bsr_launch(crow_indices, col_indices, values, b3[i], None, o3[i], M, n, K,
+                    (b3.stride(1), b3.stride(2)), (o3.stride(1), o3.stride(2)), block_n)
     return out
 
 

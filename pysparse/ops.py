@@ -28,10 +28,10 @@ def _fake_common(values, dense, shape, what):
 @torch.library.register_fake("pysparse::csr_spmm")
 def _csr_spmm_fake(crow_indices, col_indices, values, shape, dense):
     _fake_common(values, dense, shape, "dense")
-    torch._check(dense.dim() == 2, lambda: f"pysparse: dense must be 2-D, got {dense.dim()}-D")
-    torch._check(dense.shape[0] == shape[1],
-                 lambda: f"pysparse: dense has {dense.shape[0]} rows but the sparse matrix has {shape[1]} columns")
-    return dense.new_empty((shape[0], dense.shape[1]))
+    torch._check(dense.dim() >= 2, lambda: f"pysparse: dense must be (K, n) or a batch (..., K, n), got {dense.dim()}-D")
+    torch._check(dense.shape[-2] == shape[1],
+                 lambda: f"pysparse: dense has {dense.shape[-2]} rows but the sparse matrix has {shape[1]} columns")
+    return dense.new_empty((*dense.shape[:-2], shape[0], dense.shape[-1]))
 
 
 @torch.library.register_fake("pysparse::bsr_spmm")
@@ -87,7 +87,8 @@ def _nm_decompress_fake(values, mask, shape, n, m):
 
 def csr_spmm(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
              shape: List[int], dense: torch.Tensor) -> torch.Tensor:
-    """A @ dense for A in CSR form (shape (M, K)); dense (K, n) -> (M, n), in values' dtype."""
+    """A @ dense for A in CSR form (shape (M, K)); dense (K, n) -> (M, n), or a batch (..., K, n)
+    -> (..., M, n), in values' dtype."""
     return _ops.csr_spmm.default(crow_indices, col_indices, values, list(shape), dense)
 
 
@@ -99,7 +100,7 @@ def csr_linear(input: torch.Tensor, crow_indices: torch.Tensor, col_indices: tor
 
 def bsr_spmm(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
              shape: List[int], dense: torch.Tensor) -> torch.Tensor:
-    """A @ dense for A in BSR form (values (nnzb, bh, bw)); dense (K, n) -> (M, n)."""
+    """A @ dense for A in BSR form (values (nnzb, bh, bw)); dense (K, n) or (..., K, n) -> (..., M, n)."""
     return _ops.bsr_spmm.default(crow_indices, col_indices, values, list(shape), dense)
 
 
@@ -111,7 +112,8 @@ def bsr_linear(input: torch.Tensor, crow_indices: torch.Tensor, col_indices: tor
 
 def nm_spmm(values: torch.Tensor, mask: torch.Tensor, shape: List[int], n: int, m: int,
             dense: torch.Tensor) -> torch.Tensor:
-    """A @ dense for A in N:M form (values (M, K/m*n), mask bitmap (M, ceil(K/8)) uint8)."""
+    """A @ dense for A in N:M form (values (M, K/m*n), mask bitmap (M, ceil(K/8)) uint8); dense
+    (K, n) or (..., K, n) -> (..., M, n)."""
     return _ops.nm_spmm.default(values, mask, list(shape), n, m, dense)
 
 
@@ -137,15 +139,17 @@ def _check_operands(fn: str, A, x: torch.Tensor, what: str) -> None:
 
 
 def spmm(A, X: torch.Tensor) -> torch.Tensor:
-    """A @ X for a sparse A (CSR or BSR, shape (M, K)) and a dense X (K, n): returns (M, n).
+    """A @ X for a sparse A (CSR, BSR or N:M, shape (M, K)) and a dense X (K, n): returns (M, n).
 
-    X may be non-contiguous. Values and X share a dtype (float32, bfloat16 or float16);
-    products accumulate in fp32 and the result has the input dtype.
+    X may also be a batch (..., K, n), multiplied matrix by matrix into (..., M, n) (an NCHW 1x1
+    convolution is A @ x.view(N, C, H*W)); on the CPU the batch is one call whose threads take
+    whole matrices. X may be non-contiguous. Values and X share a dtype (float32, bfloat16 or
+    float16); products accumulate in fp32 and the result has the input dtype.
     """
     _check_operands("spmm", A, X, "X")
-    if X.dim() != 2 or X.shape[0] != A.shape[1]:
+    if X.dim() < 2 or X.shape[-2] != A.shape[1]:
         raise ValueError(f"pysparse.spmm: A is {A.shape[0]}x{A.shape[1]}, so X must be "
-                         f"({A.shape[1]}, n), got {tuple(X.shape)}")
+                         f"({A.shape[1]}, n) or (..., {A.shape[1]}, n), got {tuple(X.shape)}")
     if isinstance(A, SparseNM):
         return nm_spmm(A.values, A.mask, list(A.shape), A.n, A.m, X)
     op = csr_spmm if isinstance(A, CSR) else bsr_spmm

@@ -411,7 +411,8 @@ def test_api_rejects_dtype_mismatch(A_dtype, X_dtype):
 
 @pytest.mark.parametrize("shape", [(32, 4), (34, 4), (33,), (33, 4, 1), (4, 33)])
 def test_spmm_rejects_shape_mismatch(shape):
-    with pytest.raises(ValueError, match=r"pysparse\.spmm: A is 7x33, so X must be \(33, n\), got " + re.escape(str(shape))):
+    with pytest.raises(ValueError, match=r"pysparse\.spmm: A is 7x33, so X must be \(33, n\) or \(\.\.\., 33, n\), got "
+                       + re.escape(str(shape))):
         pysparse.spmm(_A(), torch.randn(*shape))
 
 
@@ -547,7 +548,7 @@ def test_raw_shape_and_bias_errors():
     crow, col, values, shape = GOOD["crow"], GOOD["col"], GOOD["values"], GOOD["shape"]
     with pytest.raises(RuntimeError, match=r"pysparse: dense has 5 rows but the sparse matrix has 4 columns"):
         ops.csr_spmm(crow, col, values, shape, torch.ones(5, 2))
-    with pytest.raises(RuntimeError, match=r"pysparse: dense must be 2-D, got shape \[4\]"):
+    with pytest.raises(RuntimeError, match=r"pysparse: dense must be \(K, n\) or a batch \(\.\.\., K, n\), got 1-D"):
         ops.csr_spmm(crow, col, values, shape, torch.ones(4))
     with pytest.raises(RuntimeError, match=r"pysparse: input's last dimension \(5\) must equal the sparse matrix's columns \(4\)"):
         ops.csr_linear(torch.ones(2, 5), crow, col, values, shape, None)

@@ -133,7 +133,7 @@ def test_bad_inputs_say_what_is_wrong():
     A = bsr(pruned((16, 16), seed=16), (16, 16))
     args = (A.crow_indices, A.col_indices, A.values, A.shape)
     X = randn(K, 4, g=gen(17)).to(DEVICE)
-    with pytest.raises(ValueError, match="dense must be 2-D"):
+    with pytest.raises(ValueError, match=r"dense must be \(K, n\) or a batch"):
         _triton.bsr_spmm(*args, X[:, 0])
     with pytest.raises(ValueError, match="dense has 64 rows"):
         _triton.bsr_spmm(*args, X[:64])

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstring>
 #include <cstdlib>
+#include <functional>
 #include <mutex>
 
 #include "checks.h"
@@ -197,9 +198,11 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
                    " differs from the sparse values' dtype ", A.values.scalar_type());
   const int64_t M = A.M, K = A.K;
 
-  // View the dense operand as B (K, n) with element strides (sk, sn).
+  // View the dense operand as a batch of B (K, n) with element strides (sk, sn), image b at
+  // element offset b * sb. Only the spmm layout batches: a 1x1 convolution's NCHW input is a
+  // batch of (Cin, H*W) images whose products are the NCHW output, written in place.
   at::Tensor src;
-  int64_t n, sk, sn;
+  int64_t n, sk, sn, sb = 0, nbatch = 1;
   std::vector<int64_t> out_shape;
   if (linear) {
     TORCH_CHECK(dense.dim() >= 1 && dense.size(-1) == K, "pysparse: input's last dimension (",
@@ -212,14 +215,18 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
     out_shape = dense.sizes().vec();
     out_shape.back() = M;
   } else {
-    check_dim(dense, 2, "dense");
-    TORCH_CHECK(dense.size(0) == K, "pysparse: dense has ", dense.size(0),
+    TORCH_CHECK(dense.dim() >= 2, "pysparse: dense must be (K, n) or a batch (..., K, n), got ",
+                dense.dim(), "-D");
+    TORCH_CHECK(dense.size(-2) == K, "pysparse: dense has ", dense.size(-2),
                 " rows but the sparse matrix has ", K, " columns");
-    src = dense;
-    n = dense.size(1);
-    sk = dense.stride(0);
-    sn = dense.stride(1);
-    out_shape = {M, n};
+    n = dense.size(-1);
+    for (int64_t d = 0; d + 2 < dense.dim(); ++d) nbatch *= dense.size(d);
+    src = dense.dim() == 3 ? dense : dense.reshape({nbatch, K, n});
+    sb = src.stride(0);
+    sk = src.stride(1);
+    sn = src.stride(2);
+    out_shape = dense.sizes().vec();
+    out_shape[out_shape.size() - 2] = M;
   }
   const at::Tensor* bias_t = nullptr;
   if (bias.has_value()) {
@@ -233,16 +240,19 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   }
   at::Tensor bias_c = bias_t ? bias_t->contiguous() : at::Tensor();
 
-  at::Tensor out = at::empty({linear ? n : M, linear ? M : n}, A.values.options());
-  if (M == 0 || n == 0) return out.reshape(out_shape);
+  // Returned as allocated (not a reshaped view of it: autograd's fallback for an op without a
+  // derivative treats a view output as aliasing, and a later in-place bias add would fail).
+  at::Tensor out = at::empty(out_shape, A.values.options());
+  if (M == 0 || n == 0 || nbatch == 0) return out;
   if (A.values.numel() == 0 || K == 0) {
     TORCH_CHECK(A.values.numel() == 0, "pysparse: a matrix with 0 columns cannot hold nonzeros");
-    if (bias_t) out.copy_(linear ? bias_c.unsqueeze(0).expand({n, M}) : bias_c.unsqueeze(1).expand({M, n}));
-    else out.zero_();
+    if (!bias_t) out.zero_();
+    else if (linear) out.view({n, M}).copy_(bias_c.unsqueeze(0).expand({n, M}));
+    else out.view({nbatch, M, n}).copy_(bias_c.view({1, M, 1}).expand({nbatch, M, n}));
     if (act == kActRelu) out.clamp_min_(0);
-    else if (act == kActGelu) out = at::gelu(out);
-    else if (act == kActSilu) out = at::silu(out);
-    return out.reshape(out_shape);
+    else if (act == kActGelu) at::gelu_(out);
+    else if (act == kActSilu) at::silu_(out);
+    return out;
   }
 
   const KernelTable& kt = active_kernels();
@@ -252,104 +262,182 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   const bool small = A.nm() && A.n == 2 && A.m == 4 && n > 1 && K % 32 == 0 && kt.nm_small[dt] != nullptr;
   const int nb = gemv ? 1 : small ? int(n) : (A.blocked ? kt.bsr_panel_width(n, K) : kt.csr_panel_width(n, K));
   const int64_t npanels = (n + nb - 1) / nb;
-
-  // Pack B into fp32 panels unless it already is one contiguous fp32 panel of the right width
-  // (a row stride other than nb would make panel rows alias in L1 for n a multiple of 512 B).
-  Panels P{};
-  P.n = n;
-  P.nb = nb;
-  at::Tensor packed;
+  const int64_t esize = A.values.element_size();
+  const int64_t rows = A.blocked ? M / A.bh : M;
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t nnz_elems = A.values.numel();
+  // B used as it is: one contiguous fp32 panel of the right width (a row stride other than nb
+  // would make panel rows alias in L1 for n a multiple of 512 B), or the vector of a gemv.
   const bool direct = dt == kF32 && (gemv ? sk == 1 : (sn == 1 && n == nb && sk == nb));
-  if (small) {
-    const at::Tensor rows = linear ? src : src.t();
-    packed = dt == kF32 && rows.stride(1) == 1 ? rows : rows.to(at::kFloat).contiguous();
-    P.b = packed.data_ptr<float>();
-    P.ldb = packed.stride(0);
-    P.panel_stride = 0;
-  } else if (direct) {
-    P.b = src.data_ptr<float>();
-    P.ldb = gemv ? 1 : sk;
-    P.panel_stride = 0;
-  } else {
-    packed = at::empty({npanels * K * nb}, A.values.options().dtype(at::kFloat));
-    PackArgs pa{src.data_ptr(), K, n, sk, sn, packed.data_ptr<float>(), nb};
-    const PackFn pack = kt.pack[dt];
-    constexpr int64_t kChunk = 256;
-    const int64_t kchunks = (K + kChunk - 1) / kChunk;
-    auto body = [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t p = t / kchunks, k0 = (t % kchunks) * kChunk;
-        pack(pa, p, p + 1, k0, std::min(K, k0 + kChunk));
-      }
-    };
-    if (K * n < kSerialWork * 4) body(0, npanels * kchunks);
-    else at::parallel_for(0, npanels * kchunks, 1, body);
-    P.b = packed.data_ptr<float>();
-    P.ldb = nb;
-    P.panel_stride = K * nb;
-  }
+  const bool keep_rows = small && dt == kF32 && sk == 1;  // B^T's rows as they are
+  // A dense operand that dwarfs the matrix (a 1x1 convolution: 25k columns against a few thousand
+  // nonzeros): each panel is packed just before all rows multiply it, so it is in L1/L2 when
+  // read, and the small matrix is re-read from cache per panel. Otherwise the matrix is the bigger
+  // stream: all panels are packed first, and the kernel walks row chunks x panels.
+  const bool wide = !A.nm() && !gemv && !direct && K * n * 4 > 8 * nnz_elems * (esize + 4);
+  // Panels packed at once in the wide case: a strip that stays in L2.
+  const int64_t strip = std::max<int64_t>(1, std::min<int64_t>(npanels, (256 << 10) / (K * nb * 4)));
+  const int64_t image_floats = wide ? strip * K * nb : small ? (keep_rows ? 0 : n * K) : direct ? 0 : npanels * K * nb;
 
   // ReLU is fused into the kernels' epilogue; gelu and silu run right after on the output (still
   // in cache) with torch's vector kernels: the epilogue's scalar erff made a fused gelu cost 2.4x
   // the product itself (1536x384 2:4, n = 32: 418 against 173 us unfused).
-  Output O{out.data_ptr(), linear ? 1 : n, linear ? M : 1, bias_t ? bias_c.data_ptr() : nullptr,
-           act == kActRelu ? act : kActNone};
+  const Output O0{out.data_ptr(), linear ? 1 : n, linear ? M : 1, bias_t ? bias_c.data_ptr() : nullptr,
+                  act == kActRelu ? act : kActNone};
+  auto output_of = [&](int64_t b, int64_t j0) {  // image b's output from column j0 on
+    Output O = O0;
+    O.out = static_cast<char*>(O0.out) + (b * M * n + j0 * O0.sn) * esize;
+    return O;
+  };
+  const char* src_base = static_cast<const char*>(src.data_ptr());
+  auto image = [&](int64_t b) { return src_base + b * sb * esize; };
+  const PackFn pack = kt.pack[dt];
 
-  // Tasks: row parts (nnz-balanced) x panel groups, so a short, wide product still fills threads.
-  const int64_t rows = A.blocked ? M / A.bh : M;
-  const int64_t nthreads = at::get_num_threads();
-  const int64_t nnz_elems = A.values.numel();
-  const bool serial = nnz_elems * n < kSerialWork || nthreads == 1;
-  // A wide dense operand that dwarfs the sparse matrix (a 1x1 convolution: 25k columns against a
-  // few thousand nonzeros) is split by panel groups instead: each thread then reads its own half
-  // of the packed operand (the half it packed) rather than every panel, and the small matrix
-  // twice. Split by rows otherwise, where the matrix is the bigger stream.
-  const int64_t b_bytes = K * n * 4, a_bytes = nnz_elems * int64_t(A.values.element_size() + 4);
-  const bool by_panels = !serial && !A.nm() && npanels >= 2 * nthreads && b_bytes > 8 * a_bytes;
-  const int64_t want_parts = serial || by_panels ? 1 : std::min<int64_t>(nthreads, std::max<int64_t>(1, rows / 8));
-  const int64_t row_cost = A.blocked ? 8 : 2;
-  std::vector<int64_t> bounds;
-  if (A.nm()) {  // every row holds the same number of values: equal row counts balance
-    for (int64_t i = 0; i < want_parts; ++i) bounds.push_back(std::min(rows, (rows * i / want_parts + 15) / 16 * 16));
-    bounds.push_back(rows);
-    bounds.erase(std::unique(bounds.begin(), bounds.end()), bounds.end());
-  } else {
-    bounds = it != kI64 ? balanced_rows<int32_t>(A.crow, rows, want_parts, row_cost, A.blocked ? 1 : 8)
-                        : balanced_rows<int64_t>(A.crow, rows, want_parts, row_cost, A.blocked ? 1 : 8);
-  }
-  const int64_t parts = int64_t(bounds.size()) - 1;
-  const int64_t groups = serial ? 1 : std::min<int64_t>(npanels, (nthreads + parts - 1) / parts);
-  const int64_t ntasks = parts * groups;
-  std::vector<int> bad(ntasks, 0);
-
-  auto run_task = [&](int64_t t) {
-    const int64_t part = t / groups, g = t % groups;
-    const int64_t p0 = npanels * g / groups, p1 = npanels * (g + 1) / groups;
-    const int64_t r0 = bounds[part], r1 = bounds[part + 1];
+  // Rows [r0, r1) x panels [p0, p1) of B (panels P) into O.
+  auto multiply = [&](const Panels& P, const Output& O, int64_t r0, int64_t r1, int64_t p0, int64_t p1, int* bad) {
     if (A.nm()) {
       std::vector<int32_t> scratch(size_t(kNmChunkRows) * (K / A.m * A.n + 8));  // decode_row writes 8 ahead
       NmArgs a{A.values.data_ptr(), A.mask.data_ptr<uint8_t>(), M, K, A.n, A.m, P, O, scratch.data()};
       (gemv ? kt.nm_gemv[dt] : small ? kt.nm_small[dt] : kt.nm[dt])(a, r0, r1, p0, p1);
     } else if (A.blocked) {
-      std::vector<float> scratch(size_t(A.bh) * (nb + A.bw + 17));
+      std::vector<float> scratch(size_t(A.bh) * (P.nb + A.bw + 17));
       BsrArgs a{A.crow.data_ptr(), A.col.data_ptr(), A.values.data_ptr(), M, K, A.bh, A.bw,
-                P, O, &bad[t], scratch.data()};
+                P, O, bad, scratch.data()};
       (gemv ? kt.bsr_gemv[dt][it] : kt.bsr[dt][it])(a, r0, r1, p0, p1);
     } else {
-      CsrArgs a{A.crow.data_ptr(), A.col.data_ptr(), A.values.data_ptr(), M, K, P, O, &bad[t]};
+      CsrArgs a{A.crow.data_ptr(), A.col.data_ptr(), A.values.data_ptr(), M, K, P, O, bad};
       (gemv ? kt.csr_gemv[dt][it] : kt.csr[dt][it])(a, r0, r1, p0, p1);
     }
   };
-  if (ntasks == 1) run_task(0);
-  else at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) run_task(t);
-  });
+  // Panels [p0, p1) of image b packed into buf, then all rows times each. The strip is packed
+  // row by row across its panels (longer reads of a strided image; see pack_panels) and sized to
+  // stay in L2. A narrower last panel gets the narrowest width that holds it (4 columns left of
+  // 196 cost 64 otherwise).
+  auto strip_product = [&](int64_t b, int64_t p0, int64_t p1, float* buf, int* bad) {
+    const int64_t full = std::min(p1, n / nb);  // panels [p0, full) are nb wide
+    if (full > p0) {  // as an operand of its own: columns [p0 nb, n) of the image
+      const int64_t j0 = p0 * nb;
+      pack(PackArgs{image(b) + j0 * sn * esize, K, n - j0, sk, sn, buf, nb}, 0, full - p0, 0, K);
+      multiply(Panels{buf, nb, K * nb, n - j0, nb}, output_of(b, j0), 0, rows, 0, full - p0, bad);
+    }
+    if (full < p1) {
+      const int64_t j0 = full * nb, w = n - j0;
+      const int wb = A.blocked ? kt.bsr_panel_width(w, K) : kt.csr_panel_width(w, K);
+      float* tail = buf + (full - p0) * K * nb;
+      pack(PackArgs{image(b) + j0 * sn * esize, K, w, sk, sn, tail, wb}, 0, 1, 0, K);
+      multiply(Panels{tail, wb, 0, w, wb}, output_of(b, j0), 0, rows, 0, 1, bad);
+    }
+  };
+  // Image b's B as panels (packed into buf unless used as it is), packing split between threads.
+  auto panels_of = [&](int64_t b, float* buf, bool parallel) {
+    Panels P{};
+    P.n = n;
+    P.nb = nb;
+    P.b = buf;
+    if (small) {
+      if (keep_rows) {
+        P.b = reinterpret_cast<const float*>(image(b));
+        P.ldb = sn;
+      } else {  // transposing pack: row i of the (n, K) result is column i of B
+        pack(PackArgs{image(b), n, K, sn, sk, buf, int(K)}, 0, 1, 0, n);
+        P.ldb = K;
+      }
+    } else if (direct) {
+      P.b = reinterpret_cast<const float*>(image(b));
+      P.ldb = gemv ? 1 : sk;
+    } else {
+      const PackArgs pa{image(b), K, n, sk, sn, buf, nb};
+      constexpr int64_t kChunk = 256;
+      const int64_t kchunks = (K + kChunk - 1) / kChunk;
+      auto body = [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t p = t / kchunks, k0 = (t % kchunks) * kChunk;
+          pack(pa, p, p + 1, k0, std::min(K, k0 + kChunk));
+        }
+      };
+      if (!parallel || K * n < kSerialWork * 4) pack(pa, 0, npanels, 0, K);  // whole rows at a time
+      else at::parallel_for(0, npanels * kchunks, 1, body);
+      P.ldb = nb;
+      P.panel_stride = K * nb;
+    }
+    return P;
+  };
+  // fn(w) for workers w in [0, workers), one per thread; the worker index picks its buffer.
+  auto run_workers = [&](int64_t workers, const std::function<void(int64_t)>& fn) {
+    if (workers == 1) return fn(0);
+    at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w) fn(w);
+    });
+  };
+  auto buffer = [&](int64_t count, int64_t floats) {
+    return at::empty({std::max<int64_t>(1, count * floats)}, A.values.options().dtype(at::kFloat));
+  };
+  std::vector<int> bad(std::max<int64_t>(nthreads, 1), 0);
+
+  // Whole images, one at a time per thread, while at least one is left per thread: no thread
+  // then reads what another packed (a batch of 8 1024 -> 256 14x14 products ran 1.2x slower on 2
+  // threads than on 1 when both threads read every packed panel of each image, on this VM whose
+  // vCPUs do not always share a cache).
+  const bool serial = nnz_elems * n * nbatch < kSerialWork || nthreads == 1;
+  const int64_t whole = serial ? nbatch : nbatch / nthreads * nthreads;
+  if (whole > 0) {
+    const int64_t workers = serial ? 1 : nthreads;
+    at::Tensor buf = buffer(workers, image_floats);
+    run_workers(workers, [&](int64_t w) {
+      float* mine = buf.data_ptr<float>() + w * image_floats;
+      for (int64_t b = w; b < whole; b += workers) {
+        if (wide) {
+          for (int64_t p = 0; p < npanels; p += strip) strip_product(b, p, std::min(npanels, p + strip), mine, &bad[w]);
+        } else {
+          multiply(panels_of(b, mine, false), output_of(b, 0), 0, rows, 0, npanels, &bad[w]);
+        }
+      }
+    });
+  }
+
+  // The images left (fewer than the threads: one at batch 1) are each shared by all threads.
+  const bool serial_image = nnz_elems * n < kSerialWork;
+  for (int64_t b = whole; b < nbatch; ++b) {
+    if (wide && (serial_image || npanels >= 2 * nthreads)) {
+      // By panels: each thread packs and multiplies its own share of the panels.
+      const int64_t workers = serial_image ? 1 : std::min(nthreads, npanels);
+      at::Tensor buf = buffer(workers, image_floats);
+      run_workers(workers, [&](int64_t w) {
+        for (int64_t p = npanels * w / workers, pe = npanels * (w + 1) / workers; p < pe; p += strip)
+          strip_product(b, p, std::min(pe, p + strip), buf.data_ptr<float>() + w * image_floats, &bad[w]);
+      });
+      continue;
+    }
+    // By rows (nnz-balanced parts) x panel groups, all sharing panels packed first.
+    const int64_t want_parts = serial_image ? 1 : std::min<int64_t>(nthreads, std::max<int64_t>(1, rows / 8));
+    std::vector<int64_t> bounds;
+    if (A.nm()) {  // every row holds the same number of values: equal row counts balance
+      for (int64_t i = 0; i < want_parts; ++i) bounds.push_back(std::min(rows, (rows * i / want_parts + 15) / 16 * 16));
+      bounds.push_back(rows);
+      bounds.erase(std::unique(bounds.begin(), bounds.end()), bounds.end());
+    } else {
+      const int64_t row_cost = A.blocked ? 8 : 2, align = A.blocked ? 1 : 8;
+      bounds = it != kI64 ? balanced_rows<int32_t>(A.crow, rows, want_parts, row_cost, align)
+                          : balanced_rows<int64_t>(A.crow, rows, want_parts, row_cost, align);
+    }
+    const int64_t parts = int64_t(bounds.size()) - 1;
+    const int64_t groups = serial_image ? 1 : std::min<int64_t>(npanels, (nthreads + parts - 1) / parts);
+    const int64_t ntasks = parts * groups;
+    at::Tensor buf = buffer(1, wide ? npanels * K * nb : image_floats);
+    const Panels P = panels_of(b, buf.data_ptr<float>(), !serial_image);
+    const Output O = output_of(b, 0);
+    if (int64_t(bad.size()) < ntasks) bad.resize(ntasks, 0);
+    run_workers(ntasks, [&](int64_t t) {
+      const int64_t part = t / groups, g = t % groups;
+      multiply(P, O, bounds[part], bounds[part + 1], npanels * g / groups, npanels * (g + 1) / groups, &bad[t]);
+    });
+  }
   for (int b : bad)
     TORCH_CHECK(b == 0, "pysparse: a column index is out of range for a matrix with ",
                 A.blocked ? K / A.bw : K, A.blocked ? " block columns" : " columns");
   if (act == kActGelu) at::gelu_(out);
   else if (act == kActSilu) at::silu_(out);
-  return out.reshape(out_shape);
+  return out;
 }
 
 }  // namespace cpu

@@ -42,7 +42,8 @@ static void dispatch_index(const at::Tensor& crow, const at::Tensor& col, const 
   index_dtype(crow, col);  // throws the one-sentence error
 }
 
-// out (M, n) = A @ B for B (K, n); bias per row of out.
+// out[i] (M, n) = A @ B[i] for B (batch, K, n); bias per row of out. One launch per image, the row
+// order computed once.
 static at::Tensor spmm_mn(const at::Tensor& crow_in, const at::Tensor& col_in, const at::Tensor& values_in,
                           c10::SymIntArrayRef shape, const at::Tensor& B_in, const std::optional<at::Tensor>& bias) {
   value_dtype(values_in, "values");
@@ -57,7 +58,7 @@ static at::Tensor spmm_mn(const at::Tensor& crow_in, const at::Tensor& col_in, c
   for (const at::Tensor* t : {&crow_in, &col_in, &B_in}) check_same_device(values_in, *t, "operand");
   TORCH_CHECK_TYPE(B_in.scalar_type() == values_in.scalar_type(), "pysparse: dense dtype ", B_in.scalar_type(),
                    " differs from the sparse values' dtype ", values_in.scalar_type());
-  TORCH_CHECK(B_in.size(0) == K, "pysparse: dense has ", B_in.size(0), " rows but the sparse matrix has ", K, " columns");
+  TORCH_CHECK(B_in.size(1) == K, "pysparse: dense has ", B_in.size(1), " rows but the sparse matrix has ", K, " columns");
   if (bias) {
     check_same_device(values_in, *bias, "bias");
     TORCH_CHECK_TYPE(bias->scalar_type() == values_in.scalar_type(), "pysparse: bias dtype differs from the values' dtype");
@@ -65,18 +66,23 @@ static at::Tensor spmm_mn(const at::Tensor& crow_in, const at::Tensor& col_in, c
   }
   c10::cuda::CUDAGuard guard(values_in.device());
   const at::Tensor crow = crow_in.contiguous(), col = col_in.contiguous(), values = values_in.contiguous();
-  const at::Tensor B = B_in.stride(1) == 1 ? B_in : B_in.contiguous();
-  at::Tensor out = at::empty({M, B.size(1)}, values.options());
-  if (M == 0 || B.size(1) == 0) return out;
+  const at::Tensor B = B_in.stride(2) == 1 ? B_in : B_in.contiguous();
+  const int64_t batch = B.size(0);
+  at::Tensor out = at::empty({batch, M, B.size(2)}, values.options());
+  if (M == 0 || B.size(2) == 0 || batch == 0) return out;
   // Longest rows first: a stable descending sort of the row lengths, on the device.
   const at::Tensor lengths = (crow.slice(0, 1) - crow.slice(0, 0, M)).to(at::kLong);
   const at::Tensor perm = std::get<1>(lengths.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true)).contiguous();
   const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
   at::Tensor bad = at::zeros({1}, values.options().dtype(at::kInt));
-  switch (values.scalar_type()) {
-    case at::kFloat: dispatch_index<float>(crow, col, values, perm, M, K, B, bias ? &bias_c : nullptr, out, bad.data_ptr<int>()); break;
-    case at::kHalf: dispatch_index<__half>(crow, col, values, perm, M, K, B, bias ? &bias_c : nullptr, out, bad.data_ptr<int>()); break;
-    default: dispatch_index<__nv_bfloat16>(crow, col, values, perm, M, K, B, bias ? &bias_c : nullptr, out, bad.data_ptr<int>()); break;
+  for (int64_t i = 0; i < batch; ++i) {
+    const at::Tensor Bi = B[i];
+    at::Tensor oi = out[i];
+    switch (values.scalar_type()) {
+      case at::kFloat: dispatch_index<float>(crow, col, values, perm, M, K, Bi, bias ? &bias_c : nullptr, oi, bad.data_ptr<int>()); break;
+      case at::kHalf: dispatch_index<__half>(crow, col, values, perm, M, K, Bi, bias ? &bias_c : nullptr, oi, bad.data_ptr<int>()); break;
+      default: dispatch_index<__nv_bfloat16>(crow, col, values, perm, M, K, Bi, bias ? &bias_c : nullptr, oi, bad.data_ptr<int>()); break;
+    }
   }
   // Synchronises: a bad index must be an error, not a silently clamped result.
   TORCH_CHECK(bad.item<int>() == 0, "pysparse: a column index or row pointer is out of range for a matrix with ", K,
@@ -84,10 +90,17 @@ static at::Tensor spmm_mn(const at::Tensor& crow_in, const at::Tensor& col_in, c
   return out;
 }
 
+// dense (K, n) or a batch (..., K, n) -> (..., M, n), as on the CPU.
 static at::Tensor csr_spmm_cuda(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
                                 c10::SymIntArrayRef shape, const at::Tensor& dense) {
-  check_dim(dense, 2, "dense");
-  return spmm_mn(crow, col, values, shape, dense, std::nullopt);
+  TORCH_CHECK(dense.dim() >= 2, "pysparse: dense must be (K, n) or a batch (..., K, n), got ", dense.dim(), "-D");
+  TORCH_CHECK(shape.size() == 2, "pysparse: shape must have 2 entries, got ", shape.size());
+  int64_t batch = 1;
+  for (int64_t d = 0; d + 2 < dense.dim(); ++d) batch *= dense.size(d);
+  std::vector<int64_t> out_shape = dense.sizes().vec();
+  out_shape[out_shape.size() - 2] = shape[0].expect_int();
+  return spmm_mn(crow, col, values, shape, dense.reshape({batch, dense.size(-2), dense.size(-1)}), std::nullopt)
+      .reshape(out_shape);
 }
 
 static at::Tensor csr_linear_cuda(const at::Tensor& input, const at::Tensor& crow, const at::Tensor& col,
@@ -98,7 +111,7 @@ static at::Tensor csr_linear_cuda(const at::Tensor& input, const at::Tensor& cro
   const at::Tensor x = input.reshape({-1, K});
   std::vector<int64_t> out_shape = input.sizes().vec();
   out_shape.back() = M;
-  return spmm_mn(crow, col, values, shape, x.t(), bias).t().reshape(out_shape);
+  return spmm_mn(crow, col, values, shape, x.t().unsqueeze(0), bias)[0].t().reshape(out_shape);
 }
 
 TORCH_LIBRARY_IMPL(pysparse, CUDA, m) {

@@ -30,10 +30,6 @@ _FORMATS = {"csr": CSR, "bsr": BSR, "nm": SparseNM}
 # batch 8 took 40 ms with one 29 MB F.unfold per 4 images, 6.4 ms with 2 MiB chunks).
 _IM2COL_BYTES = 2 * 2**20
 
-# Read each image sequentially before its 1x1 product when the input is bigger than this (see
-# _forward_1x1); about half the L3 of the machine measured.
-_STREAM_BYTES = 16 * 2**20
-
 # BSR block sizes tried when none is given: the largest square block dividing the matrix.
 _AUTO_BLOCKS = (32, 16, 8, 4)
 
@@ -342,47 +338,27 @@ class SparseConv2d(torch.nn.Module):
         cin = self.in_channels // G
         N, _, H, W = x.shape
         if channels_last:
-            # x[n] as (H, W, Cin) is its memory as it is (a copy only after subsampling): a linear
-            # per image, the bias fused, gives the channels_last output. Image by image because
-            # the kernel packs its whole input first (one call over 256 x 56x56 x 8 packed 26 MB
-            # and ran 1.7x slower than 8 calls).
+            # x as (N, H, W, Cin) is its memory as it is (a copy only after subsampling): one
+            # linear over all N*H*W tokens, the bias fused, gives the channels_last output.
             xl = x.permute(0, 2, 3, 1)
-            bias = [self.bias] if G == 1 else ([None] * G if self.bias is None else self.bias.split(Cg))
-            if N == 1 and G == 1:
+            if G == 1:
                 return self._linear(0, xl, self.bias).permute(0, 3, 1, 2)
-            out = x.new_empty((N, H, W, self.out_channels))
-            for i in range(N):
-                for g in range(G):
-                    out[i, ..., g * Cg:(g + 1) * Cg].copy_(self._linear(g, xl[i, ..., g * cin:(g + 1) * cin], bias[g]))
+            bias = [None] * G if self.bias is None else self.bias.split(Cg)
+            out = torch.cat([self._linear(g, xl[..., g * cin:(g + 1) * cin], bias[g]) for g in range(G)], dim=-1)
             return out.permute(0, 3, 1, 2)
-        # A batch bigger than the caches: read each image once sequentially before its product
-        # (the sum is discarded) so that it streams from DRAM at full bandwidth and the kernel's
-        # packing, which reads 64-column strips of all Cin rows at once (more streams than the
-        # hardware prefetchers follow), finds it in L3. 256 -> 64 56x56 at batch 8 (26 MB), 1
-        # thread: 4.4 -> 3.6 ms; below the threshold the image is in cache already and the
-        # extra read only costs.
-        stream = x.is_contiguous() and x.numel() * x.element_size() > _STREAM_BYTES
-        if N == 1 and G == 1:
-            X = x[0].reshape(self.in_channels, H * W)  # a copy only after subsampling
-            if stream:
-                X.sum()
+        # One product over the batch: the op takes the (N, Cin, H*W) view as a batch of dense
+        # operands and writes each image's (Cout, H*W) product in place, which is the NCHW output.
+        X = x.reshape(N, self.in_channels, H * W)  # a copy only after subsampling
+        if G == 1:
             y = self._spmm(0, X)
-            if self.bias is not None:
-                y.add_(self.bias.unsqueeze(1))
-            return y.view(1, self.out_channels, H, W)
-        out = x.new_empty((N, self.out_channels, H * W))
-        for i in range(N):
-            # image by image, so a subsampled copy is made just before its product reads it (1 ms
-            # less than one copy of the batch for 256 -> 512 56x56 stride 2, batch 8, 1 thread)
-            X = x[i].reshape(self.in_channels, H * W)
-            if stream:
-                X.sum()
-            for g in range(G):
-                self._store(self._spmm(g, X[g * cin:(g + 1) * cin]), out[i, g * Cg:(g + 1) * Cg], g)
-        return out.view(N, self.out_channels, H, W)
+        else:
+            y = torch.cat([self._spmm(g, X[:, g * cin:(g + 1) * cin]) for g in range(G)], dim=1)
+        if self.bias is not None:
+            y.add_(self.bias.unsqueeze(1))
+        return y.view(N, self.out_channels, H, W)
 
     def _spmm(self, g: int, X: torch.Tensor) -> torch.Tensor:
-        """Group g's matrix @ X (Kg, n) -> (Cg, n)."""
+        """Group g's matrix @ X, (Kg, n) -> (Cg, n) or a batch (N, Kg, n) -> (N, Cg, n)."""
         t = [self._buffers[n] for n in self._names[g]]
         if self.kind == "csr":
             return csr_spmm(t[0], t[1], t[2], self._shape, X)
