@@ -627,6 +627,8 @@ def test_cuda_kernel_matches_the_cpu_one(dtype, index_dtype):
     for n in (1, 5, 64, 130, 300):  # one and four columns per lane, partial tiles
         X = torch.randn(200, n, generator=gen(n)).to(dtype)
         torch.testing.assert_close(pysparse.spmm(Ac, X.cuda()).cpu(), pysparse.spmm(A, X), rtol=2e-2, atol=2e-2)
+    Xb = torch.randn(2, 3, 200, 70, generator=gen(4)).to(dtype)  # a batch: one launch per matrix
+    torch.testing.assert_close(pysparse.spmm(Ac, Xb.cuda()).cpu(), pysparse.spmm(A, Xb), rtol=2e-2, atol=2e-2)
     x, b = torch.randn(3, 4, 200, generator=gen(2)).to(dtype), torch.randn(300, generator=gen(3)).to(dtype)
     torch.testing.assert_close(pysparse.linear(x.cuda(), Ac, b.cuda()).cpu(), pysparse.linear(x, A, b), rtol=2e-2, atol=2e-2)
     bad_col = Ac.col_indices.clone()

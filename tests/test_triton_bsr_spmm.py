@@ -88,6 +88,24 @@ def test_spmm_several_column_tiles():
     check(_triton.bsr_spmm(A.crow_indices, A.col_indices, A.values, A.shape, X, block_n=16), W, X)
 
 
+def test_spmm_batch_of_dense_operands():
+    # (..., K, n) -> (..., M, n), one launch per matrix, strided batches included
+    W = pruned((16, 16), seed=22)
+    A = bsr(W, (16, 16))
+    args = (A.crow_indices, A.col_indices, A.values, A.shape)
+    X = randn(2, 3, K, 20, g=gen(23)).to(DEVICE)
+    Y = _triton.bsr_spmm(*args, X)
+    assert Y.shape == (2, 3, M, 20)
+    for i in range(2):
+        for j in range(3):
+            check(Y[i, j], W, X[i, j])
+    Xs = randn(3, 2 * K, 20, g=gen(24)).to(DEVICE)[:, K:]  # a channel slice
+    Ys = _triton.bsr_spmm(*args, Xs)
+    for i in range(3):
+        check(Ys[i], W, Xs[i])
+    assert _triton.bsr_spmm(*args, torch.zeros(0, K, 4, device=DEVICE)).shape == (0, M, 4)
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("blocksize", [(32, 32), (8, 8), (4, 16)])
 def test_linear_leading_dims_and_bias(blocksize, with_bias):
@@ -164,3 +182,5 @@ def test_ops_dispatch_cuda_tensors_here(dtype):
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=5e-2)
     X = randn(512, 40, g=gen(21)).to(dtype).cuda()
     torch.testing.assert_close(pysparse.spmm(A, X).float(), W.float().cuda() @ X.float(), rtol=2e-2, atol=5e-2)
+    Xb = randn(3, 512, 40, g=gen(22)).to(dtype).cuda()
+    torch.testing.assert_close(pysparse.spmm(A, Xb).float(), W.float().cuda() @ Xb.float(), rtol=2e-2, atol=5e-2)

@@ -53,6 +53,18 @@ def test_non_contiguous_input():
     torch.testing.assert_close(y.cpu(), x.cpu() @ W.T, rtol=1e-4, atol=1e-4)
 
 
+def test_nm_spmm_batch_runs_as_a_linear():
+    # nm_spmm's CUDA kernel: A @ X as (X^T @ A^T)^T through nm_linear, batches included
+    W = pysparse.prune.nm(randn(48, 64, g=gen(11)), 2, 4)
+    A = SparseNM.from_dense(W).to(DEVICE)
+    X = randn(2, 64, 9, g=gen(12)).to(DEVICE)
+    Y = _triton.nm_spmm(A.values, A.mask, list(A.shape), 2, 4, X)
+    assert Y.shape == (2, 48, 9)
+    torch.testing.assert_close(Y.cpu(), W @ X.cpu(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_triton.nm_spmm(A.values, A.mask, list(A.shape), 2, 4, X[0]).cpu(),
+                               W @ X[0].cpu(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (dispatch of the op to the kernel)")
 def test_linear_dispatches_cuda_tensors_here():
     W = pysparse.prune.nm(randn(256, 512, g=gen(9)), 2, 4).to(torch.bfloat16)

@@ -55,13 +55,11 @@ class SparseConv2d(torch.nn.Module):
 
     Dispatch (``forward``):
 
-    * 1x1, no padding, NCHW input: per image, ``csr_spmm(W, x[n].view(Cin, H*W))`` (after
-      subsampling by the stride, image by image); the (Cout, H*W) product is that image's NCHW
-      output, so batch 1 makes no copy and larger batches one copy into the output, the bias
-      added on the way. Batches over 16 MiB read each image sequentially first (see
-      ``_forward_1x1``).
-    * 1x1, channels_last input: per image, ``csr_linear`` on the free (H*W, Cin) view, bias fused;
-      the (H*W, Cout) product is the channels_last output.
+    * 1x1, no padding, NCHW input: one ``csr_spmm(W, x.view(N, Cin, H*W))`` over the batch
+      (after subsampling by the stride); each image's (Cout, H*W) product is written in place
+      into the NCHW output, the bias added after. The CPU op gives each thread whole images.
+    * 1x1, channels_last input: one ``csr_linear`` over the (N*H*W, Cin) view, bias fused; the
+      (N*H*W, Cout) product is the channels_last output.
     * k x k (or padded 1x1): im2col by chunks of output rows (``_IM2COL_BYTES``), then spmm.
     * depthwise: ``F.conv2d`` with the pruned dense weight.
 
