@@ -270,11 +270,12 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   // would make panel rows alias in L1 for n a multiple of 512 B), or the vector of a gemv.
   const bool direct = dt == kF32 && (gemv ? sk == 1 : (sn == 1 && n == nb && sk == nb));
   const bool keep_rows = small && dt == kF32 && sk == 1;  // B^T's rows as they are
+  const bool paneled = !A.nm() && !gemv && !direct;  // B packed into panels (CSR, BSR)
   // A dense operand that dwarfs the matrix (a 1x1 convolution: 25k columns against a few thousand
   // nonzeros): each panel is packed just before all rows multiply it, so it is in L1/L2 when
   // read, and the small matrix is re-read from cache per panel. Otherwise the matrix is the bigger
   // stream: all panels are packed first, and the kernel walks row chunks x panels.
-  const bool wide = !A.nm() && !gemv && !direct && K * n * 4 > 8 * nnz_elems * (esize + 4);
+  const bool wide = paneled && K * n * 4 > 8 * nnz_elems * (esize + 4);
   // Panels packed at once in the wide case: a strip that stays in L2.
   const int64_t strip = std::max<int64_t>(1, std::min<int64_t>(npanels, (256 << 10) / (K * nb * 4)));
   const int64_t image_floats = wide ? strip * K * nb : small ? (keep_rows ? 0 : n * K) : direct ? 0 : npanels * K * nb;
@@ -377,20 +378,22 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   // Whole images, one at a time per thread, while at least one is left per thread: no thread
   // then reads what another packed (a batch of 8 1024 -> 256 14x14 products ran 1.2x slower on 2
   // threads than on 1 when both threads read every packed panel of each image, on this VM whose
-  // vCPUs do not always share a cache; 2.0x faster than 1 thread this way). Each thread packs
-  // into a buffer of its own, so images whose panels exceed 16 MiB are shared instead: a batch of
-  // big operands on many threads must not multiply the memory.
+  // vCPUs do not always share a cache; 2.0x faster than 1 thread this way). Threads pack into
+  // buffers of their own only while these total at most 64 MiB: a batch of big operands on many
+  // threads must not multiply the memory.
   const bool serial = nnz_elems * n * nbatch < kSerialWork || nthreads == 1;
-  const bool own_buffers = image_floats * 4 <= (16 << 20);
+  const bool own_buffers = nthreads * image_floats * 4 <= (64 << 20);
   const int64_t whole = serial ? nbatch : own_buffers ? nbatch / nthreads * nthreads : 0;
   if (whole > 0) {
     const int64_t workers = serial ? 1 : nthreads;
     at::Tensor buf = buffer(workers, image_floats);
     run_workers(workers, [&](int64_t w) {
       float* mine = buf.data_ptr<float>() + w * image_floats;
-      for (int64_t b = w; b < whole; b += workers) {
-        if (wide) {
-          for (int64_t p = 0; p < npanels; p += strip) strip_product(b, p, std::min(npanels, p + strip), mine, &bad[w]);
+      // a contiguous run of images per thread, as torch splits the batch of the layers around
+      for (int64_t b = whole * w / workers, be = whole * (w + 1) / workers; b < be; ++b) {
+        if (paneled) {  // a strip at a time if wide, else all panels (narrowed last one)
+          const int64_t chunk = wide ? strip : npanels;
+          for (int64_t p = 0; p < npanels; p += chunk) strip_product(b, p, std::min(npanels, p + chunk), mine, &bad[w]);
         } else {
           multiply(panels_of(b, mine, false), output_of(b, 0), 0, rows, 0, npanels, &bad[w]);
         }
@@ -398,16 +401,31 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
     });
   }
 
-  // The images left (fewer than the threads: one at batch 1) are each shared by all threads.
+  // The images left (fewer than the threads: one at batch 1) are each shared by all threads:
+  // by panels where there are enough of them and re-reading the matrix per thread is cheap (the
+  // wide case, or a matrix that stays in L3), each thread packing and multiplying its own;
+  // otherwise by rows. A thread never reads panels another packed unless memory is short: while
+  // the two vCPUs measured here did not share a cache, that made 2 threads slower than 1
+  // (1024 -> 256 at 14x14: 223 us against 179 on 1 thread; 94 us split by panels). Split by
+  // panels, 10 shapes from 3x3 convolutions to 4096x4096 at n = 128 ran 1.0-1.2x faster than
+  // by rows with shared panels even while the cache was shared.
   const bool serial_image = nnz_elems * n < kSerialWork;
+  const bool matrix_in_cache = nnz_elems * (esize + 4) <= (8 << 20);
+  const int64_t per_worker = (npanels + nthreads - 1) / nthreads;  // panels of one worker
+  const bool by_panels = paneled && (wide || matrix_in_cache) &&
+                         (serial_image ? wide : npanels >= nthreads) &&
+                         (wide || nthreads * per_worker * K * nb * 4 <= (64 << 20));
   for (int64_t b = whole; b < nbatch; ++b) {
-    if (wide && (serial_image || npanels >= 2 * nthreads)) {
-      // By panels: each thread packs and multiplies its own share of the panels.
+    if (by_panels) {
+      // A wide operand goes a strip at a time; otherwise a worker packs its panels at once and
+      // the kernel walks its row chunks over them.
       const int64_t workers = serial_image ? 1 : std::min(nthreads, npanels);
-      at::Tensor buf = buffer(workers, image_floats);
+      const int64_t chunk = wide ? strip : per_worker;
+      const int64_t floats = chunk * K * nb;
+      at::Tensor buf = buffer(workers, floats);
       run_workers(workers, [&](int64_t w) {
-        for (int64_t p = npanels * w / workers, pe = npanels * (w + 1) / workers; p < pe; p += strip)
-          strip_product(b, p, std::min(pe, p + strip), buf.data_ptr<float>() + w * image_floats, &bad[w]);
+        for (int64_t p = npanels * w / workers, pe = npanels * (w + 1) / workers; p < pe; p += chunk)
+          strip_product(b, p, std::min(pe, p + chunk), buf.data_ptr<float>() + w * floats, &bad[w]);
       });
       continue;
     }
@@ -424,6 +442,18 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
                           : balanced_rows<int64_t>(A.crow, rows, want_parts, row_cost, align);
     }
     const int64_t parts = int64_t(bounds.size()) - 1;
+    if (parts > 1 && image_floats * 4 <= (1 << 20)) {
+      // Small panels (at most 1 MiB): each part packs them all itself. Measured while the cache
+      // was not shared: up to 1.65x faster than sharing one packing (768x3072 at n = 32..128);
+      // while it was, equal below 1 MiB, but 4096x4096 at n = 512 (8 MiB of panels) ran 1.35x
+      // slower packed twice.
+      at::Tensor buf = buffer(parts, image_floats);
+      run_workers(parts, [&](int64_t w) {
+        const Panels P = panels_of(b, buf.data_ptr<float>() + w * image_floats, false);
+        multiply(P, output_of(b, 0), bounds[w], bounds[w + 1], 0, npanels, &bad[w]);
+      });
+      continue;
+    }
     const int64_t groups = serial_image ? 1 : std::min<int64_t>(npanels, (nthreads + parts - 1) / parts);
     const int64_t ntasks = parts * groups;
     at::Tensor buf = buffer(1, wide ? npanels * K * nb : image_floats);
