@@ -339,8 +339,8 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
       if (keep_rows) {
         P.b = reinterpret_cast<const float*>(image(b));
         P.ldb = sn;
-      } else {  // transposing pack: row i of the (n, K) result is column i of B
-        pack(PackArgs{image(b), n, K, sn, sk, buf, int(K)}, 0, 1, 0, n);
+      } else {  // B^T as (n, K) fp32 by ATen's blocked transposing copy (serial in a worker)
+        at::from_blob(buf, {n, K}, A.values.options().dtype(at::kFloat)).copy_(linear ? src : src.select(0, b).t());
         P.ldb = K;
       }
     } else if (direct) {

@@ -64,24 +64,18 @@ class SparseConv2d(torch.nn.Module):
     * depthwise: ``F.conv2d`` with the pruned dense weight.
 
     Measured on 2 Zen 5 cores (torch.set_num_threads(2)), fp32, 90% unstructured CSR against
-    nn.Conv2d (oneDNN) with the same weights, no bias, ResNet-50 shapes at 224x224 input; median
-    over 5 idle moments of the best of interleaved calls:
+    nn.Conv2d (oneDNN) with the same weights, no bias, ResNet-50 shapes at 224x224 input,
+    alternating rounds (benchmarks/bench_conv.py; RESULTS.md has the table and how it got there):
 
-    * 1x1, batch 1: 1.96x (256 -> 64, 56x56) to 3.05x (512 -> 2048, 7x7), 2.5x over ResNet-50's
-      36 1x1 layers together. Batch 8: 1.12x (64 -> 64, 56x56) to 2.31x (1024 -> 2048, stride
-      2), 1.9x together; the 56x56 and 28x28 layers stay under 2x because each image's product
-      is copied into the batch output (the op has no ``out=``: 0.3 ms of 1.1 ms for 128 -> 512
-      28x28) and its input streams from DRAM. Dropped after measuring: one spmm over the batch
-      concatenated along H*W (two transposing copies: 1.1-3.5 ms slower at batch 8), one linear
-      over the channels-last view of NCHW input (the kernel's transposing pack: 2-4x slower at 1
-      thread), column chunks of each image (no gain).
-    * 3x3, batch 1: 1.1x (64 ch, 56x56) to 2.4x (512 ch, 7x7); batch 8: 0.9x to 1.6x.
-    * The CPU ops split rows across threads and both threads read every packed column panel.
-      While the two vCPUs did not share a cache (it came and went on the VM measured) a 256 -> 64
-      56x56 product took 430 us on 2 threads against 178 us on 1 (133 us otherwise), and the
-      ratios above fell to 1.05-2.5x (1x1, batch 1) and 0.55-2.0x (batch 8). Partitioning wide
-      products by column panels in the kernel, so each thread packs the panels it multiplies,
-      would avoid that.
+    * 1x1: batch 1 2.8x (1024 -> 256, 14x14) to 17.8x (64 -> 64, 56x56); batch 8 2.6x (2048 ->
+      512, 7x7) to 19.9x. The CPU op runs a batch with whole images per thread, packs wide
+      operands a strip of panels at a time (rows prefetched: NCHW rows are strided), and splits
+      one image between threads by panels, so no thread reads what another packed (the VM
+      measured here did not always let its two vCPUs share a cache).
+    * 3x3: batch 1 1.4x (64 ch, 56x56) to 2.6x (512 ch, 7x7); batch 8 1.2x to 1.7x (im2col
+      copies the activation 9 times; one product per image and row chunk).
+    * 2:4 is slower than torch's dense conv at these widths (0.4-0.8x); sparsify's timed choice
+      keeps such layers dense.
     """
 
     def __init__(self, weights: Sequence, bias: Optional[torch.Tensor], in_channels: int, out_channels: int,
