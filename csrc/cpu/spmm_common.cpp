@@ -272,9 +272,10 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   const bool keep_rows = small && dt == kF32 && sk == 1;  // B^T's rows as they are
   const bool paneled = !A.nm() && !gemv && !direct;  // B packed into panels (CSR, BSR)
   // A dense operand that dwarfs the matrix (a 1x1 convolution: 25k columns against a few thousand
-  // nonzeros): each panel is packed just before all rows multiply it, so it is in L1/L2 when
-  // read, and the small matrix is re-read from cache per panel. Otherwise the matrix is the bigger
-  // stream: all panels are packed first, and the kernel walks row chunks x panels.
+  // nonzeros): panels are packed a strip at a time just before all rows multiply them, so they
+  // are in L2 when read, and the small matrix is re-read from cache per strip. Otherwise the
+  // matrix is the bigger stream: the panels a task multiplies are packed first, and the kernel
+  // walks row chunks x panels.
   const bool wide = paneled && K * n * 4 > 8 * nnz_elems * (esize + 4);
   // Panels packed at once in the wide case: a strip that stays in L2.
   const int64_t strip = std::max<int64_t>(1, std::min<int64_t>(npanels, (256 << 10) / (K * nb * 4)));
