@@ -55,10 +55,12 @@ def _nm_linear_cuda(input, values, mask, shape, n, m, bias, activation="none"):
 
 def nm_spmm(values, mask, shape, n, m, dense):
     """A @ dense for A in N:M form; dense (K, n) or a batch (..., K, n) -> (..., M, n), computed
-    as (dense^T @ A^T)^T by nm_linear (a transposed view of its result)."""
+    as (dense^T @ A^T)^T by nm_linear and made contiguous (the layout the fake implementation
+    and the CPU kernel give)."""
     if dense.dim() < 2:
         raise ValueError(f"nm_spmm: dense must be (K, n) or a batch (..., K, n), got {dense.dim()}-D")
-    return nm_linear(dense.transpose(-1, -2), values.contiguous(), mask.contiguous(), shape, n, m).transpose(-1, -2)
+    y = nm_linear(dense.transpose(-1, -2), values.contiguous(), mask.contiguous(), shape, n, m)
+    return y.transpose(-1, -2).contiguous()
 
 
 @torch.library.register_kernel("pysparse::nm_spmm", "cuda")

@@ -59,7 +59,7 @@ def test_nm_spmm_batch_runs_as_a_linear():
     A = SparseNM.from_dense(W).to(DEVICE)
     X = randn(2, 64, 9, g=gen(12)).to(DEVICE)
     Y = _triton.nm_spmm(A.values, A.mask, list(A.shape), 2, 4, X)
-    assert Y.shape == (2, 48, 9)
+    assert Y.shape == (2, 48, 9) and Y.is_contiguous()
     torch.testing.assert_close(Y.cpu(), W @ X.cpu(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(_triton.nm_spmm(A.values, A.mask, list(A.shape), 2, 4, X[0]).cpu(),
                                W @ X[0].cpu(), rtol=1e-4, atol=1e-4)
