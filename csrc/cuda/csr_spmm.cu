@@ -1,7 +1,8 @@
 // CUDA launchers of pysparse::csr_spmm and pysparse::csr_linear (kernel in csr_spmm_kernel.cuh).
 // Checks what is cheap to check on the host, orders rows by length (longest first) on the device,
-// launches on the current stream under a device guard. The linear layout runs as out^T = A @ x^T
-// on a transposed copy of x (the kernel wants rows of B contiguous) and returns the transpose.
+// launches on the current stream under a device guard. A batch of dense operands runs one launch
+// per matrix. The linear layout runs as out^T = A @ x^T on a transposed copy of x (the kernel wants
+// rows of B contiguous) and returns the transpose, made contiguous.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -111,7 +112,8 @@ static at::Tensor csr_linear_cuda(const at::Tensor& input, const at::Tensor& cro
   const at::Tensor x = input.reshape({-1, K});
   std::vector<int64_t> out_shape = input.sizes().vec();
   out_shape.back() = M;
-  return spmm_mn(crow, col, values, shape, x.t().unsqueeze(0), bias)[0].t().reshape(out_shape);
+  // contiguous, as the CPU kernel and the fake implementation give it
+  return spmm_mn(crow, col, values, shape, x.t().unsqueeze(0), bias)[0].t().contiguous().reshape(out_shape);
 }
 
 TORCH_LIBRARY_IMPL(pysparse, CUDA, m) {
