@@ -92,3 +92,14 @@ def test_batch_compiles_fullgraph():
     f = torch.compile(lambda X: pysparse.spmm(A, X) + 1, fullgraph=True)
     X = torch.randn(2, 3, 32, 10)
     torch.testing.assert_close(f(X), (W @ X) + 1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+def test_wide_operand_split_by_rows_packs_every_panel(fmt):
+    # A wide operand with fewer panels than threads is split by rows, each part packing all the
+    # panels (2 here) although a wide strip holds only one of them (K * 64 * 4 > 128 KiB).
+    A, W = _matrix(fmt, 16, 1024, torch.float32, seed=9)
+    X = randn(1024, 128, g=gen(10))
+    with num_threads(3):
+        _check(A, W, X, torch.float32, f"{fmt} wide, row split")
+        _check(A, W, randn(2, 1024, 128, g=gen(11)), torch.float32, f"{fmt} wide batch, row split")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import pysparse
+from pysparse._safetensors import load_file, save_file
 from pysparse.nn import SparseLinear
 from conftest import gen
 
@@ -88,6 +89,16 @@ def test_bad_recipes():
         pysparse.sparsify(torch.nn.ReLU(), {"*": {}})
 
 
+def _with_bad_index(path, out, key: str, pos: int, value: int):
+    """Writes the model file at `path` to `out` with entry `pos` of index tensor `key` set to
+    `value`; returns the (tensors, metadata) written."""
+    tensors, meta = load_file(path)
+    tensors[key] = tensors[key].clone()
+    tensors[key][pos] = value
+    save_file(tensors, out, meta)
+    return tensors, meta
+
+
 def test_save_and_load_bit_identical_and_tamper_refused(tmp_path):
     model = mlp(5)
     x = torch.randn(8, 64, generator=gen(6))
@@ -101,11 +112,7 @@ def test_save_and_load_bit_identical_and_tamper_refused(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
 
-    from pysparse._safetensors import load_file, save_file
-    tensors, meta = load_file(path)
-    tensors["2.weight_col_indices"] = tensors["2.weight_col_indices"].clone()
-    tensors["2.weight_col_indices"][3] = 5000
-    save_file(tensors, tmp_path / "bad.safetensors", meta)
+    tensors, meta = _with_bad_index(path, tmp_path / "bad.safetensors", "2.weight_col_indices", 3, 5000)
     with pytest.raises(ValueError, match=r"layer '2': .*column index"):
         pysparse.nn.load_sparse(mlp(99), tmp_path / "bad.safetensors")
     meta2 = dict(meta, **{"pysparse.sparse_layers": '["9"]'})
@@ -169,10 +176,6 @@ def test_sparse_convs_save_and_load(tmp_path):
     assert isinstance(back[2], SparseConv2d) and back[4].format_name == "4:8" and back[4].groups == 4
     with torch.no_grad():
         assert torch.equal(back(x), model(x))
-    from pysparse._safetensors import load_file, save_file
-    tensors, meta = load_file(path)
-    tensors["2.weight_col_indices"] = tensors["2.weight_col_indices"].clone()
-    tensors["2.weight_col_indices"][0] = 10_000
-    save_file(tensors, tmp_path / "bad.safetensors", meta)
+    _with_bad_index(path, tmp_path / "bad.safetensors", "2.weight_col_indices", 0, 10_000)
     with pytest.raises(ValueError, match=r"layer '2': .*column index"):
         pysparse.nn.load_sparse(small_cnn(5), tmp_path / "bad.safetensors")

@@ -279,7 +279,10 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   const bool wide = paneled && K * n * 4 > 8 * nnz_elems * (esize + 4);
   // Panels packed at once in the wide case: a strip that stays in L2.
   const int64_t strip = std::max<int64_t>(1, std::min<int64_t>(npanels, (256 << 10) / (K * nb * 4)));
-  const int64_t image_floats = wide ? strip * K * nb : small ? (keep_rows ? 0 : n * K) : direct ? 0 : npanels * K * nb;
+  // Floats of one image's whole packed operand (what panels_of fills), and of what a thread
+  // taking whole images packs at once (a strip when wide).
+  const int64_t image_floats = small ? (keep_rows ? 0 : n * K) : direct ? 0 : npanels * K * nb;
+  const int64_t task_floats = wide ? strip * K * nb : image_floats;
 
   // ReLU is fused into the kernels' epilogue; gelu and silu run right after on the output (still
   // in cache) with torch's vector kernels: the epilogue's scalar erff made a fused gelu cost 2.4x
@@ -383,13 +386,13 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   // buffers of their own only while these total at most 64 MiB: a batch of big operands on many
   // threads must not multiply the memory.
   const bool serial = nnz_elems * n * nbatch < kSerialWork || nthreads == 1;
-  const bool own_buffers = nthreads * image_floats * 4 <= (64 << 20);
+  const bool own_buffers = nthreads * task_floats * 4 <= (64 << 20);
   const int64_t whole = serial ? nbatch : own_buffers ? nbatch / nthreads * nthreads : 0;
   if (whole > 0) {
     const int64_t workers = serial ? 1 : nthreads;
-    at::Tensor buf = buffer(workers, image_floats);
+    at::Tensor buf = buffer(workers, task_floats);
     run_workers(workers, [&](int64_t w) {
-      float* mine = buf.data_ptr<float>() + w * image_floats;
+      float* mine = buf.data_ptr<float>() + w * task_floats;
       // a contiguous run of images per thread, as torch splits the batch of the layers around
       for (int64_t b = whole * w / workers, be = whole * (w + 1) / workers; b < be; ++b) {
         if (paneled) {  // a strip at a time if wide, else all panels (narrowed last one)
@@ -457,7 +460,7 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
     }
     const int64_t groups = serial_image ? 1 : std::min<int64_t>(npanels, (nthreads + parts - 1) / parts);
     const int64_t ntasks = parts * groups;
-    at::Tensor buf = buffer(1, wide ? npanels * K * nb : image_floats);
+    at::Tensor buf = buffer(1, image_floats);
     const Panels P = panels_of(b, buf.data_ptr<float>(), !serial_image);
     const Output O = output_of(b, 0);
     if (int64_t(bad.size()) < ntasks) bad.resize(ntasks, 0);
