@@ -17,20 +17,27 @@ namespace cuda {
 template <typename T, typename RT, typename CT>
 static void launch(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values, const at::Tensor& perm,
                    int64_t M, int64_t K, const at::Tensor& B, const at::Tensor* bias, at::Tensor& out, int* bad) {
-  const int64_t n = B.size(1);
+  const int64_t n = B.size(1), ldb = B.stride(0), ldo = out.stride(0);
+  const T* b = reinterpret_cast<const T*>(B.data_ptr());
+  T* o = reinterpret_cast<T*>(out.data_ptr());
   auto stream = at::cuda::getCurrentCUDAStream();
-  // 4 columns per lane (128 per warp) once n fills them; narrow outputs (decode) one per lane.
-  auto go = [&](auto vec) {
+  auto go = [&](auto vec, auto aligned) {
     constexpr int VEC = decltype(vec)::value;
-    const dim3 grid(unsigned((M + kWarpsPerBlock - 1) / kWarpsPerBlock), unsigned((n + 32 * VEC - 1) / (32 * VEC)));
-    csr_spmm_kernel<T, RT, CT, VEC><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(
-        crow.data_ptr<RT>(), col.data_ptr<CT>(), reinterpret_cast<const T*>(values.data_ptr()), perm.data_ptr<int64_t>(),
-        M, K, values.numel(), reinterpret_cast<const T*>(B.data_ptr()), B.stride(0), n,
-        bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr, reinterpret_cast<T*>(out.data_ptr()), out.stride(0), bad);
+    constexpr bool ALIGNED = decltype(aligned)::value;
+    const int64_t step = csr_spmm_columns_per_launch(VEC);  // gridDim.y's limit
+    for (int64_t c = 0; c < n; c += step) {
+      const int64_t nc = std::min(step, n - c);
+      csr_spmm_kernel<T, RT, CT, VEC, ALIGNED><<<csr_spmm_grid(M, nc, VEC), kCsrSpmmThreads, 0, stream>>>(
+          crow.data_ptr<RT>(), col.data_ptr<CT>(), reinterpret_cast<const T*>(values.data_ptr()), perm.data_ptr<int64_t>(),
+          M, K, values.numel(), b + c, ldb, nc, bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr, o + c, ldo, bad);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   };
-  if (n >= 128) go(std::integral_constant<int, 4>());
-  else go(std::integral_constant<int, 1>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  using V1 = std::integral_constant<int, 1>;
+  using V4 = std::integral_constant<int, 4>;
+  if (csr_spmm_vec(n) == 1) go(V1(), std::false_type());
+  else if (csr_spmm_aligned(b, ldb, 4, sizeof(T))) go(V4(), std::true_type());
+  else go(V4(), std::false_type());
 }
 
 template <typename T>

@@ -3,13 +3,17 @@
 // accumulation, out row-major (ldo) in T, optional bias[m].
 //
 // Design, after Sputnik (Gale et al., SC20): one warp owns one row of A and a tile of 32 * VEC
-// output columns (VEC consecutive columns per lane, so B rows are read as coalesced vectors).
+// output columns (VEC consecutive columns per lane, so B rows are read as coalesced vectors: one
+// VEC * sizeof(T)-byte load per lane when B and out are aligned for it, which the launcher checks).
 // The warp reads the row's column indices and values 32 at a time (one coalesced load each) and
 // broadcasts them lane to lane with __shfl_sync, so every nonzero costs VEC FMAs per lane and no
 // shared memory. Rows are visited in the order `perm` gives (longest first, made by the
 // launcher), which evens out warps of one block and keeps the long rows from finishing last.
 // Column indices outside [0, K) and inconsistent row pointers are clamped, never followed, and
 // reported through *bad.
+//
+// The host-side geometry helpers below are shared with the CPU emulation test
+// (tests/cuda_emu/), which runs this device code without a GPU.
 #pragma once
 #include <cstdint>
 #include <cuda_bf16.h>
@@ -27,13 +31,43 @@ template <> __device__ __forceinline__ __half from_float<__half>(float v) { retu
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 constexpr int kWarpsPerBlock = 4;
+constexpr unsigned kCsrSpmmThreads = 32 * kWarpsPerBlock;
+constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on gridDim.y
 
-template <typename T, typename RT, typename CT, int VEC>
-__global__ void __launch_bounds__(32 * kWarpsPerBlock)
+// VEC output columns per lane: 4 (128 per warp) once n fills them, else 1 (decode shapes).
+inline int csr_spmm_vec(int64_t n) { return n >= 128 ? 4 : 1; }
+// grid.x: one warp per row, kWarpsPerBlock rows per block; grid.y: 32 * VEC columns per block. A
+// launch covers at most csr_spmm_columns_per_launch(VEC) columns; the launcher loops past that.
+inline int64_t csr_spmm_columns_per_launch(int vec) { return kMaxGridY * 32 * vec; }
+inline dim3 csr_spmm_grid(int64_t M, int64_t n, int vec) {
+  return dim3(unsigned((M + kWarpsPerBlock - 1) / kWarpsPerBlock), unsigned((n + 32 * vec - 1) / (32 * vec)));
+}
+// Whether a lane's VEC columns of every row of B are one aligned vector (every lane starts at a
+// multiple of VEC columns, so the base pointer and the row stride decide it).
+inline bool csr_spmm_aligned(const void* B, int64_t ldb, int vec, int elem_size) {
+  return vec > 1 && uintptr_t(B) % (uintptr_t(vec) * uintptr_t(elem_size)) == 0 && ldb % vec == 0;
+}
+
+// VEC elements loaded as one vector instruction: read as the built-in vector type of their size
+// (a struct copy compiles to one load per element).
+template <int BYTES> struct VecBits;
+template <> struct VecBits<4> { using type = unsigned; };
+template <> struct VecBits<8> { using type = uint2; };
+template <> struct VecBits<16> { using type = uint4; };
+template <typename T, int VEC>
+union Pack {
+  typename VecBits<sizeof(T) * VEC>::type bits;
+  T v[VEC];
+  __device__ Pack() {}
+};
+
+template <typename T, typename RT, typename CT, int VEC, bool ALIGNED>
+__global__ void __launch_bounds__(kCsrSpmmThreads)
 csr_spmm_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, const T* __restrict__ val,
                 const int64_t* __restrict__ perm, int64_t M, int64_t K, int64_t nnz,
                 const T* __restrict__ B, int64_t ldb, int64_t n, const T* __restrict__ bias,
                 T* __restrict__ out, int64_t ldo, int* bad) {
+  static_assert(!ALIGNED || VEC > 1, "aligned vector loads need VEC > 1");
   const int lane = threadIdx.x & 31;
   const int64_t w = blockIdx.x * int64_t(kWarpsPerBlock) + (threadIdx.x >> 5);
   if (w >= M) return;
@@ -64,12 +98,22 @@ csr_spmm_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, const T
       const int64_t cj = __shfl_sync(0xffffffffu, my_col, j);
       const float vj = __shfl_sync(0xffffffffu, my_val, j);
       const T* brow = B + cj * ldb + c0;
+      if constexpr (ALIGNED) {
+        if (c0 + VEC <= n) {  // the ragged last lane takes the scalar loads below
+          Pack<T, VEC> p;
+          p.bits = *reinterpret_cast<const decltype(p.bits)*>(brow);
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) acc[v] += vj * to_float(p.v[v]);
+          continue;
+        }
+      }
 #pragma unroll
       for (int v = 0; v < VEC; ++v)
         if (c0 + v < n) acc[v] += vj * to_float(brow[v]);
     }
   }
   const float b = bias ? to_float(bias[r]) : 0.f;
+  // Stores stay per element: one per output against one load per nonzero, and nvcc splits them.
 #pragma unroll
   for (int v = 0; v < VEC; ++v)
     if (c0 + v < n) out[r * ldo + c0 + v] = from_float<T>(acc[v] + b);

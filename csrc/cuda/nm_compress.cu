@@ -11,11 +11,6 @@
 namespace pysparse {
 namespace cuda {
 
-static int grid_for(int64_t units) {
-  const int64_t blocks = (units + 255) / 256;
-  return int(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
-}
-
 static std::tuple<at::Tensor, at::Tensor> nm_compress_cuda(const at::Tensor& dense, int64_t n, int64_t m) {
   check_nm_compress_input(dense, n, m);
   const int64_t R = dense.size(0), K = dense.size(1);
@@ -29,9 +24,9 @@ static std::tuple<at::Tensor, at::Tensor> nm_compress_cuda(const at::Tensor& den
   auto* badp = reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>());
   if (units > 0) {
     switch (dense.element_size()) {
-      case 4: nm_compress_kernel<uint32_t><<<grid_for(units), 256, 0, stream>>>((const uint32_t*)src.data_ptr(), R, K, int(n), int(m), (uint32_t*)values.data_ptr(), mask.data_ptr<uint8_t>(), badp); break;
-      case 2: nm_compress_kernel<uint16_t><<<grid_for(units), 256, 0, stream>>>((const uint16_t*)src.data_ptr(), R, K, int(n), int(m), (uint16_t*)values.data_ptr(), mask.data_ptr<uint8_t>(), badp); break;
-      default: nm_compress_kernel<uint8_t><<<grid_for(units), 256, 0, stream>>>((const uint8_t*)src.data_ptr(), R, K, int(n), int(m), (uint8_t*)values.data_ptr(), mask.data_ptr<uint8_t>(), badp); break;
+      case 4: nm_compress_kernel<uint32_t><<<nm_grid(units), kNmThreads, 0, stream>>>((const uint32_t*)src.data_ptr(), R, K, int(n), int(m), (uint32_t*)values.data_ptr(), mask.data_ptr<uint8_t>(), badp); break;
+      case 2: nm_compress_kernel<uint16_t><<<nm_grid(units), kNmThreads, 0, stream>>>((const uint16_t*)src.data_ptr(), R, K, int(n), int(m), (uint16_t*)values.data_ptr(), mask.data_ptr<uint8_t>(), badp); break;
+      default: nm_compress_kernel<uint8_t><<<nm_grid(units), kNmThreads, 0, stream>>>((const uint8_t*)src.data_ptr(), R, K, int(n), int(m), (uint8_t*)values.data_ptr(), mask.data_ptr<uint8_t>(), badp); break;
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -50,9 +45,9 @@ static at::Tensor nm_decompress_cuda(const at::Tensor& values, const at::Tensor&
   auto stream = at::cuda::getCurrentCUDAStream();
   if (units > 0) {
     switch (values.element_size()) {
-      case 4: nm_decompress_kernel<uint32_t><<<grid_for(units), 256, 0, stream>>>((const uint32_t*)v.data_ptr(), mk.data_ptr<uint8_t>(), R, K, int(n), int(m), (uint32_t*)out.data_ptr()); break;
-      case 2: nm_decompress_kernel<uint16_t><<<grid_for(units), 256, 0, stream>>>((const uint16_t*)v.data_ptr(), mk.data_ptr<uint8_t>(), R, K, int(n), int(m), (uint16_t*)out.data_ptr()); break;
-      default: nm_decompress_kernel<uint8_t><<<grid_for(units), 256, 0, stream>>>((const uint8_t*)v.data_ptr(), mk.data_ptr<uint8_t>(), R, K, int(n), int(m), (uint8_t*)out.data_ptr()); break;
+      case 4: nm_decompress_kernel<uint32_t><<<nm_grid(units), kNmThreads, 0, stream>>>((const uint32_t*)v.data_ptr(), mk.data_ptr<uint8_t>(), R, K, int(n), int(m), (uint32_t*)out.data_ptr()); break;
+      case 2: nm_decompress_kernel<uint16_t><<<nm_grid(units), kNmThreads, 0, stream>>>((const uint16_t*)v.data_ptr(), mk.data_ptr<uint8_t>(), R, K, int(n), int(m), (uint16_t*)out.data_ptr()); break;
+      default: nm_decompress_kernel<uint8_t><<<nm_grid(units), kNmThreads, 0, stream>>>((const uint8_t*)v.data_ptr(), mk.data_ptr<uint8_t>(), R, K, int(n), int(m), (uint8_t*)out.data_ptr()); break;
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -4,12 +4,22 @@
 // fewer nonzeros keeps them and then its lowest-indexed zero positions.
 //
 // One thread per "unit" of max(8, m) columns (one or two whole groups and one or two whole mask
-// bytes), so no two threads write the same byte and no atomics are needed on the mask.
+// bytes), so no two threads write the same byte and no atomics are needed on the mask. Both kernels
+// stride over the grid, so any grid covers every unit; nm_grid is the launchers' choice (the CPU
+// emulation test in tests/cuda_emu/ shares it).
 #pragma once
 #include <cstdint>
 
 namespace pysparse {
 namespace cuda {
+
+constexpr unsigned kNmThreads = 256;
+// Blocks for `units` work items (R * ceil(K / max(8, m))): one thread each, capped at 65535 blocks
+// beyond which the threads stride.
+inline unsigned nm_grid(int64_t units) {
+  const int64_t blocks = (units + kNmThreads - 1) / kNmThreads;
+  return unsigned(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
+}
 
 template <typename U>
 __device__ __forceinline__ bool nm_is_zero(U bits) {

@@ -1,0 +1,126 @@
+// C entry points that run pysparse's CUDA kernels (csrc/cuda/*_kernel.cuh) under the CPU emulator
+// in emu.h, with the launchers' own geometry helpers; tests/test_cuda_emulated.py loads this with
+// ctypes. Each returns nullptr, or a message saying what the emulator caught.
+#include "emu.h"
+
+#include "csr_spmm_kernel.cuh"
+#include "nm_compress_kernel.cuh"
+
+using namespace pysparse::cuda;
+
+namespace {
+thread_local std::string last_error;
+
+const char* result(std::string e) {
+  last_error = std::move(e);
+  return last_error.empty() ? nullptr : last_error.c_str();
+}
+
+template <typename T, typename RT, typename CT, int VEC, bool ALIGNED>
+std::string csr_go(const void* crow, const void* col, const void* val, const int64_t* perm, int64_t M, int64_t K,
+                   int64_t nnz, const void* B, int64_t ldb, int64_t n, const void* bias, void* out, int64_t ldo,
+                   int* bad) {
+  return pysparse_emu::launch(csr_spmm_grid(M, n, VEC), dim3(kCsrSpmmThreads), csr_spmm_kernel<T, RT, CT, VEC, ALIGNED>,
+                              static_cast<const RT*>(crow), static_cast<const CT*>(col), static_cast<const T*>(val), perm,
+                              M, K, nnz, static_cast<const T*>(B), ldb, n, static_cast<const T*>(bias),
+                              static_cast<T*>(out), ldo, bad);
+}
+
+template <typename T, typename RT, typename CT>
+std::string csr_vec(int vec, int64_t M, const void* B, int64_t ldb, int64_t n, void* out, int64_t ldo,
+                    const void* crow, const void* col, const void* val, const int64_t* perm, int64_t K, int64_t nnz,
+                    const void* bias, int* bad) {
+  if (vec == 1) return csr_go<T, RT, CT, 1, false>(crow, col, val, perm, M, K, nnz, B, ldb, n, bias, out, ldo, bad);
+  if (csr_spmm_aligned(B, ldb, 4, sizeof(T)))
+    return csr_go<T, RT, CT, 4, true>(crow, col, val, perm, M, K, nnz, B, ldb, n, bias, out, ldo, bad);
+  return csr_go<T, RT, CT, 4, false>(crow, col, val, perm, M, K, nnz, B, ldb, n, bias, out, ldo, bad);
+}
+
+template <typename T>
+std::string csr_index(int index_kind, int vec, int64_t M, const void* B, int64_t ldb, int64_t n, void* out, int64_t ldo,
+                      const void* crow, const void* col, const void* val, const int64_t* perm, int64_t K, int64_t nnz,
+                      const void* bias, int* bad) {
+  switch (index_kind) {
+    case 0: return csr_vec<T, int32_t, int32_t>(vec, M, B, ldb, n, out, ldo, crow, col, val, perm, K, nnz, bias, bad);
+    case 1: return csr_vec<T, int64_t, int64_t>(vec, M, B, ldb, n, out, ldo, crow, col, val, perm, K, nnz, bias, bad);
+    default: return csr_vec<T, int32_t, int16_t>(vec, M, B, ldb, n, out, ldo, crow, col, val, perm, K, nnz, bias, bad);
+  }
+}
+// For the emulator's own test: lane l of a warp receives lane (l + 1) % 32's value, and writes
+// (first thread of its warp) + 10 * that lane. Cases 1-4 break the shuffle protocol on purpose.
+__global__ void selftest_kernel(int which, int* out) {
+  const int lane = threadIdx.x & 31;
+  if (which == 1 && lane >= 5) return;
+  unsigned mask = which == 2 ? 0xffffu : 0xffffffffu;
+  int got = -1;
+  if (which == 3 && lane % 2) got = __shfl_sync(mask, lane * 10, (lane + 1) & 31);
+  else if (which == 4 && lane % 2) got = __shfl_sync(mask, lane * 10, (lane + 1) & 31);
+  else if (which == 4) got = __shfl_sync(mask, lane * 20, (lane + 3) & 31);
+  else if (which != 3) got = __shfl_sync(mask, lane * 10, (lane + 1) & 31);
+  out[threadIdx.x] = int(threadIdx.x & ~31u) + got;
+}
+}  // namespace
+
+extern "C" {
+
+const char* emu_selftest(int which, int* out) {
+  return result(pysparse_emu::launch(dim3(1), dim3(64), selftest_kernel, which, out));
+}
+
+
+// out (M, n) = A @ B (+ bias) as the CUDA launcher runs it for one image: VEC from csr_spmm_vec(n)
+// unless vec is 1 or 4, aligned vector loads of B when csr_spmm_aligned allows, columns in launches of
+// at most `max_cols` (the launcher's csr_spmm_columns_per_launch; smaller here to test the loop).
+// dtype: 0 fp32, 1 fp16, 2 bf16; index_kind: 0 int32/int32, 1 int64/int64, 2 int32/int16.
+const char* emu_csr_spmm(int dtype, int index_kind, int vec, int64_t max_cols, const void* crow, const void* col,
+                         const void* val, const int64_t* perm, int64_t M, int64_t K, int64_t nnz, const void* B,
+                         int64_t ldb, int64_t n, const void* bias, void* out, int64_t ldo, int* bad) {
+  if (vec != 1 && vec != 4) vec = csr_spmm_vec(n);
+  const int64_t step = max_cols > 0 ? max_cols : csr_spmm_columns_per_launch(vec);
+  const int esize = dtype == 0 ? 4 : 2;
+  std::string err;
+  for (int64_t c = 0; c < n && err.empty(); c += step) {
+    const int64_t nc = std::min(step, n - c);
+    const void* b = static_cast<const char*>(B) + c * esize;
+    void* o = static_cast<char*>(out) + c * esize;
+    switch (dtype) {
+      case 0: err = csr_index<float>(index_kind, vec, M, b, ldb, nc, o, ldo, crow, col, val, perm, K, nnz, bias, bad); break;
+      case 1: err = csr_index<__half>(index_kind, vec, M, b, ldb, nc, o, ldo, crow, col, val, perm, K, nnz, bias, bad); break;
+      default: err = csr_index<__nv_bfloat16>(index_kind, vec, M, b, ldb, nc, o, ldo, crow, col, val, perm, K, nnz, bias, bad);
+    }
+  }
+  return result(err);
+}
+
+// The launcher's choice of aligned vector loads for this B (4 columns per lane).
+int emu_csr_spmm_aligned(const void* B, int64_t ldb, int elem_size) {
+  return csr_spmm_aligned(B, ldb, 4, elem_size);
+}
+
+// nm_compress / nm_decompress on elements of elem_size bytes (4, 2, 1) over `blocks` blocks (0: the
+// launcher's nm_grid).
+const char* emu_nm_compress(int elem_size, const void* src, int64_t R, int64_t K, int n, int m, void* vals,
+                            uint8_t* mask, unsigned long long* first_bad, unsigned blocks) {
+  const int64_t unit = m > 8 ? m : 8, units = R * ((K + unit - 1) / unit);
+  if (units == 0) return result("");
+  const dim3 grid(blocks ? blocks : nm_grid(units)), block(kNmThreads);
+  switch (elem_size) {
+    case 4: return result(pysparse_emu::launch(grid, block, nm_compress_kernel<uint32_t>, static_cast<const uint32_t*>(src), R, K, n, m, static_cast<uint32_t*>(vals), mask, first_bad));
+    case 2: return result(pysparse_emu::launch(grid, block, nm_compress_kernel<uint16_t>, static_cast<const uint16_t*>(src), R, K, n, m, static_cast<uint16_t*>(vals), mask, first_bad));
+    default: return result(pysparse_emu::launch(grid, block, nm_compress_kernel<uint8_t>, static_cast<const uint8_t*>(src), R, K, n, m, static_cast<uint8_t*>(vals), mask, first_bad));
+  }
+}
+
+const char* emu_nm_decompress(int elem_size, const void* vals, const uint8_t* mask, int64_t R, int64_t K, int n, int m,
+                              void* out, unsigned blocks) {
+  const int64_t unit = m > 8 ? m : 8, units = R * ((K + unit - 1) / unit);
+  if (units == 0) return result("");
+  const dim3 grid(blocks ? blocks : nm_grid(units)), block(kNmThreads);
+  switch (elem_size) {
+    case 4: return result(pysparse_emu::launch(grid, block, nm_decompress_kernel<uint32_t>, static_cast<const uint32_t*>(vals), mask, R, K, n, m, static_cast<uint32_t*>(out)));
+    case 2: return result(pysparse_emu::launch(grid, block, nm_decompress_kernel<uint16_t>, static_cast<const uint16_t*>(vals), mask, R, K, n, m, static_cast<uint16_t*>(out)));
+    default: return result(pysparse_emu::launch(grid, block, nm_decompress_kernel<uint8_t>, static_cast<const uint8_t*>(vals), mask, R, K, n, m, static_cast<uint8_t*>(out)));
+  }
+}
+
+}  // extern "C"

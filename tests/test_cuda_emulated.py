@@ -1,0 +1,305 @@
+"""The CUDA kernels' device code (csrc/cuda/*_kernel.cuh), run on the CPU under the emulator in
+tests/cuda_emu/ with the launchers' own geometry helpers, so that index math, bounds, tails, dtype
+conversions, the warp-shuffle protocol and the error flags are checked on every CI run although no
+GPU is attached. What it cannot check (timing, coalescing, the memory model) is left to
+benchmarks/gpu_check.sh on a GPU.
+
+The emulator needs a C++20 compiler and the CUDA headers (cuda_fp16.h, cuda_bf16.h); the test
+skips, saying so, where either is missing.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import pysparse
+from pysparse import CSR
+from conftest import assert_close, gen, randn, random_sparse
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EMU = ROOT / "tests" / "cuda_emu"
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# index_kind in kernels.cpp: (row pointer dtype, column index dtype)
+INDEX_KINDS = {0: (torch.int32, torch.int32), 1: (torch.int64, torch.int64), 2: (torch.int32, torch.int16)}
+
+
+def _cuda_include():
+    roots = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    roots += glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu*"))
+    for r in roots:
+        if r and os.path.exists(os.path.join(r, "include", "cuda_bf16.h")):
+            return os.path.join(r, "include")
+    return None
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    inc, cxx = _cuda_include(), shutil.which(os.environ.get("CXX", "g++"))
+    if inc is None or cxx is None:
+        pytest.skip("CUDA emulation needs the CUDA headers (CUDA_HOME or /usr/local/cuda) and g++")
+    lib = tmp_path_factory.mktemp("cuda_emu") / "libpysparse_cuda_emu.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Werror",
+           f"-I{inc}", f"-I{ROOT / 'csrc' / 'cuda'}", str(EMU / "kernels.cpp"), "-o", str(lib)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    L = ctypes.CDLL(str(lib))
+    p, i64, i32, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint
+    L.emu_csr_spmm.restype = ctypes.c_char_p
+    L.emu_csr_spmm.argtypes = [i32, i32, i32, i64, p, p, p, p, i64, i64, i64, p, i64, i64, p, p, i64, p]
+    L.emu_csr_spmm_aligned.restype = i32
+    L.emu_csr_spmm_aligned.argtypes = [p, i64, i32]
+    L.emu_nm_compress.restype = ctypes.c_char_p
+    L.emu_nm_compress.argtypes = [i32, p, i64, i64, i32, i32, p, p, p, u32]
+    L.emu_nm_decompress.restype = ctypes.c_char_p
+    L.emu_nm_decompress.argtypes = [i32, p, p, i64, i64, i32, i32, p, u32]
+    L.emu_selftest.restype = ctypes.c_char_p
+    L.emu_selftest.argtypes = [i32, p]
+    return L
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _launcher_perm(crow):
+    """The CUDA launcher's row order: a stable descending sort of the row lengths."""
+    return torch.sort((crow[1:] - crow[:-1]).long(), stable=True, descending=True).indices.contiguous()
+
+
+def run_csr(emu, crow, col, val, K, B, *, bias=None, out=None, vec=0, max_cols=0, perm=None):
+    """Runs the emulated kernel for A (CSR tensors) @ B (K, n) (+ bias). B may have a row stride
+    above n; `out` (M, n) may be a column slice of a wider tensor. Returns (out, bad flag)."""
+    M, n = crow.numel() - 1, B.shape[1]
+    assert B.stride(1) == 1 and (out is None or out.stride(1) == 1)
+    if out is None:
+        out = torch.empty(M, n, dtype=val.dtype)
+    perm = _launcher_perm(crow) if perm is None else perm
+    bad = torch.zeros(1, dtype=torch.int32)
+    kind = {(torch.int32, torch.int32): 0, (torch.int64, torch.int64): 1, (torch.int32, torch.int16): 2}[(crow.dtype, col.dtype)]
+    err = emu.emu_csr_spmm(DTYPE_CODE[val.dtype], kind, vec, max_cols, _ptr(crow), _ptr(col), _ptr(val), _ptr(perm),
+                           M, K, val.numel(), _ptr(B), B.stride(0), n, _ptr(bias), _ptr(out), out.stride(0), _ptr(bad))
+    assert err is None, err.decode()
+    return out, int(bad.item())
+
+
+def _matrix(M, K, dtype, seed, *, long_row=None):
+    """Random sparse (M, K): every 5th row empty, and row `long_row` with most of its K columns
+    (several 32-nonzero chunks of the warp's loop)."""
+    W = random_sparse(M, K, 0.15, dtype, gen(seed))
+    if long_row is not None:
+        W[long_row] = randn(K, dtype=dtype, g=gen(seed + 1)) * (torch.rand(K, generator=gen(seed + 2)) < 0.8)
+    return W
+
+
+def _csr_tensors(W, kind):
+    rdt, cdt = INDEX_KINDS[kind]
+    A = CSR.from_dense(W, index_dtype=torch.int64 if rdt == torch.int64 else torch.int32)
+    return A.crow_indices.to(rdt).contiguous(), A.col_indices.to(cdt).contiguous(), A.values.contiguous()
+
+
+def _check(out, W, B, bias, dtype, what):
+    ref = W.double() @ B.double()
+    absref = W.double().abs() @ B.double().abs()
+    if bias is not None:
+        ref, absref = ref + bias.double()[:, None], absref + bias.double().abs()[:, None]
+    assert_close(out, ref, absref, dtype, what=what)
+
+
+# ---------------------------------------------------------------------------------------------
+# csr_spmm_kernel
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["i32", "i64", "i32-i16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_csr_matches_reference(emu, dtype, kind, bias):
+    """37 rows (a partial last block), 127 columns, empty rows and a row of ~100 nonzeros. n = 5
+    runs one column per lane; 130 four per lane with scalar loads (rows of B not 4-aligned) and a
+    ragged last lane; 132 four per lane with vector loads."""
+    M, K = 37, 127
+    W = _matrix(M, K, dtype, 1, long_row=6)
+    crow, col, val = _csr_tensors(W, kind)
+    b = randn(M, dtype=dtype, g=gen(3)) if bias else None
+    for n in (5, 130, 132):
+        B = randn(K, n, dtype=dtype, g=gen(n))
+        out, bad = run_csr(emu, crow, col, val, K, B, bias=b)
+        assert bad == 0
+        _check(out, W, B, b, dtype, f"n={n}")
+
+
+@pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 127, 128, 129, 131, 255, 256, 300])
+@pytest.mark.parametrize("vec", [0, 1, 4], ids=["auto", "vec1", "vec4"])
+def test_csr_every_width_and_vector_width(emu, n, vec):
+    """Widths around one lane's and one warp's columns, for both kernel variants."""
+    M, K, dtype = 9, 70, torch.bfloat16
+    W = _matrix(M, K, dtype, n, long_row=2)
+    crow, col, val = _csr_tensors(W, 0)
+    B = randn(K, n, dtype=dtype, g=gen(7))
+    out, bad = run_csr(emu, crow, col, val, K, B, vec=vec)
+    assert bad == 0
+    _check(out, W, B, None, dtype, f"n={n} vec={vec}")
+
+
+def test_csr_takes_the_aligned_path_only_when_it_may(emu):
+    B = torch.zeros(4, 256)
+    assert emu.emu_csr_spmm_aligned(_ptr(B), 256, 4)
+    assert not emu.emu_csr_spmm_aligned(_ptr(B) + 4, 256, 4)  # one float in
+    assert not emu.emu_csr_spmm_aligned(_ptr(B), 254, 4)  # rows not all aligned
+    assert emu.emu_csr_spmm_aligned(_ptr(B) + 8, 256, 2)  # 8-byte vectors of fp16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("offset", [0, 1, 2], ids=lambda o: f"off{o}")
+def test_csr_strided_and_misaligned_operands_write_only_their_columns(emu, dtype, offset):
+    """B a column slice of a wider matrix starting `offset` elements in (unaligned for vector
+    loads unless 0), out a slice of a NaN-filled wider buffer: every column outside stays NaN."""
+    M, K, n = 13, 40, 200
+    W = _matrix(M, K, dtype, 11, long_row=4)
+    crow, col, val = _csr_tensors(W, 0)
+    wide = randn(K, n + 12, dtype=dtype, g=gen(12))
+    B = wide[:, offset:offset + n]
+    buf = torch.full((M, n + 9), float("nan"), dtype=dtype)
+    out = buf[:, offset:offset + n]
+    run_csr(emu, crow, col, val, K, B, out=out)
+    _check(out, W, B, None, dtype, f"offset={offset}")
+    outside = torch.ones_like(buf, dtype=torch.bool)
+    outside[:, offset:offset + n] = False
+    assert buf[outside].isnan().all(), "the kernel wrote outside its output columns"
+
+
+def test_csr_result_does_not_depend_on_row_order(emu):
+    M, K, n, dtype = 23, 50, 140, torch.float32
+    W = _matrix(M, K, dtype, 21, long_row=0)
+    crow, col, val = _csr_tensors(W, 1)
+    B = randn(K, n, dtype=dtype, g=gen(22))
+    first, _ = run_csr(emu, crow, col, val, K, B)
+    for perm in (torch.arange(M), torch.arange(M).flip(0), torch.randperm(M, generator=gen(23))):
+        again, _ = run_csr(emu, crow, col, val, K, B, perm=perm)
+        assert torch.equal(first, again), "a row's sum depends only on its own nonzeros' order"
+
+
+@pytest.mark.parametrize("vec,max_cols", [(1, 32), (1, 64), (4, 128), (4, 256)])
+def test_csr_column_chunks_cover_every_column(emu, vec, max_cols):
+    """The launcher loops over launches of at most 65535 * 32 * VEC columns (gridDim.y's limit);
+    here with small chunks: results equal one launch bit for bit."""
+    M, K, n, dtype = 11, 30, 300, torch.float32
+    W = _matrix(M, K, dtype, 31)
+    crow, col, val = _csr_tensors(W, 0)
+    B = randn(K, n, dtype=dtype, g=gen(32))
+    whole, _ = run_csr(emu, crow, col, val, K, B, vec=vec)
+    chunked, _ = run_csr(emu, crow, col, val, K, B, vec=vec, max_cols=max_cols)
+    assert torch.equal(whole, chunked)
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["i32", "i64", "i32-i16"])
+@pytest.mark.parametrize("bad_col", [-1, 40, 32767], ids=lambda c: f"col{c}")
+def test_csr_out_of_range_column_is_flagged_and_not_followed(emu, kind, bad_col):
+    M, K, n, dtype = 6, 40, 8, torch.float32
+    W = _matrix(M, K, dtype, 41, long_row=3)
+    crow, col, val = _csr_tensors(W, kind)
+    col = col.clone()
+    col[int(crow[3]) + 5] = bad_col
+    B = randn(K, n, dtype=dtype, g=gen(42))
+    out, bad = run_csr(emu, crow, col, val, K, B)
+    assert bad == 1
+    others = [r for r in range(M) if r != 3]
+    _check(out[others], W[others], B, None, dtype, "rows without the bad index")
+
+
+@pytest.mark.parametrize("tamper", ["decreasing", "past_nnz", "negative"])
+def test_csr_inconsistent_row_pointers_are_flagged(emu, tamper):
+    M, K, n, dtype = 6, 40, 8, torch.float32
+    W = _matrix(M, K, dtype, 51, long_row=1)
+    crow, col, val = _csr_tensors(W, 0)
+    crow = crow.clone()
+    if tamper == "decreasing":
+        crow[2] = crow[1] - 1
+    elif tamper == "past_nnz":
+        crow[M] = val.numel() + 7
+    else:
+        crow[1] = -3
+    B = randn(K, n, dtype=dtype, g=gen(52))
+    _, bad = run_csr(emu, crow, col, val, K, B)
+    assert bad == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# nm_compress_kernel / nm_decompress_kernel, bit for bit against the CPU op
+
+NM_PATTERNS = [(2, 4), (1, 4), (3, 4), (4, 8), (3, 8), (8, 16), (5, 16)]
+
+
+def _elem(dtype):
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _nm_dense(R, K, n, m, dtype, seed):
+    W = pysparse.prune.nm(randn(R, K, g=gen(seed)), n, m)
+    W = W * (torch.rand(R, K, generator=gen(seed + 1)) >= 0.3)  # groups with fewer than n
+    return (W * 20).to(torch.int8) if dtype == torch.int8 else W.to(dtype)
+
+
+@pytest.mark.parametrize("n,m", NM_PATTERNS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
+@pytest.mark.parametrize("blocks", [0, 1], ids=["grid", "1block"])
+def test_nm_compress_and_decompress_match_the_cpu_op(emu, n, m, dtype, blocks):
+    """K = 3m + an odd multiple of m (mask bytes shared by groups when m = 4, a last partial byte
+    when K % 8 != 0); one block makes every thread stride over several units."""
+    R, K = 70, 5 * m
+    W = _nm_dense(R, K, n, m, dtype, seed=n * m)
+    want_v, want_mask = torch.ops.pysparse.nm_compress(W, n, m)
+    vals = torch.full_like(want_v, 99)
+    mask = torch.full_like(want_mask, 0xAA)
+    first_bad = torch.tensor([R], dtype=torch.int64)
+    err = emu.emu_nm_compress(_elem(dtype), _ptr(W), R, K, n, m, _ptr(vals), _ptr(mask), _ptr(first_bad), blocks)
+    assert err is None, err.decode()
+    assert int(first_bad) == R
+    assert torch.equal(vals, want_v) and torch.equal(mask, want_mask)
+    back = torch.full_like(W, 77)
+    err = emu.emu_nm_decompress(_elem(dtype), _ptr(vals), _ptr(mask), R, K, n, m, _ptr(back), blocks)
+    assert err is None, err.decode()
+    assert torch.equal(back, W)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (8, 16)])
+def test_nm_compress_names_the_first_row_with_too_many_nonzeros(emu, n, m):
+    """Rows 17 and 29 each hold a group of n + 1 nonzeros: the kernel reports row 17."""
+    R, K, dtype = 40, 4 * m, torch.float16
+    W = _nm_dense(R, K, n, m, dtype, seed=5)
+    W[29, m:2 * m] = 0.0
+    W[29, m:m + n + 1] = 1.0  # one nonzero too many
+    W[17, 4 * m - n - 1:4 * m] = 2.0  # the last group of row 17, likewise
+    vals = torch.empty(R, K // m * n, dtype=dtype)
+    mask = torch.empty(R, (K + 7) // 8, dtype=torch.uint8)
+    first_bad = torch.tensor([R], dtype=torch.int64)
+    err = emu.emu_nm_compress(2, _ptr(W), R, K, n, m, _ptr(vals), _ptr(mask), _ptr(first_bad), 0)
+    assert err is None, err.decode()
+    assert int(first_bad) == 17
+
+
+# ---------------------------------------------------------------------------------------------
+# The emulator itself: it must catch what it says it catches.
+
+@pytest.mark.parametrize("case,want", [
+    (0, None),
+    (1, "__shfl_sync reached by 5 of 32 lanes"),
+    (2, "__shfl_sync with a partial mask"),
+    (3, "__shfl_sync reached by 16 of 32 lanes"),
+    (4, "__shfl_sync called from different places"),
+])
+def test_emulator_checks_the_shuffle_protocol(emu, case, want):
+    """0: every lane shuffles (lane l receives lane l+1's value, rotating); 1: lanes 5..31 return
+    before the shuffle; 2: a partial mask; 3: a branch only half the lanes take; 4: the two halves
+    of the warp shuffle in different branches."""
+    out = torch.full((64,), -1, dtype=torch.int32)
+    err = emu.emu_selftest(case, _ptr(out))
+    if want is None:
+        assert err is None, err.decode()
+        assert out.tolist() == [(t & ~31) + ((t + 1) & 31) * 10 for t in range(64)]
+    else:
+        assert err is not None and want in err.decode()
