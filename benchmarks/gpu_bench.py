@@ -266,7 +266,8 @@ for dt, n, nnzb, t_ours, t_torch, t_dense, tflops in bsr_rows:
 
 # CSR x dense: pysparse.spmm on CUDA CSR tensors (pysparse::csr_spmm's CUDA kernel,
 # csrc/cuda/csr_spmm.cu) against torch.sparse CSR (cuSPARSE) and dense cuBLAS on the same
-# matrix; fp16 and bf16, 90% unstructured, 4096x4096.
+# matrix; fp16 and bf16, 90% unstructured, 4096x4096. n = 1 and 8 run the narrow kernel (lanes
+# split a row's nonzeros), the rest a warp per row and 128 columns.
 csr_rows = []
 Wu = pysparse.prune.magnitude(torch.randn(4096, 4096, device=dev), 0.9)
 for dtype in (torch.float16, torch.bfloat16):
@@ -277,7 +278,7 @@ for dtype in (torch.float16, torch.bfloat16):
     except Exception as e:  # noqa: BLE001 - report, do not fail the table
         print(f"torch sparse_csr failed ({dtype}):", type(e).__name__, str(e).splitlines()[0])
         A_torch = None
-    for n in (128, 512, 2048):
+    for n in (1, 8, 128, 512, 2048):
         X = torch.randn(4096, n, device=dev, dtype=dtype)
         ref = Wd.float() @ X.float()
         rel = lambda y: ((y.float() - ref).norm() / ref.norm()).item()  # noqa: E731

@@ -72,8 +72,9 @@ def _launcher_perm(crow):
     return torch.sort((crow[1:] - crow[:-1]).long(), stable=True, descending=True).indices.contiguous()
 
 
-def run_csr(emu, crow, col, val, K, B, *, bias=None, out=None, vec=0, max_cols=0, perm=None):
-    """Runs the emulated kernel for A (CSR tensors) @ B (K, n) (+ bias). B may have a row stride
+def run_csr(emu, crow, col, val, K, B, *, bias=None, out=None, vec=-1, max_cols=0, perm=None):
+    """Runs the emulated kernel for A (CSR tensors) @ B (K, n) (+ bias), the one the launcher picks
+    unless `vec` forces one (0: the narrow kernel, 1 or 4 columns per lane). B may have a row stride
     above n; `out` (M, n) may be a column slice of a wider tensor. Returns (out, bad flag)."""
     M, n = crow.numel() - 1, B.shape[1]
     assert B.stride(1) == 1 and (out is None or out.stride(1) == 1)
@@ -119,23 +120,29 @@ def _check(out, W, B, bias, dtype, what):
 @pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
 def test_csr_matches_reference(emu, dtype, kind, bias):
     """37 rows (a partial last block), 127 columns, empty rows and a row of ~100 nonzeros. n = 5
-    runs one column per lane; 130 four per lane with scalar loads (rows of B not 4-aligned) and a
-    ragged last lane; 132 four per lane with vector loads."""
+    runs the narrow kernel (lanes split the nonzeros); 20 one column per lane; 130 four per lane
+    with scalar loads (rows of B not 4-aligned) and a ragged last lane; 132 four per lane with
+    vector loads."""
     M, K = 37, 127
     W = _matrix(M, K, dtype, 1, long_row=6)
     crow, col, val = _csr_tensors(W, kind)
     b = randn(M, dtype=dtype, g=gen(3)) if bias else None
-    for n in (5, 130, 132):
+    for n in (5, 20, 130, 132):
         B = randn(K, n, dtype=dtype, g=gen(n))
         out, bad = run_csr(emu, crow, col, val, K, B, bias=b)
         assert bad == 0
         _check(out, W, B, b, dtype, f"n={n}")
 
 
-@pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 127, 128, 129, 131, 255, 256, 300])
-@pytest.mark.parametrize("vec", [0, 1, 4], ids=["auto", "vec1", "vec4"])
-def test_csr_every_width_and_vector_width(emu, n, vec):
-    """Widths around one lane's and one warp's columns, for both kernel variants."""
+_WIDTHS = (1, 2, 3, 7, 8, 9, 31, 32, 33, 127, 128, 129, 131, 255, 256, 300)
+_KERNELS = {-1: "auto", 0: "narrow", 1: "vec1", 4: "vec4"}
+
+
+@pytest.mark.parametrize("n,vec", [(n, v) for n in _WIDTHS for v in _KERNELS if v != 0 or n <= 8],
+                         ids=lambda x: str(x))
+def test_csr_every_width_and_kernel(emu, n, vec):
+    """Widths around the narrow kernel's limit, one lane's and one warp's columns, for every kernel
+    that can take them (the narrow one up to 8 columns; -1 is the launcher's choice)."""
     M, K, dtype = 9, 70, torch.bfloat16
     W = _matrix(M, K, dtype, n, long_row=2)
     crow, col, val = _csr_tensors(W, 0)
@@ -172,8 +179,9 @@ def test_csr_strided_and_misaligned_operands_write_only_their_columns(emu, dtype
     assert buf[outside].isnan().all(), "the kernel wrote outside its output columns"
 
 
-def test_csr_result_does_not_depend_on_row_order(emu):
-    M, K, n, dtype = 23, 50, 140, torch.float32
+@pytest.mark.parametrize("n", [3, 140])
+def test_csr_result_does_not_depend_on_row_order(emu, n):
+    M, K, dtype = 23, 50, torch.float32
     W = _matrix(M, K, dtype, 21, long_row=0)
     crow, col, val = _csr_tensors(W, 1)
     B = randn(K, n, dtype=dtype, g=gen(22))
@@ -198,8 +206,9 @@ def test_csr_column_chunks_cover_every_column(emu, vec, max_cols):
 
 @pytest.mark.parametrize("kind", [0, 1, 2], ids=["i32", "i64", "i32-i16"])
 @pytest.mark.parametrize("bad_col", [-1, 40, 32767], ids=lambda c: f"col{c}")
-def test_csr_out_of_range_column_is_flagged_and_not_followed(emu, kind, bad_col):
-    M, K, n, dtype = 6, 40, 8, torch.float32
+@pytest.mark.parametrize("n", [8, 40])
+def test_csr_out_of_range_column_is_flagged_and_not_followed(emu, kind, bad_col, n):
+    M, K, dtype = 6, 40, torch.float32
     W = _matrix(M, K, dtype, 41, long_row=3)
     crow, col, val = _csr_tensors(W, kind)
     col = col.clone()
@@ -212,8 +221,9 @@ def test_csr_out_of_range_column_is_flagged_and_not_followed(emu, kind, bad_col)
 
 
 @pytest.mark.parametrize("tamper", ["decreasing", "past_nnz", "negative"])
-def test_csr_inconsistent_row_pointers_are_flagged(emu, tamper):
-    M, K, n, dtype = 6, 40, 8, torch.float32
+@pytest.mark.parametrize("n", [8, 40])
+def test_csr_inconsistent_row_pointers_are_flagged(emu, tamper, n):
+    M, K, dtype = 6, 40, torch.float32
     W = _matrix(M, K, dtype, 51, long_row=1)
     crow, col, val = _csr_tensors(W, 0)
     crow = crow.clone()

@@ -35,7 +35,12 @@ static void launch(const at::Tensor& crow, const at::Tensor& col, const at::Tens
   };
   using V1 = std::integral_constant<int, 1>;
   using V4 = std::integral_constant<int, 4>;
-  if (csr_spmm_vec(n) == 1) go(V1(), std::false_type());
+  if (n <= kCsrNarrow) {
+    csr_spmm_narrow_kernel<T, RT, CT><<<csr_spmm_grid(M, 1, 1), kCsrSpmmThreads, 0, stream>>>(
+        crow.data_ptr<RT>(), col.data_ptr<CT>(), reinterpret_cast<const T*>(values.data_ptr()), perm.data_ptr<int64_t>(),
+        M, K, values.numel(), b, ldb, int(n), bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr, o, ldo, bad);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (csr_spmm_vec(n) == 1) go(V1(), std::false_type());
   else if (csr_spmm_aligned(b, ldb, 4, sizeof(T))) go(V4(), std::true_type());
   else go(V4(), std::false_type());
 }

@@ -9,8 +9,11 @@
 // broadcasts them lane to lane with __shfl_sync, so every nonzero costs VEC FMAs per lane and no
 // shared memory. Rows are visited in the order `perm` gives (longest first, made by the
 // launcher), which evens out warps of one block and keeps the long rows from finishing last.
-// Column indices outside [0, K) and inconsistent row pointers are clamped, never followed, and
-// reported through *bad.
+// Narrow outputs (n <= kCsrNarrow: decode) would leave 32 - n lanes of that design idle, so they
+// take csr_spmm_narrow_kernel: still a warp per row, but each lane a strided share of the row's
+// nonzeros with all n columns in registers, then a butterfly sum across the warp (the CSR-vector
+// SpMV of Bell & Garland, SC09). Column indices outside [0, K) and inconsistent row pointers are
+// clamped, never followed, and reported through *bad.
 //
 // The host-side geometry helpers below are shared with the CPU emulation test
 // (tests/cuda_emu/), which runs this device code without a GPU.
@@ -34,7 +37,9 @@ constexpr int kWarpsPerBlock = 4;
 constexpr unsigned kCsrSpmmThreads = 32 * kWarpsPerBlock;
 constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on gridDim.y
 
-// VEC output columns per lane: 4 (128 per warp) once n fills them, else 1 (decode shapes).
+constexpr int kCsrNarrow = 8;          // widest n for csr_spmm_narrow_kernel
+
+// VEC output columns per lane: 4 (128 per warp) once n fills them, else 1.
 inline int csr_spmm_vec(int64_t n) { return n >= 128 ? 4 : 1; }
 // grid.x: one warp per row, kWarpsPerBlock rows per block; grid.y: 32 * VEC columns per block. A
 // launch covers at most csr_spmm_columns_per_launch(VEC) columns; the launcher loops past that.
@@ -61,6 +66,18 @@ union Pack {
   __device__ Pack() {}
 };
 
+// Row r's nonzeros [start, end), clamped into [0, nnz] and reported through *bad if inconsistent.
+template <typename RT>
+__device__ __forceinline__ void row_range(const RT* crow, int64_t r, int64_t nnz, int lane, int* bad,
+                                          int64_t& start, int64_t& end) {
+  start = int64_t(crow[r]), end = int64_t(crow[r + 1]);
+  if (start < 0 || end < start || end > nnz) {
+    if (lane == 0) atomicOr(bad, 1);
+    start = start < 0 ? 0 : (start > nnz ? nnz : start);
+    end = end < start ? start : (end > nnz ? nnz : end);
+  }
+}
+
 template <typename T, typename RT, typename CT, int VEC, bool ALIGNED>
 __global__ void __launch_bounds__(kCsrSpmmThreads)
 csr_spmm_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, const T* __restrict__ val,
@@ -73,12 +90,8 @@ csr_spmm_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, const T
   if (w >= M) return;
   const int64_t r = perm[w];
   const int64_t c0 = blockIdx.y * int64_t(32 * VEC) + int64_t(lane) * VEC;
-  int64_t start = int64_t(crow[r]), end = int64_t(crow[r + 1]);
-  if (start < 0 || end < start || end > nnz) {
-    if (lane == 0) atomicOr(bad, 1);
-    start = start < 0 ? 0 : (start > nnz ? nnz : start);
-    end = end < start ? start : (end > nnz ? nnz : end);
-  }
+  int64_t start, end;
+  row_range(crow, r, nnz, lane, bad, start, end);
   float acc[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
@@ -117,6 +130,45 @@ csr_spmm_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, const T
 #pragma unroll
   for (int v = 0; v < VEC; ++v)
     if (c0 + v < n) out[r * ldo + c0 + v] = from_float<T>(acc[v] + b);
+}
+
+// n <= kCsrNarrow, grid.x as above, grid.y = 1.
+template <typename T, typename RT, typename CT>
+__global__ void __launch_bounds__(kCsrSpmmThreads)
+csr_spmm_narrow_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, const T* __restrict__ val,
+                       const int64_t* __restrict__ perm, int64_t M, int64_t K, int64_t nnz,
+                       const T* __restrict__ B, int64_t ldb, int n, const T* __restrict__ bias,
+                       T* __restrict__ out, int64_t ldo, int* bad) {
+  const int lane = threadIdx.x & 31;
+  const int64_t w = blockIdx.x * int64_t(kWarpsPerBlock) + (threadIdx.x >> 5);
+  if (w >= M) return;
+  const int64_t r = perm[w];
+  int64_t start, end;
+  row_range(crow, r, nnz, lane, bad, start, end);
+  float acc[kCsrNarrow];
+#pragma unroll
+  for (int v = 0; v < kCsrNarrow; ++v) acc[v] = 0.f;
+  for (int64_t p = start + lane; p < end; p += 32) {
+    const int64_t c = int64_t(col[p]);
+    if (c < 0 || c >= K) {
+      atomicOr(bad, 1);
+      continue;
+    }
+    const float a = to_float(val[p]);
+    const T* brow = B + c * ldb;
+#pragma unroll
+    for (int v = 0; v < kCsrNarrow; ++v)
+      if (v < n) acc[v] += a * to_float(brow[v]);
+  }
+  const float b = bias ? to_float(bias[r]) : 0.f;
+#pragma unroll
+  for (int v = 0; v < kCsrNarrow; ++v) {
+    if (v >= n) break;  // n is the same for the whole warp: every lane leaves here together
+    float s = acc[v];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) out[r * ldo + v] = from_float<T>(s + b);
+  }
 }
 
 }  // namespace cuda

@@ -11,8 +11,8 @@
 // coalescing, the memory model, races between blocks.
 //
 // The CUDA headers (cuda_fp16.h, cuda_bf16.h, vector_types.h) compile as host code; this file adds
-// threadIdx / blockIdx / blockDim / gridDim, __shfl_sync, atomicOr, atomicMin, __popc
-// and __launch_bounds__, then `pysparse_emu::launch(grid, block, kernel, args...)`.
+// threadIdx / blockIdx / blockDim / gridDim, __shfl_sync, __shfl_xor_sync, atomicOr, atomicMin,
+// __popc and __launch_bounds__, then `pysparse_emu::launch(grid, block, kernel, args...)`.
 #pragma once
 #include <ucontext.h>
 
@@ -128,27 +128,40 @@ std::string launch(dim3 grid, dim3 block, void (*kernel)(P...), A... args) {
 
 }  // namespace pysparse_emu
 
-// __shfl_sync(mask, var, src): the value `var` held by lane `src` (mod 32) of the calling warp.
-// Only the full mask is supported (the only form pysparse uses); anything else is an error.
-// Not inlined, so that its return address names the call site (divergent lanes shuffling at two
-// different places is an error the hardware would not forgive either).
+namespace pysparse_emu {
+// The value `var` held by lane `src` of the calling warp, once every lane has deposited its own;
+// `site` is the caller's call site.
 template <typename V>
-__attribute__((noinline)) V __shfl_sync(unsigned mask, V var, int src, int width = 32) {
-  static_assert(sizeof(V) <= 16, "emulated __shfl_sync moves at most 16 bytes");
-  using namespace pysparse_emu;
+V shuffle(unsigned mask, V var, int src, int width, void* site) {
+  static_assert(sizeof(V) <= 16, "emulated shuffles move at most 16 bytes");
   Warp& w = *tl_warp;
   const int lane = w.current;
   if ((mask != 0xffffffffu || width != 32) && w.error.empty()) w.error = "__shfl_sync with a partial mask or width";
   unsigned char (*buf)[16] = w.slot[w.round[lane] & 1];
   std::memcpy(buf[lane], &var, sizeof(V));
   w.at_shuffle[lane] = true;
-  w.site[lane] = __builtin_return_address(0);
+  w.site[lane] = site;
   swapcontext(&w.lane_ctx[lane], &w.scheduler);  // resumes once every lane has deposited
   V out;
   const int from = src & (kWarp - 1);
   std::memcpy(&out, buf[from < w.lanes ? from : lane], sizeof(V));
   ++w.round[lane];
   return out;
+}
+}  // namespace pysparse_emu
+
+// __shfl_sync(mask, var, src) and __shfl_xor_sync(mask, var, lane_mask): only the full mask and
+// width (the only forms pysparse uses); anything else is an error. Not inlined, so that the return
+// address names the call site (lanes of one warp shuffling at two different places is an error the
+// hardware would not forgive either).
+template <typename V>
+__attribute__((noinline)) V __shfl_sync(unsigned mask, V var, int src, int width = 32) {
+  return pysparse_emu::shuffle(mask, var, src, width, __builtin_return_address(0));
+}
+template <typename V>
+__attribute__((noinline)) V __shfl_xor_sync(unsigned mask, V var, int lane_mask, int width = 32) {
+  return pysparse_emu::shuffle(mask, var, pysparse_emu::tl_warp->current ^ lane_mask, width,
+                               __builtin_return_address(0));
 }
 
 // Lanes of one warp run one at a time, so plain read-modify-writes are atomic here.

@@ -30,6 +30,11 @@ template <typename T, typename RT, typename CT>
 std::string csr_vec(int vec, int64_t M, const void* B, int64_t ldb, int64_t n, void* out, int64_t ldo,
                     const void* crow, const void* col, const void* val, const int64_t* perm, int64_t K, int64_t nnz,
                     const void* bias, int* bad) {
+  if (vec == 0)
+    return pysparse_emu::launch(csr_spmm_grid(M, 1, 1), dim3(kCsrSpmmThreads), csr_spmm_narrow_kernel<T, RT, CT>,
+                                static_cast<const RT*>(crow), static_cast<const CT*>(col), static_cast<const T*>(val),
+                                perm, M, K, nnz, static_cast<const T*>(B), ldb, int(n), static_cast<const T*>(bias),
+                                static_cast<T*>(out), ldo, bad);
   if (vec == 1) return csr_go<T, RT, CT, 1, false>(crow, col, val, perm, M, K, nnz, B, ldb, n, bias, out, ldo, bad);
   if (csr_spmm_aligned(B, ldb, 4, sizeof(T)))
     return csr_go<T, RT, CT, 4, true>(crow, col, val, perm, M, K, nnz, B, ldb, n, bias, out, ldo, bad);
@@ -68,15 +73,16 @@ const char* emu_selftest(int which, int* out) {
 }
 
 
-// out (M, n) = A @ B (+ bias) as the CUDA launcher runs it for one image: VEC from csr_spmm_vec(n)
-// unless vec is 1 or 4, aligned vector loads of B when csr_spmm_aligned allows, columns in launches of
-// at most `max_cols` (the launcher's csr_spmm_columns_per_launch; smaller here to test the loop).
+// out (M, n) = A @ B (+ bias) as the CUDA launcher runs it for one image: the narrow kernel for
+// n <= kCsrNarrow, else VEC from csr_spmm_vec(n), unless `vec` forces one (0 narrow, 1, 4); aligned
+// vector loads of B when csr_spmm_aligned allows; columns in launches of at most `max_cols` (the
+// launcher's csr_spmm_columns_per_launch; smaller here to test the loop).
 // dtype: 0 fp32, 1 fp16, 2 bf16; index_kind: 0 int32/int32, 1 int64/int64, 2 int32/int16.
 const char* emu_csr_spmm(int dtype, int index_kind, int vec, int64_t max_cols, const void* crow, const void* col,
                          const void* val, const int64_t* perm, int64_t M, int64_t K, int64_t nnz, const void* B,
                          int64_t ldb, int64_t n, const void* bias, void* out, int64_t ldo, int* bad) {
-  if (vec != 1 && vec != 4) vec = csr_spmm_vec(n);
-  const int64_t step = max_cols > 0 ? max_cols : csr_spmm_columns_per_launch(vec);
+  if (vec != 0 && vec != 1 && vec != 4) vec = n <= kCsrNarrow ? 0 : csr_spmm_vec(n);
+  const int64_t step = max_cols > 0 ? max_cols : (vec == 0 ? n : csr_spmm_columns_per_launch(vec));
   const int esize = dtype == 0 ? 4 : 2;
   std::string err;
   for (int64_t c = 0; c < n && err.empty(); c += step) {
