@@ -165,10 +165,40 @@ def test_batches_of_zero_one_and_three(geom):
         assert_close(sc(x), ref, absref, torch.float32, what=f"batch of {n}")
 
 
-def test_compile_1x1():
-    sc = SparseConv2d.from_conv(make_conv("1x1", seed=6), "csr", sparsity=0.9)
-    x = torch.randn(2, 16, 7, 7, generator=gen(6))
+@pytest.mark.parametrize("geom,fmt", [("1x1", "csr"), ("3x3_pad1", "csr"), ("3x3_groups2", "nm"),
+                                      ("3x5_stride2x1", "csr")])
+def test_compile_fullgraph(geom, fmt):
+    """k x k layers compile through F.unfold and one batched product per group."""
+    conv = make_conv(geom, seed=6)
+    sc = SparseConv2d.from_conv(conv, fmt, **({"sparsity": 0.9} if fmt == "csr" else {}))
+    x = torch.randn(2, conv.in_channels, 7, 9, generator=gen(6))
     torch.testing.assert_close(torch.compile(sc, fullgraph=True)(x), sc(x))
+
+
+def test_im2col_buffer_is_shared_safely_across_layers_dtypes_and_threads():
+    """The per-thread im2col buffer: layers of different shapes and dtypes interleaved, and two
+    threads each running all the layers at once, give bit for bit what each layer gave alone."""
+    import threading
+    layers = [SparseConv2d.from_conv(make_conv(g, seed=s, dtype=dt), "csr", sparsity=0.5)
+              for s, (g, dt) in enumerate([("3x3_pad1", torch.float32), ("5x5_nopad", torch.float32),
+                                           ("3x3_groups2", torch.bfloat16), ("3x3_dilation2", torch.float32)])]
+    inputs = [torch.randn(2, sc.in_channels, 11, 13, generator=gen(i)).to(sc.bias.dtype) for i, sc in enumerate(layers)]
+    alone = [sc(x) for sc, x in zip(layers, inputs)]
+    failures = []
+
+    def run(order):
+        for _ in range(3):
+            for i in order:
+                if not torch.equal(layers[i](inputs[i]), alone[i]):
+                    failures.append(f"layer {i} in order {order}")
+
+    threads = [threading.Thread(target=run, args=(o,)) for o in ([0, 1, 2, 3], [3, 2, 1, 0])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    run([2, 0, 3, 1])
+    assert not failures, failures
 
 
 def test_bad_input():
