@@ -82,20 +82,23 @@ class SparseConv2d(torch.nn.Module):
       into the NCHW output, the bias added after. The CPU op gives each thread whole images.
     * 1x1, channels_last input: one ``csr_linear`` over the (N*H*W, Cin) view, bias fused; the
       (N*H*W, Cout) product is the channels_last output.
-    * k x k (or padded 1x1): im2col by chunks of output rows (``_IM2COL_BYTES``), then spmm.
+    * k x k (or padded 1x1): im2col by chunks of output rows (``_IM2COL_BYTES``) into a buffer
+      reused per thread, then spmm; under ``torch.compile`` one ``F.unfold`` and one batched
+      product per group instead.
     * depthwise: ``F.conv2d`` with the pruned dense weight.
 
     Measured on 2 Zen 5 cores (torch.set_num_threads(2)), fp32, 90% unstructured CSR against
     nn.Conv2d (oneDNN) with the same weights, no bias, ResNet-50 shapes at 224x224 input,
     alternating rounds (benchmarks/bench_conv.py; RESULTS.md has the table and how it got there):
 
-    * 1x1: batch 1 2.8x (1024 -> 256, 14x14) to 17.8x (64 -> 64, 56x56); batch 8 2.6x (2048 ->
-      512, 7x7) to 19.9x. The CPU op runs a batch with whole images per thread, packs wide
+    * 1x1: batch 1 2.8x (1024 -> 256, 14x14) to 3.9x (128 -> 512, 28x28); batch 8 2.6x (2048
+      -> 512, 7x7) to 15.6x (64 -> 64, 56x56; the first layers timed vary most between runs,
+      17.8x / 19.9x in another). The CPU op runs a batch with whole images per thread, packs wide
       operands a strip of panels at a time (rows prefetched: NCHW rows are strided), and splits
       one image between threads by panels, so no thread reads what another packed (the VM
       measured here did not always let its two vCPUs share a cache).
-    * 3x3: batch 1 1.4x (64 ch, 56x56) to 2.6x (512 ch, 7x7); batch 8 1.2x to 1.7x (im2col
-      copies the activation 9 times; one product per image and row chunk).
+    * 3x3: batch 1 1.3x (64 ch, 56x56) to 2.6x (512 ch, 7x7); batch 8 1.16x to 1.7x (bound by
+      the product: im2col is ~1/4 of the time).
     * 2:4 is slower than torch's dense conv at these widths (0.4-0.8x); sparsify's timed choice
       keeps such layers dense.
     """
