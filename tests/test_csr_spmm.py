@@ -624,7 +624,8 @@ def test_cuda_kernel_matches_the_cpu_one(dtype, index_dtype):
     W[7] = 0  # an empty row
     A = CSR.from_dense(W, index_dtype=index_dtype)
     Ac = A.to("cuda")
-    for n in (1, 5, 64, 130, 300):  # one and four columns per lane, partial tiles
+    # the narrow kernel (n <= 8), one column per lane, four (rows of B 4-aligned or not), partial tiles
+    for n in (1, 5, 8, 9, 64, 130, 300):
         X = torch.randn(200, n, generator=gen(n)).to(dtype)
         torch.testing.assert_close(pysparse.spmm(Ac, X.cuda()).cpu(), pysparse.spmm(A, X), rtol=2e-2, atol=2e-2)
     Xb = torch.randn(2, 3, 200, 70, generator=gen(4)).to(dtype)  # a batch: one launch per matrix
