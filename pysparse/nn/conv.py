@@ -92,7 +92,7 @@ class SparseConv2d(torch.nn.Module):
     alternating rounds (benchmarks/bench_conv.py; RESULTS.md has the table and how it got there):
 
     * 1x1: batch 1 2.8x (1024 -> 256, 14x14) to 3.9x (128 -> 512, 28x28); batch 8 2.6x (2048
-      -> 512, 7x7) to 15.6x (64 -> 64, 56x56; the first layers timed vary most between runs,
+      -> 512, 7x7) to 15.6x (64 -> 64, 56x56; that small layer varies most between runs,
       17.8x / 19.9x in another). The CPU op runs a batch with whole images per thread, packs wide
       operands a strip of panels at a time (rows prefetched: NCHW rows are strided), and splits
       one image between threads by panels, so no thread reads what another packed (the VM
