@@ -199,6 +199,9 @@ def test_im2col_buffer_is_shared_safely_across_layers_dtypes_and_threads():
         t.join()
     run([2, 0, 3, 1])
     assert not failures, failures
+    # an input that requires grad gets its own chunk, so the shared buffer stays out of the graph
+    layers[0](inputs[0].clone().requires_grad_())
+    assert all(not b.requires_grad for b in conv_mod._WORKSPACE.bufs.values())
 
 
 def test_bad_input():

@@ -41,7 +41,9 @@ def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
     handed the previous one back to the OS, which depends on the process's allocation history:
     64->64 3x3 at 56x56, 90%, batch 1, as the first layer a process runs, took 1.5 ms (0.36x of
     nn.Conv2d) with fresh chunks and 0.4 ms (1.38x) with this buffer; neutral within a network."""
-    if like.device.type != "cpu":  # CUDA's caching allocator already reuses memory
+    # CUDA's caching allocator already reuses memory; a copy that autograd records must not tie
+    # the shared buffer into the graph (the ops have no autograd formula; torch warns on backward).
+    if like.device.type != "cpu" or (like.requires_grad and torch.is_grad_enabled()):
         return torch.empty(numel, dtype=like.dtype, device=like.device)
     bufs = getattr(_WORKSPACE, "bufs", None)
     if bufs is None:
