@@ -636,6 +636,10 @@ def test_cuda_kernel_matches_the_cpu_one(dtype, index_dtype):
     bad_col[0] = 10_000
     with pytest.raises(RuntimeError, match=r"column index or row pointer is out of range"):
         torch.ops.pysparse.csr_spmm(Ac.crow_indices, bad_col, Ac.values, [300, 200], torch.ones(200, 2, device="cuda", dtype=dtype))
+    one = dict(device="cuda", dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"^pysparse: a matrix with 0 columns cannot hold nonzeros"):
+        torch.ops.pysparse.csr_spmm(torch.tensor([0, 1, 1], **one), torch.tensor([0], **one), torch.ones(1, device="cuda", dtype=dtype),
+                                    [2, 0], torch.ones(0, 20, device="cuda", dtype=dtype))
 
 
 @pytest.mark.parametrize("fmt", ["csr", "bsr"])

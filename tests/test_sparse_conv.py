@@ -204,6 +204,28 @@ def test_im2col_buffer_is_shared_safely_across_layers_dtypes_and_threads():
     assert all(not b.requires_grad for b in conv_mod._WORKSPACE.bufs.values())
 
 
+def test_im2col_buffer_made_under_inference_mode_serves_later_calls(monkeypatch):
+    """A buffer first made (or grown) inside torch.inference_mode must stay writable outside it."""
+    monkeypatch.setattr(conv_mod, "_WORKSPACE", __import__("threading").local())
+    sc = SparseConv2d.from_conv(make_conv("3x3_pad1", seed=3), "csr", sparsity=0.5)
+    x = torch.randn(2, 8, 10, 10, generator=gen(3))
+    with torch.inference_mode():
+        want = sc(x)
+    with torch.no_grad():
+        assert torch.equal(sc(x), want)
+    assert torch.equal(sc(x), want)
+    with torch.inference_mode():  # grows the buffer inside inference_mode
+        sc(torch.randn(2, 8, 40, 40, generator=gen(4)))
+    assert torch.equal(sc(x), want)
+
+
+def test_jit_trace_of_a_kxk_layer():
+    sc = SparseConv2d.from_conv(make_conv("3x3_pad1", seed=5), "csr", sparsity=0.5)
+    x = torch.randn(2, 8, 10, 10, generator=gen(5))
+    traced = torch.jit.trace(sc, x)  # checks that two traces agree
+    torch.testing.assert_close(traced(x), sc(x))
+
+
 def test_bad_input():
     sc = SparseConv2d.from_conv(make_conv("3x3_pad1"), "csr", sparsity=0.5)
     with pytest.raises(ValueError, match=r"^SparseConv2d: expected 8 input channels, got input of shape \(1, 7, 5, 5\)$"):

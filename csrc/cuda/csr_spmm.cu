@@ -77,6 +77,8 @@ static at::Tensor spmm_mn(const at::Tensor& crow_in, const at::Tensor& col_in, c
     TORCH_CHECK_TYPE(bias->scalar_type() == values_in.scalar_type(), "pysparse: bias dtype differs from the values' dtype");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == M, "pysparse: bias must have shape (", M, "), got ", bias->sizes());
   }
+  // As on the CPU. (The kernels would read row 0 of an empty B in place of a bad index.)
+  TORCH_CHECK(K > 0 || values_in.numel() == 0, "pysparse: a matrix with 0 columns cannot hold nonzeros");
   c10::cuda::CUDAGuard guard(values_in.device());
   const at::Tensor crow = crow_in.contiguous(), col = col_in.contiguous(), values = values_in.contiguous();
   const at::Tensor B = B_in.stride(2) == 1 ? B_in : B_in.contiguous();

@@ -4,7 +4,7 @@
 //
 // Design, after Sputnik (Gale et al., SC20): one warp owns one row of A and a tile of 32 * VEC
 // output columns (VEC consecutive columns per lane, so B rows are read as coalesced vectors: one
-// VEC * sizeof(T)-byte load per lane when B and out are aligned for it, which the launcher checks).
+// VEC * sizeof(T)-byte load per lane when B's rows are aligned for it, which the launcher checks).
 // The warp reads the row's column indices and values 32 at a time (one coalesced load each) and
 // broadcasts them lane to lane with __shfl_sync, so every nonzero costs VEC FMAs per lane and no
 // shared memory. Rows are visited in the order `perm` gives (longest first, made by the

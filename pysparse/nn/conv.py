@@ -42,15 +42,20 @@ def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
     64->64 3x3 at 56x56, 90%, batch 1, as the first layer a process runs, took 1.5 ms (0.36x of
     nn.Conv2d) with fresh chunks and 0.4 ms (1.38x) with this buffer; neutral within a network."""
     # CUDA's caching allocator already reuses memory; a copy that autograd records must not tie
-    # the shared buffer into the graph (the ops have no autograd formula; torch warns on backward).
-    if like.device.type != "cpu" or (like.requires_grad and torch.is_grad_enabled()):
+    # the shared buffer into the graph (the ops have no autograd formula; torch warns on backward);
+    # a traced graph must not capture it as a constant.
+    if (like.device.type != "cpu" or (like.requires_grad and torch.is_grad_enabled())
+            or torch.jit.is_tracing()):
         return torch.empty(numel, dtype=like.dtype, device=like.device)
     bufs = getattr(_WORKSPACE, "bufs", None)
     if bufs is None:
         bufs = _WORKSPACE.bufs = {}
     buf = bufs.get(like.dtype)
     if buf is None or buf.numel() < numel:
-        buf = bufs[like.dtype] = torch.empty(numel, dtype=like.dtype)
+        # A normal tensor even under inference_mode: an inference tensor could not be written
+        # in place by a later call outside it.
+        with torch.inference_mode(False):
+            buf = bufs[like.dtype] = torch.empty(numel, dtype=like.dtype)
     return buf[:numel]
 
 

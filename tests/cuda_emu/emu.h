@@ -153,7 +153,8 @@ V shuffle(unsigned mask, V var, int src, int width, void* site) {
 // __shfl_sync(mask, var, src) and __shfl_xor_sync(mask, var, lane_mask): only the full mask and
 // width (the only forms pysparse uses); anything else is an error. Not inlined, so that the return
 // address names the call site (lanes of one warp shuffling at two different places is an error the
-// hardware would not forgive either).
+// hardware would not forgive either). That check follows the host compiler's code: the test pins
+// g++ -O1, at which it neither merges two branches' calls nor duplicates a loop holding one.
 template <typename V>
 __attribute__((noinline)) V __shfl_sync(unsigned mask, V var, int src, int width = 32) {
   return pysparse_emu::shuffle(mask, var, src, width, __builtin_return_address(0));

@@ -60,7 +60,7 @@ __global__ void selftest_kernel(int which, int* out) {
   int got = -1;
   if (which == 3 && lane % 2) got = __shfl_sync(mask, lane * 10, (lane + 1) & 31);
   else if (which == 4 && lane % 2) got = __shfl_sync(mask, lane * 10, (lane + 1) & 31);
-  else if (which == 4) got = __shfl_sync(mask, lane * 20, (lane + 3) & 31);
+  else if (which == 4) got = int(__shfl_sync(mask, float(lane * 10), (lane + 1) & 31));  // another function
   else if (which != 3) got = __shfl_sync(mask, lane * 10, (lane + 1) & 31);
   out[threadIdx.x] = int(threadIdx.x & ~31u) + got;
 }
