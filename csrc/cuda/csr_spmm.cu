@@ -20,29 +20,23 @@ static void launch(const at::Tensor& crow, const at::Tensor& col, const at::Tens
   const int64_t n = B.size(1), ldb = B.stride(0), ldo = out.stride(0);
   const T* b = reinterpret_cast<const T*>(B.data_ptr());
   T* o = reinterpret_cast<T*>(out.data_ptr());
+  const RT* cr = crow.data_ptr<RT>();
+  const CT* cl = col.data_ptr<CT>();
+  const T* v = reinterpret_cast<const T*>(values.data_ptr());
+  const T* bi = bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
+  const int64_t* pm = perm.data_ptr<int64_t>();
+  const int64_t nnz = values.numel();
   auto stream = at::cuda::getCurrentCUDAStream();
-  auto go = [&](auto vec, auto aligned) {
-    constexpr int VEC = decltype(vec)::value;
-    constexpr bool ALIGNED = decltype(aligned)::value;
-    const int64_t step = csr_spmm_columns_per_launch(VEC);  // gridDim.y's limit
-    for (int64_t c = 0; c < n; c += step) {
-      const int64_t nc = std::min(step, n - c);
-      csr_spmm_kernel<T, RT, CT, VEC, ALIGNED><<<csr_spmm_grid(M, nc, VEC), kCsrSpmmThreads, 0, stream>>>(
-          crow.data_ptr<RT>(), col.data_ptr<CT>(), reinterpret_cast<const T*>(values.data_ptr()), perm.data_ptr<int64_t>(),
-          M, K, values.numel(), b + c, ldb, nc, bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr, o + c, ldo, bad);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  };
-  using V1 = std::integral_constant<int, 1>;
-  using V4 = std::integral_constant<int, 4>;
-  if (n <= kCsrNarrow) {
-    csr_spmm_narrow_kernel<T, RT, CT><<<csr_spmm_grid(M, 1, 1), kCsrSpmmThreads, 0, stream>>>(
-        crow.data_ptr<RT>(), col.data_ptr<CT>(), reinterpret_cast<const T*>(values.data_ptr()), perm.data_ptr<int64_t>(),
-        M, K, values.numel(), b, ldb, int(n), bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr, o, ldo, bad);
+  csr_spmm_plan(n, b, ldb, sizeof(T), [&](auto kernel, int64_t c, int64_t nc) {
+    using Kn = decltype(kernel);
+    if constexpr (Kn::vec == 0)
+      csr_spmm_narrow_kernel<T, RT, CT><<<csr_spmm_grid(M, 1, 1), kCsrSpmmThreads, 0, stream>>>(
+          cr, cl, v, pm, M, K, nnz, b + c, ldb, int(nc), bi, o + c, ldo, bad);
+    else
+      csr_spmm_kernel<T, RT, CT, Kn::vec, Kn::aligned><<<csr_spmm_grid(M, nc, Kn::vec), kCsrSpmmThreads, 0, stream>>>(
+          cr, cl, v, pm, M, K, nnz, b + c, ldb, nc, bi, o + c, ldo, bad);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else if (csr_spmm_vec(n) == 1) go(V1(), std::false_type());
-  else if (csr_spmm_aligned(b, ldb, 4, sizeof(T))) go(V4(), std::true_type());
-  else go(V4(), std::false_type());
+  });
 }
 
 template <typename T>

@@ -53,6 +53,30 @@ inline bool csr_spmm_aligned(const void* B, int64_t ldb, int vec, int elem_size)
   return vec > 1 && uintptr_t(B) % (uintptr_t(vec) * uintptr_t(elem_size)) == 0 && ldb % vec == 0;
 }
 
+// A kernel choice: VEC = 0 is csr_spmm_narrow_kernel, else csr_spmm_kernel<..., VEC, ALIGNED>.
+template <int VEC, bool ALIGNED>
+struct CsrKernel {
+  static constexpr int vec = VEC;
+  static constexpr bool aligned = ALIGNED;
+};
+
+// The launch plan for one product over n columns of B (host side; the launcher and the emulation
+// test both run it): calls launch(CsrKernel<VEC, ALIGNED>(), c, nc) for each launch, covering
+// columns [c, c + nc). force_vec (0, 1 or 4) and cols_per_launch override the choice, for tests.
+template <typename F>
+inline void csr_spmm_plan(int64_t n, const void* B, int64_t ldb, int elem_size, F&& launch, int force_vec = -1,
+                          int64_t cols_per_launch = 0) {
+  const int vec = force_vec >= 0 ? force_vec : (n <= kCsrNarrow ? 0 : csr_spmm_vec(n));
+  const int64_t step = cols_per_launch > 0 ? cols_per_launch : (vec == 0 ? n : csr_spmm_columns_per_launch(vec));
+  auto chunks = [&](auto kernel) {
+    for (int64_t c = 0; c < n; c += step) launch(kernel, c, step < n - c ? step : n - c);
+  };
+  if (vec == 0) chunks(CsrKernel<0, false>());
+  else if (vec == 1) chunks(CsrKernel<1, false>());
+  else if (csr_spmm_aligned(B, ldb, 4, elem_size) && step % 4 == 0) chunks(CsrKernel<4, true>());
+  else chunks(CsrKernel<4, false>());
+}
+
 // VEC elements loaded as one vector instruction: read as the built-in vector type of their size
 // (a struct copy compiles to one load per element).
 template <int BYTES> struct VecBits;

@@ -19,7 +19,7 @@ static std::tuple<at::Tensor, at::Tensor> nm_compress_cuda(const at::Tensor& den
   at::Tensor values = at::empty({R, K / m * n}, dense.options());
   at::Tensor mask = at::empty({R, (K + 7) / 8}, dense.options().dtype(at::kByte));
   at::Tensor bad = at::full({1}, R, dense.options().dtype(at::kLong));
-  const int64_t unit = m > 8 ? m : 8, units = R * ((K + unit - 1) / unit);
+  const int64_t units = nm_units(R, K, m);
   auto stream = at::cuda::getCurrentCUDAStream();
   auto* badp = reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>());
   if (units > 0) {
@@ -41,7 +41,7 @@ static at::Tensor nm_decompress_cuda(const at::Tensor& values, const at::Tensor&
   c10::cuda::CUDAGuard guard(values.device());
   const at::Tensor v = values.contiguous(), mk = mask.contiguous();
   at::Tensor out = at::empty({R, K}, values.options());
-  const int64_t unit = m > 8 ? m : 8, units = R * ((K + unit - 1) / unit);
+  const int64_t units = nm_units(R, K, m);
   auto stream = at::cuda::getCurrentCUDAStream();
   if (units > 0) {
     switch (values.element_size()) {

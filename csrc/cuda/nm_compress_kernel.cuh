@@ -14,8 +14,13 @@ namespace pysparse {
 namespace cuda {
 
 constexpr unsigned kNmThreads = 256;
-// Blocks for `units` work items (R * ceil(K / max(8, m))): one thread each, capped at 65535 blocks
-// beyond which the threads stride.
+// Work items of an (R, K) matrix: units of max(8, m) columns.
+inline int64_t nm_units(int64_t R, int64_t K, int64_t m) {
+  const int64_t unit = m > 8 ? m : 8;
+  return R * ((K + unit - 1) / unit);
+}
+// Blocks for `units` work items: one thread each, capped at 65535 blocks beyond which the threads
+// stride.
 inline unsigned nm_grid(int64_t units) {
   const int64_t blocks = (units + kNmThreads - 1) / kNmThreads;
   return unsigned(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);

@@ -424,7 +424,8 @@ class SparseConv2d(torch.nn.Module):
             # Traceable (no storage offsets, no scratch state): one F.unfold of the whole batch,
             # one batched product per group over its rows of it.
             cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)
-            y = torch.cat([self._spmm(g, cols[:, g * Kg:(g + 1) * Kg]) for g in range(G)], dim=1)
+            ys = [self._spmm(g, cols[:, g * Kg:(g + 1) * Kg]) for g in range(G)]
+            y = ys[0] if G == 1 else torch.cat(ys, dim=1)
             if self.bias is not None:
                 y = y + self.bias.view(1, -1, 1)
             return y.view(N, self.out_channels, Ho, Wo)

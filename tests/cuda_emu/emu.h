@@ -51,14 +51,14 @@ struct Warp {
   void* site[kWarp];      // where the lane's pending shuffle was called from
   alignas(16) unsigned char slot[2][kWarp][16];
   std::string error;
-  std::function<void()> body;  // runs the kernel for the current lane's thread index
+  const std::function<void()>* body = nullptr;  // runs the kernel for the current lane's thread index
 };
 
 inline thread_local Warp* tl_warp = nullptr;
 
 inline void lane_entry() {
   Warp& w = *tl_warp;
-  w.body();
+  (*w.body)();
   w.finished[w.current] = true;
 }
 
@@ -66,7 +66,7 @@ inline void lane_entry() {
 inline void run_warp(Warp& w, const dim3& block, unsigned first_thread, const std::function<void()>& kernel_call) {
   tl_warp = &w;
   w.error.clear();
-  w.body = kernel_call;
+  w.body = &kernel_call;
   for (int l = 0; l < w.lanes; ++l) {
     w.finished[l] = w.at_shuffle[l] = false;
     w.round[l] = 0;
@@ -113,6 +113,7 @@ template <typename... P, typename... A>
 std::string launch(dim3 grid, dim3 block, void (*kernel)(P...), A... args) {
   Warp w;
   const unsigned threads = block.x * block.y * block.z;
+  const std::function<void()> call = [&]() { kernel(P(args)...); };
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx)
@@ -120,7 +121,7 @@ std::string launch(dim3 grid, dim3 block, void (*kernel)(P...), A... args) {
           w.lanes = int(threads - first < unsigned(kWarp) ? threads - first : unsigned(kWarp));
           blockIdx.x = bx, blockIdx.y = by, blockIdx.z = bz;
           blockDim = block, gridDim = grid;
-          run_warp(w, block, first, [&]() { kernel(P(args)...); });
+          run_warp(w, block, first, call);
           if (!w.error.empty()) return w.error;
         }
   return std::string();

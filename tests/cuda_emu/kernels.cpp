@@ -16,39 +16,40 @@ const char* result(std::string e) {
   return last_error.empty() ? nullptr : last_error.c_str();
 }
 
-template <typename T, typename RT, typename CT, int VEC, bool ALIGNED>
-std::string csr_go(const void* crow, const void* col, const void* val, const int64_t* perm, int64_t M, int64_t K,
-                   int64_t nnz, const void* B, int64_t ldb, int64_t n, const void* bias, void* out, int64_t ldo,
-                   int* bad) {
-  return pysparse_emu::launch(csr_spmm_grid(M, n, VEC), dim3(kCsrSpmmThreads), csr_spmm_kernel<T, RT, CT, VEC, ALIGNED>,
-                              static_cast<const RT*>(crow), static_cast<const CT*>(col), static_cast<const T*>(val), perm,
-                              M, K, nnz, static_cast<const T*>(B), ldb, n, static_cast<const T*>(bias),
-                              static_cast<T*>(out), ldo, bad);
-}
-
+// One product as the launcher runs it: csr_spmm_plan's kernels and column chunks.
 template <typename T, typename RT, typename CT>
-std::string csr_vec(int vec, int64_t M, const void* B, int64_t ldb, int64_t n, void* out, int64_t ldo,
-                    const void* crow, const void* col, const void* val, const int64_t* perm, int64_t K, int64_t nnz,
-                    const void* bias, int* bad) {
-  if (vec == 0)
-    return pysparse_emu::launch(csr_spmm_grid(M, 1, 1), dim3(kCsrSpmmThreads), csr_spmm_narrow_kernel<T, RT, CT>,
-                                static_cast<const RT*>(crow), static_cast<const CT*>(col), static_cast<const T*>(val),
-                                perm, M, K, nnz, static_cast<const T*>(B), ldb, int(n), static_cast<const T*>(bias),
-                                static_cast<T*>(out), ldo, bad);
-  if (vec == 1) return csr_go<T, RT, CT, 1, false>(crow, col, val, perm, M, K, nnz, B, ldb, n, bias, out, ldo, bad);
-  if (csr_spmm_aligned(B, ldb, 4, sizeof(T)))
-    return csr_go<T, RT, CT, 4, true>(crow, col, val, perm, M, K, nnz, B, ldb, n, bias, out, ldo, bad);
-  return csr_go<T, RT, CT, 4, false>(crow, col, val, perm, M, K, nnz, B, ldb, n, bias, out, ldo, bad);
+std::string csr_run(int force_vec, int64_t max_cols, int64_t M, const void* B, int64_t ldb, int64_t n, void* out,
+                    int64_t ldo, const void* crow, const void* col, const void* val, const int64_t* perm, int64_t K,
+                    int64_t nnz, const void* bias, int* bad) {
+  const T* b = static_cast<const T*>(B);
+  T* o = static_cast<T*>(out);
+  const RT* cr = static_cast<const RT*>(crow);
+  const CT* cl = static_cast<const CT*>(col);
+  const T* v = static_cast<const T*>(val);
+  const T* bi = static_cast<const T*>(bias);
+  std::string err;
+  csr_spmm_plan(n, b, ldb, sizeof(T), [&](auto kernel, int64_t c, int64_t nc) {
+    using Kn = decltype(kernel);
+    if (!err.empty()) return;
+    if constexpr (Kn::vec == 0)
+      err = pysparse_emu::launch(csr_spmm_grid(M, 1, 1), dim3(kCsrSpmmThreads), csr_spmm_narrow_kernel<T, RT, CT>,
+                                 cr, cl, v, perm, M, K, nnz, b + c, ldb, int(nc), bi, o + c, ldo, bad);
+    else
+      err = pysparse_emu::launch(csr_spmm_grid(M, nc, Kn::vec), dim3(kCsrSpmmThreads),
+                                 csr_spmm_kernel<T, RT, CT, Kn::vec, Kn::aligned>, cr, cl, v, perm, M, K, nnz, b + c,
+                                 ldb, nc, bi, o + c, ldo, bad);
+  }, force_vec, max_cols);
+  return err;
 }
 
 template <typename T>
-std::string csr_index(int index_kind, int vec, int64_t M, const void* B, int64_t ldb, int64_t n, void* out, int64_t ldo,
-                      const void* crow, const void* col, const void* val, const int64_t* perm, int64_t K, int64_t nnz,
-                      const void* bias, int* bad) {
+std::string csr_index(int index_kind, int force_vec, int64_t max_cols, int64_t M, const void* B, int64_t ldb, int64_t n,
+                      void* out, int64_t ldo, const void* crow, const void* col, const void* val, const int64_t* perm,
+                      int64_t K, int64_t nnz, const void* bias, int* bad) {
   switch (index_kind) {
-    case 0: return csr_vec<T, int32_t, int32_t>(vec, M, B, ldb, n, out, ldo, crow, col, val, perm, K, nnz, bias, bad);
-    case 1: return csr_vec<T, int64_t, int64_t>(vec, M, B, ldb, n, out, ldo, crow, col, val, perm, K, nnz, bias, bad);
-    default: return csr_vec<T, int32_t, int16_t>(vec, M, B, ldb, n, out, ldo, crow, col, val, perm, K, nnz, bias, bad);
+    case 0: return csr_run<T, int32_t, int32_t>(force_vec, max_cols, M, B, ldb, n, out, ldo, crow, col, val, perm, K, nnz, bias, bad);
+    case 1: return csr_run<T, int64_t, int64_t>(force_vec, max_cols, M, B, ldb, n, out, ldo, crow, col, val, perm, K, nnz, bias, bad);
+    default: return csr_run<T, int32_t, int16_t>(force_vec, max_cols, M, B, ldb, n, out, ldo, crow, col, val, perm, K, nnz, bias, bad);
   }
 }
 // For the emulator's own test: lane l of a warp receives lane (l + 1) % 32's value, and writes
@@ -73,29 +74,18 @@ const char* emu_selftest(int which, int* out) {
 }
 
 
-// out (M, n) = A @ B (+ bias) as the CUDA launcher runs it for one image: the narrow kernel for
-// n <= kCsrNarrow, else VEC from csr_spmm_vec(n), unless `vec` forces one (0 narrow, 1, 4); aligned
-// vector loads of B when csr_spmm_aligned allows; columns in launches of at most `max_cols` (the
-// launcher's csr_spmm_columns_per_launch; smaller here to test the loop).
+// out (M, n) = A @ B (+ bias) as the CUDA launcher runs it for one image (csr_spmm_plan), unless
+// `vec` forces a kernel (0 narrow, 1 or 4 columns per lane; -1 the launcher's choice) or `max_cols`
+// > 0 shortens the launches (the column-chunk loop, which real sizes reach only past 2M columns).
 // dtype: 0 fp32, 1 fp16, 2 bf16; index_kind: 0 int32/int32, 1 int64/int64, 2 int32/int16.
 const char* emu_csr_spmm(int dtype, int index_kind, int vec, int64_t max_cols, const void* crow, const void* col,
                          const void* val, const int64_t* perm, int64_t M, int64_t K, int64_t nnz, const void* B,
                          int64_t ldb, int64_t n, const void* bias, void* out, int64_t ldo, int* bad) {
-  if (vec != 0 && vec != 1 && vec != 4) vec = n <= kCsrNarrow ? 0 : csr_spmm_vec(n);
-  const int64_t step = max_cols > 0 ? max_cols : (vec == 0 ? n : csr_spmm_columns_per_launch(vec));
-  const int esize = dtype == 0 ? 4 : 2;
-  std::string err;
-  for (int64_t c = 0; c < n && err.empty(); c += step) {
-    const int64_t nc = std::min(step, n - c);
-    const void* b = static_cast<const char*>(B) + c * esize;
-    void* o = static_cast<char*>(out) + c * esize;
-    switch (dtype) {
-      case 0: err = csr_index<float>(index_kind, vec, M, b, ldb, nc, o, ldo, crow, col, val, perm, K, nnz, bias, bad); break;
-      case 1: err = csr_index<__half>(index_kind, vec, M, b, ldb, nc, o, ldo, crow, col, val, perm, K, nnz, bias, bad); break;
-      default: err = csr_index<__nv_bfloat16>(index_kind, vec, M, b, ldb, nc, o, ldo, crow, col, val, perm, K, nnz, bias, bad);
-    }
+  switch (dtype) {
+    case 0: return result(csr_index<float>(index_kind, vec, max_cols, M, B, ldb, n, out, ldo, crow, col, val, perm, K, nnz, bias, bad));
+    case 1: return result(csr_index<__half>(index_kind, vec, max_cols, M, B, ldb, n, out, ldo, crow, col, val, perm, K, nnz, bias, bad));
+    default: return result(csr_index<__nv_bfloat16>(index_kind, vec, max_cols, M, B, ldb, n, out, ldo, crow, col, val, perm, K, nnz, bias, bad));
   }
-  return result(err);
 }
 
 // The launcher's choice of aligned vector loads for this B (4 columns per lane).
@@ -107,7 +97,7 @@ int emu_csr_spmm_aligned(const void* B, int64_t ldb, int elem_size) {
 // launcher's nm_grid).
 const char* emu_nm_compress(int elem_size, const void* src, int64_t R, int64_t K, int n, int m, void* vals,
                             uint8_t* mask, unsigned long long* first_bad, unsigned blocks) {
-  const int64_t unit = m > 8 ? m : 8, units = R * ((K + unit - 1) / unit);
+  const int64_t units = nm_units(R, K, m);
   if (units == 0) return result("");
   const dim3 grid(blocks ? blocks : nm_grid(units)), block(kNmThreads);
   switch (elem_size) {
@@ -119,7 +109,7 @@ const char* emu_nm_compress(int elem_size, const void* src, int64_t R, int64_t K
 
 const char* emu_nm_decompress(int elem_size, const void* vals, const uint8_t* mask, int64_t R, int64_t K, int n, int m,
                               void* out, unsigned blocks) {
-  const int64_t unit = m > 8 ? m : 8, units = R * ((K + unit - 1) / unit);
+  const int64_t units = nm_units(R, K, m);
   if (units == 0) return result("");
   const dim3 grid(blocks ? blocks : nm_grid(units)), block(kNmThreads);
   switch (elem_size) {
