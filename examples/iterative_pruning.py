@@ -30,6 +30,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from pysparse.models.cnn import vgg
 from pysparse.prune.iterative import Iterative
 
 SIZE, CLASSES = 16, 10
@@ -62,25 +63,6 @@ def make_data(n: int, seed: int, noise: float = 0.2) -> Tuple[torch.Tensor, torc
     img = img * (0.6 + 0.8 * torch.rand(n, 1, 1, generator=g))                 # contrast
     img = img + noise * torch.randn(img.shape, generator=g)
     return img[:, None], y
-
-
-class SmallCNN(nn.Module):
-    """Three conv + BN + ReLU blocks, global average pooling, one Linear. Small on purpose: at 90%
-    sparsity the two middle convs are left with 115 and 461 weights, so which ones survive
-    matters."""
-
-    def __init__(self, width: int = 8):
-        super().__init__()
-        c1, c2, c3 = width, 2 * width, 4 * width
-
-        def block(cin, cout):
-            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-        self.features = nn.Sequential(*block(1, c1), *block(c1, c2), nn.MaxPool2d(2),
-                                      *block(c2, c3), nn.MaxPool2d(2))
-        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c3, CLASSES))
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
 
 
 @torch.no_grad()
@@ -140,17 +122,19 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         res[key] = accuracy(model, xte, yte)
         print(f"{label:<34} test accuracy {res[key]:.1%}", flush=True)
 
-    dense = SmallCNN()
+    # Three conv + BN + ReLU blocks, global average pooling, one Linear. Small on purpose: at 90%
+    # sparsity the two middle convs are left with 115 and 461 weights, so which ones survive matters.
+    dense = vgg((8, 16, "M", 32, "M"), num_classes=CLASSES, in_channels=1)
     train(dense, xtr, ytr, epochs, lr=0.05, seed=args.seed)
     report("dense", "dense", dense)
 
     # Both pruned arms: same data order, optimizer, learning-rate schedule and number of steps.
     oneshot = copy.deepcopy(dense)
-    pruner = Iterative(oneshot, args.sparsity, steps=1)
-    pruner.step()  # the whole ramp in one step, before any fine-tuning
+    once = Iterative(oneshot, args.sparsity, steps=1)
+    once.step()  # the whole ramp in one step, before any fine-tuning
     report("oneshot_pruned", f"one-shot {s}, before fine-tuning", oneshot)
-    train(oneshot, xtr, ytr, finetune, lr=FINETUNE_LR, seed=args.seed + 1, pruner=pruner)
-    pruner.finalize()
+    train(oneshot, xtr, ytr, finetune, lr=FINETUNE_LR, seed=args.seed + 1, pruner=once)
+    once.finalize()
     report("oneshot", f"one-shot {s}, fine-tuned", oneshot)
 
     gradual = copy.deepcopy(dense)
@@ -161,10 +145,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     report("iterative", f"iterative {s} (cubic ramp)", gradual)
 
     # Measured on the finalized models: every zero counts, not only the masks.
-    for label, model in (("one-shot", oneshot), ("iterative", gradual)):
-        sp = {name: float((model.get_submodule(name).weight == 0).float().mean()) for name in pruner.layers}
+    for label, p in (("one-shot", once), ("iterative", pruner)):
         print(f"sparsity of the pruned layers, {label + ':':<10} "
-              + ", ".join(f"{name} {v:.3f}" for name, v in sp.items()))
+              + ", ".join(f"{name} {v:.3f}" for name, v in p.sparsity().items()))
     dense_layers = [name for name, mod in gradual.named_modules()
                     if isinstance(mod, (nn.Linear, nn.Conv2d)) and name not in pruner.layers]
     print(f"left dense (skip_ends): {', '.join(dense_layers)}; total time {time.perf_counter() - t0:.1f} s")

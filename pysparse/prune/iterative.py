@@ -18,12 +18,14 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .magnitude import _block_scores, _expand_blocks
+from .nm import _M_CHOICES
+
 _PREFIX = "pysparse.prune.Iterative: "
 _SCHEDULES = ("cubic", "linear")
 _PATTERNS = ("unstructured", "nm", "block")
 _CRITERIA = ("magnitude", "taylor")
 _SCOPES = ("local", "global")
-_M_CHOICES = (4, 8, 16)  # the same as pysparse.prune.nm: what the N:M kernels run
 
 
 def _error(msg: str) -> ValueError:
@@ -232,9 +234,7 @@ class Iterative:
         w = self._weights[name]
         if self.pattern != "block":
             return units
-        bh, bw = self.blocksize
-        R, C = units.shape
-        return units[:, None, :, None].expand(R, bh, C, bw).reshape(w.shape)
+        return _expand_blocks(units, *self.blocksize).reshape(w.shape)
 
     def _grad_hook(self, name: str):
         def hook(grad: torch.Tensor) -> torch.Tensor:
@@ -270,7 +270,7 @@ class Iterative:
         if self.pattern == "block":
             bh, bw = self.blocksize
             R, C = self._units[name].shape
-            s = s.reshape(R, bh, C, bw).square().sum(dim=(1, 3))
+            s = _block_scores(s.reshape(R * bh, C * bw), bh, bw)
         return s.reshape(-1)
 
     def _eligible(self, name: str) -> torch.Tensor:

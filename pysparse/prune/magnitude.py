@@ -23,6 +23,19 @@ def _keep_top(scores: torch.Tensor, keep: int, dim: int = -1) -> torch.Tensor:
     return mask
 
 
+def _block_scores(x: torch.Tensor, bh: int, bw: int, norm: str = "l2") -> torch.Tensor:
+    """(M, K) -> (M / bh, K / bw): per block, the sum of |x| (l1) or of x^2 (l2)."""
+    M, K = x.shape
+    b = x.reshape(M // bh, bh, K // bw, bw)
+    return b.abs().sum(dim=(1, 3)) if norm == "l1" else b.square().sum(dim=(1, 3))
+
+
+def _expand_blocks(mask: torch.Tensor, bh: int, bw: int) -> torch.Tensor:
+    """Block mask (R, C) -> element mask (R * bh, C * bw)."""
+    R, C = mask.shape
+    return mask[:, None, :, None].expand(R, bh, C, bw).reshape(R * bh, C * bw)
+
+
 def magnitude(W: torch.Tensor, sparsity: float, *, per_row: bool = False) -> torch.Tensor:
     """Zero the smallest-|w| fraction `sparsity` of W (exactly round(sparsity * count) entries).
 
@@ -53,9 +66,7 @@ def blocks(W: torch.Tensor, sparsity: float, blocksize: Tuple[int, int] = (32, 3
         raise ValueError(f"pysparse.prune.blocks: shape {(M, K)} is not divisible by the block size {(bh, bw)}")
     if norm not in ("l1", "l2"):
         raise ValueError(f"pysparse.prune.blocks: norm must be 'l1' or 'l2', got {norm!r}")
-    b = W.detach().float().reshape(M // bh, bh, K // bw, bw)
-    scores = b.abs().sum(dim=(1, 3)) if norm == "l1" else b.square().sum(dim=(1, 3))
+    scores = _block_scores(W.detach().float(), bh, bw, norm)
     nblocks = scores.numel()
     mask = _keep_top(scores.flatten(), nblocks - round(sparsity * nblocks)).view_as(scores)
-    full = mask[:, None, :, None].expand(M // bh, bh, K // bw, bw).reshape(M, K)
-    return W * full
+    return W * _expand_blocks(mask, bh, bw)
