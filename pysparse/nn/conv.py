@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from .. import prune
 from ..formats import BSR, CSR, SparseNM
 from ..ops import bsr_linear, bsr_spmm, csr_linear, csr_spmm, nm_linear, nm_spmm
+from .linear import _FORMATS, _build, _fields_of, _format_name, _kind_of
 
-_FORMATS = {"csr": CSR, "bsr": BSR, "nm": SparseNM}
 
 # Largest im2col chunk (bytes): output rows of one image per product. Measured (3x3 ResNet-50
 # layers at 90%, 1 thread): 1-2 MiB chunks beat whole images by 1.2-2x, and from 4 MiB on glibc
@@ -57,6 +57,11 @@ def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(False):
             buf = bufs[like.dtype] = torch.empty(numel, dtype=like.dtype)
     return buf[:numel]
+
+
+def _prefix(groups: int, g: int) -> str:
+    """Buffer-name prefix of group g's matrix."""
+    return "weight_" if groups == 1 else f"weight{g}_"
 
 
 # BSR block sizes tried when none is given: the largest square block dividing the matrix.
@@ -143,7 +148,7 @@ class SparseConv2d(torch.nn.Module):
             first = weights[0]
             if not isinstance(first, (CSR, BSR, SparseNM)):
                 raise TypeError(f"SparseConv2d needs CSR, BSR or SparseNM weights, got {type(first).__name__}")
-            self.kind = "nm" if isinstance(first, SparseNM) else ("bsr" if isinstance(first, BSR) else "csr")
+            self.kind = _kind_of(first)
             self.nm = (first.n, first.m) if self.kind == "nm" else (0, 0)
             for g, A in enumerate(weights):
                 if type(A) is not type(first) or tuple(A.shape) != (self._cg, self._kg):
@@ -162,10 +167,10 @@ class SparseConv2d(torch.nn.Module):
     # -- structure ------------------------------------------------------------------------------
 
     def _fields(self):
-        return ("values", "mask") if self.kind == "nm" else ("crow_indices", "col_indices", "values")
+        return _fields_of(self.kind)
 
     def _prefix(self, g: int) -> str:
-        return "weight_" if self.groups == 1 else f"weight{g}_"
+        return _prefix(self.groups, g)
 
     def _resolve_padding(self, padding) -> Tuple[int, int, int, int]:
         """(left, right, top, bottom) zero padding."""
@@ -189,14 +194,8 @@ class SparseConv2d(torch.nn.Module):
         if self.depthwise:
             return []
         shape = (self._cg, self._kg)
-        out = []
-        for g in range(self.groups):
-            t = [getattr(self, self._prefix(g) + f) for f in self._fields()]
-            if self.kind == "nm":
-                out.append(SparseNM(t[0], t[1], shape, *self.nm, check=False))
-            else:
-                out.append(_FORMATS[self.kind](*t, shape, check=False))
-        return out
+        return [_build(self.kind, [getattr(self, self._prefix(g) + f) for f in self._fields()], shape, self.nm,
+                       check=False) for g in range(self.groups)]
 
     def dense_weight(self) -> torch.Tensor:
         """The pruned weight, dense, in nn.Conv2d's shape (Cout, Cin / groups, kh, kw)."""
@@ -214,7 +213,7 @@ class SparseConv2d(torch.nn.Module):
     @property
     def format_name(self) -> str:
         """"csr", "bsr", "n:m" (e.g. "2:4"), or "dense" for depthwise layers."""
-        return f"{self.nm[0]}:{self.nm[1]}" if self.kind == "nm" else self.kind
+        return _format_name(self.kind, self.nm)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -265,7 +264,7 @@ class SparseConv2d(torch.nn.Module):
                                          f"broadcast to the conv weight's shape {tuple(W4.shape)}") from None
                 P = prune.nm(W, n, m, scores=scores)
             elif format == "csr":
-                P = torch.cat([prune.magnitude(w, sparsity) for w in W.split(Cg)]) if sparsity else W.clone()
+                P = torch.cat([prune.magnitude(w, sparsity) for w in W.split(Cg)]) if sparsity else W
             else:
                 if blocksize is None:
                     fits = [b for b in _AUTO_BLOCKS if Cg % b == 0 and Kg % b == 0]
@@ -277,9 +276,9 @@ class SparseConv2d(torch.nn.Module):
                 if Cg % bh or Kg % bw:
                     raise ValueError(f"SparseConv2d.from_conv: each group's {Cg}x{Kg} weight matrix is not "
                                      f"divisible by the block size {(bh, bw)}")
-                P = torch.cat([prune.blocks(w, sparsity, blocksize=(bh, bw)) for w in W.split(Cg)]) if sparsity else W.clone()
-            if conv.in_channels == G:  # depthwise: run dense (see the module docstring)
-                return cls([], bias, *args, dense_weight=P.reshape(W4.shape).contiguous())
+                P = torch.cat([prune.blocks(w, sparsity, blocksize=(bh, bw)) for w in W.split(Cg)]) if sparsity else W
+            if conv.in_channels == G:  # depthwise: run dense (see the module docstring); P may be conv's own weight
+                return cls([], bias, *args, dense_weight=P.reshape(W4.shape).clone(memory_format=torch.contiguous_format))
             parts = P.split(Cg)
             if format == "csr":
                 mats = [CSR.from_dense(p) for p in parts]
@@ -307,14 +306,8 @@ class SparseConv2d(torch.nn.Module):
             return cls([], bias, *args, dense_weight=sd[prefix + "weight"])
         kh, kw = (int(v) for v in c["kernel_size"])
         shape = (int(c["out_channels"]) // G, int(c["in_channels"]) // G * kh * kw)
-        mats = []
-        for g in range(G):
-            p = prefix + ("weight_" if G == 1 else f"weight{g}_")
-            if kind == "nm":
-                mats.append(SparseNM(sd[p + "values"], sd[p + "mask"], shape, int(n), int(m)))
-            else:
-                fmt = CSR if kind == "csr" else BSR
-                mats.append(fmt(sd[p + "crow_indices"], sd[p + "col_indices"], sd[p + "values"], shape))
+        mats = [_build(kind, [sd[prefix + _prefix(G, g) + f] for f in _fields_of(kind)], shape, (int(n), int(m)),
+                       check=True) for g in range(G)]
         return cls(mats, bias, *args)
 
     def to_conv(self) -> torch.nn.Conv2d:

@@ -12,6 +12,28 @@ from ..ops import linear as sparse_linear
 _FORMATS = {"csr": CSR, "bsr": BSR, "nm": SparseNM}
 
 
+# Shared with SparseConv2d: a format object <-> its kind, buffer fields and name.
+def _kind_of(fmt) -> str:
+    return "nm" if isinstance(fmt, SparseNM) else ("bsr" if isinstance(fmt, BSR) else "csr")
+
+
+def _fields_of(kind: str) -> Tuple[str, ...]:
+    """The format's tensors, in its constructor's order."""
+    return ("values", "mask") if kind == "nm" else ("crow_indices", "col_indices", "values")
+
+
+def _build(kind: str, tensors, shape, nm: Tuple[int, int], check: bool):
+    """A format object from its tensors (in _fields_of order)."""
+    if kind == "nm":
+        return SparseNM(*tensors, shape, *nm, check=check)
+    return _FORMATS[kind](*tensors, shape, check=check)
+
+
+def _format_name(kind: str, nm: Tuple[int, int]) -> str:
+    """"csr", "bsr" or "n:m" (e.g. "2:4")."""
+    return f"{nm[0]}:{nm[1]}" if kind == "nm" else kind
+
+
 class SparseLinear(torch.nn.Module):
     """y = x @ W.T + b with W held as CSR, BSR or N:M (2:4), a drop-in for nn.Linear.
 
@@ -25,7 +47,7 @@ class SparseLinear(torch.nn.Module):
         super().__init__()
         if not isinstance(weight, (CSR, BSR, SparseNM)):
             raise TypeError(f"SparseLinear needs a CSR, BSR or SparseNM weight, got {type(weight).__name__}")
-        self.kind = "nm" if isinstance(weight, SparseNM) else ("bsr" if isinstance(weight, BSR) else "csr")
+        self.kind = _kind_of(weight)
         self.out_features, self.in_features = weight.shape
         self.nm: Tuple[int, int] = (weight.n, weight.m) if self.kind == "nm" else (0, 0)
         for name in self._fields():
@@ -39,16 +61,13 @@ class SparseLinear(torch.nn.Module):
         self.register_buffer("bias", bias)
 
     def _fields(self):
-        return ("values", "mask") if self.kind == "nm" else ("crow_indices", "col_indices", "values")
+        return _fields_of(self.kind)
 
     @property
     def weight(self):
         """The weight as its format object (sharing the buffers)."""
-        shape = (self.out_features, self.in_features)
         t = [getattr(self, "weight_" + f) for f in self._fields()]
-        if self.kind == "nm":
-            return SparseNM(t[0], t[1], shape, *self.nm, check=False)
-        return _FORMATS[self.kind](*t, shape, check=False)
+        return _build(self.kind, t, (self.out_features, self.in_features), self.nm, check=False)
 
     @classmethod
     def from_state_dict(cls, sd: dict, prefix: str = "") -> "SparseLinear":
@@ -104,7 +123,7 @@ class SparseLinear(torch.nn.Module):
     @property
     def format_name(self) -> str:
         """"csr", "bsr" or "n:m" (e.g. "2:4")."""
-        return f"{self.nm[0]}:{self.nm[1]}" if self.kind == "nm" else self.kind
+        return _format_name(self.kind, self.nm)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -29,14 +29,37 @@ def save_sparse(model: torch.nn.Module, path) -> None:
                               "format": "pysparse"})
 
 
-def _names(meta, key, path):
+def _meta(meta, key: str, path, default: str, ok, what: str):
+    """The JSON value of metadata entry `key`, or a ValueError saying it is not `what`."""
     try:
-        names = json.loads(meta.get(key, "[]"))
-        assert isinstance(names, list) and all(isinstance(n, str) for n in names)
+        value = json.loads(meta.get(key, default))
+        assert ok(value)
     except (ValueError, AssertionError):
-        raise ValueError(f"{path}: the {key!r} metadata is not a JSON list of module names") from None
-    return names
+        raise ValueError(f"{path}: the {key!r} metadata is not {what}") from None
+    return value
 
+
+def _names(meta, key, path):
+    return _meta(meta, key, path, "[]", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+                 "a JSON list of module names")
+
+
+def _swap_in(model, tensors, path, name: str, allowed, what: str, build) -> None:
+    """Replace layer `name` by build(its tensors in the file), naming the file and layer in any error."""
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{path}: layer {name!r} does not exist in this model") from None
+    if not isinstance(old, allowed):
+        raise ValueError(f"{path}: layer {name!r} is a {type(old).__name__} in this model, not {what}")
+    sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+    try:
+        new = build(sub)
+    except KeyError as e:
+        raise ValueError(f"{path}: layer {name!r} lacks {e.args[0]!r}") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: layer {name!r}: {e}") from None
+    model.set_submodule(name, new)  # its shape is the file's: structured pruning may have resized it
 
 
 def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
@@ -65,39 +88,12 @@ def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
             model.set_submodule(name, torch.nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None,
                                              device=mod.weight.device, dtype=mod.weight.dtype))
     for name in layers:
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{path}: layer {name!r} does not exist in this model") from None
-        sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        try:
-            new = SparseLinear.from_state_dict(sub)
-        except KeyError as e:
-            raise ValueError(f"{path}: layer {name!r} lacks tensor {e.args[0]!r}") from None
-        except ValueError as e:
-            raise ValueError(f"{path}: layer {name!r}: {e}") from None
-        if not isinstance(old, (torch.nn.Linear, SparseLinear)):
-            raise ValueError(f"{path}: layer {name!r} is a {type(old).__name__} in this model, not a linear layer")
-        model.set_submodule(name, new)  # its shape is the file's: structured pruning may have resized it
-    try:
-        convs = json.loads(meta.get(_CONVS, "{}"))
-        assert isinstance(convs, dict) and all(isinstance(v, dict) for v in convs.values())
-    except (ValueError, AssertionError):
-        raise ValueError(f"{path}: the {_CONVS!r} metadata is not a JSON object of layer configs") from None
+        _swap_in(model, tensors, path, name, (torch.nn.Linear, SparseLinear), "a linear layer", SparseLinear.from_state_dict)
+    convs = _meta(meta, _CONVS, path, "{}", lambda v: isinstance(v, dict) and all(isinstance(c, dict) for c in v.values()),
+                  "a JSON object of layer configs")
     for name, config in convs.items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{path}: layer {name!r} does not exist in this model") from None
-        if not isinstance(old, (torch.nn.Conv2d, SparseConv2d)):
-            raise ValueError(f"{path}: layer {name!r} is a {type(old).__name__} in this model, not a convolution")
-        sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        try:
-            model.set_submodule(name, SparseConv2d.from_state_dict(sub, config))
-        except KeyError as e:
-            raise ValueError(f"{path}: layer {name!r} lacks {e.args[0]!r}") from None
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}: layer {name!r}: {e}") from None
+        _swap_in(model, tensors, path, name, (torch.nn.Conv2d, SparseConv2d), "a convolution",
+                 lambda sub, config=config: SparseConv2d.from_state_dict(sub, config))
     for name, hd in head_dims.items():
         p = st.attention_parts(model.get_submodule(name))
         if p is not None and (p.q.out_features % hd or p.k.out_features % hd):

@@ -96,11 +96,12 @@ def _record(model, linears, structs, calibration) -> _Stats:
 
     def lin_hook(name):
         def f(mod, args, out):
-            x = args[0].detach()
+            x = args[0].detach().float()
             # per input feature: the last dim of a linear's input, the channel dim of a conv's
-            x = (x.transpose(0, 1).reshape(x.shape[1], -1).T if isinstance(mod, torch.nn.Conv2d)
-                 else x.reshape(-1, x.shape[-1])).float()
-            s.sq[name] = s.sq.get(name, 0) + (x * x).sum(0)
+            # ((N,) C, H, W); summed in place of a transposed copy
+            x = x.unsqueeze(0) if x.dim() == 1 else x
+            feat = x.dim() - 3 if isinstance(mod, torch.nn.Conv2d) else x.dim() - 1
+            s.sq[name] = s.sq.get(name, 0) + x.square().sum([d for d in range(x.dim()) if d != feat])
             s.shape[name] = tuple(args[0].shape)
         return f
     handles += [m.register_forward_hook(lin_hook(n)) for n, m in linears]
