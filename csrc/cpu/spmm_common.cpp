@@ -419,21 +419,21 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   const bool by_panels = paneled && (wide || matrix_in_cache) &&
                          (serial_image ? wide : npanels >= nthreads) &&
                          (wide || nthreads * per_worker * K * nb * 4 <= (64 << 20));
-  for (int64_t b = whole; b < nbatch; ++b) {
-    if (by_panels) {
-      // A wide operand goes a strip at a time; otherwise a worker packs its panels at once and
-      // the kernel walks its row chunks over them.
-      const int64_t workers = serial_image ? 1 : std::min(nthreads, npanels);
-      const int64_t chunk = wide ? strip : per_worker;
-      const int64_t floats = chunk * K * nb;
-      at::Tensor buf = buffer(workers, floats);
+  // The plan and the buffers are the same for every image left: made once.
+  if (whole < nbatch && by_panels) {
+    // A wide operand goes a strip at a time; otherwise a worker packs its panels at once and the
+    // kernel walks its row chunks over them.
+    const int64_t workers = serial_image ? 1 : std::min(nthreads, npanels);
+    const int64_t chunk = wide ? strip : per_worker;
+    const int64_t floats = chunk * K * nb;
+    at::Tensor buf = buffer(workers, floats);
+    for (int64_t b = whole; b < nbatch; ++b)
       run_workers(workers, [&](int64_t w) {
         for (int64_t p = npanels * w / workers, pe = npanels * (w + 1) / workers; p < pe; p += chunk)
           strip_product(b, p, std::min(pe, p + chunk), buf.data_ptr<float>() + w * floats, &bad[w]);
       });
-      continue;
-    }
-    // By rows (nnz-balanced parts) x panel groups, all sharing panels packed first.
+  } else if (whole < nbatch) {
+    // By rows (nnz-balanced parts) x panel groups.
     const int64_t want_parts = serial_image ? 1 : std::min<int64_t>(nthreads, std::max<int64_t>(1, rows / 8));
     std::vector<int64_t> bounds;
     if (A.nm()) {  // every row holds the same number of values: equal row counts balance
@@ -452,22 +452,26 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
       // while it was, equal below 1 MiB, but 4096x4096 at n = 512 (8 MiB of panels) ran 1.35x
       // slower packed twice.
       at::Tensor buf = buffer(parts, image_floats);
-      run_workers(parts, [&](int64_t w) {
-        const Panels P = panels_of(b, buf.data_ptr<float>() + w * image_floats, false);
-        multiply(P, output_of(b, 0), bounds[w], bounds[w + 1], 0, npanels, &bad[w]);
-      });
-      continue;
+      for (int64_t b = whole; b < nbatch; ++b)
+        run_workers(parts, [&](int64_t w) {
+          const Panels P = panels_of(b, buf.data_ptr<float>() + w * image_floats, false);
+          multiply(P, output_of(b, 0), bounds[w], bounds[w + 1], 0, npanels, &bad[w]);
+        });
+    } else {
+      // All parts share panels packed first.
+      const int64_t groups = serial_image ? 1 : std::min<int64_t>(npanels, (nthreads + parts - 1) / parts);
+      const int64_t ntasks = parts * groups;
+      at::Tensor buf = buffer(1, image_floats);
+      if (int64_t(bad.size()) < ntasks) bad.resize(ntasks, 0);
+      for (int64_t b = whole; b < nbatch; ++b) {
+        const Panels P = panels_of(b, buf.data_ptr<float>(), !serial_image);
+        const Output O = output_of(b, 0);
+        run_workers(ntasks, [&](int64_t t) {
+          const int64_t part = t / groups, g = t % groups;
+          multiply(P, O, bounds[part], bounds[part + 1], npanels * g / groups, npanels * (g + 1) / groups, &bad[t]);
+        });
+      }
     }
-    const int64_t groups = serial_image ? 1 : std::min<int64_t>(npanels, (nthreads + parts - 1) / parts);
-    const int64_t ntasks = parts * groups;
-    at::Tensor buf = buffer(1, image_floats);
-    const Panels P = panels_of(b, buf.data_ptr<float>(), !serial_image);
-    const Output O = output_of(b, 0);
-    if (int64_t(bad.size()) < ntasks) bad.resize(ntasks, 0);
-    run_workers(ntasks, [&](int64_t t) {
-      const int64_t part = t / groups, g = t % groups;
-      multiply(P, O, bounds[part], bounds[part + 1], npanels * g / groups, npanels * (g + 1) / groups, &bad[t]);
-    });
   }
   for (int b : bad)
     TORCH_CHECK(b == 0, "pysparse: a column index is out of range for a matrix with ",
