@@ -426,26 +426,32 @@ def _bsr_check(fn: str, crow: torch.Tensor, col: torch.Tensor, values: torch.Ten
 
 
 def _bsr_launch(crow, col, values, b, bias, out, M, N, K, b_strides, out_strides, block_n):
-    """out[M, N] = A @ b (+ bias), b and out addressed as (rows, cols) through the given strides."""
+    """out[i][M, N] = A @ b[i] (+ bias) for each matrix i of a batch, b and out addressed as
+    (matrix, rows, cols) through the given strides (3 each); one launch per 65535 matrices (the
+    grid's third axis)."""
+    batch = out.shape[0]
     if out.numel() == 0:
         return
     bh, bw = values.shape[1], values.shape[2]
-    args = (crow.contiguous(), col.contiguous(), values.contiguous(), b,
-            bias.contiguous() if bias is not None else values, out, M, N, K, *b_strides, *out_strides)
+    has_bias = bias is not None
+    head = (crow.contiguous(), col.contiguous(), values.contiguous())
+    bias = bias.contiguous() if has_bias else values  # any pointer: never read
     meta = dict(BH=bh, BW=bw, PH=max(16, triton.next_power_of_2(bh)), PW=max(16, triton.next_power_of_2(bw)),
-                HAS_BIAS=bias is not None,
+                HAS_BIAS=has_bias,
                 # fp32 means fp32: tl.dot would otherwise round its inputs to tf32.
                 DOT_PRECISION="ieee" if values.dtype == torch.float32 else "tf32")
     if block_n is None and _INTERPRET:
         block_n = min(128, max(16, triton.next_power_of_2(N)))
-    if block_n is not None:
-        if block_n < 16 or block_n & (block_n - 1):
-            raise ValueError(f"bsr_spmm: block_n must be a power of two >= 16, got {block_n}")
-        grid = (M // bh, triton.cdiv(N, block_n))
-        bsr_spmm_kernel[grid](*args, **meta, BLOCK_N=block_n, num_warps=4)
-    else:
-        grid = lambda c: (M // bh, triton.cdiv(N, c["BLOCK_N"]))  # noqa: E731
-        _bsr_autotuned[grid](*args, **meta)
+    if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
+        raise ValueError(f"bsr_spmm: block_n must be a power of two >= 16, got {block_n}")
+    for i0 in range(0, batch, 65535):
+        nb = min(65535, batch - i0)
+        args = (*head, b[i0:], bias, out[i0:], M, N, K, *b_strides, *out_strides)
+        if block_n is not None:
+            bsr_spmm_kernel[(M // bh, triton.cdiv(N, block_n), nb)](*args, **meta, BLOCK_N=block_n, num_warps=4)
+        else:
+            grid = lambda c: (M // bh, triton.cdiv(N, c["BLOCK_N"]), nb)  # noqa: E731
+            _bsr_autotuned[grid](*args, **meta)
 
 
 def bsr_spmm(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, shape,
@@ -453,7 +459,7 @@ def bsr_spmm(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torc
     """A @ dense for A (M, K) in BSR form (values (nnzb, bh, bw)); dense (K, n), any strides, or a
     batch (..., K, n) -> (..., M, n) in values' dtype, accumulated in fp32.
 
-    A batch runs one launch per matrix. `block_n` fixes the output-column tile (a power of two
+    A batch runs in one launch (the grid's third axis). `block_n` fixes the output-column tile (a power of two
     >= 16) instead of autotuning; the interpreter always uses one large tile.
     """
     if dense.dim() < 2:
@@ -464,9 +470,7 @@ def bsr_spmm(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torc
     n, batch = dense.shape[-1], math.prod(dense.shape[:-2])
     out = torch.empty((*dense.shape[:-2], M, n), dtype=values.dtype, device=values.device)
     b3, o3 = dense.reshape(batch, K, n), out.view(batch, M, n)
-    for i in range(batch):
-        _bsr_launch(crow_indices, col_indices, values, b3[i], None, o3[i], M, n, K,
-                    (b3.stride(1), b3.stride(2)), (o3.stride(1), o3.stride(2)), block_n)
+    _bsr_launch(crow_indices, col_indices, values, b3, None, o3, M, n, K, b3.stride(), o3.stride(), block_n)
     return out
 
 
@@ -491,8 +495,8 @@ def bsr_linear(input: torch.Tensor, crow_indices: torch.Tensor, col_indices: tor
     x2 = input.reshape(-1, K)
     T = x2.shape[0]
     out = torch.empty((T, M), dtype=values.dtype, device=values.device)
-    _bsr_launch(crow_indices, col_indices, values, x2, bias, out, M, T, K,
-                (x2.stride(1), x2.stride(0)), (out.stride(1), out.stride(0)), block_n)
+    _bsr_launch(crow_indices, col_indices, values, x2[None], bias, out[None], M, T, K,
+                (0, x2.stride(1), x2.stride(0)), (0, out.stride(1), out.stride(0)), block_n)
     return out.reshape(*input.shape[:-1], M)
 
 

@@ -34,11 +34,15 @@ def configs():
 # M and K are unused in the body: they are arguments so that the autotuner can key on them.
 @triton.jit
 def bsr_spmm_kernel(crow_ptr, col_ptr, val_ptr, b_ptr, bias_ptr, out_ptr,
-                    M, N, K, stride_bk, stride_bn, stride_om, stride_on,
+                    M, N, K, stride_bb, stride_bk, stride_bn, stride_ob, stride_om, stride_on,
                     BH: tl.constexpr, BW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
+    # axis 2: the matrix of a batch of dense operands (one launch for all of them)
+    pid_b = tl.program_id(2).to(tl.int64)
+    b_ptr += pid_b * stride_bb
+    out_ptr += pid_b * stride_ob
     start = tl.load(crow_ptr + pid_r).to(tl.int64)
     end = tl.load(crow_ptr + pid_r + 1).to(tl.int64)
     rh = tl.arange(0, PH)
