@@ -17,9 +17,36 @@ import triton
 from triton_kernels.masked_attention import configs as attn_configs, masked_attention_kernel
 from triton_kernels.nm_linear import configs, nm_linear_kernel
 
+from . import _checked
+from .formats import BSR, CSR, _NM_CHOICES
+
 _ACT = {"none": 0, "relu": 1, "gelu": 2, "silu": 3, "gelu_tanh": 4}  # triton_kernels/_tiles.py
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _autotuned = triton.autotune(configs=configs(), key=["T", "R", "K", "N", "M"])(nm_linear_kernel)
+
+
+def _nm_operand(values: torch.Tensor, mask: torch.Tensor, shape, n: int, m: int):
+    """(R, K) after the checks the CPU launcher makes of an N:M operand (csrc/include/checks.h),
+    with its sentences."""
+    if m not in (4, 8, 16):
+        raise RuntimeError(f"pysparse: N:M needs m in (4, 8, 16), got {m}")
+    if not 0 < n < m:
+        raise RuntimeError(f"pysparse: N:M needs 0 < n < m, got {n}:{m}")
+    for name, t in (("N:M values", values), ("N:M mask", mask)):
+        if t.dim() != 2:
+            raise RuntimeError(f"pysparse: {name} must be 2-D, got shape {list(t.shape)}")
+    if len(shape) != 2:
+        raise RuntimeError(f"pysparse: shape must have 2 entries, got {len(shape)}")
+    R, K = (int(s) for s in shape)
+    if R < 0 or K < 0 or K % m:
+        raise RuntimeError(f"pysparse: N:M shape ({R}, {K}) needs non-negative sizes and columns divisible by m = {m}")
+    if tuple(values.shape) != (R, K // m * n):
+        raise RuntimeError(f"pysparse: N:M values must have shape ({R}, {K // m * n}), got {list(values.shape)}")
+    if mask.dtype != torch.uint8:
+        raise TypeError(f"pysparse: N:M mask must be uint8, got {mask.dtype}")
+    if tuple(mask.shape) != (R, (K + 7) // 8):
+        raise RuntimeError(f"pysparse: N:M mask must have shape ({R}, {(K + 7) // 8}), got {list(mask.shape)}")
+    return R, K
 
 
 def nm_linear(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, shape, n: int, m: int,
@@ -30,7 +57,9 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, shape, 
     `block` fixes the tile sizes (BLOCK_T/BLOCK_R/BLOCK_K, num_warps) instead of autotuning; the
     interpreter always uses one large tile (its programs run one after another).
     """
-    R, K = (int(s) for s in shape)
+    R, K = _nm_operand(values, mask, shape, n, m)
+    _checked.nm_mask(mask, R, K, n, m)
+    values, mask = values.contiguous(), mask.contiguous()
     x2 = x.reshape(-1, K)
     T = x2.shape[0]
     y = torch.empty((T, R), dtype=x.dtype, device=x.device)
@@ -50,7 +79,7 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, shape, 
 
 @torch.library.register_kernel("pysparse::nm_linear", "cuda")
 def _nm_linear_cuda(input, values, mask, shape, n, m, bias, activation="none"):
-    return nm_linear(input, values.contiguous(), mask.contiguous(), shape, n, m, bias, activation)
+    return nm_linear(input, values, mask, shape, n, m, bias, activation)
 
 
 def nm_spmm(values, mask, shape, n, m, dense):
@@ -59,7 +88,7 @@ def nm_spmm(values, mask, shape, n, m, dense):
     and the CPU kernel give)."""
     if dense.dim() < 2:
         raise ValueError(f"nm_spmm: dense must be (K, n) or a batch (..., K, n), got {dense.dim()}-D")
-    y = nm_linear(dense.transpose(-1, -2), values.contiguous(), mask.contiguous(), shape, n, m)
+    y = nm_linear(dense.transpose(-1, -2), values, mask, shape, n, m)
     return y.transpose(-1, -2).contiguous()
 
 
@@ -196,7 +225,6 @@ import torch.nn.functional as F  # noqa: E402
 
 from triton_kernels.pruned_ffn import configs as ffn_configs, pruned_ffn_kernel  # noqa: E402
 
-from .formats import BSR, CSR, _NM_CHOICES  # noqa: E402
 
 # Up to this many tokens the fused kernel runs: it streams the weights once, and at decode that
 # is the whole cost. Past it every further 64 tokens re-read every weight, the atomics grow with
@@ -252,6 +280,17 @@ class _FFNWeight:
             if mask.dtype != torch.uint8 or tuple(mask.shape) != (R, (K + 7) // 8):
                 raise ValueError(f"pruned_ffn: {name} mask must be uint8 {(R, (K + 7) // 8)}, got "
                                  f"{mask.dtype} {tuple(mask.shape)}")
+            _checked.nm_mask(mask, R, K, self.n, self.m)
+        if kind in ("csr", "bsr"):
+            crow, col, values = self.tensors
+            bh, bw = tuple(values.shape[1:]) if kind == "bsr" and values.dim() == 3 else (1, 1)
+            if (values.dim() != (3 if kind == "bsr" else 1) or R % bh or K % bw or crow.dim() != 1
+                    or crow.numel() != R // bh + 1 or col.dim() != 1 or col.numel() != values.shape[0]):
+                raise ValueError(f"pruned_ffn: {name} in format {kind} must be crow_indices ({R // bh + 1},), "
+                                 f"col_indices (nnz,) and values (nnz{', bh, bw' if kind == 'bsr' else ''}) with "
+                                 f"{'blocks dividing ' if kind == 'bsr' else 'shape '}{(R, K)}, got "
+                                 f"{tuple(crow.shape)}, {tuple(col.shape)}, {tuple(values.shape)}")
+            _checked.compressed(crow, col, K // bw, "blocks" if kind == "bsr" else "nonzeros")
 
     @property
     def values(self) -> torch.Tensor:
@@ -280,7 +319,7 @@ class _FFNWeight:
         """(act(inp @ W^T + bias), or without act where it was not applied here; applied?)."""
         if self.kind == "nm":
             fused = activation if activation in _ACT else "none"
-            values, mask = (t.contiguous() for t in self.tensors)
+            values, mask = self.tensors
             return nm_linear(inp, values, mask, self.shape, self.n, self.m, bias, fused), fused == activation
         return F.linear(inp, self.dense(), bias), activation == "none"
 
@@ -430,9 +469,10 @@ def _bsr_launch(crow, col, values, b, bias, out, M, N, K, b_strides, out_strides
     (matrix, rows, cols) through the given strides (3 each); one launch per 65535 matrices (the
     grid's third axis)."""
     batch = out.shape[0]
+    bh, bw = values.shape[1], values.shape[2]
+    _checked.compressed(crow, col, K // bw, "blocks")
     if out.numel() == 0:
         return
-    bh, bw = values.shape[1], values.shape[2]
     has_bias = bias is not None
     head = (crow.contiguous(), col.contiguous(), values.contiguous())
     bias = bias.contiguous() if has_bias else values  # any pointer: never read
@@ -446,7 +486,7 @@ def _bsr_launch(crow, col, values, b, bias, out, M, N, K, b_strides, out_strides
         raise ValueError(f"bsr_spmm: block_n must be a power of two >= 16, got {block_n}")
     for i0 in range(0, batch, 65535):
         nb = min(65535, batch - i0)
-        args = (*head, b[i0:], bias, out[i0:], M, N, K, *b_strides, *out_strides)
+        args = (*head, b[i0:], bias, out[i0:], M, N, K, values.shape[0], *b_strides, *out_strides)
         if block_n is not None:
             bsr_spmm_kernel[(M // bh, triton.cdiv(N, block_n), nb)](*args, **meta, BLOCK_N=block_n, num_warps=4)
         else:

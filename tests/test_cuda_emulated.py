@@ -51,9 +51,10 @@ def emu(tmp_path_factory):
     L = ctypes.CDLL(str(lib))
     p, i64, i32, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint
     L.emu_csr_spmm.restype = ctypes.c_char_p
-    L.emu_csr_spmm.argtypes = [i32, i32, i32, i64, p, p, p, p, i64, i64, i64, p, i64, i64, p, p, i64, p]
+    L.emu_csr_spmm.argtypes = [i32, i32, i32, i64, i64, p, p, p, p, i64, i64, i64, p, i64, i64, i64, i64, p, p,
+                               i64, i64, p]
     L.emu_csr_spmm_aligned.restype = i32
-    L.emu_csr_spmm_aligned.argtypes = [p, i64, i32]
+    L.emu_csr_spmm_aligned.argtypes = [p, i64, i64, i32]
     L.emu_nm_compress.restype = ctypes.c_char_p
     L.emu_nm_compress.argtypes = [i32, p, i64, i64, i32, i32, p, p, p, u32]
     L.emu_nm_decompress.restype = ctypes.c_char_p
@@ -72,21 +73,28 @@ def _launcher_perm(crow):
     return torch.sort((crow[1:] - crow[:-1]).long(), stable=True, descending=True).indices.contiguous()
 
 
-def run_csr(emu, crow, col, val, K, B, *, bias=None, out=None, vec=-1, max_cols=0, perm=None):
+def run_csr(emu, crow, col, val, K, B, *, bias=None, out=None, vec=-1, max_cols=0, max_batch=0, perm=None,
+            flag=True):
     """Runs the emulated kernel for A (CSR tensors) @ B (K, n) (+ bias), the one the launcher picks
     unless `vec` forces one (0: the narrow kernel, 1 or 4 columns per lane). B may have a row stride
-    above n; `out` (M, n) may be a column slice of a wider tensor. Returns (out, bad flag)."""
-    M, n = crow.numel() - 1, B.shape[1]
-    assert B.stride(1) == 1 and (out is None or out.stride(1) == 1)
+    above n, or be a batch (batch, K, n) with any batch stride (one launch per max_batch matrices
+    when > 0); `out` (M, n) or (batch, M, n) may be a column slice of a wider tensor. flag=False
+    passes a null flag, as the launcher does for indices it checked before. Returns (out, bad flag
+    or None)."""
+    M, n = crow.numel() - 1, B.shape[-1]
+    B3 = B if B.dim() == 3 else B[None]
     if out is None:
-        out = torch.empty(M, n, dtype=val.dtype)
+        out = torch.empty(*B.shape[:-2], M, n, dtype=val.dtype)
+    out3 = out if out.dim() == 3 else out[None]
+    assert B3.stride(2) == 1 and out3.stride(2) == 1
     perm = _launcher_perm(crow) if perm is None else perm
-    bad = torch.zeros(1, dtype=torch.int32)
+    bad = torch.zeros(1, dtype=torch.int32) if flag else None
     kind = {(torch.int32, torch.int32): 0, (torch.int64, torch.int64): 1, (torch.int32, torch.int16): 2}[(crow.dtype, col.dtype)]
-    err = emu.emu_csr_spmm(DTYPE_CODE[val.dtype], kind, vec, max_cols, _ptr(crow), _ptr(col), _ptr(val), _ptr(perm),
-                           M, K, val.numel(), _ptr(B), B.stride(0), n, _ptr(bias), _ptr(out), out.stride(0), _ptr(bad))
+    err = emu.emu_csr_spmm(DTYPE_CODE[val.dtype], kind, vec, max_cols, max_batch, _ptr(crow), _ptr(col), _ptr(val),
+                           _ptr(perm), M, K, val.numel(), _ptr(B3), B3.stride(1), B3.stride(0), n, B3.shape[0],
+                           _ptr(bias), _ptr(out3), out3.stride(1), out3.stride(0), _ptr(bad))
     assert err is None, err.decode()
-    return out, int(bad.item())
+    return out, int(bad.item()) if flag else None
 
 
 def _matrix(M, K, dtype, seed, *, long_row=None):
@@ -154,10 +162,11 @@ def test_csr_every_width_and_kernel(emu, n, vec):
 
 def test_csr_takes_the_aligned_path_only_when_it_may(emu):
     B = torch.zeros(4, 256)
-    assert emu.emu_csr_spmm_aligned(_ptr(B), 256, 4)
-    assert not emu.emu_csr_spmm_aligned(_ptr(B) + 4, 256, 4)  # one float in
-    assert not emu.emu_csr_spmm_aligned(_ptr(B), 254, 4)  # rows not all aligned
-    assert emu.emu_csr_spmm_aligned(_ptr(B) + 8, 256, 2)  # 8-byte vectors of fp16
+    assert emu.emu_csr_spmm_aligned(_ptr(B), 256, 1024, 4)
+    assert not emu.emu_csr_spmm_aligned(_ptr(B) + 4, 256, 1024, 4)  # one float in
+    assert not emu.emu_csr_spmm_aligned(_ptr(B), 254, 1024, 4)  # rows not all aligned
+    assert not emu.emu_csr_spmm_aligned(_ptr(B), 256, 1022, 4)  # matrices of a batch not all aligned
+    assert emu.emu_csr_spmm_aligned(_ptr(B) + 8, 256, 1024, 2)  # 8-byte vectors of fp16
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -207,22 +216,24 @@ def test_csr_column_chunks_cover_every_column(emu, vec, max_cols):
 @pytest.mark.parametrize("kind", [0, 1, 2], ids=["i32", "i64", "i32-i16"])
 @pytest.mark.parametrize("bad_col", [-1, 40, 32767], ids=lambda c: f"col{c}")
 @pytest.mark.parametrize("n", [8, 40])
-def test_csr_out_of_range_column_is_flagged_and_not_followed(emu, kind, bad_col, n):
+@pytest.mark.parametrize("flag", [True, False], ids=["flag", "null-flag"])
+def test_csr_out_of_range_column_is_flagged_and_not_followed(emu, kind, bad_col, n, flag):
     M, K, dtype = 6, 40, torch.float32
     W = _matrix(M, K, dtype, 41, long_row=3)
     crow, col, val = _csr_tensors(W, kind)
     col = col.clone()
     col[int(crow[3]) + 5] = bad_col
     B = randn(K, n, dtype=dtype, g=gen(42))
-    out, bad = run_csr(emu, crow, col, val, K, B)
-    assert bad == 1
+    out, bad = run_csr(emu, crow, col, val, K, B, flag=flag)
+    assert bad == (1 if flag else None)
     others = [r for r in range(M) if r != 3]
     _check(out[others], W[others], B, None, dtype, "rows without the bad index")
 
 
 @pytest.mark.parametrize("tamper", ["decreasing", "past_nnz", "negative"])
 @pytest.mark.parametrize("n", [8, 40])
-def test_csr_inconsistent_row_pointers_are_flagged(emu, tamper, n):
+@pytest.mark.parametrize("flag", [True, False], ids=["flag", "null-flag"])
+def test_csr_inconsistent_row_pointers_are_flagged(emu, tamper, n, flag):
     M, K, dtype = 6, 40, torch.float32
     W = _matrix(M, K, dtype, 51, long_row=1)
     crow, col, val = _csr_tensors(W, 0)
@@ -234,8 +245,30 @@ def test_csr_inconsistent_row_pointers_are_flagged(emu, tamper, n):
     else:
         crow[1] = -3
     B = randn(K, n, dtype=dtype, g=gen(52))
-    _, bad = run_csr(emu, crow, col, val, K, B)
-    assert bad == 1
+    _, bad = run_csr(emu, crow, col, val, K, B, flag=flag)
+    assert bad == (1 if flag else None)
+
+
+@pytest.mark.parametrize("n,vec", [(5, -1), (40, 1), (132, -1), (130, 4)], ids=lambda x: str(x))
+@pytest.mark.parametrize("max_batch", [0, 2], ids=["one-launch", "chunks-of-2"])
+def test_csr_batch_is_one_launch_per_chunk(emu, n, vec, max_batch):
+    """A batch (5, K, n) with a padded batch stride and bias, in one launch (grid.z) or in chunks
+    (the launcher's loop past gridDim.z's limit): each matrix equals its own product, bit for bit,
+    and nothing outside the output matrices is written."""
+    M, K, batch, dtype = 19, 45, 5, torch.float16
+    W = _matrix(M, K, dtype, 61, long_row=3)
+    crow, col, val = _csr_tensors(W, 0)
+    b = randn(M, dtype=dtype, g=gen(62))
+    big = randn(batch, K + 3, n, dtype=dtype, g=gen(63))
+    B = big[:, :K]                                          # batch stride (K + 3) * n
+    buf = torch.full((batch, M + 2, n), float("nan"), dtype=dtype)
+    out = buf[:, 1:M + 1]
+    _, bad = run_csr(emu, crow, col, val, K, B, bias=b, out=out, vec=vec, max_batch=max_batch)
+    assert bad == 0
+    for z in range(batch):
+        one, _ = run_csr(emu, crow, col, val, K, B[z].contiguous(), bias=b, vec=vec)
+        assert torch.equal(out[z], one), f"matrix {z}"
+    assert buf[:, 0].isnan().all() and buf[:, M + 1].isnan().all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,8 +16,11 @@ def weight_tile(w_ptr, bits_ptr, rows, cols, row_ok, col_ok, need, K, stride_r, 
         byte = tl.load(bits_ptr + rows[:, None] * ((K + 7) // 8) + (cols // 8)[None, :], mask=ok, other=0)
         kept = (byte.to(tl.int32) >> (cols % 8)[None, :]) & 1
         rank = tl.cumsum(kept, axis=1)
-        vidx = rows[:, None] * (K // M * N) + (c0 // M) * N + rank - 1
-        w = tl.load(w_ptr + vidx, mask=ok & need[None, :] & (kept != 0), other=0.0)
+        pos = (c0 // M) * N + rank - 1
+        # pos stays inside the row for a valid bitmap (checked by the launcher, pysparse/_checked.py);
+        # the bound keeps a bitmap changed behind the check from reading past the values.
+        w = tl.load(w_ptr + rows[:, None] * (K // M * N) + pos,
+                    mask=ok & need[None, :] & (kept != 0) & (pos < K // M * N), other=0.0)
     else:
         w = tl.load(w_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c,
                     mask=ok & need[None, :], other=0.0)

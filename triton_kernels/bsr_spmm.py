@@ -31,10 +31,10 @@ def configs():
     ]
 
 
-# M and K are unused in the body: they are arguments so that the autotuner can key on them.
+# M is unused in the body: it is an argument so that the autotuner can key on it.
 @triton.jit
 def bsr_spmm_kernel(crow_ptr, col_ptr, val_ptr, b_ptr, bias_ptr, out_ptr,
-                    M, N, K, stride_bb, stride_bk, stride_bn, stride_ob, stride_om, stride_on,
+                    M, N, K, NNZB, stride_bb, stride_bk, stride_bn, stride_ob, stride_om, stride_on,
                     BH: tl.constexpr, BW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_r = tl.program_id(0)
@@ -43,8 +43,10 @@ def bsr_spmm_kernel(crow_ptr, col_ptr, val_ptr, b_ptr, bias_ptr, out_ptr,
     pid_b = tl.program_id(2).to(tl.int64)
     b_ptr += pid_b * stride_bb
     out_ptr += pid_b * stride_ob
-    start = tl.load(crow_ptr + pid_r).to(tl.int64)
-    end = tl.load(crow_ptr + pid_r + 1).to(tl.int64)
+    # The launcher checked the indices (pysparse/_checked.py); these clamps (and the one on kb) keep
+    # indices changed behind that check from sending a read out of bounds, for a few scalar ops.
+    start = tl.minimum(tl.maximum(tl.load(crow_ptr + pid_r).to(tl.int64), 0), NNZB)
+    end = tl.minimum(tl.maximum(tl.load(crow_ptr + pid_r + 1).to(tl.int64), start), NNZB)
     rh = tl.arange(0, PH)
     rw = tl.arange(0, PW)
     h_ok = rh < BH
@@ -57,7 +59,7 @@ def bsr_spmm_kernel(crow_ptr, col_ptr, val_ptr, b_ptr, bias_ptr, out_ptr,
     b_ok = w_ok[:, None] & col_ok[None, :]
     acc = tl.zeros((PH, BLOCK_N), dtype=tl.float32)
     for p in range(start, end):
-        kb = tl.load(col_ptr + p).to(tl.int64)
+        kb = tl.minimum(tl.maximum(tl.load(col_ptr + p).to(tl.int64), 0), K // BW - 1)
         a = tl.load(val_ptr + p * (BH * BW) + blk_off, mask=blk_ok, other=0.0)
         krows = kb * BW + rw
         b = tl.load(b_ptr + krows[:, None] * stride_bk + cols[None, :] * stride_bn, mask=b_ok, other=0.0)

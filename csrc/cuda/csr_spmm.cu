@@ -1,25 +1,38 @@
 // CUDA launchers of pysparse::csr_spmm and pysparse::csr_linear (kernel in csr_spmm_kernel.cuh).
-// Checks what is cheap to check on the host, orders rows by length (longest first) on the device,
-// launches on the current stream under a device guard. A batch of dense operands runs one launch
-// per matrix. The linear layout runs as out^T = A @ x^T on a transposed copy of x (the kernel wants
-// rows of B contiguous) and returns the transpose, made contiguous.
+// Checks what is cheap to check on the host and launches on the current stream under a device
+// guard. A matrix's first product also checks its indices (the kernel flags a bad one; reading the
+// flag synchronises) and orders its rows by length, longest first; both are remembered with the
+// index tensors (checked_indices.h), so later products neither synchronise nor sort, and can be
+// captured in a CUDA graph. A batch of dense operands is one launch (grid.z). The linear
+// layout runs as out^T = A @ x^T on a transposed copy of x (the kernel wants rows of B contiguous)
+// and returns the transpose, made contiguous.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "checked_indices.h"
 #include "checks.h"
 #include "csr_spmm_kernel.cuh"
 
 namespace pysparse {
 namespace cuda {
 
+// Never destroyed: the row orders it holds are CUDA tensors, which must not be freed after the
+// CUDA runtime has shut down at exit.
+static CheckedIndices& checked() {
+  static auto* memo = new CheckedIndices();
+  return *memo;
+}
+
+// B (batch, K, n) with unit column stride, out (batch, M, n) contiguous: one launch per column
+// chunk (csr_spmm_plan) and batch chunk (csr_spmm_batches).
 template <typename T, typename RT, typename CT>
 static void launch(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values, const at::Tensor& perm,
                    int64_t M, int64_t K, const at::Tensor& B, const at::Tensor* bias, at::Tensor& out, int* bad) {
-  const int64_t n = B.size(1), ldb = B.stride(0), ldo = out.stride(0);
-  const T* b = reinterpret_cast<const T*>(B.data_ptr());
-  T* o = reinterpret_cast<T*>(out.data_ptr());
+  const int64_t batch = B.size(0), n = B.size(2), ldb = B.stride(1), sbb = B.stride(0);
+  const int64_t ldo = out.stride(1), sbo = out.stride(0);
   const RT* cr = crow.data_ptr<RT>();
   const CT* cl = col.data_ptr<CT>();
   const T* v = reinterpret_cast<const T*>(values.data_ptr());
@@ -27,15 +40,19 @@ static void launch(const at::Tensor& crow, const at::Tensor& col, const at::Tens
   const int64_t* pm = perm.data_ptr<int64_t>();
   const int64_t nnz = values.numel();
   auto stream = at::cuda::getCurrentCUDAStream();
-  csr_spmm_plan(n, b, ldb, sizeof(T), [&](auto kernel, int64_t c, int64_t nc) {
-    using Kn = decltype(kernel);
-    if constexpr (Kn::vec == 0)
-      csr_spmm_narrow_kernel<T, RT, CT><<<csr_spmm_grid(M, 1, 1), kCsrSpmmThreads, 0, stream>>>(
-          cr, cl, v, pm, M, K, nnz, b + c, ldb, int(nc), bi, o + c, ldo, bad);
-    else
-      csr_spmm_kernel<T, RT, CT, Kn::vec, Kn::aligned><<<csr_spmm_grid(M, nc, Kn::vec), kCsrSpmmThreads, 0, stream>>>(
-          cr, cl, v, pm, M, K, nnz, b + c, ldb, nc, bi, o + c, ldo, bad);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  csr_spmm_batches(batch, [&](int64_t z, int64_t nz) {
+    const T* b = reinterpret_cast<const T*>(B.data_ptr()) + z * sbb;
+    T* o = reinterpret_cast<T*>(out.data_ptr()) + z * sbo;
+    csr_spmm_plan(n, b, ldb, sbb, sizeof(T), [&](auto kernel, int64_t c, int64_t nc) {
+      using Kn = decltype(kernel);
+      if constexpr (Kn::vec == 0)
+        csr_spmm_narrow_kernel<T, RT, CT><<<csr_spmm_grid(M, 1, 1, nz), kCsrSpmmThreads, 0, stream>>>(
+            cr, cl, v, pm, M, K, nnz, b + c, ldb, sbb, int(nc), bi, o + c, ldo, sbo, bad);
+      else
+        csr_spmm_kernel<T, RT, CT, Kn::vec, Kn::aligned><<<csr_spmm_grid(M, nc, Kn::vec, nz), kCsrSpmmThreads, 0, stream>>>(
+            cr, cl, v, pm, M, K, nnz, b + c, ldb, sbb, nc, bi, o + c, ldo, sbo, bad);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
@@ -49,8 +66,7 @@ static void dispatch_index(const at::Tensor& crow, const at::Tensor& col, const 
   index_dtype(crow, col);  // throws the one-sentence error
 }
 
-// out[i] (M, n) = A @ B[i] for B (batch, K, n); bias per row of out. One launch per image, the row
-// order computed once.
+// out[i] (M, n) = A @ B[i] for B (batch, K, n); bias per row of out. The batch is one launch.
 static at::Tensor spmm_mn(const at::Tensor& crow_in, const at::Tensor& col_in, const at::Tensor& values_in,
                           c10::SymIntArrayRef shape, const at::Tensor& B_in, const std::optional<at::Tensor>& bias) {
   value_dtype(values_in, "values");
@@ -79,23 +95,35 @@ static at::Tensor spmm_mn(const at::Tensor& crow_in, const at::Tensor& col_in, c
   const int64_t batch = B.size(0);
   at::Tensor out = at::empty({batch, M, B.size(2)}, values.options());
   if (M == 0 || B.size(2) == 0 || batch == 0) return out;
-  // Longest rows first: a stable descending sort of the row lengths, on the device.
-  const at::Tensor lengths = (crow.slice(0, 1) - crow.slice(0, 0, M)).to(at::kLong);
-  const at::Tensor perm = std::get<1>(lengths.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true)).contiguous();
-  const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
-  at::Tensor bad = at::zeros({1}, values.options().dtype(at::kInt));
-  for (int64_t i = 0; i < batch; ++i) {
-    const at::Tensor Bi = B[i];
-    at::Tensor oi = out[i];
-    switch (values.scalar_type()) {
-      case at::kFloat: dispatch_index<float>(crow, col, values, perm, M, K, Bi, bias ? &bias_c : nullptr, oi, bad.data_ptr<int>()); break;
-      case at::kHalf: dispatch_index<__half>(crow, col, values, perm, M, K, Bi, bias ? &bias_c : nullptr, oi, bad.data_ptr<int>()); break;
-      default: dispatch_index<__nv_bfloat16>(crow, col, values, perm, M, K, Bi, bias ? &bias_c : nullptr, oi, bad.data_ptr<int>()); break;
-    }
+  // Indices checked before (at their current versions) come with their row order: no sort, no
+  // flag, no synchronisation. Otherwise: longest rows first, a stable descending sort of the row
+  // lengths on the device, and the kernel's flag read back after the product.
+  std::optional<at::Tensor> known = checked().find(crow_in, col_in, K);
+  at::Tensor perm, bad;
+  if (known) {
+    perm = *known;
+  } else {
+    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+                "pysparse: a CSR matrix's indices are checked on its first product, which cannot happen during "
+                "CUDA graph capture: run the op once before capturing");
+    const at::Tensor lengths = (crow.slice(0, 1) - crow.slice(0, 0, M)).to(at::kLong);
+    perm = std::get<1>(lengths.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true)).contiguous();
+    bad = at::zeros({1}, values.options().dtype(at::kInt));
   }
-  // Synchronises: a bad index must be an error, not a silently clamped result.
-  TORCH_CHECK(bad.item<int>() == 0, "pysparse: a column index or row pointer is out of range for a matrix with ", K,
-              " columns and ", values.numel(), " stored values");
+  int* bad_ptr = known ? nullptr : bad.data_ptr<int>();
+  const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
+  const at::Tensor* bp = bias ? &bias_c : nullptr;
+  switch (values.scalar_type()) {
+    case at::kFloat: dispatch_index<float>(crow, col, values, perm, M, K, B, bp, out, bad_ptr); break;
+    case at::kHalf: dispatch_index<__half>(crow, col, values, perm, M, K, B, bp, out, bad_ptr); break;
+    default: dispatch_index<__nv_bfloat16>(crow, col, values, perm, M, K, B, bp, out, bad_ptr); break;
+  }
+  if (!known) {
+    // Synchronises, once per matrix version: a bad index must be an error, not a clamped result.
+    TORCH_CHECK(bad.item<int>() == 0, "pysparse: a column index or row pointer is out of range for a matrix with ", K,
+                " columns and ", values.numel(), " stored values");
+    checked().remember(crow_in, col_in, K, perm);
+  }
   return out;
 }
 

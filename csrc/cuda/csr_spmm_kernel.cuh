@@ -1,6 +1,7 @@
 // Device code for pysparse::csr_spmm / csr_linear on CUDA (raw pointers, no torch: compiles with
 // nvcc alone). out (M, n) = A (M, K) @ B (K, n), A in CSR, B row-major with row stride ldb, fp32
-// accumulation, out row-major (ldo) in T, optional bias[m].
+// accumulation, out row-major (ldo) in T, optional bias[m]. A batch of products with one A runs
+// in one launch: matrix z = blockIdx.z of B and out starts z * sbb and z * sbo elements in.
 //
 // Design, after Sputnik (Gale et al., SC20): one warp owns one row of A and a tile of 32 * VEC
 // output columns (VEC consecutive columns per lane, so B rows are read as coalesced vectors: one
@@ -13,7 +14,8 @@
 // take csr_spmm_narrow_kernel: still a warp per row, but each lane a strided share of the row's
 // nonzeros with all n columns in registers, then a butterfly sum across the warp (the CSR-vector
 // SpMV of Bell & Garland, SC09). Column indices outside [0, K) and inconsistent row pointers are
-// clamped, never followed, and reported through *bad.
+// clamped, never followed, and reported through *bad (bad may be null: the launcher passes null
+// for indices it has already checked, see csrc/include/checked_indices.h).
 //
 // The host-side geometry helpers below are shared with the CPU emulation test
 // (tests/cuda_emu/), which runs this device code without a GPU.
@@ -35,7 +37,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 
 constexpr int kWarpsPerBlock = 4;
 constexpr unsigned kCsrSpmmThreads = 32 * kWarpsPerBlock;
-constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on gridDim.y
+constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on gridDim.y (and gridDim.z)
 
 constexpr int kCsrNarrow = 8;          // widest n for csr_spmm_narrow_kernel
 
@@ -44,13 +46,15 @@ inline int csr_spmm_vec(int64_t n) { return n >= 128 ? 4 : 1; }
 // grid.x: one warp per row, kWarpsPerBlock rows per block; grid.y: 32 * VEC columns per block. A
 // launch covers at most csr_spmm_columns_per_launch(VEC) columns; the launcher loops past that.
 inline int64_t csr_spmm_columns_per_launch(int vec) { return kMaxGridY * 32 * vec; }
-inline dim3 csr_spmm_grid(int64_t M, int64_t n, int vec) {
-  return dim3(unsigned((M + kWarpsPerBlock - 1) / kWarpsPerBlock), unsigned((n + 32 * vec - 1) / (32 * vec)));
+// grid.z: one matrix of a batch each, at most kMaxGridY per launch (the launcher loops past that).
+inline dim3 csr_spmm_grid(int64_t M, int64_t n, int vec, int64_t batch = 1) {
+  return dim3(unsigned((M + kWarpsPerBlock - 1) / kWarpsPerBlock), unsigned((n + 32 * vec - 1) / (32 * vec)),
+              unsigned(batch));
 }
-// Whether a lane's VEC columns of every row of B are one aligned vector (every lane starts at a
-// multiple of VEC columns, so the base pointer and the row stride decide it).
-inline bool csr_spmm_aligned(const void* B, int64_t ldb, int vec, int elem_size) {
-  return vec > 1 && uintptr_t(B) % (uintptr_t(vec) * uintptr_t(elem_size)) == 0 && ldb % vec == 0;
+// Whether a lane's VEC columns of every row of every matrix of B are one aligned vector (every
+// lane starts at a multiple of VEC columns, so the base pointer and the strides decide it).
+inline bool csr_spmm_aligned(const void* B, int64_t ldb, int64_t sbb, int vec, int elem_size) {
+  return vec > 1 && uintptr_t(B) % (uintptr_t(vec) * uintptr_t(elem_size)) == 0 && ldb % vec == 0 && sbb % vec == 0;
 }
 
 // A kernel choice: VEC = 0 is csr_spmm_narrow_kernel, else csr_spmm_kernel<..., VEC, ALIGNED>.
@@ -60,12 +64,13 @@ struct CsrKernel {
   static constexpr bool aligned = ALIGNED;
 };
 
-// The launch plan for one product over n columns of B (host side; the launcher and the emulation
-// test both run it): calls launch(CsrKernel<VEC, ALIGNED>(), c, nc) for each launch, covering
-// columns [c, c + nc). force_vec (0, 1 or 4) and cols_per_launch override the choice, for tests.
+// The launch plan for a batch of products over n columns of B (host side; the launcher and the
+// emulation test both run it): calls launch(CsrKernel<VEC, ALIGNED>(), c, nc) for each column
+// chunk [c, c + nc) (the caller loops over batch chunks). force_vec (0, 1 or 4) and
+// cols_per_launch override the choice, for tests.
 template <typename F>
-inline void csr_spmm_plan(int64_t n, const void* B, int64_t ldb, int elem_size, F&& launch, int force_vec = -1,
-                          int64_t cols_per_launch = 0) {
+inline void csr_spmm_plan(int64_t n, const void* B, int64_t ldb, int64_t sbb, int elem_size, F&& launch,
+                          int force_vec = -1, int64_t cols_per_launch = 0) {
   const int vec = force_vec >= 0 ? force_vec : (n <= kCsrNarrow ? 0 : csr_spmm_vec(n));
   const int64_t step = cols_per_launch > 0 ? cols_per_launch : (vec == 0 ? n : csr_spmm_columns_per_launch(vec));
   auto chunks = [&](auto kernel) {
@@ -73,8 +78,15 @@ inline void csr_spmm_plan(int64_t n, const void* B, int64_t ldb, int elem_size, 
   };
   if (vec == 0) chunks(CsrKernel<0, false>());
   else if (vec == 1) chunks(CsrKernel<1, false>());
-  else if (csr_spmm_aligned(B, ldb, 4, elem_size) && step % 4 == 0) chunks(CsrKernel<4, true>());
+  else if (csr_spmm_aligned(B, ldb, sbb, 4, elem_size) && step % 4 == 0) chunks(CsrKernel<4, true>());
   else chunks(CsrKernel<4, false>());
+}
+
+// The batch chunks of a product (host side, shared with the emulation test): calls
+// launch_chunk(z, nz) for matrices [z, z + nz), at most per_launch (gridDim.z's limit) each.
+template <typename F>
+inline void csr_spmm_batches(int64_t batch, F&& launch_chunk, int64_t per_launch = kMaxGridY) {
+  for (int64_t z = 0; z < batch; z += per_launch) launch_chunk(z, per_launch < batch - z ? per_launch : batch - z);
 }
 
 // VEC elements loaded as one vector instruction: read as the built-in vector type of their size
@@ -90,13 +102,17 @@ union Pack {
   __device__ Pack() {}
 };
 
+__device__ __forceinline__ void report(int* bad) {
+  if (bad) atomicOr(bad, 1);
+}
+
 // Row r's nonzeros [start, end), clamped into [0, nnz] and reported through *bad if inconsistent.
 template <typename RT>
 __device__ __forceinline__ void row_range(const RT* crow, int64_t r, int64_t nnz, int lane, int* bad,
                                           int64_t& start, int64_t& end) {
   start = int64_t(crow[r]), end = int64_t(crow[r + 1]);
   if (start < 0 || end < start || end > nnz) {
-    if (lane == 0) atomicOr(bad, 1);
+    if (lane == 0) report(bad);
     start = start < 0 ? 0 : (start > nnz ? nnz : start);
     end = end < start ? start : (end > nnz ? nnz : end);
   }
@@ -106,12 +122,14 @@ template <typename T, typename RT, typename CT, int VEC, bool ALIGNED>
 __global__ void __launch_bounds__(kCsrSpmmThreads)
 csr_spmm_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, const T* __restrict__ val,
                 const int64_t* __restrict__ perm, int64_t M, int64_t K, int64_t nnz,
-                const T* __restrict__ B, int64_t ldb, int64_t n, const T* __restrict__ bias,
-                T* __restrict__ out, int64_t ldo, int* bad) {
+                const T* __restrict__ B, int64_t ldb, int64_t sbb, int64_t n, const T* __restrict__ bias,
+                T* __restrict__ out, int64_t ldo, int64_t sbo, int* bad) {
   static_assert(!ALIGNED || VEC > 1, "aligned vector loads need VEC > 1");
   const int lane = threadIdx.x & 31;
   const int64_t w = blockIdx.x * int64_t(kWarpsPerBlock) + (threadIdx.x >> 5);
   if (w >= M) return;
+  B += blockIdx.z * sbb;
+  out += blockIdx.z * sbo;
   const int64_t r = perm[w];
   const int64_t c0 = blockIdx.y * int64_t(32 * VEC) + int64_t(lane) * VEC;
   int64_t start, end;
@@ -127,7 +145,7 @@ csr_spmm_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, const T
       my_col = int64_t(col[p0 + lane]);
       my_val = to_float(val[p0 + lane]);
       if (my_col < 0 || my_col >= K) {
-        atomicOr(bad, 1);
+        report(bad);
         my_col = 0, my_val = 0.f;
       }
     }
@@ -156,16 +174,18 @@ csr_spmm_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, const T
     if (c0 + v < n) out[r * ldo + c0 + v] = from_float<T>(acc[v] + b);
 }
 
-// n <= kCsrNarrow, grid.x as above, grid.y = 1.
+// n <= kCsrNarrow, grid.x and grid.z as above, grid.y = 1.
 template <typename T, typename RT, typename CT>
 __global__ void __launch_bounds__(kCsrSpmmThreads)
 csr_spmm_narrow_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, const T* __restrict__ val,
                        const int64_t* __restrict__ perm, int64_t M, int64_t K, int64_t nnz,
-                       const T* __restrict__ B, int64_t ldb, int n, const T* __restrict__ bias,
-                       T* __restrict__ out, int64_t ldo, int* bad) {
+                       const T* __restrict__ B, int64_t ldb, int64_t sbb, int n, const T* __restrict__ bias,
+                       T* __restrict__ out, int64_t ldo, int64_t sbo, int* bad) {
   const int lane = threadIdx.x & 31;
   const int64_t w = blockIdx.x * int64_t(kWarpsPerBlock) + (threadIdx.x >> 5);
   if (w >= M) return;
+  B += blockIdx.z * sbb;
+  out += blockIdx.z * sbo;
   const int64_t r = perm[w];
   int64_t start, end;
   row_range(crow, r, nnz, lane, bad, start, end);
@@ -175,7 +195,7 @@ csr_spmm_narrow_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, 
   for (int64_t p = start + lane; p < end; p += 32) {
     const int64_t c = int64_t(col[p]);
     if (c < 0 || c >= K) {
-      atomicOr(bad, 1);
+      report(bad);
       continue;
     }
     const float a = to_float(val[p]);

@@ -16,40 +16,49 @@ const char* result(std::string e) {
   return last_error.empty() ? nullptr : last_error.c_str();
 }
 
-// One product as the launcher runs it: csr_spmm_plan's kernels and column chunks.
+// A batch of products as the launcher runs it: csr_spmm_batches' chunks (at most max_batch
+// matrices each when > 0) x csr_spmm_plan's kernels and column chunks.
+struct CsrArgs {
+  int force_vec;
+  int64_t max_cols, max_batch, M, K, nnz, ldb, sbb, n, batch, ldo, sbo;
+  const void *B, *crow, *col, *val, *bias;
+  const int64_t* perm;
+  void* out;
+  int* bad;
+};
+
 template <typename T, typename RT, typename CT>
-std::string csr_run(int force_vec, int64_t max_cols, int64_t M, const void* B, int64_t ldb, int64_t n, void* out,
-                    int64_t ldo, const void* crow, const void* col, const void* val, const int64_t* perm, int64_t K,
-                    int64_t nnz, const void* bias, int* bad) {
-  const T* b = static_cast<const T*>(B);
-  T* o = static_cast<T*>(out);
-  const RT* cr = static_cast<const RT*>(crow);
-  const CT* cl = static_cast<const CT*>(col);
-  const T* v = static_cast<const T*>(val);
-  const T* bi = static_cast<const T*>(bias);
+std::string csr_run(const CsrArgs& a) {
+  const RT* cr = static_cast<const RT*>(a.crow);
+  const CT* cl = static_cast<const CT*>(a.col);
+  const T* v = static_cast<const T*>(a.val);
+  const T* bi = static_cast<const T*>(a.bias);
   std::string err;
-  csr_spmm_plan(n, b, ldb, sizeof(T), [&](auto kernel, int64_t c, int64_t nc) {
-    using Kn = decltype(kernel);
-    if (!err.empty()) return;
-    if constexpr (Kn::vec == 0)
-      err = pysparse_emu::launch(csr_spmm_grid(M, 1, 1), dim3(kCsrSpmmThreads), csr_spmm_narrow_kernel<T, RT, CT>,
-                                 cr, cl, v, perm, M, K, nnz, b + c, ldb, int(nc), bi, o + c, ldo, bad);
-    else
-      err = pysparse_emu::launch(csr_spmm_grid(M, nc, Kn::vec), dim3(kCsrSpmmThreads),
-                                 csr_spmm_kernel<T, RT, CT, Kn::vec, Kn::aligned>, cr, cl, v, perm, M, K, nnz, b + c,
-                                 ldb, nc, bi, o + c, ldo, bad);
-  }, force_vec, max_cols);
+  csr_spmm_batches(a.batch, [&](int64_t z, int64_t nz) {
+    const T* b = static_cast<const T*>(a.B) + z * a.sbb;
+    T* o = static_cast<T*>(a.out) + z * a.sbo;
+    csr_spmm_plan(a.n, b, a.ldb, a.sbb, sizeof(T), [&](auto kernel, int64_t c, int64_t nc) {
+      using Kn = decltype(kernel);
+      if (!err.empty()) return;
+      if constexpr (Kn::vec == 0)
+        err = pysparse_emu::launch(csr_spmm_grid(a.M, 1, 1, nz), dim3(kCsrSpmmThreads), csr_spmm_narrow_kernel<T, RT, CT>,
+                                   cr, cl, v, a.perm, a.M, a.K, a.nnz, b + c, a.ldb, a.sbb, int(nc), bi, o + c, a.ldo,
+                                   a.sbo, a.bad);
+      else
+        err = pysparse_emu::launch(csr_spmm_grid(a.M, nc, Kn::vec, nz), dim3(kCsrSpmmThreads),
+                                   csr_spmm_kernel<T, RT, CT, Kn::vec, Kn::aligned>, cr, cl, v, a.perm, a.M, a.K, a.nnz,
+                                   b + c, a.ldb, a.sbb, nc, bi, o + c, a.ldo, a.sbo, a.bad);
+    }, a.force_vec, a.max_cols);
+  }, a.max_batch > 0 ? a.max_batch : kMaxGridY);
   return err;
 }
 
 template <typename T>
-std::string csr_index(int index_kind, int force_vec, int64_t max_cols, int64_t M, const void* B, int64_t ldb, int64_t n,
-                      void* out, int64_t ldo, const void* crow, const void* col, const void* val, const int64_t* perm,
-                      int64_t K, int64_t nnz, const void* bias, int* bad) {
+std::string csr_index(int index_kind, const CsrArgs& a) {
   switch (index_kind) {
-    case 0: return csr_run<T, int32_t, int32_t>(force_vec, max_cols, M, B, ldb, n, out, ldo, crow, col, val, perm, K, nnz, bias, bad);
-    case 1: return csr_run<T, int64_t, int64_t>(force_vec, max_cols, M, B, ldb, n, out, ldo, crow, col, val, perm, K, nnz, bias, bad);
-    default: return csr_run<T, int32_t, int16_t>(force_vec, max_cols, M, B, ldb, n, out, ldo, crow, col, val, perm, K, nnz, bias, bad);
+    case 0: return csr_run<T, int32_t, int32_t>(a);
+    case 1: return csr_run<T, int64_t, int64_t>(a);
+    default: return csr_run<T, int32_t, int16_t>(a);
   }
 }
 // For the emulator's own test: lane l of a warp receives lane (l + 1) % 32's value, and writes
@@ -74,23 +83,27 @@ const char* emu_selftest(int which, int* out) {
 }
 
 
-// out (M, n) = A @ B (+ bias) as the CUDA launcher runs it for one image (csr_spmm_plan), unless
-// `vec` forces a kernel (0 narrow, 1 or 4 columns per lane; -1 the launcher's choice) or `max_cols`
-// > 0 shortens the launches (the column-chunk loop, which real sizes reach only past 2M columns).
-// dtype: 0 fp32, 1 fp16, 2 bf16; index_kind: 0 int32/int32, 1 int64/int64, 2 int32/int16.
-const char* emu_csr_spmm(int dtype, int index_kind, int vec, int64_t max_cols, const void* crow, const void* col,
-                         const void* val, const int64_t* perm, int64_t M, int64_t K, int64_t nnz, const void* B,
-                         int64_t ldb, int64_t n, const void* bias, void* out, int64_t ldo, int* bad) {
+// out[z] (M, n) = A @ B[z] (+ bias) for z < batch, as the CUDA launcher runs it, unless `vec`
+// forces a kernel (0 narrow, 1 or 4 columns per lane; -1 the launcher's choice), `max_cols` > 0
+// shortens the launches (the column-chunk loop, which real sizes reach only past 2M columns) or
+// `max_batch` > 0 the batch chunks (real ones hold 65535 matrices). B[z] starts z * sbb elements
+// after B, out[z] z * sbo after out. dtype: 0 fp32, 1 fp16, 2 bf16; index_kind: 0 int32/int32,
+// 1 int64/int64, 2 int32/int16.
+const char* emu_csr_spmm(int dtype, int index_kind, int vec, int64_t max_cols, int64_t max_batch, const void* crow,
+                         const void* col, const void* val, const int64_t* perm, int64_t M, int64_t K, int64_t nnz,
+                         const void* B, int64_t ldb, int64_t sbb, int64_t n, int64_t batch, const void* bias, void* out,
+                         int64_t ldo, int64_t sbo, int* bad) {
+  const CsrArgs a{vec, max_cols, max_batch, M, K, nnz, ldb, sbb, n, batch, ldo, sbo, B, crow, col, val, bias, perm, out, bad};
   switch (dtype) {
-    case 0: return result(csr_index<float>(index_kind, vec, max_cols, M, B, ldb, n, out, ldo, crow, col, val, perm, K, nnz, bias, bad));
-    case 1: return result(csr_index<__half>(index_kind, vec, max_cols, M, B, ldb, n, out, ldo, crow, col, val, perm, K, nnz, bias, bad));
-    default: return result(csr_index<__nv_bfloat16>(index_kind, vec, max_cols, M, B, ldb, n, out, ldo, crow, col, val, perm, K, nnz, bias, bad));
+    case 0: return result(csr_index<float>(index_kind, a));
+    case 1: return result(csr_index<__half>(index_kind, a));
+    default: return result(csr_index<__nv_bfloat16>(index_kind, a));
   }
 }
 
 // The launcher's choice of aligned vector loads for this B (4 columns per lane).
-int emu_csr_spmm_aligned(const void* B, int64_t ldb, int elem_size) {
-  return csr_spmm_aligned(B, ldb, 4, elem_size);
+int emu_csr_spmm_aligned(const void* B, int64_t ldb, int64_t sbb, int elem_size) {
+  return csr_spmm_aligned(B, ldb, sbb, 4, elem_size);
 }
 
 // nm_compress / nm_decompress on elements of elem_size bytes (4, 2, 1) over `blocks` blocks (0: the
