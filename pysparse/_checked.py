@@ -14,6 +14,7 @@ device.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Callable, Dict, Tuple
 
@@ -22,6 +23,7 @@ import torch
 _CAPACITY = 4096
 # (ids of the tensors, param) -> (weak references, their states when checked)
 _memo: Dict[tuple, tuple] = {}
+_lock = threading.Lock()
 
 
 def _state(t: torch.Tensor) -> tuple:
@@ -41,13 +43,14 @@ def once(tensors: Tuple[torch.Tensor, ...], param, check: Callable[[], None]) ->
     check()
     if any(t.is_inference() for t in tensors):
         return
-    _memo.pop(key, None)
-    if len(_memo) >= _CAPACITY:  # dead entries first, then the oldest (dicts keep insertion order)
-        for k in [k for k, (refs, _) in _memo.items() if any(r() is None for r in refs)]:
-            del _memo[k]
-        while len(_memo) >= _CAPACITY:
-            del _memo[next(iter(_memo))]
-    _memo[key] = (tuple(weakref.ref(t) for t in tensors), tuple(_state(t) for t in tensors))
+    with _lock:  # misses only: a hit reads the dict without it
+        _memo.pop(key, None)
+        if len(_memo) >= _CAPACITY:  # dead entries first, then the oldest (dicts keep insertion order)
+            for k in [k for k, (refs, _) in _memo.items() if any(r() is None for r in refs)]:
+                del _memo[k]
+            while len(_memo) >= _CAPACITY:
+                del _memo[next(iter(_memo))]
+        _memo[key] = (tuple(weakref.ref(t) for t in tensors), tuple(_state(t) for t in tensors))
 
 
 def compressed(crow: torch.Tensor, col: torch.Tensor, cols: int, unit: str) -> None:
