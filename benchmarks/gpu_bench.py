@@ -267,7 +267,8 @@ for dt, n, nnzb, t_ours, t_torch, t_dense, tflops in bsr_rows:
 # CSR x dense: pysparse.spmm on CUDA CSR tensors (pysparse::csr_spmm's CUDA kernel,
 # csrc/cuda/csr_spmm.cu) against torch.sparse CSR (cuSPARSE) and dense cuBLAS on the same
 # matrix; fp16 and bf16, 90% unstructured, 4096x4096. n = 1 and 8 run the narrow kernel (lanes
-# split a row's nonzeros), the rest a warp per row and 128 columns.
+# split a row's nonzeros), n = 128 a warp per row and 128 columns (4 per lane), n >= 256 256
+# columns (8 fp16/bf16 per lane, one 16-byte load).
 csr_rows = []
 Wu = pysparse.prune.magnitude(torch.randn(4096, 4096, device=dev), 0.9)
 for dtype in (torch.float16, torch.bfloat16):

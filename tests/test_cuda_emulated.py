@@ -54,7 +54,9 @@ def emu(tmp_path_factory):
     L.emu_csr_spmm.argtypes = [i32, i32, i32, i64, i64, p, p, p, p, i64, i64, i64, p, i64, i64, i64, i64, p, p,
                                i64, i64, p]
     L.emu_csr_spmm_aligned.restype = i32
-    L.emu_csr_spmm_aligned.argtypes = [p, i64, i64, i32]
+    L.emu_csr_spmm_aligned.argtypes = [p, i64, i64, i32, i32]
+    L.emu_csr_spmm_vec.restype = i32
+    L.emu_csr_spmm_vec.argtypes = [i64, i32]
     L.emu_nm_compress.restype = ctypes.c_char_p
     L.emu_nm_compress.argtypes = [i32, p, i64, i64, i32, i32, p, p, p, u32]
     L.emu_nm_decompress.restype = ctypes.c_char_p
@@ -130,12 +132,12 @@ def test_csr_matches_reference(emu, dtype, kind, bias):
     """37 rows (a partial last block), 127 columns, empty rows and a row of ~100 nonzeros. n = 5
     runs the narrow kernel (lanes split the nonzeros); 20 one column per lane; 130 four per lane
     with scalar loads (rows of B not 4-aligned) and a ragged last lane; 132 four per lane with
-    vector loads."""
+    vector loads; 260 and 264 the same with eight per lane for fp16/bf16 (four for fp32)."""
     M, K = 37, 127
     W = _matrix(M, K, dtype, 1, long_row=6)
     crow, col, val = _csr_tensors(W, kind)
     b = randn(M, dtype=dtype, g=gen(3)) if bias else None
-    for n in (5, 20, 130, 132):
+    for n in (5, 20, 130, 132, 260, 264):
         B = randn(K, n, dtype=dtype, g=gen(n))
         out, bad = run_csr(emu, crow, col, val, K, B, bias=b)
         assert bad == 0
@@ -143,7 +145,7 @@ def test_csr_matches_reference(emu, dtype, kind, bias):
 
 
 _WIDTHS = (1, 2, 3, 7, 8, 9, 31, 32, 33, 127, 128, 129, 131, 255, 256, 300)
-_KERNELS = {-1: "auto", 0: "narrow", 1: "vec1", 4: "vec4"}
+_KERNELS = {-1: "auto", 0: "narrow", 1: "vec1", 4: "vec4", 8: "vec8"}  # vec8: 2-byte elements only
 
 
 @pytest.mark.parametrize("n,vec", [(n, v) for n in _WIDTHS for v in _KERNELS if v != 0 or n <= 8],
@@ -162,19 +164,30 @@ def test_csr_every_width_and_kernel(emu, n, vec):
 
 def test_csr_takes_the_aligned_path_only_when_it_may(emu):
     B = torch.zeros(4, 256)
-    assert emu.emu_csr_spmm_aligned(_ptr(B), 256, 1024, 4)
-    assert not emu.emu_csr_spmm_aligned(_ptr(B) + 4, 256, 1024, 4)  # one float in
-    assert not emu.emu_csr_spmm_aligned(_ptr(B), 254, 1024, 4)  # rows not all aligned
-    assert not emu.emu_csr_spmm_aligned(_ptr(B), 256, 1022, 4)  # matrices of a batch not all aligned
-    assert emu.emu_csr_spmm_aligned(_ptr(B) + 8, 256, 1024, 2)  # 8-byte vectors of fp16
+    assert emu.emu_csr_spmm_aligned(_ptr(B), 256, 1024, 4, 4)
+    assert not emu.emu_csr_spmm_aligned(_ptr(B) + 4, 256, 1024, 4, 4)  # one float in
+    assert not emu.emu_csr_spmm_aligned(_ptr(B), 254, 1024, 4, 4)  # rows not all aligned
+    assert not emu.emu_csr_spmm_aligned(_ptr(B), 256, 1022, 4, 4)  # matrices of a batch not all aligned
+    assert emu.emu_csr_spmm_aligned(_ptr(B) + 8, 256, 1024, 4, 2)  # 8-byte vectors of fp16
+    assert emu.emu_csr_spmm_aligned(_ptr(B) + 16, 256, 1024, 8, 2)  # 16-byte vectors of fp16
+    assert not emu.emu_csr_spmm_aligned(_ptr(B) + 8, 256, 1024, 8, 2)
+    assert not emu.emu_csr_spmm_aligned(_ptr(B), 260, 1024, 8, 2)
+
+
+def test_csr_lane_width_is_one_16_byte_load_once_n_fills_a_warp(emu):
+    widths = {(n, e): emu.emu_csr_spmm_vec(n, e) for n in (9, 127, 128, 255, 256, 4096) for e in (4, 2)}
+    assert widths == {(9, 4): 1, (127, 4): 1, (128, 4): 4, (255, 4): 4, (256, 4): 4, (4096, 4): 4,
+                      (9, 2): 1, (127, 2): 1, (128, 2): 4, (255, 2): 4, (256, 2): 8, (4096, 2): 8}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("offset", [0, 1, 2], ids=lambda o: f"off{o}")
-def test_csr_strided_and_misaligned_operands_write_only_their_columns(emu, dtype, offset):
+@pytest.mark.parametrize("offset", [0, 1, 2, 4], ids=lambda o: f"off{o}")
+@pytest.mark.parametrize("n", [200, 300])
+def test_csr_strided_and_misaligned_operands_write_only_their_columns(emu, dtype, offset, n):
     """B a column slice of a wider matrix starting `offset` elements in (unaligned for vector
-    loads unless 0), out a slice of a NaN-filled wider buffer: every column outside stays NaN."""
-    M, K, n = 13, 40, 200
+    loads unless 0, or 4 for 4-wide fp16 ones), out a slice of a NaN-filled wider buffer: every
+    column outside stays NaN. fp16 at n = 300 takes 8 columns (16 bytes) per lane."""
+    M, K = 13, 40
     W = _matrix(M, K, dtype, 11, long_row=4)
     crow, col, val = _csr_tensors(W, 0)
     wide = randn(K, n + 12, dtype=dtype, g=gen(12))
@@ -200,11 +213,12 @@ def test_csr_result_does_not_depend_on_row_order(emu, n):
         assert torch.equal(first, again), "a row's sum depends only on its own nonzeros' order"
 
 
-@pytest.mark.parametrize("vec,max_cols", [(1, 32), (1, 64), (4, 128), (4, 256)])
+@pytest.mark.parametrize("vec,max_cols", [(1, 32), (1, 64), (4, 128), (4, 256), (8, 256), (8, 512)])
 def test_csr_column_chunks_cover_every_column(emu, vec, max_cols):
     """The launcher loops over launches of at most 65535 * 32 * VEC columns (gridDim.y's limit);
     here with small chunks: results equal one launch bit for bit."""
-    M, K, n, dtype = 11, 30, 300, torch.float32
+    M, K, n = 11, 30, 600
+    dtype = torch.bfloat16 if vec == 8 else torch.float32
     W = _matrix(M, K, dtype, 31)
     crow, col, val = _csr_tensors(W, 0)
     B = randn(K, n, dtype=dtype, g=gen(32))
@@ -249,7 +263,7 @@ def test_csr_inconsistent_row_pointers_are_flagged(emu, tamper, n, flag):
     assert bad == (1 if flag else None)
 
 
-@pytest.mark.parametrize("n,vec", [(5, -1), (40, 1), (132, -1), (130, 4)], ids=lambda x: str(x))
+@pytest.mark.parametrize("n,vec", [(5, -1), (40, 1), (132, -1), (130, 4), (300, -1), (264, 8)], ids=lambda x: str(x))
 @pytest.mark.parametrize("max_batch", [0, 2], ids=["one-launch", "chunks-of-2"])
 def test_csr_batch_is_one_launch_per_chunk(emu, n, vec, max_batch):
     """A batch (5, K, n) with a padded batch stride and bias, in one launch (grid.z) or in chunks
@@ -334,11 +348,12 @@ def test_nm_compress_names_the_first_row_with_too_many_nonzeros(emu, n, m):
     (2, "__shfl_sync with a partial mask"),
     (3, "__shfl_sync reached by 16 of 32 lanes"),
     (4, "__shfl_sync called from different places"),
+    (5, "misaligned 16-byte vector load"),
 ])
 def test_emulator_checks_the_shuffle_protocol(emu, case, want):
     """0: every lane shuffles (lane l receives lane l+1's value, rotating); 1: lanes 5..31 return
     before the shuffle; 2: a partial mask; 3: a branch only half the lanes take; 4: the two halves
-    of the warp shuffle in different branches."""
+    of the warp shuffle in different branches; 5: a vector load 4 bytes off its alignment."""
     out = torch.full((64,), -1, dtype=torch.int32)
     err = emu.emu_selftest(case, _ptr(out))
     if want is None:

@@ -43,7 +43,7 @@ static void launch(const at::Tensor& crow, const at::Tensor& col, const at::Tens
   csr_spmm_batches(batch, [&](int64_t z, int64_t nz) {
     const T* b = reinterpret_cast<const T*>(B.data_ptr()) + z * sbb;
     T* o = reinterpret_cast<T*>(out.data_ptr()) + z * sbo;
-    csr_spmm_plan(n, b, ldb, sbb, sizeof(T), [&](auto kernel, int64_t c, int64_t nc) {
+    csr_spmm_plan<sizeof(T)>(n, b, ldb, sbb, [&](auto kernel, int64_t c, int64_t nc) {
       using Kn = decltype(kernel);
       if constexpr (Kn::vec == 0)
         csr_spmm_narrow_kernel<T, RT, CT><<<csr_spmm_grid(M, 1, 1, nz), kCsrSpmmThreads, 0, stream>>>(

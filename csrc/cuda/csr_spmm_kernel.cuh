@@ -5,7 +5,8 @@
 //
 // Design, after Sputnik (Gale et al., SC20): one warp owns one row of A and a tile of 32 * VEC
 // output columns (VEC consecutive columns per lane, so B rows are read as coalesced vectors: one
-// VEC * sizeof(T)-byte load per lane when B's rows are aligned for it, which the launcher checks).
+// VEC * sizeof(T)-byte load per lane when B's rows are aligned for it, which the launcher checks;
+// VEC is 16 bytes' worth once n fills a warp, 8 columns for fp16/bf16, 4 for fp32).
 // The warp reads the row's column indices and values 32 at a time (one coalesced load each) and
 // broadcasts them lane to lane with __shfl_sync, so every nonzero costs VEC FMAs per lane and no
 // shared memory. Rows are visited in the order `perm` gives (longest first, made by the
@@ -41,8 +42,13 @@ constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on gridDim.y (and gridDim.
 
 constexpr int kCsrNarrow = 8;          // widest n for csr_spmm_narrow_kernel
 
-// VEC output columns per lane: 4 (128 per warp) once n fills them, else 1.
-inline int csr_spmm_vec(int64_t n) { return n >= 128 ? 4 : 1; }
+// VEC output columns per lane: as many as one 16-byte load of B holds (Sputnik's vector width:
+// 4 fp32, 8 fp16/bf16) once n fills a warp's 32 * VEC columns, else 4 from 128 columns, else 1.
+// A wider lane costs the same two shuffles per nonzero for more columns.
+inline int csr_spmm_vec(int64_t n, int elem_size) {
+  const int wide = 16 / elem_size;
+  return n >= 32 * wide ? wide : (n >= 128 ? 4 : 1);
+}
 // grid.x: one warp per row, kWarpsPerBlock rows per block; grid.y: 32 * VEC columns per block. A
 // launch covers at most csr_spmm_columns_per_launch(VEC) columns; the launcher loops past that.
 inline int64_t csr_spmm_columns_per_launch(int vec) { return kMaxGridY * 32 * vec; }
@@ -64,22 +70,30 @@ struct CsrKernel {
   static constexpr bool aligned = ALIGNED;
 };
 
-// The launch plan for a batch of products over n columns of B (host side; the launcher and the
-// emulation test both run it): calls launch(CsrKernel<VEC, ALIGNED>(), c, nc) for each column
-// chunk [c, c + nc) (the caller loops over batch chunks). force_vec (0, 1 or 4) and
-// cols_per_launch override the choice, for tests.
-template <typename F>
-inline void csr_spmm_plan(int64_t n, const void* B, int64_t ldb, int64_t sbb, int elem_size, F&& launch,
-                          int force_vec = -1, int64_t cols_per_launch = 0) {
-  const int vec = force_vec >= 0 ? force_vec : (n <= kCsrNarrow ? 0 : csr_spmm_vec(n));
+// The launch plan for a batch of products over n columns of B, elements of ELEM bytes (host side;
+// the launcher and the emulation test both run it): calls launch(CsrKernel<VEC, ALIGNED>(), c, nc)
+// for each column chunk [c, c + nc) (the caller loops over batch chunks). force_vec (0, 1, 4, or 8
+// for 2-byte elements) and cols_per_launch override the choice, for tests.
+template <int ELEM, typename F>
+inline void csr_spmm_plan(int64_t n, const void* B, int64_t ldb, int64_t sbb, F&& launch, int force_vec = -1,
+                          int64_t cols_per_launch = 0) {
+  static_assert(ELEM == 2 || ELEM == 4, "fp32, fp16 or bf16 elements");
+  const int vec = force_vec >= 0 ? force_vec : (n <= kCsrNarrow ? 0 : csr_spmm_vec(n, ELEM));
   const int64_t step = cols_per_launch > 0 ? cols_per_launch : (vec == 0 ? n : csr_spmm_columns_per_launch(vec));
   auto chunks = [&](auto kernel) {
     for (int64_t c = 0; c < n; c += step) launch(kernel, c, step < n - c ? step : n - c);
   };
+  // Aligned vector loads when every lane's VEC columns of every row are one aligned vector; the
+  // chunk starts must keep that, hence step % VEC.
+  auto vectors = [&](auto aligned, auto plain) {
+    constexpr int V = decltype(plain)::vec;
+    if (csr_spmm_aligned(B, ldb, sbb, V, ELEM) && step % V == 0) chunks(aligned);
+    else chunks(plain);
+  };
   if (vec == 0) chunks(CsrKernel<0, false>());
   else if (vec == 1) chunks(CsrKernel<1, false>());
-  else if (csr_spmm_aligned(B, ldb, sbb, 4, elem_size) && step % 4 == 0) chunks(CsrKernel<4, true>());
-  else chunks(CsrKernel<4, false>());
+  else if (vec == 4) vectors(CsrKernel<4, true>(), CsrKernel<4, false>());
+  else if constexpr (ELEM == 2) vectors(CsrKernel<8, true>(), CsrKernel<8, false>());
 }
 
 // The batch chunks of a product (host side, shared with the emulation test): calls
@@ -95,6 +109,16 @@ template <int BYTES> struct VecBits;
 template <> struct VecBits<4> { using type = unsigned; };
 template <> struct VecBits<8> { using type = uint2; };
 template <> struct VecBits<16> { using type = uint4; };
+// One vector load. Under the CPU emulator (tests/cuda_emu) its alignment is checked: on a GPU a
+// misaligned vector load is a fatal "misaligned address" error.
+template <typename V>
+__device__ __forceinline__ V load_vector(const void* p) {
+#ifdef PYSPARSE_CUDA_EMU
+  pysparse_emu::check_vector_load(p, sizeof(V));
+#endif
+  return *reinterpret_cast<const V*>(p);
+}
+
 template <typename T, int VEC>
 union Pack {
   typename VecBits<sizeof(T) * VEC>::type bits;
@@ -156,7 +180,7 @@ csr_spmm_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, const T
       if constexpr (ALIGNED) {
         if (c0 + VEC <= n) {  // the ragged last lane takes the scalar loads below
           Pack<T, VEC> p;
-          p.bits = *reinterpret_cast<const decltype(p.bits)*>(brow);
+          p.bits = load_vector<decltype(p.bits)>(brow);
 #pragma unroll
           for (int v = 0; v < VEC; ++v) acc[v] += vj * to_float(p.v[v]);
           continue;

@@ -6,8 +6,9 @@
 // that runs ahead to its next shuffle cannot overwrite a value another lane has yet to read).
 // Blocks and warps run one after another. What it checks beyond the results: a shuffle must be
 // reached by every lane of the warp, at the same call site, with the full mask (a lane that has
-// returned, or lanes diverged across branches, is reported), and the kernel may only use the
-// built-ins defined here (anything else fails to compile). What it cannot check: timing,
+// returned, or lanes diverged across branches, is reported), vector loads must be aligned to their
+// size (load_vector in the kernels), and the kernel may only use the built-ins defined here
+// (anything else fails to compile). What it cannot check: timing,
 // coalescing, the memory model, races between blocks.
 //
 // The CUDA headers (cuda_fp16.h, cuda_bf16.h, vector_types.h) compile as host code; this file adds
@@ -30,6 +31,8 @@
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
+// Device code that wants the emulator to check something only it can (load_vector's alignment).
+#define PYSPARSE_CUDA_EMU 1
 
 inline thread_local uint3 threadIdx, blockIdx;
 inline thread_local dim3 blockDim, gridDim;
@@ -105,6 +108,13 @@ inline void run_warp(Warp& w, const dim3& block, unsigned first_thread, const st
     // lanes hold no resources): resuming would feed lanes values no lane deposited.
     if (shuffled == 0 || !w.error.empty()) break;
   }
+}
+
+// A vector load must be aligned to its size: on a GPU a misaligned one is a fatal "misaligned
+// address" error, on this CPU it would silently work.
+inline void check_vector_load(const void* p, size_t bytes) {
+  if (uintptr_t(p) % bytes != 0 && tl_warp->error.empty())
+    tl_warp->error = "misaligned " + std::to_string(bytes) + "-byte vector load";
 }
 
 // Launches kernel(args...) over grid x block. Returns an empty string, or what went wrong (the

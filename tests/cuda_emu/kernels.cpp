@@ -37,7 +37,7 @@ std::string csr_run(const CsrArgs& a) {
   csr_spmm_batches(a.batch, [&](int64_t z, int64_t nz) {
     const T* b = static_cast<const T*>(a.B) + z * a.sbb;
     T* o = static_cast<T*>(a.out) + z * a.sbo;
-    csr_spmm_plan(a.n, b, a.ldb, a.sbb, sizeof(T), [&](auto kernel, int64_t c, int64_t nc) {
+    csr_spmm_plan<sizeof(T)>(a.n, b, a.ldb, a.sbb, [&](auto kernel, int64_t c, int64_t nc) {
       using Kn = decltype(kernel);
       if (!err.empty()) return;
       if constexpr (Kn::vec == 0)
@@ -62,7 +62,8 @@ std::string csr_index(int index_kind, const CsrArgs& a) {
   }
 }
 // For the emulator's own test: lane l of a warp receives lane (l + 1) % 32's value, and writes
-// (first thread of its warp) + 10 * that lane. Cases 1-4 break the shuffle protocol on purpose.
+// (first thread of its warp) + 10 * that lane. Cases 1-4 break the shuffle protocol on purpose;
+// case 5 makes a misaligned 16-byte load (odd lanes, 4 bytes in).
 __global__ void selftest_kernel(int which, int* out) {
   const int lane = threadIdx.x & 31;
   if (which == 1 && lane >= 5) return;
@@ -73,6 +74,7 @@ __global__ void selftest_kernel(int which, int* out) {
   else if (which == 4) got = int(__shfl_sync(mask, float(lane * 10), (lane + 1) & 31));  // another function
   else if (which != 3) got = __shfl_sync(mask, lane * 10, (lane + 1) & 31);
   out[threadIdx.x] = int(threadIdx.x & ~31u) + got;
+  if (which == 5) out[0] = int(load_vector<uint4>(reinterpret_cast<const char*>(out) + 4 * (threadIdx.x & 1)).x);
 }
 }  // namespace
 
@@ -101,10 +103,12 @@ const char* emu_csr_spmm(int dtype, int index_kind, int vec, int64_t max_cols, i
   }
 }
 
-// The launcher's choice of aligned vector loads for this B (4 columns per lane).
-int emu_csr_spmm_aligned(const void* B, int64_t ldb, int64_t sbb, int elem_size) {
-  return csr_spmm_aligned(B, ldb, sbb, 4, elem_size);
+// The launcher's choice of aligned vector loads for this B (vec columns per lane) and its choice
+// of vec for n columns.
+int emu_csr_spmm_aligned(const void* B, int64_t ldb, int64_t sbb, int vec, int elem_size) {
+  return csr_spmm_aligned(B, ldb, sbb, vec, elem_size);
 }
+int emu_csr_spmm_vec(int64_t n, int elem_size) { return csr_spmm_vec(n, elem_size); }
 
 // nm_compress / nm_decompress on elements of elem_size bytes (4, 2, 1) over `blocks` blocks (0: the
 // launcher's nm_grid).
