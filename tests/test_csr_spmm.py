@@ -632,6 +632,10 @@ def test_cuda_kernel_matches_the_cpu_one(dtype, index_dtype):
     torch.testing.assert_close(pysparse.spmm(Ac, Xb.cuda()).cpu(), pysparse.spmm(A, Xb), rtol=2e-2, atol=2e-2)
     x, b = torch.randn(3, 4, 200, generator=gen(2)).to(dtype), torch.randn(300, generator=gen(3)).to(dtype)
     torch.testing.assert_close(pysparse.linear(x.cuda(), Ac, b.cuda()).cpu(), pysparse.linear(x, A, b), rtol=2e-2, atol=2e-2)
+    for T in (1, 5, 8):  # decode: x and the output read and written through strides, no copies
+        xd = x.reshape(12, 200)[:T]
+        torch.testing.assert_close(pysparse.linear(xd.cuda(), Ac, b.cuda()).cpu(), pysparse.linear(xd, A, b),
+                                   rtol=2e-2, atol=2e-2)
     bad_col = Ac.col_indices.clone()
     bad_col[0] = 10_000
     with pytest.raises(RuntimeError, match=r"column index or row pointer is out of range"):

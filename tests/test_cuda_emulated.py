@@ -51,8 +51,8 @@ def emu(tmp_path_factory):
     L = ctypes.CDLL(str(lib))
     p, i64, i32, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint
     L.emu_csr_spmm.restype = ctypes.c_char_p
-    L.emu_csr_spmm.argtypes = [i32, i32, i32, i64, i64, p, p, p, p, i64, i64, i64, p, i64, i64, i64, i64, p, p,
-                               i64, i64, p]
+    L.emu_csr_spmm.argtypes = [i32, i32, i32, i64, i64, p, p, p, p, i64, i64, i64, p, i64, i64, i64, i64, i64, p, p,
+                               i64, i64, i64, p]
     L.emu_csr_spmm_aligned.restype = i32
     L.emu_csr_spmm_aligned.argtypes = [p, i64, i64, i32, i32]
     L.emu_csr_spmm_vec.restype = i32
@@ -80,7 +80,8 @@ def run_csr(emu, crow, col, val, K, B, *, bias=None, out=None, vec=-1, max_cols=
     """Runs the emulated kernel for A (CSR tensors) @ B (K, n) (+ bias), the one the launcher picks
     unless `vec` forces one (0: the narrow kernel, 1 or 4 columns per lane). B may have a row stride
     above n, or be a batch (batch, K, n) with any batch stride (one launch per max_batch matrices
-    when > 0); `out` (M, n) or (batch, M, n) may be a column slice of a wider tensor. flag=False
+    when > 0); `out` (M, n) or (batch, M, n) may be a column slice of a wider tensor. For the
+    narrow kernel B and out may have any column stride (the linear layout's x^T and y^T). flag=False
     passes a null flag, as the launcher does for indices it checked before. Returns (out, bad flag
     or None)."""
     M, n = crow.numel() - 1, B.shape[-1]
@@ -88,13 +89,13 @@ def run_csr(emu, crow, col, val, K, B, *, bias=None, out=None, vec=-1, max_cols=
     if out is None:
         out = torch.empty(*B.shape[:-2], M, n, dtype=val.dtype)
     out3 = out if out.dim() == 3 else out[None]
-    assert B3.stride(2) == 1 and out3.stride(2) == 1
     perm = _launcher_perm(crow) if perm is None else perm
     bad = torch.zeros(1, dtype=torch.int32) if flag else None
     kind = {(torch.int32, torch.int32): 0, (torch.int64, torch.int64): 1, (torch.int32, torch.int16): 2}[(crow.dtype, col.dtype)]
     err = emu.emu_csr_spmm(DTYPE_CODE[val.dtype], kind, vec, max_cols, max_batch, _ptr(crow), _ptr(col), _ptr(val),
-                           _ptr(perm), M, K, val.numel(), _ptr(B3), B3.stride(1), B3.stride(0), n, B3.shape[0],
-                           _ptr(bias), _ptr(out3), out3.stride(1), out3.stride(0), _ptr(bad))
+                           _ptr(perm), M, K, val.numel(), _ptr(B3), B3.stride(1), B3.stride(2), B3.stride(0), n,
+                           B3.shape[0], _ptr(bias), _ptr(out3), out3.stride(1), out3.stride(2), out3.stride(0),
+                           _ptr(bad))
     assert err is None, err.decode()
     return out, int(bad.item()) if flag else None
 
@@ -283,6 +284,28 @@ def test_csr_batch_is_one_launch_per_chunk(emu, n, vec, max_batch):
         one, _ = run_csr(emu, crow, col, val, K, B[z].contiguous(), bias=b, vec=vec)
         assert torch.equal(out[z], one), f"matrix {z}"
     assert buf[:, 0].isnan().all() and buf[:, M + 1].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_csr_narrow_linear_layout_needs_no_copies(emu, dtype, T):
+    """The launcher's csr_linear at decode: B = x^T (column stride K) and out = y^T (column stride
+    M) go to the narrow kernel as they are; y (T, M) comes out as x @ A^T + bias."""
+    M, K = 29, 61
+    W = _matrix(M, K, dtype, 71, long_row=2)
+    crow, col, val = _csr_tensors(W, 0)
+    x, b = randn(T, K, dtype=dtype, g=gen(72)), randn(M, dtype=dtype, g=gen(73))
+    y = torch.full((T, M), float("nan"), dtype=dtype)
+    _, bad = run_csr(emu, crow, col, val, K, x.t(), bias=b, out=y.t())
+    assert bad == 0
+    _check(y.t(), W, x.t(), b, dtype, f"T={T}")
+
+
+def test_csr_wide_kernel_refuses_strided_columns(emu):
+    W = _matrix(5, 9, torch.float32, 74)
+    crow, col, val = _csr_tensors(W, 0)
+    with pytest.raises(AssertionError, match="unit column strides"):
+        run_csr(emu, crow, col, val, 9, randn(40, 9, g=gen(75)).t())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@
 // flag synchronises) and orders its rows by length, longest first; both are remembered with the
 // index tensors (checked_indices.h), so later products neither synchronise nor sort, and can be
 // captured in a CUDA graph. A batch of dense operands is one launch (grid.z). The linear
-// layout runs as out^T = A @ x^T on a transposed copy of x (the kernel wants rows of B contiguous)
-// and returns the transpose, made contiguous.
+// layout runs as out^T = A @ x^T: up to kCsrNarrow tokens (decode) the narrow kernel reads x and
+// writes the (T, M) output through strides; more tokens go through transposed copies, since the
+// wide kernel wants rows of B and out contiguous.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -26,13 +27,14 @@ static CheckedIndices& checked() {
   return *memo;
 }
 
-// B (batch, K, n) with unit column stride, out (batch, M, n) contiguous: one launch per column
-// chunk (csr_spmm_plan) and batch chunk (csr_spmm_batches).
+// B (batch, K, n) and out (batch, M, n), with unit column strides unless n <= kCsrNarrow (the
+// narrow kernel takes any): one launch per column chunk (csr_spmm_plan) and batch chunk
+// (csr_spmm_batches).
 template <typename T, typename RT, typename CT>
 static void launch(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values, const at::Tensor& perm,
                    int64_t M, int64_t K, const at::Tensor& B, const at::Tensor* bias, at::Tensor& out, int* bad) {
-  const int64_t batch = B.size(0), n = B.size(2), ldb = B.stride(1), sbb = B.stride(0);
-  const int64_t ldo = out.stride(1), sbo = out.stride(0);
+  const int64_t batch = B.size(0), n = B.size(2), ldb = B.stride(1), ldbc = B.stride(2), sbb = B.stride(0);
+  const int64_t ldo = out.stride(1), ldoc = out.stride(2), sbo = out.stride(0);
   const RT* cr = crow.data_ptr<RT>();
   const CT* cl = col.data_ptr<CT>();
   const T* v = reinterpret_cast<const T*>(values.data_ptr());
@@ -47,7 +49,7 @@ static void launch(const at::Tensor& crow, const at::Tensor& col, const at::Tens
       using Kn = decltype(kernel);
       if constexpr (Kn::vec == 0)
         csr_spmm_narrow_kernel<T, RT, CT><<<csr_spmm_grid(M, 1, 1, nz), kCsrSpmmThreads, 0, stream>>>(
-            cr, cl, v, pm, M, K, nnz, b + c, ldb, sbb, int(nc), bi, o + c, ldo, sbo, bad);
+            cr, cl, v, pm, M, K, nnz, b + c * ldbc, ldb, ldbc, sbb, int(nc), bi, o + c * ldoc, ldo, ldoc, sbo, bad);
       else
         csr_spmm_kernel<T, RT, CT, Kn::vec, Kn::aligned><<<csr_spmm_grid(M, nc, Kn::vec, nz), kCsrSpmmThreads, 0, stream>>>(
             cr, cl, v, pm, M, K, nnz, b + c, ldb, sbb, nc, bi, o + c, ldo, sbo, bad);
@@ -66,9 +68,11 @@ static void dispatch_index(const at::Tensor& crow, const at::Tensor& col, const 
   index_dtype(crow, col);  // throws the one-sentence error
 }
 
-// out[i] (M, n) = A @ B[i] for B (batch, K, n); bias per row of out. The batch is one launch.
+// out[i] (M, n) = A @ B[i] for B (batch, K, n), any strides; bias per row of out. Returns out
+// (batch, M, n), or with `transposed` its transpose (batch, n, M), contiguous. The batch is one launch.
 static at::Tensor spmm_mn(const at::Tensor& crow_in, const at::Tensor& col_in, const at::Tensor& values_in,
-                          c10::SymIntArrayRef shape, const at::Tensor& B_in, const std::optional<at::Tensor>& bias) {
+                          c10::SymIntArrayRef shape, const at::Tensor& B_in, const std::optional<at::Tensor>& bias,
+                          bool transposed) {
   value_dtype(values_in, "values");
   check_dim(crow_in, 1, "crow_indices");
   check_dim(col_in, 1, "col_indices");
@@ -91,10 +95,16 @@ static at::Tensor spmm_mn(const at::Tensor& crow_in, const at::Tensor& col_in, c
   TORCH_CHECK(K > 0 || values_in.numel() == 0, "pysparse: a matrix with 0 columns cannot hold nonzeros");
   c10::cuda::CUDAGuard guard(values_in.device());
   const at::Tensor crow = crow_in.contiguous(), col = col_in.contiguous(), values = values_in.contiguous();
-  const at::Tensor B = B_in.stride(2) == 1 ? B_in : B_in.contiguous();
-  const int64_t batch = B.size(0);
-  at::Tensor out = at::empty({batch, M, B.size(2)}, values.options());
-  if (M == 0 || B.size(2) == 0 || batch == 0) return out;
+  const int64_t batch = B_in.size(0), n = B_in.size(2);
+  // The narrow kernel reads B and writes out through any strides, so the linear layout (B = x^T,
+  // out = y^T) costs no transposed copies at decode; the wide one wants unit column strides.
+  const bool narrow = n <= kCsrNarrow;
+  const at::Tensor B = narrow || B_in.stride(2) == 1 ? B_in : B_in.contiguous();
+  const at::Tensor result = transposed ? at::empty({batch, n, M}, values.options())
+                                       : at::empty({batch, M, n}, values.options());
+  const at::Tensor out_view = transposed ? result.transpose(1, 2) : result;
+  at::Tensor out = narrow || out_view.stride(2) == 1 ? out_view : at::empty({batch, M, n}, values.options());
+  if (M == 0 || n == 0 || batch == 0) return result;
   // Indices checked before (at their current versions) come with their row order: no sort, no
   // flag, no synchronisation. Otherwise: longest rows first, a stable descending sort of the row
   // lengths on the device, and the kernel's flag read back after the product.
@@ -124,7 +134,8 @@ static at::Tensor spmm_mn(const at::Tensor& crow_in, const at::Tensor& col_in, c
                 " columns and ", values.numel(), " stored values");
     checked().remember(crow_in, col_in, K, perm);
   }
-  return out;
+  if (!out.is_same(out_view)) out_view.copy_(out);
+  return result;
 }
 
 // dense (K, n) or a batch (..., K, n) -> (..., M, n), as on the CPU.
@@ -136,7 +147,8 @@ static at::Tensor csr_spmm_cuda(const at::Tensor& crow, const at::Tensor& col, c
   for (int64_t d = 0; d + 2 < dense.dim(); ++d) batch *= dense.size(d);
   std::vector<int64_t> out_shape = dense.sizes().vec();
   out_shape[out_shape.size() - 2] = shape[0].expect_int();
-  return spmm_mn(crow, col, values, shape, dense.reshape({batch, dense.size(-2), dense.size(-1)}), std::nullopt)
+  return spmm_mn(crow, col, values, shape, dense.reshape({batch, dense.size(-2), dense.size(-1)}), std::nullopt,
+                 /*transposed=*/false)
       .reshape(out_shape);
 }
 
@@ -148,8 +160,8 @@ static at::Tensor csr_linear_cuda(const at::Tensor& input, const at::Tensor& cro
   const at::Tensor x = input.reshape({-1, K});
   std::vector<int64_t> out_shape = input.sizes().vec();
   out_shape.back() = M;
-  // contiguous, as the CPU kernel and the fake implementation give it
-  return spmm_mn(crow, col, values, shape, x.t().unsqueeze(0), bias)[0].t().contiguous().reshape(out_shape);
+  // out^T = A @ x^T, returned contiguous as (T, M), as the CPU kernel and the fake implementation give it
+  return spmm_mn(crow, col, values, shape, x.t().unsqueeze(0), bias, /*transposed=*/true)[0].reshape(out_shape);
 }
 
 TORCH_LIBRARY_IMPL(pysparse, CUDA, m) {

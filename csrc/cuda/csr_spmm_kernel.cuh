@@ -14,7 +14,8 @@
 // Narrow outputs (n <= kCsrNarrow: decode) would leave 32 - n lanes of that design idle, so they
 // take csr_spmm_narrow_kernel: still a warp per row, but each lane a strided share of the row's
 // nonzeros with all n columns in registers, then a butterfly sum across the warp (the CSR-vector
-// SpMV of Bell & Garland, SC09). Column indices outside [0, K) and inconsistent row pointers are
+// SpMV of Bell & Garland, SC09). It reads B and writes out through a column stride too (ldbc,
+// ldoc), so the nn.Linear layout (B = x^T, out = y^T) needs no transposed copies at decode. Column indices outside [0, K) and inconsistent row pointers are
 // clamped, never followed, and reported through *bad (bad may be null: the launcher passes null
 // for indices it has already checked, see csrc/include/checked_indices.h).
 //
@@ -198,13 +199,15 @@ csr_spmm_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, const T
     if (c0 + v < n) out[r * ldo + c0 + v] = from_float<T>(acc[v] + b);
 }
 
-// n <= kCsrNarrow, grid.x and grid.z as above, grid.y = 1.
+// n <= kCsrNarrow, grid.x and grid.z as above, grid.y = 1. B[k][j] is B[k * ldb + j * ldbc] and
+// out[r][j] is out[r * ldo + j * ldoc].
 template <typename T, typename RT, typename CT>
 __global__ void __launch_bounds__(kCsrSpmmThreads)
 csr_spmm_narrow_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, const T* __restrict__ val,
                        const int64_t* __restrict__ perm, int64_t M, int64_t K, int64_t nnz,
-                       const T* __restrict__ B, int64_t ldb, int64_t sbb, int n, const T* __restrict__ bias,
-                       T* __restrict__ out, int64_t ldo, int64_t sbo, int* bad) {
+                       const T* __restrict__ B, int64_t ldb, int64_t ldbc, int64_t sbb, int n,
+                       const T* __restrict__ bias, T* __restrict__ out, int64_t ldo, int64_t ldoc, int64_t sbo,
+                       int* bad) {
   const int lane = threadIdx.x & 31;
   const int64_t w = blockIdx.x * int64_t(kWarpsPerBlock) + (threadIdx.x >> 5);
   if (w >= M) return;
@@ -226,7 +229,7 @@ csr_spmm_narrow_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, 
     const T* brow = B + c * ldb;
 #pragma unroll
     for (int v = 0; v < kCsrNarrow; ++v)
-      if (v < n) acc[v] += a * to_float(brow[v]);
+      if (v < n) acc[v] += a * to_float(brow[v * ldbc]);
   }
   const float b = bias ? to_float(bias[r]) : 0.f;
 #pragma unroll
@@ -235,7 +238,7 @@ csr_spmm_narrow_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, 
     float s = acc[v];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (lane == 0) out[r * ldo + v] = from_float<T>(s + b);
+    if (lane == 0) out[r * ldo + v * ldoc] = from_float<T>(s + b);
   }
 }
 

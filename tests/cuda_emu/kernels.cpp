@@ -20,7 +20,7 @@ const char* result(std::string e) {
 // matrices each when > 0) x csr_spmm_plan's kernels and column chunks.
 struct CsrArgs {
   int force_vec;
-  int64_t max_cols, max_batch, M, K, nnz, ldb, sbb, n, batch, ldo, sbo;
+  int64_t max_cols, max_batch, M, K, nnz, ldb, ldbc, sbb, n, batch, ldo, ldoc, sbo;
   const void *B, *crow, *col, *val, *bias;
   const int64_t* perm;
   void* out;
@@ -42,8 +42,10 @@ std::string csr_run(const CsrArgs& a) {
       if (!err.empty()) return;
       if constexpr (Kn::vec == 0)
         err = pysparse_emu::launch(csr_spmm_grid(a.M, 1, 1, nz), dim3(kCsrSpmmThreads), csr_spmm_narrow_kernel<T, RT, CT>,
-                                   cr, cl, v, a.perm, a.M, a.K, a.nnz, b + c, a.ldb, a.sbb, int(nc), bi, o + c, a.ldo,
-                                   a.sbo, a.bad);
+                                   cr, cl, v, a.perm, a.M, a.K, a.nnz, b + c * a.ldbc, a.ldb, a.ldbc, a.sbb, int(nc),
+                                   bi, o + c * a.ldoc, a.ldo, a.ldoc, a.sbo, a.bad);
+      else if (a.ldbc != 1 || a.ldoc != 1)
+        err = "the wide kernel needs unit column strides";
       else
         err = pysparse_emu::launch(csr_spmm_grid(a.M, nc, Kn::vec, nz), dim3(kCsrSpmmThreads),
                                    csr_spmm_kernel<T, RT, CT, Kn::vec, Kn::aligned>, cr, cl, v, a.perm, a.M, a.K, a.nnz,
@@ -88,14 +90,15 @@ const char* emu_selftest(int which, int* out) {
 // out[z] (M, n) = A @ B[z] (+ bias) for z < batch, as the CUDA launcher runs it, unless `vec`
 // forces a kernel (0 narrow, 1 or 4 columns per lane; -1 the launcher's choice), `max_cols` > 0
 // shortens the launches (the column-chunk loop, which real sizes reach only past 2M columns) or
-// `max_batch` > 0 the batch chunks (real ones hold 65535 matrices). B[z] starts z * sbb elements
-// after B, out[z] z * sbo after out. dtype: 0 fp32, 1 fp16, 2 bf16; index_kind: 0 int32/int32,
+// `max_batch` > 0 the batch chunks (real ones hold 65535 matrices). B[z][k][j] is at
+// B + z * sbb + k * ldb + j * ldbc, out likewise (ldbc and ldoc must be 1 but for the narrow kernel). dtype: 0 fp32, 1 fp16, 2 bf16; index_kind: 0 int32/int32,
 // 1 int64/int64, 2 int32/int16.
 const char* emu_csr_spmm(int dtype, int index_kind, int vec, int64_t max_cols, int64_t max_batch, const void* crow,
                          const void* col, const void* val, const int64_t* perm, int64_t M, int64_t K, int64_t nnz,
-                         const void* B, int64_t ldb, int64_t sbb, int64_t n, int64_t batch, const void* bias, void* out,
-                         int64_t ldo, int64_t sbo, int* bad) {
-  const CsrArgs a{vec, max_cols, max_batch, M, K, nnz, ldb, sbb, n, batch, ldo, sbo, B, crow, col, val, bias, perm, out, bad};
+                         const void* B, int64_t ldb, int64_t ldbc, int64_t sbb, int64_t n, int64_t batch,
+                         const void* bias, void* out, int64_t ldo, int64_t ldoc, int64_t sbo, int* bad) {
+  const CsrArgs a{vec, max_cols, max_batch, M,    K,   nnz, ldb, ldbc, sbb,  n,   batch,
+                  ldo, ldoc,     sbo,       B,    crow, col, val, bias, perm, out, bad};
   switch (dtype) {
     case 0: return result(csr_index<float>(index_kind, a));
     case 1: return result(csr_index<__half>(index_kind, a));
