@@ -2,29 +2,48 @@
 medians of triton.testing.do_bench (CUDA events), correctness checked first. Prints five tables
 (2:4 linear, block-sparse attention, the fused FFN, then BSR x dense and CSR x dense, those two in
 fp16 and bf16).
-Never run on a machine without CUDA (it exits)."""
+Without CUDA it exits, unless given --dry-run: then every table's code runs once on the CPU, the
+Triton kernels under TRITON_INTERPRET=1, in fp32 (the interpreter's bf16 tl.dot is wrong), at
+small shapes, untimed (every time printed is 1.0) and without the CUDA-only peers: CI runs that
+(tests/test_gpu_bench.py) so that the one GPU run is not lost to a broken script."""
 from __future__ import annotations
 
+import os
 import sys
 
-import torch
-import torch.nn.functional as F
+DRY = "--dry-run" in sys.argv
+if DRY:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-if not torch.cuda.is_available():
-    sys.exit("gpu_bench.py needs a CUDA GPU")
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-import triton
+if not DRY and not torch.cuda.is_available():
+    sys.exit("gpu_bench.py needs a CUDA GPU (or --dry-run)")
+
+import triton  # noqa: E402
 
 import pysparse
 from pysparse import _triton
 
 torch.manual_seed(0)
-dev = "cuda"
+dev = "cpu" if DRY else "cuda"
+BF16 = torch.float32 if DRY else torch.bfloat16
+HALVES = (torch.float32,) if DRY else (torch.float16, torch.bfloat16)
 rows = []
+if DRY:
+    print("gpu_bench.py --dry-run: fp32 on the CPU, small shapes, untimed (every time is 1.0)")
+
+
+def size(n: int) -> int:
+    """A dimension of the GPU run, or a 16th of it (at least 64) in the dry run."""
+    return max(64, n // 16) if DRY else n
 
 
 def bench(fn):
     fn()
+    if DRY:
+        return 1.0
     torch.cuda.synchronize()
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # us
 
@@ -41,12 +60,12 @@ def cusparselt(W):
 
 
 # 2:4 linear: y = x @ W^T, bf16, decode to prefill token counts.
-for R, K in ((4096, 4096), (11008, 4096)):
-    W = pysparse.prune.nm(torch.randn(R, K, device=dev), 2, 4).to(torch.bfloat16)
+for R, K in ((size(4096), size(4096)), (size(11008), size(4096))):
+    W = pysparse.prune.nm(torch.randn(R, K, device=dev), 2, 4).to(BF16)
     A = pysparse.Sparse24.from_dense(W.cpu()).to(dev)
     Ws = cusparselt(W)
-    for T in (1, 2, 4, 8, 16, 32, 64, 128, 1024, 4096):
-        x = torch.randn(T, K, device=dev, dtype=torch.bfloat16)
+    for T in (1, 8, 64) if DRY else (1, 2, 4, 8, 16, 32, 64, 128, 1024, 4096):
+        x = torch.randn(T, K, device=dev, dtype=BF16)
         ref = x.float() @ W.float().T
         y = pysparse.linear(x, A)
         err = ((y.float() - ref).norm() / ref.norm()).item()
@@ -77,12 +96,12 @@ for shape, T, path, t_ours, t_dense, t_cslt, gbs in rows:
 # FlexAttention's block mask is built once outside the timing, as its users would.
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: E402
 
-B, H, L, D = 1, 32, 4096, 128
+B, H, L, D = (1, 2, 256, 64) if DRY else (1, 32, 4096, 128)
 BQ, BK = 128, 64  # FA2's Hopper tile in Triton; FlexAttention keeps its own 128 x 128 blocks
-WINDOW, GLOBAL = 256, 128
+WINDOW, GLOBAL = (64, 32) if DRY else (256, 128)
 NO_BAND = 2**62
 flex = torch.compile(flex_attention, dynamic=False)
-q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=BF16) for _ in range(3))
 scale = D ** -0.5
 attn_rows = []
 
@@ -119,6 +138,8 @@ def attention_row(name, mask_mod, band_lo, band_hi, needs_elem_mask):
         assert err < 1e-2, f"{what} attention off: {err} ({name})"
     t_flex = None
     try:
+        if DRY:
+            raise RuntimeError("not compiled in the dry run")
         bm = create_block_mask(mask_mod, B=None, H=None, Q_LEN=L, KV_LEN=L, device=dev)
 
         def flex_fn():
@@ -160,19 +181,19 @@ for name, visited, t_ours, t_sdpa, sdpa_kind, t_flex, tflops in attn_rows:
 # where that cutoff is read off.
 ffn_rows = []
 FFN_BLOCKS = (
-    ("BERT-base 768->3072 gelu", 768, 3072, "gelu", False, "dense"),
-    ("LLaMA 2048->5632 silu, gated", 2048, 5632, "silu", True, "dense"),
-    ("LLaMA 2048->5632 silu, gated", 2048, 5632, "silu", True, "2:4"),
+    ("BERT-base 768->3072 gelu", size(768), size(3072), "gelu", False, "dense"),
+    ("LLaMA 2048->5632 silu, gated", size(2048), size(5632), "silu", True, "dense"),
+    ("LLaMA 2048->5632 silu, gated", size(2048), size(5632), "silu", True, "2:4"),
 )
 for name, d, hidden, act, gated, kind in FFN_BLOCKS:
     def weight(R, K):
         W = torch.randn(R, K, device=dev) / K ** 0.5
-        return (pysparse.prune.nm(W, 2, 4) if kind == "2:4" else W).to(torch.bfloat16)
+        return (pysparse.prune.nm(W, 2, 4) if kind == "2:4" else W).to(BF16)
 
     W1, W2 = weight(hidden, d), weight(d, hidden)
     W3 = weight(hidden, d) if gated else None
-    b1 = None if gated else torch.randn(hidden, device=dev, dtype=torch.bfloat16) * 0.1
-    b2 = None if gated else torch.randn(d, device=dev, dtype=torch.bfloat16) * 0.1
+    b1 = None if gated else torch.randn(hidden, device=dev, dtype=BF16) * 0.1
+    b2 = None if gated else torch.randn(d, device=dev, dtype=BF16) * 0.1
 
     def packed(W):
         if kind == "dense":
@@ -185,7 +206,7 @@ for name, d, hidden, act, gated, kind in FFN_BLOCKS:
     act_fn = getattr(F, act)
     weight_bytes = sum(t.numel() * t.element_size() for t in w1 + w2 + w3)
     for T in (1, 4, 16, 64):
-        x = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
+        x = torch.randn(T, d, device=dev, dtype=BF16)
 
         def fused():
             return _triton.pruned_ffn(x, f1, w1, b1, f2, w2, b2, f3, w3, hidden, act, 0.0)
@@ -219,14 +240,14 @@ for name, kind, T, path, t_ours, t_torch, gbs in ffn_rows:
 # BSR kernel (torch.sparse._triton_ops.bsr_dense_mm, on a torch sparse_bsr tensor of the same
 # matrix) and dense cuBLAS on the zero-filled matrix; fp16 and bf16, 90% of the 32x32 blocks zero.
 bsr_rows = []
-BSR_M, BSR_K, BSR_BLOCK, BSR_SPARSITY = 4096, 4096, (32, 32), 0.9
+BSR_M, BSR_K, BSR_BLOCK, BSR_SPARSITY = size(4096), size(4096), (32, 32), 0.9
 W32 = pysparse.prune.blocks(torch.randn(BSR_M, BSR_K, device=dev), BSR_SPARSITY, blocksize=BSR_BLOCK)
 try:
     from torch.sparse._triton_ops import bsr_dense_mm
 except Exception as e:  # noqa: BLE001 - report, do not fail the table
     print("torch bsr_dense_mm unavailable:", type(e).__name__, str(e).splitlines()[0])
     bsr_dense_mm = None
-for dtype in (torch.float16, torch.bfloat16):
+for dtype in HALVES:
     Wd = W32.to(dtype)
     A = pysparse.BSR.from_dense(Wd, blocksize=BSR_BLOCK)
     A_torch = None
@@ -236,7 +257,7 @@ for dtype in (torch.float16, torch.bfloat16):
         except Exception as e:  # noqa: BLE001 - report, do not fail the table
             print(f"torch sparse_bsr tensor failed ({dtype}):", type(e).__name__, str(e).splitlines()[0])
     nnzb = A.values.shape[0]
-    for n in (128, 512, 2048):
+    for n in (32,) if DRY else (128, 512, 2048):
         X = torch.randn(BSR_K, n, device=dev, dtype=dtype)
         ref = Wd.float() @ X.float()
         rel = lambda y: ((y.float() - ref).norm() / ref.norm()).item()  # noqa: E731
@@ -270,8 +291,9 @@ for dt, n, nnzb, t_ours, t_torch, t_dense, tflops in bsr_rows:
 # split a row's nonzeros), n = 128 a warp per row and 128 columns (4 per lane), n >= 256 256
 # columns (8 fp16/bf16 per lane, one 16-byte load).
 csr_rows = []
-Wu = pysparse.prune.magnitude(torch.randn(4096, 4096, device=dev), 0.9)
-for dtype in (torch.float16, torch.bfloat16):
+CSR_N = size(4096)
+Wu = pysparse.prune.magnitude(torch.randn(CSR_N, CSR_N, device=dev), 0.9)
+for dtype in HALVES:
     Wd = Wu.to(dtype)
     A = pysparse.CSR.from_dense(Wd.cpu(), index_dtype=torch.int32).to(dev)
     try:
@@ -279,8 +301,8 @@ for dtype in (torch.float16, torch.bfloat16):
     except Exception as e:  # noqa: BLE001 - report, do not fail the table
         print(f"torch sparse_csr failed ({dtype}):", type(e).__name__, str(e).splitlines()[0])
         A_torch = None
-    for n in (1, 8, 128, 512, 2048):
-        X = torch.randn(4096, n, device=dev, dtype=dtype)
+    for n in (1, 8, 128) if DRY else (1, 8, 128, 512, 2048):
+        X = torch.randn(CSR_N, n, device=dev, dtype=dtype)
         ref = Wd.float() @ X.float()
         rel = lambda y: ((y.float() - ref).norm() / ref.norm()).item()  # noqa: E731
         err = rel(pysparse.spmm(A, X))
@@ -296,7 +318,7 @@ for dtype in (torch.float16, torch.bfloat16):
         t_dense = bench(lambda: Wd @ X)
         csr_rows.append((str(dtype).replace("torch.", ""), n, t_ours, t_torch, t_dense))
 
-print("\n| dtype (A 4096x4096 CSR, 90% zero) | n | pysparse us | torch.sparse (cuSPARSE) us | cuBLAS dense us "
+print(f"\n| dtype (A {CSR_N}x{CSR_N} CSR, 90% zero) | n | pysparse us | torch.sparse (cuSPARSE) us | cuBLAS dense us "
       "| x vs cuSPARSE | x vs dense |")
 print("|---|---:|---:|---:|---:|---:|---:|")
 for dt, n, t_ours, t_torch, t_dense in csr_rows:
