@@ -250,3 +250,25 @@ def test_op_dispatches_cuda_bf16_here(fmts):
                                   "silu", 0.0)
     assert out.dtype == torch.bfloat16
     assert ((out.double().cpu() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("fmt,tamper,match", [
+    ("csr", lambda t: t[1].__setitem__(3, 10_000), r"^pysparse: a column index is out of range for a matrix with 40 columns$"),
+    ("bsr", lambda t: t[0].__setitem__(1, 100), r"^pysparse: row pointers must be non-decreasing, but entry 2"),
+    ("nm:2:4", lambda t: t[1].__setitem__((0, 0), 0xFF),
+     r"^pysparse: N:M mask row 0 has a group of 4 columns that does not mark exactly 2 positions"),
+])
+def test_bad_indices_raise_the_cpu_sentences(fmt, tamper, match):
+    """The launcher checks each sparse weight's indices (once per tensor version) before the
+    kernels read them, with the sentences of the CPU op."""
+    W1, W2, W3 = weights(0)
+    f1, w1, _ = pack(fmt, W1)
+    tamper(w1)
+    call = dict(f1=f1, w1=w1, b1=None, f2="dense", w2=[W2.to(DEVICE)], b2=None, f3="none", w3=[], hidden=HIDDEN,
+                activation="relu", threshold=0.0)
+    with pytest.raises(RuntimeError, match=match):
+        _triton.pruned_ffn(randn(2, D, g=gen(1)).to(DEVICE), **call)
+    cpu = [t.cpu() for t in w1]
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.pysparse.pruned_ffn(randn(2, D, g=gen(1)), f1, cpu, None, "dense", [W2], None, "none", [],
+                                      HIDDEN, "relu", 0.0)
