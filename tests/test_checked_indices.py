@@ -264,7 +264,8 @@ def test_gpu_products_check_once_then_capture_in_a_graph(fmt):
     graph.replay()
     torch.testing.assert_close(out, pysparse.linear(x, A))
     assert not torch.equal(out, ref)
+    fresh = make(8)  # built outside the capture (its host-to-device copies could not be captured)
     with pytest.raises(RuntimeError, match="checked on its first product, which cannot happen during CUDA graph "
                                            "capture: run the op once before capturing"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            pysparse.linear(x, make(8))
+            pysparse.linear(x, fresh)
