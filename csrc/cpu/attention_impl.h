@@ -95,7 +95,12 @@ static inline void pv_tile(const float* P, int64_t ldp, const float* V, int64_t 
     for (int c = 0; c < NC; ++c) Vec::store(O + r * ldo + c * Vec::W, acc[r][c]);
 }
 
-// Runs tile<RT, NC> over rows x nvec vectors: 4-row tiles then single rows, up to 4 vectors each.
+// Vectors per register tile: 4 where there are 32 vector registers (AVX-512); with AVX2's 16, a
+// 4 x 4 tile's 16 accumulators (qk_tile's partial sums) plus 4 key vectors and a broadcast spill.
+constexpr int kTileVecs = PYSPARSE_ISA_LEVEL == 2 ? 4 : 2;
+
+// Runs tile<RT, NC> over rows x nvec vectors: 4-row tiles then single rows, up to kTileVecs
+// vectors each.
 template <template <int, int> class Tile, typename... Args>
 static inline void over_tiles(int64_t rows, int64_t nvec, int64_t ld_row_a, int64_t ld_row_out,
                               const float* A, const float* Bm, float* Out, Args... args) {
@@ -108,8 +113,8 @@ static inline void over_tiles(int64_t rows, int64_t nvec, int64_t ld_row_a, int6
       continue;
     }
     const int rt = rows - r >= 4 ? 4 : 1;
-    for (int64_t c = 0; c < nvec; c += 4) {
-      const int nc = int(nvec - c < 4 ? nvec - c : 4);
+    for (int64_t c = 0; c < nvec; c += kTileVecs) {
+      const int nc = int(nvec - c < kTileVecs ? nvec - c : kTileVecs);
       const float* a = A + r * ld_row_a;
       const float* bm = Bm + c * Vec::W;
       float* o = Out + r * ld_row_out + c * Vec::W;
