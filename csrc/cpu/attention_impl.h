@@ -7,7 +7,8 @@
 // task walks the key blocks of its row of the block mask and *skips* the inactive ones outright,
 // which is where a sparse mask turns into saved time (SDPA evaluates every block). For each
 // active block:
-//   S = Q K^T         register tiles of 4 query rows x up to 4 vectors of keys, K pre-packed as
+//   S = Q K^T         register tiles of 4 query rows x up to 4 vectors of keys (2 on AVX2:
+//                     kTileVecs), K pre-packed as
 //                     fp32 K^T (once per kv head and task, shared by all its query blocks and
 //                     GQA heads; only the key blocks some tile uses), so every FMA is a
 //                     broadcast of one q entry times a contiguous key vector;
@@ -15,7 +16,7 @@
 //                     bias on every visited block;
 //   online softmax    running max m and sum l per row, the output tile rescaled by 2^(m_old -
 //                     m_new) only when the max moved;
-//   O += P V          register tiles of 4 rows x up to 4 vectors of the value dim, V read in
+//   O += P V          register tiles of 4 rows x up to kTileVecs vectors of the value dim, V read in
 //                     place when it is fp32 with whole vectors per row, else packed as fp32.
 // One task is one kv head (or a part of its query blocks when there are fewer kv heads than
 // threads), and the packs live in thread-local buffers reused across calls: packing every head
