@@ -38,6 +38,10 @@ def once(tensors: Tuple[torch.Tensor, ...], param, check: Callable[[], None]) ->
             and seen[1] == tuple(_state(t) for t in tensors):
         return
     if any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
+        if any(t.is_inference() for t in tensors):
+            raise RuntimeError("pysparse: a sparse matrix made under torch.inference_mode() has no version "
+                               "counter, so its indices are checked on every product, which cannot happen during "
+                               "CUDA graph capture: build it outside inference mode")
         raise RuntimeError("pysparse: a sparse matrix's indices are checked on its first product, which "
                            "cannot happen during CUDA graph capture: run the op once before capturing")
     check()

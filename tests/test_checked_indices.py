@@ -269,3 +269,9 @@ def test_gpu_products_check_once_then_capture_in_a_graph(fmt):
                                            "capture: run the op once before capturing"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             pysparse.linear(x, fresh)
+    with torch.inference_mode():
+        frozen = make(9)  # no version counter: checked on every product, so never inside a capture
+    pysparse.linear(x, frozen)
+    with pytest.raises(RuntimeError, match="made under torch.inference_mode.. has no version counter"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pysparse.linear(x, frozen)

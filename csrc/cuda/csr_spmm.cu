@@ -113,9 +113,14 @@ static at::Tensor spmm_mn(const at::Tensor& crow_in, const at::Tensor& col_in, c
   if (known) {
     perm = *known;
   } else {
-    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
-                "pysparse: a CSR matrix's indices are checked on its first product, which cannot happen during "
-                "CUDA graph capture: run the op once before capturing");
+    if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+      TORCH_CHECK(!crow_in.is_inference() && !col_in.is_inference(),
+                  "pysparse: a CSR matrix made under torch.inference_mode() has no version counter, so its indices "
+                  "are checked on every product, which cannot happen during CUDA graph capture: build it outside "
+                  "inference mode");
+      TORCH_CHECK(false, "pysparse: a CSR matrix's indices are checked on its first product, which cannot happen "
+                  "during CUDA graph capture: run the op once before capturing");
+    }
     const at::Tensor lengths = (crow.slice(0, 1) - crow.slice(0, 0, M)).to(at::kLong);
     perm = std::get<1>(lengths.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true)).contiguous();
     bad = at::zeros({1}, values.options().dtype(at::kInt));
