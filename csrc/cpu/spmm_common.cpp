@@ -259,7 +259,8 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   const bool gemv = n == 1;
   // 2:4 where the ISA has the token-row kernel: B^T's rows (fp32, contiguous along K), no panels.
   // In the linear layout these are the input rows as they are; spmm's B (K, n) is transposed.
-  const bool small = A.nm() && A.n == 2 && A.m == 4 && n > 1 && K % 32 == 0 && kt.nm_small[dt] != nullptr;
+  const bool small = A.nm() && A.n == 2 && A.m == 4 && n > 1 && n <= kt.nm_small_max_n && K % 32 == 0 &&
+                     kt.nm_small[dt] != nullptr;
   const int nb = gemv ? 1 : small ? int(n) : (A.blocked ? kt.bsr_panel_width(n, K) : kt.csr_panel_width(n, K));
   const int64_t npanels = (n + nb - 1) / nb;
   const int64_t esize = A.values.element_size();

@@ -649,8 +649,17 @@ static inline float gemv_row_24(const uint8_t* mrow, const T* vrow, int64_t K, c
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
-// 2:4, n >= 2 columns of B taken as rows of B^T (the linear layout's input rows), AVX-512:
-// the n = 1 loop with one accumulator per token. The index vector of 32 columns is built once and serves every token,
+#endif
+
+// The most tokens the token-row 2:4 kernel below takes: every n on AVX-512; on AVX2 a token pays
+// 2 loads, 2 permutes and a blend per 8 kept values, and from a few tokens on the row-axpy (a
+// broadcast and one FMA per value for 8 tokens) needs fewer instructions.
+constexpr int64_t kNmSmallMaxN = PYSPARSE_ISA_LEVEL == 2 ? INT64_MAX : PYSPARSE_ISA_LEVEL == 1 ? 8 : 0;
+
+#if PYSPARSE_ISA_LEVEL >= 1
+// 2:4, n >= 2 columns of B taken as rows of B^T (the linear layout's input rows), AVX-512 (and,
+// up to nm_small_max_n tokens, AVX2 at half width: 16 columns a step): the n = 1 loop with one
+// accumulator per token. The index vector of 32 columns is built once and serves every token,
 // so 16 kept values cost 5 index ops plus, per token, 2 loads, a permute and a full-width FMA:
 // ~2.3 instructions per kept value at n = 8 against ~6 for the row-axpy (position extract,
 // broadcast, load, half-width FMA); 3072x768 n = 8: 280 -> 141 us. Tokens go in groups of NT = 2,
@@ -659,11 +668,18 @@ static inline float gemv_row_24(const uint8_t* mrow, const T* vrow, int64_t K, c
 // It beats the row-axpy panel kernel at every n measured (4096x4096 n = 128: 17.4 -> 15.0 ms,
 // n = 512: 66 -> 58 ms), so 2:4 on AVX-512 uses it for all n > 1, 64 tokens per output tile:
 // this call computes tokens t0 .. min(t0 + NT, n) into the tile of the slice starting at s0.
+// Columns per step: one register of kept values (16 on AVX-512, 8 on AVX2) spans twice as many.
+constexpr int64_t kStep24 = 2 * Vec::W;
+
 template <typename T, int NT>
 static void nm_small_group_24(const NmArgs& a, int64_t m0, int rows, int64_t s0, int64_t t0, int64_t n,
-                              float* tile, float* vbuf, __m512* part) {
+                              float* tile, float* vbuf, typename Vec::V* part) {
   const int64_t K = a.K, kept = K / 2, mbytes = K / 8, ldx = a.B.ldb;
+#if PYSPARSE_ISA_LEVEL == 2
   const Index24 index;
+#else
+  const Index24& index = index24();
+#endif
   const float* xt[NT];
   for (int t = 0; t < NT; ++t) xt[t] = a.B.b + (t0 + t < n ? t0 + t : n - 1) * ldx;
   // Column chunks outside, rows inside: a chunk of the tokens (8 x 512 x 4 B = 16 KB) stays in L1
@@ -675,24 +691,24 @@ static void nm_small_group_24(const NmArgs& a, int64_t m0, int rows, int64_t s0,
     for (int i = 0; i < rows; ++i) {
       const uint8_t* mrow = a.mask + (m0 + i) * mbytes;
       const float* f = widen<Vec>(static_cast<const T*>(a.val) + (m0 + i) * kept + c0 / 2, int((c1 - c0) / 2), vbuf);
-      __m512 acc[NT];
-      for (int t = 0; t < NT; ++t) acc[t] = c0 ? part[i * NT + t] : _mm512_setzero_ps();
-      for (int64_t k = c0; k < c1; k += 32, f += 16) {
+      typename Vec::V acc[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = c0 ? part[i * NT + t] : Vec::zero();
+      for (int64_t k = c0; k < c1; k += kStep24, f += Vec::W) {
         // One FMA chain per token paces the loop at its 4-cycle latency per 64 bytes of values,
         // too few loads in flight to stream W from DRAM (4096x4096, n = 2: 1145 us against
         // 569 us at n = 1); a prefetch 1 KB ahead keeps the misses going.
         _mm_prefetch(reinterpret_cast<const char*>(f + 256), _MM_HINT_T0);
-        uint32_t bits;
-        std::memcpy(&bits, mrow + k / 8, 4);
-        const __m512i idx = index(bits);
-        const __m512 vals = _mm512_loadu_ps(f);
-        for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(vals, gather24(xt[t], k, idx), acc[t]);
+        uint32_t bits = 0;
+        std::memcpy(&bits, mrow + k / 8, kStep24 / 8);
+        const auto idx = index(bits);
+        const auto vals = Vec::load(f);
+        for (int t = 0; t < NT; ++t) acc[t] = Vec::fma(vals, gather24(xt[t], k, idx), acc[t]);
       }
       for (int t = 0; t < NT; ++t) part[i * NT + t] = acc[t];
     }
   }
   for (int i = 0; i < rows; ++i)
-    for (int t = 0; t < NT && t0 + t < n; ++t) tile[i * kNmTokenSlice + t0 - s0 + t] = _mm512_reduce_add_ps(part[i * NT + t]);
+    for (int t = 0; t < NT && t0 + t < n; ++t) tile[i * kNmTokenSlice + t0 - s0 + t] = Vec::hsum(part[i * NT + t]);
 }
 
 template <typename T>
@@ -700,7 +716,7 @@ static void nm_small_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t, in
   constexpr int RT = 16;
   alignas(64) float tile[RT * kNmTokenSlice];
   alignas(64) float vbuf[256];
-  __m512 part[RT * 8];
+  typename Vec::V part[RT * 8];
   const int64_t n = a.B.n;
   for (int64_t m0 = r0; m0 < r1; m0 += RT) {
     const int rows = int(r1 - m0 < RT ? r1 - m0 : RT);
@@ -878,11 +894,12 @@ static KernelTable make_table(const char* name) {
   t.pack[kF32] = pack_panels<float>;
   t.pack[kBF16] = pack_panels<bf16_t>;
   t.pack[kF16] = pack_panels<f16_t>;
-#if PYSPARSE_ISA_LEVEL == 2
+#if PYSPARSE_ISA_LEVEL >= 1
 #define PYSPARSE_NM_SMALL(T) nm_small_kernel<T>
 #else
 #define PYSPARSE_NM_SMALL(T) nullptr
 #endif
+  t.nm_small_max_n = kNmSmallMaxN;
 #define PYSPARSE_FILL(DT, T)                                     \
   t.csr[DT][kI32] = csr_dispatch_nv<T, int32_t, int32_t>;        \
   t.csr[DT][kI64] = csr_dispatch_nv<T, int64_t, int64_t>;        \

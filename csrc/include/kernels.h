@@ -148,9 +148,10 @@ struct KernelTable {
   BsrFn bsr_gemv[kNumDTypes][kNumITypes];
   NmFn nm[kNumDTypes];
   NmFn nm_gemv[kNumDTypes];
-  // 2:4 with n >= 2 columns of B: B.b = the fp32 rows of B^T (B.ldb apart), B.n of them, no
-  // panels. Null where the ISA has no such kernel.
+  // 2:4 with 2 <= n <= nm_small_max_n columns of B: B.b = the fp32 rows of B^T (B.ldb apart),
+  // B.n of them, no panels. Null where the ISA has no such kernel.
   NmFn nm_small[kNumDTypes];
+  int64_t nm_small_max_n;
   // First row of an N:M bitmap with a group of m columns that does not mark exactly n positions
   // (or with a bit set past column K), or -1.
   int64_t (*nm_bad_row)(const uint8_t* mask, int64_t rows, int64_t K, int n, int m);
