@@ -565,25 +565,6 @@ static inline __m256 gather24(const float* x, int64_t k, __m256i idx) {
                          _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + k + 8), idx), 0xF0);
 }
 
-template <typename T>
-static inline float gemv_row_24(const uint8_t* mrow, const T* vrow, int64_t K, const float* x, float* vbuf) {
-  const Index24& index = index24();
-  constexpr int64_t kChunk = 512;  // columns per widening chunk of 16-bit values
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  const T* v = vrow;
-  for (int64_t c0 = 0; c0 < K; c0 += kChunk) {
-    const int64_t c1 = c0 + kChunk < K ? c0 + kChunk : K;
-    const float* f = widen<Vec>(v, int((c1 - c0) / 2), vbuf);
-    v += (c1 - c0) / 2;
-    for (int64_t k = c0; k < c1; k += 32, f += 16) {  // K % 32 == 0; two independent FMA chains
-      uint32_t bits;
-      std::memcpy(&bits, mrow + k / 8, 4);
-      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(f), gather24(x, k, index(bits)), acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(f + 8), gather24(x, k + 16, index(bits >> 16)), acc1);
-    }
-  }
-  return Vec256::hsum(_mm256_add_ps(acc0, acc1));
-}
 #endif
 
 #if PYSPARSE_ISA_LEVEL == 2
@@ -613,42 +594,51 @@ struct Index24 {
   }
 };
 
+// Built where used: its five vectors then live in registers.
+static inline Index24 index24() { return Index24(); }
+
 // x entries k .. k + 32 permuted to meet the 16 kept values of those columns.
 static inline __m512 gather24(const float* x, int64_t k, __m512i idx) {
   return _mm512_permutex2var_ps(_mm512_loadu_ps(x + k), idx, _mm512_loadu_ps(x + k + 16));
 }
 
+#endif
+
+#if PYSPARSE_ISA_LEVEL >= 1
+// Columns per step of the 2:4 kernels: one register of kept values (16 on AVX-512, 8 on AVX2)
+// spans twice as many columns, and index24()(the step's mask bits) says which.
+constexpr int64_t kStep24 = 2 * Vec::W;
+
 template <typename T>
 static inline float gemv_row_24(const uint8_t* mrow, const T* vrow, int64_t K, const float* x, float* vbuf) {
-  const Index24 index;
-  auto term = [&](const float* f, int64_t k, uint32_t bits) {
-    return std::pair<__m512, __m512>(_mm512_loadu_ps(f), gather24(x, k, index(bits)));
+  auto&& index = index24();
+  auto term = [&](const float* f, int64_t k, uint32_t bits) {  // bits: the step's mask, low first
+    return std::pair<typename Vec::V, typename Vec::V>(Vec::load(f), gather24(x, k, index(bits)));
   };
   constexpr int64_t kChunk = 512;  // columns per widening chunk of 16-bit values
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  typename Vec::V acc0 = Vec::zero(), acc1 = Vec::zero();
   const T* v = vrow;
   for (int64_t c0 = 0; c0 < K; c0 += kChunk) {
     const int64_t c1 = c0 + kChunk < K ? c0 + kChunk : K;
     const float* f = widen<Vec>(v, int((c1 - c0) / 2), vbuf);
     v += (c1 - c0) / 2;
     int64_t k = c0;
-    for (; k + 64 <= c1; k += 64, f += 32) {  // two independent FMA chains
-      uint64_t bits;
-      std::memcpy(&bits, mrow + k / 8, 8);
-      const auto t0 = term(f, k, uint32_t(bits)), t1 = term(f + 16, k + 32, uint32_t(bits >> 32));
-      acc0 = _mm512_fmadd_ps(t0.first, t0.second, acc0);
-      acc1 = _mm512_fmadd_ps(t1.first, t1.second, acc1);
+    for (; k + 2 * kStep24 <= c1; k += 2 * kStep24, f += 2 * Vec::W) {  // two independent FMA chains
+      uint64_t bits = 0;  // both steps' mask in one load
+      std::memcpy(&bits, mrow + k / 8, kStep24 / 4);
+      const auto t0 = term(f, k, uint32_t(bits)), t1 = term(f + Vec::W, k + kStep24, uint32_t(bits >> kStep24));
+      acc0 = Vec::fma(t0.first, t0.second, acc0);
+      acc1 = Vec::fma(t1.first, t1.second, acc1);
     }
-    if (k < c1) {
-      uint32_t bits;
-      std::memcpy(&bits, mrow + k / 8, 4);
+    if (k < c1) {  // K % 32 == 0: at most one step left
+      uint32_t bits = 0;
+      std::memcpy(&bits, mrow + k / 8, kStep24 / 8);
       const auto t0 = term(f, k, bits);
-      acc0 = _mm512_fmadd_ps(t0.first, t0.second, acc0);
+      acc0 = Vec::fma(t0.first, t0.second, acc0);
     }
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  return Vec::hsum(Vec::add(acc0, acc1));
 }
-
 #endif
 
 // The most tokens the token-row 2:4 kernel below takes: every n on AVX-512; on AVX2 a token pays
@@ -668,18 +658,11 @@ constexpr int64_t kNmSmallMaxN = PYSPARSE_ISA_LEVEL == 2 ? INT64_MAX : PYSPARSE_
 // It beats the row-axpy panel kernel at every n measured (4096x4096 n = 128: 17.4 -> 15.0 ms,
 // n = 512: 66 -> 58 ms), so 2:4 on AVX-512 uses it for all n > 1, 64 tokens per output tile:
 // this call computes tokens t0 .. min(t0 + NT, n) into the tile of the slice starting at s0.
-// Columns per step: one register of kept values (16 on AVX-512, 8 on AVX2) spans twice as many.
-constexpr int64_t kStep24 = 2 * Vec::W;
-
 template <typename T, int NT>
 static void nm_small_group_24(const NmArgs& a, int64_t m0, int rows, int64_t s0, int64_t t0, int64_t n,
                               float* tile, float* vbuf, typename Vec::V* part) {
   const int64_t K = a.K, kept = K / 2, mbytes = K / 8, ldx = a.B.ldb;
-#if PYSPARSE_ISA_LEVEL == 2
-  const Index24 index;
-#else
-  const Index24& index = index24();
-#endif
+  auto&& index = index24();
   const float* xt[NT];
   for (int t = 0; t < NT; ++t) xt[t] = a.B.b + (t0 + t < n ? t0 + t : n - 1) * ldx;
   // Column chunks outside, rows inside: a chunk of the tokens (8 x 512 x 4 B = 16 KB) stays in L1
