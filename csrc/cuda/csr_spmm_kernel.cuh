@@ -143,6 +143,20 @@ __device__ __forceinline__ void row_range(const RT* crow, int64_t r, int64_t nnz
   }
 }
 
+// The calling warp's share of a launch: its lane, row r (the perm[w]-th for warp w) and the row's
+// nonzeros [start, end). False for the warps past the last row (whole warps: every lane of one
+// has the same w).
+template <typename RT>
+__device__ __forceinline__ bool warp_row(const RT* crow, const int64_t* perm, int64_t M, int64_t nnz, int* bad,
+                                         int& lane, int64_t& r, int64_t& start, int64_t& end) {
+  lane = threadIdx.x & 31;
+  const int64_t w = blockIdx.x * int64_t(kWarpsPerBlock) + (threadIdx.x >> 5);
+  if (w >= M) return false;
+  r = perm[w];
+  row_range(crow, r, nnz, lane, bad, start, end);
+  return true;
+}
+
 template <typename T, typename RT, typename CT, int VEC, bool ALIGNED>
 __global__ void __launch_bounds__(kCsrSpmmThreads)
 csr_spmm_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, const T* __restrict__ val,
@@ -150,15 +164,12 @@ csr_spmm_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, const T
                 const T* __restrict__ B, int64_t ldb, int64_t sbb, int64_t n, const T* __restrict__ bias,
                 T* __restrict__ out, int64_t ldo, int64_t sbo, int* bad) {
   static_assert(!ALIGNED || VEC > 1, "aligned vector loads need VEC > 1");
-  const int lane = threadIdx.x & 31;
-  const int64_t w = blockIdx.x * int64_t(kWarpsPerBlock) + (threadIdx.x >> 5);
-  if (w >= M) return;
-  B += blockIdx.z * sbb;
+  int lane;
+  int64_t r, start, end;
+  if (!warp_row(crow, perm, M, nnz, bad, lane, r, start, end)) return;
+  B += blockIdx.z * sbb;  // matrix blockIdx.z of the batch
   out += blockIdx.z * sbo;
-  const int64_t r = perm[w];
   const int64_t c0 = blockIdx.y * int64_t(32 * VEC) + int64_t(lane) * VEC;
-  int64_t start, end;
-  row_range(crow, r, nnz, lane, bad, start, end);
   float acc[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
@@ -208,14 +219,11 @@ csr_spmm_narrow_kernel(const RT* __restrict__ crow, const CT* __restrict__ col, 
                        const T* __restrict__ B, int64_t ldb, int64_t ldbc, int64_t sbb, int n,
                        const T* __restrict__ bias, T* __restrict__ out, int64_t ldo, int64_t ldoc, int64_t sbo,
                        int* bad) {
-  const int lane = threadIdx.x & 31;
-  const int64_t w = blockIdx.x * int64_t(kWarpsPerBlock) + (threadIdx.x >> 5);
-  if (w >= M) return;
-  B += blockIdx.z * sbb;
+  int lane;
+  int64_t r, start, end;
+  if (!warp_row(crow, perm, M, nnz, bad, lane, r, start, end)) return;
+  B += blockIdx.z * sbb;  // matrix blockIdx.z of the batch
   out += blockIdx.z * sbo;
-  const int64_t r = perm[w];
-  int64_t start, end;
-  row_range(crow, r, nnz, lane, bad, start, end);
   float acc[kCsrNarrow];
 #pragma unroll
   for (int v = 0; v < kCsrNarrow; ++v) acc[v] = 0.f;
