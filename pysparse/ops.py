@@ -143,8 +143,8 @@ def spmm(A, X: torch.Tensor) -> torch.Tensor:
 
     X may also be a batch (..., K, n), multiplied matrix by matrix into (..., M, n) (an NCHW 1x1
     convolution is A @ x.view(N, C, H*W)); on the CPU the batch is one call whose threads take
-    whole matrices, on CUDA one kernel launch. X may be non-contiguous. Values and X share a dtype (float32, bfloat16 or
-    float16); products accumulate in fp32 and the result has the input dtype.
+    whole matrices, on CUDA one kernel launch. X may be non-contiguous. Values and X share a dtype
+    (float32, bfloat16 or float16); products accumulate in fp32 and the result has the input dtype.
     """
     _check_operands("spmm", A, X, "X")
     if X.dim() < 2 or X.shape[-2] != A.shape[1]:

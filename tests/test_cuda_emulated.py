@@ -78,12 +78,12 @@ def _launcher_perm(crow):
 def run_csr(emu, crow, col, val, K, B, *, bias=None, out=None, vec=-1, max_cols=0, max_batch=0, perm=None,
             flag=True):
     """Runs the emulated kernel for A (CSR tensors) @ B (K, n) (+ bias), the one the launcher picks
-    unless `vec` forces one (0: the narrow kernel, 1 or 4 columns per lane). B may have a row stride
-    above n, or be a batch (batch, K, n) with any batch stride (one launch per max_batch matrices
-    when > 0); `out` (M, n) or (batch, M, n) may be a column slice of a wider tensor. For the
-    narrow kernel B and out may have any column stride (the linear layout's x^T and y^T). flag=False
-    passes a null flag, as the launcher does for indices it checked before. Returns (out, bad flag
-    or None)."""
+    unless `vec` forces one (0: the narrow kernel, 1, 4 or 8 columns per lane). B may have a row
+    stride above n, or be a batch (batch, K, n) with any batch stride (one launch per max_batch
+    matrices when > 0); `out` (M, n) or (batch, M, n) may be a column slice of a wider tensor. For
+    the narrow kernel B and out may have any column stride (the linear layout's x^T and y^T).
+    flag=False passes a null flag, as the launcher does for indices it checked before. Returns
+    (out, bad flag or None)."""
     M, n = crow.numel() - 1, B.shape[-1]
     B3 = B if B.dim() == 3 else B[None]
     if out is None:

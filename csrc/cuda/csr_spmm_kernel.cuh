@@ -15,9 +15,10 @@
 // take csr_spmm_narrow_kernel: still a warp per row, but each lane a strided share of the row's
 // nonzeros with all n columns in registers, then a butterfly sum across the warp (the CSR-vector
 // SpMV of Bell & Garland, SC09). It reads B and writes out through a column stride too (ldbc,
-// ldoc), so the nn.Linear layout (B = x^T, out = y^T) needs no transposed copies at decode. Column indices outside [0, K) and inconsistent row pointers are
-// clamped, never followed, and reported through *bad (bad may be null: the launcher passes null
-// for indices it has already checked, see csrc/include/checked_indices.h).
+// ldoc), so the nn.Linear layout (B = x^T, out = y^T) needs no transposed copies at decode.
+// Column indices outside [0, K) and inconsistent row pointers are clamped, never followed, and
+// reported through *bad (bad may be null: the launcher passes null for indices it has already
+// checked, see csrc/include/checked_indices.h).
 //
 // The host-side geometry helpers below are shared with the CPU emulation test
 // (tests/cuda_emu/), which runs this device code without a GPU.

@@ -88,11 +88,12 @@ const char* emu_selftest(int which, int* out) {
 
 
 // out[z] (M, n) = A @ B[z] (+ bias) for z < batch, as the CUDA launcher runs it, unless `vec`
-// forces a kernel (0 narrow, 1 or 4 columns per lane; -1 the launcher's choice), `max_cols` > 0
-// shortens the launches (the column-chunk loop, which real sizes reach only past 2M columns) or
-// `max_batch` > 0 the batch chunks (real ones hold 65535 matrices). B[z][k][j] is at
-// B + z * sbb + k * ldb + j * ldbc, out likewise (ldbc and ldoc must be 1 but for the narrow kernel). dtype: 0 fp32, 1 fp16, 2 bf16; index_kind: 0 int32/int32,
-// 1 int64/int64, 2 int32/int16.
+// forces a kernel (0 narrow, 1, 4 or (2-byte elements) 8 columns per lane; -1 the launcher's
+// choice), `max_cols` > 0 shortens the launches (the column-chunk loop, which real sizes reach
+// only past 2M columns) or `max_batch` > 0 the batch chunks (real ones hold 65535 matrices).
+// B[z][k][j] is at B + z * sbb + k * ldb + j * ldbc, out likewise (ldbc and ldoc must be 1 but
+// for the narrow kernel). dtype: 0 fp32, 1 fp16, 2 bf16; index_kind: 0 int32/int32, 1
+// int64/int64, 2 int32/int16.
 const char* emu_csr_spmm(int dtype, int index_kind, int vec, int64_t max_cols, int64_t max_batch, const void* crow,
                          const void* col, const void* val, const int64_t* perm, int64_t M, int64_t K, int64_t nnz,
                          const void* B, int64_t ldb, int64_t ldbc, int64_t sbb, int64_t n, int64_t batch,
