@@ -1,12 +1,15 @@
 """pysparse.sparsify: recipes, criteria, the never-slower-than-dense choice, the report."""
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 
 import pysparse
 from pysparse._safetensors import load_file, save_file
-from pysparse.nn import SparseLinear
+from pysparse.nn import SparseLinear, _choice
 from conftest import gen
 
 
@@ -179,3 +182,102 @@ def test_sparse_convs_save_and_load(tmp_path):
     _with_bad_index(path, tmp_path / "bad.safetensors", "2.weight_col_indices", 0, 10_000)
     with pytest.raises(ValueError, match=r"layer '2': .*column index"):
         pysparse.nn.load_sparse(small_cnn(5), tmp_path / "bad.safetensors")
+
+
+# Every dtype a model file can hold (the float8 ones where this torch has them).
+_BUFFER_DTYPES = [getattr(torch, n) for n in (
+    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16",
+    "uint8", "bool", "complex64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+    "float8_e8m0fnu") if hasattr(torch, n)]
+
+
+class _Scaled(torch.nn.Module):
+    """A linear layer times a 0-d learned scale, with a 0-d step counter and a buffer of each
+    dtype (random bytes: NaN payloads included, bools 0 or 1)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        g = gen(seed)
+        self.lin = torch.nn.Linear(32, 16)
+        self.scale = torch.nn.Parameter(torch.randn((), generator=g))
+        self.register_buffer("step", torch.tensor(seed * 1000 + 7))
+        for i, dt in enumerate(_BUFFER_DTYPES):
+            raw = torch.randint(0, 2 if dt == torch.bool else 256, (6 * dt.itemsize,), dtype=torch.uint8, generator=g)
+            self.register_buffer(f"b{i}", raw.view(dt).reshape(2, 3) if i % 2 else raw.view(dt)[:1].reshape(()))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+def _bytes_equal(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                      b.reshape(-1).view(torch.uint8))
+
+
+def test_save_and_load_0d_tensors_and_every_dtype(tmp_path):
+    torch.manual_seed(0)
+    model = _Scaled(1)
+    model.lin = SparseLinear.from_linear(model.lin, "csr", sparsity=0.5)
+    pysparse.nn.save_sparse(model, tmp_path / "m.safetensors")
+    torch.manual_seed(1)
+    back = pysparse.nn.load_sparse(_Scaled(2), tmp_path / "m.safetensors")
+    assert isinstance(back.lin, SparseLinear) and back.scale.shape == () and back.step.item() == 1007
+    for k, v in model.state_dict().items():
+        assert _bytes_equal(back.state_dict()[k], v), k
+    x = torch.randn(3, 32, generator=gen(3))
+    assert torch.equal(back(x), model(x))
+
+
+def test_a_malformed_file_is_a_value_error_naming_it(tmp_path):
+    path = tmp_path / "m.safetensors"
+    pysparse.nn.save_sparse(mlp(2), path)
+    path.write_bytes(path.read_bytes() + b"\x00")  # a byte that no tensor owns
+    with pytest.raises(ValueError, match=r"m\.safetensors: data bytes \d+\.\.\d+ belong to no tensor \(after the last"):
+        pysparse.nn.load_sparse(mlp(3), path)
+    save_file({"a": torch.ones(1)}, path, {"pysparse.sparse_layers": "[" * 100_000})
+    with pytest.raises(ValueError, match=r"the 'pysparse.sparse_layers' metadata is not a JSON list"):
+        pysparse.nn.load_sparse(mlp(3), path)
+
+
+# Cache entries that are valid JSON but no timing: each must be timed again and replaced.
+_BAD_ENTRIES = {
+    "int": 5, "list of the names": ["dense", "csr"], "string": "fast", "null": None,
+    "other names": {"dense": 1e-3, "sparse": 1e-3}, "a name more": {"dense": 1e-3, "csr": 1e-3, "bsr": 1e-3},
+    "zero": {"dense": 1e-3, "csr": 0}, "negative": {"dense": -1e-3, "csr": 1e-3},
+    "NaN": {"dense": math.nan, "csr": 1e-3}, "infinite": {"dense": math.inf, "csr": 1e-3},
+    "NaN string": {"dense": "NaN", "csr": 1e-3}, "number string": {"dense": "1e-3", "csr": 1e-3},
+    "bool": {"dense": True, "csr": 1e-3}, "null time": {"dense": None, "csr": 1e-3},
+    "huge int": {"dense": 10**400, "csr": 1e-3}, "below a tick": {"dense": 1e-300, "csr": 1e-3},
+    "nested": {"dense": [1e-3], "csr": 1e-3},
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_ENTRIES))
+def test_a_bad_cache_entry_is_timed_again_and_replaced(tmp_path, monkeypatch, case):
+    monkeypatch.setenv("PYSPARSE_CACHE_DIR", str(tmp_path))
+    full = f"{_choice.machine_key()}|layer"
+    _choice.cache_path().write_text(json.dumps({full: _BAD_ENTRIES[case], "other": [[[]]]}))
+    candidates = {"dense": lambda: torch.ones(8).sum(), "csr": lambda: torch.ones(8).sum()}
+    times, hit = _choice.time_candidates("layer", candidates, reps=3)
+    assert not hit and set(times) == {"dense", "csr"} and all(0 < v < math.inf for v in times.values())
+    assert json.loads(_choice.cache_path().read_text()) == {full: times}  # replaced; junk dropped
+    assert _choice.time_candidates("layer", candidates, reps=3) == (times, True)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "5", "{not json", "[" * 100_000, "\udcff"])
+def test_a_bad_cache_file_counts_as_empty(tmp_path, monkeypatch, text):
+    monkeypatch.setenv("PYSPARSE_CACHE_DIR", str(tmp_path))
+    _choice.cache_path().write_text(text, errors="surrogateescape")
+    times, hit = _choice.time_candidates("layer", {"dense": lambda: None}, reps=3)
+    assert not hit and _choice.time_candidates("layer", {"dense": lambda: None}, reps=3) == (times, True)
+
+
+def test_sparsify_retimes_over_a_cache_of_zeros(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYSPARSE_CACHE_DIR", str(tmp_path))
+    x = torch.randn(4, 64, generator=gen(4))
+    recipe = {"2": {"format": "csr", "sparsity": 0.5, "min_speedup": 0.0}}
+    pysparse.sparsify(mlp(1), recipe, calibration=lambda m: m(x))
+    cache = json.loads(_choice.cache_path().read_text())
+    _choice.cache_path().write_text(json.dumps({k: {name: 0 for name in v} for k, v in cache.items()}))
+    report = pysparse.sparsify(mlp(1), recipe, calibration=lambda m: m(x))  # would divide by zero if trusted
+    assert report[0]["cached"] is False and all(v > 0 for v in report[0]["times_us"][4].values())

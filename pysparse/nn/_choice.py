@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 
 _FILE = "kernel_choice.json"
+_TICK = time.get_clock_info("perf_counter").resolution
 
 
 def cache_path() -> Path:
@@ -50,7 +52,8 @@ def median_time(fn: Callable[[], object], reps: int = 15) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    # A call faster than the clock can see reads as one tick: a 0 would divide in a speedup.
+    return max(sorted(times)[len(times) // 2], _TICK)
 
 
 def alternating(fa: Callable[[], object], fb: Callable[[], object], rounds: int = 5, reps: int = 7):
@@ -65,22 +68,36 @@ def alternating(fa: Callable[[], object], fb: Callable[[], object], rounds: int 
 
 def _load() -> dict:
     try:
-        data = json.loads(cache_path().read_text())
+        data = json.loads(cache_path().read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}  # a missing or corrupt cache only costs a re-timing
+
+
+def _is_timing(entry) -> bool:
+    """Whether a cache entry is {candidate: seconds per call} with every time at least one tick
+    (as median_time writes) and finite: anything else was edited or damaged, and is timed again
+    rather than trusted (speedups divide by these). NaN fails both comparisons; the upper bound
+    also stops a huge int, which float() would overflow on; type() leaves bools out."""
+    return isinstance(entry, dict) and all(type(v) in (int, float) and _TICK <= v <= sys.float_info.max
+                                           for v in entry.values())
 
 
 def _store(key: str, value: dict) -> None:
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = _load()
+        # Damaged entries are dropped, not carried along: what remains is flat and dumps safely.
+        data = {k: v for k, v in _load().items() if _is_timing(v)}
         data[key] = value
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=0, sort_keys=True)
-        os.replace(tmp, path)  # atomic: concurrent writers lose an entry at worst, never the file
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=0, sort_keys=True)
+            os.replace(tmp, path)  # atomic: concurrent writers lose an entry at worst, never the file
+        except OSError:
+            os.unlink(tmp)
+            raise
     except OSError:
         pass  # a read-only home directory must not break sparsify
 
@@ -90,8 +107,8 @@ def time_candidates(key: str, candidates: Dict[str, Callable[[], object]], *, us
     """Seconds per call of each candidate and whether they came from the cache."""
     full = f"{machine_key()}|{key}"
     if use_cache:
-        hit: Optional[dict] = _load().get(full)
-        if hit and set(hit) == set(candidates):
+        hit = _load().get(full)
+        if _is_timing(hit) and set(hit) == set(candidates):
             return {k: float(v) for k, v in hit.items()}, True
     times = {name: median_time(fn, reps) for name, fn in candidates.items()}
     if use_cache:

@@ -33,9 +33,11 @@ def _meta(meta, key: str, path, default: str, ok, what: str):
     """The JSON value of metadata entry `key`, or a ValueError saying it is not `what`."""
     try:
         value = json.loads(meta.get(key, default))
-        assert ok(value)
-    except (ValueError, AssertionError):
-        raise ValueError(f"{path}: the {key!r} metadata is not {what}") from None
+        valid = ok(value)  # not an assert: python -O would skip the check
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json reads
+        valid = False
+    if not valid:
+        raise ValueError(f"{path}: the {key!r} metadata is not {what}")
     return value
 
 
