@@ -1,5 +1,6 @@
 # make test   : create .venv (torch 2.13.0 CPU + test deps), build, run the whole test suite
 # make demo   : create .venv, build, run the main job (python -m pysparse demo)
+# make fuzz   : the fuzz suite (tests/test_fuzz.py) with many fresh random examples (~15 min)
 # make bench  : the CPU benchmark sweeps: CSR/BSR, 2:4, masked attention, fused FFN
 #               (write benchmarks/results/, print summaries; ~20 min)
 # make build  : (re)build pysparse._C in place
@@ -12,7 +13,7 @@ TORCH  ?= torch==2.13.0
 CUDA_VENV  ?= .venv-cu
 CUDA_TORCH ?= torch==2.14.1
 
-.PHONY: venv build test demo bench wheels wheel-check clean
+.PHONY: venv build test fuzz demo bench wheels wheel-check clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,10 @@ build: venv
 
 test: build
 	$(PY) -m pytest -q tests
+
+FUZZ_EXAMPLES ?= 3000
+fuzz: build
+	PYSPARSE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
 
 demo: build
 	$(PY) -m pysparse demo --plot benchmarks/results/minilm_demo.png --sensitivity benchmarks/results/minilm_sensitivity.png \

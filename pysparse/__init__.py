@@ -47,6 +47,14 @@ def set_cpu_isa(name: str) -> str:
     return _C.set_cpu_isa(name)
 
 
+def _selected_isa() -> str:
+    """The ISA in use, or why none can be (a bad PYSPARSE_CPU_ISA): info() must always answer."""
+    try:
+        return _C.cpu_isa()
+    except (ValueError, RuntimeError) as e:
+        return f"none: {str(e).splitlines()[0]}"
+
+
 def info() -> dict:
     """What was built and what runs here: versions, CPU ISA paths, threads, CUDA."""
     import torch
@@ -63,7 +71,7 @@ def info() -> dict:
         "triton_kernels": _TRITON,  # triton version when the GPU kernels are registered, else None
         "cpu_isa_compiled": list(_build_info.CPU_ISA_COMPILED),
         "cpu_isa_supported": list(_C.cpu_isa_supported()),
-        "cpu_isa_selected": _C.cpu_isa(),
+        "cpu_isa_selected": _selected_isa(),
         "threads": torch.get_num_threads(),
         "ops": ops,
         # ops with a CUDA implementation registered (C++ kernels always when built with CUDA;

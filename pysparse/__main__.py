@@ -46,6 +46,21 @@ def _calibration(path):
     return calls
 
 
+def _check_writable(path: str, flag: str) -> None:
+    """Fail before minutes of pruning, not after: the file can be created (or appended to)."""
+    p = Path(path)
+    if p.is_dir():
+        raise SystemExit(f"pysparse sparsify: {flag} {path} is a folder, not a file")
+    existed = p.exists()
+    try:
+        with open(p, "ab"):
+            pass
+    except OSError as e:
+        raise SystemExit(f"pysparse sparsify: cannot write {flag} {path}: {e.strerror}") from None
+    if not existed:
+        p.unlink()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pysparse", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -86,6 +101,9 @@ def main(argv=None) -> int:
 
         run(quick=args.quick)
     elif args.cmd == "sparsify":
+        _check_writable(args.out, "--out")
+        if args.report:
+            _check_writable(args.report, "--report")
         text = Path(args.recipe).read_text() if Path(args.recipe).is_file() else args.recipe
         try:
             recipe = json.loads(text)
@@ -101,7 +119,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"pysparse sparsify: {e}") from None
         for r in report:
             extra = (f"{r['format']} sparsity {r['sparsity']:.2f} kernel {r['kernel']} speedup {r.get('speedup', '-')}"
-                     if r["kind"] == "linear" else f"{r['shape']} -> {r['after']}")
+                     if "format" in r else f"{r['shape']} -> {r['after']}")
             print(f"{r['name']:40s} {r['kind']:8s} {extra}")
         pysparse.nn.save_sparse(model, args.out)
         if args.report:

@@ -9,7 +9,7 @@ the version counter (``.data``, DLPack, a shared numpy array) are not seen; the 
 still clamp what they read, so such a write can give wrong numbers but never an out-of-bounds
 access. Inference tensors carry no version counter and are checked on every call.
 
-The checks raise the CPU kernels' sentences (RuntimeError), so an op fails the same way on every
+The checks raise the CPU kernels' sentences (and error types), so an op fails the same way on every
 device.
 """
 from __future__ import annotations
@@ -99,3 +99,13 @@ def nm_mask(mask: torch.Tensor, rows: int, cols: int, n: int, m: int) -> None:
             raise RuntimeError(f"pysparse: N:M mask row {r} has a group of {m} columns that does not mark "
                                f"exactly {n} positions (or marks a column past {cols})")
     once((mask,), ("nm", rows, cols, n, m), check)
+
+
+def block_kinds(kind: torch.Tensor) -> None:
+    """What the CPU kernel checks of a block mask's kinds: 0 (skip), 1 (partial) or 2 (full)."""
+    def check():
+        bad = (kind < 0) | (kind > 2)
+        if bool(bad.any()):
+            raise ValueError(f"pysparse: block_kind must hold 0 (skip), 1 (partial) or 2 (full), got "
+                             f"{int(kind[bad][0])} at flat index {int(torch.nonzero(bad.flatten())[0, 0])}")
+    once((kind,), ("kinds",), check)

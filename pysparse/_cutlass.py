@@ -81,20 +81,39 @@ def from_dense(dense: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def to_positions(values: torch.Tensor, meta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Dense (rows, k) positions and values from the CUTLASS pair; returns (dense, kept mask)."""
+    """Dense (rows, k) positions and values from the CUTLASS pair; returns (dense, kept mask).
+    ValueError for anything that is not such a pair: wrong types, shapes or devices, and nibbles
+    that name no valid pair of positions (which would place two values on one column)."""
+    if not isinstance(values, torch.Tensor) or not isinstance(meta, torch.Tensor) or values.dim() != 2:
+        raise ValueError("from_cutlass needs a 2-D values tensor and a 2-D metadata tensor, got "
+                         + ", ".join(f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                                     for t in (values, meta)))
+    meta_dtype = _meta_dtype(values.dtype)
     rows, half_k = values.shape
     k = 2 * half_k
-    if meta.dtype not in (torch.int16, torch.int32) or meta.dim() != 2 or meta.shape[0] != rows:
-        raise ValueError(f"metadata must be int16 or int32 of shape ({rows}, cols), got "
+    if meta.dtype != meta_dtype or meta.dim() != 2 or meta.shape[0] != rows:
+        raise ValueError(f"metadata for {values.dtype} values must be {meta_dtype} of shape ({rows}, cols), got "
                          f"{meta.dtype} {tuple(meta.shape)}")
+    if meta.device != values.device:
+        raise ValueError(f"values and metadata must be on one device, got {values.device} and {meta.device}")
     per_elem = 4 if meta.dtype == torch.int16 else 8
+    need_rows = 32 if meta.dtype == torch.int16 else 16
     cols = meta.shape[1]
+    if rows % need_rows or cols % 2:
+        raise ValueError(f"the CUTLASS layout needs rows divisible by {need_rows} and an even number of metadata "
+                         f"columns, got {rows} rows and {cols} columns")
     if cols * per_elem * (2 if values.dtype == torch.float32 else 4) != k:
         raise ValueError(f"metadata of {cols} columns does not describe {k} dense columns")
     flat = meta.reshape(-1).gather(0, _scatter_offsets(rows, cols, meta.dtype, meta.device))
     flat = flat.to(torch.int64) & ((1 << (4 * per_elem)) - 1)
     nib = (flat.view(rows, cols, 1) >> (torch.arange(per_elem, device=meta.device) * 4)) & 0xF
     nib = nib.reshape(rows, -1)  # one nibble per group
+    valid = (0x4, 0xE) if values.dtype == torch.float32 else (0x4, 0x8, 0xC, 0x9, 0xD, 0xE)
+    bad = ~torch.isin(nib, torch.tensor(valid, device=nib.device))
+    if bool(bad.any()):
+        r, g = (int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(f"metadata row {r}, group {g} holds nibble {int(nib[r, g]):#x}, which names no "
+                         f"{'1:2' if values.dtype == torch.float32 else '2:4'} pair of positions")
     dense = torch.zeros(rows, k, dtype=values.dtype, device=values.device)
     if values.dtype == torch.float32:
         pos = (torch.arange(nib.shape[1], device=meta.device) * 2)[None, :] + ((nib & 3) // 2)

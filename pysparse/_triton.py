@@ -163,6 +163,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                    or block_kind.shape[0] not in (1, B) or block_kind.shape[1] not in (1, H)):
         raise ValueError(f"masked_attention: block_kind {tuple(block_kind.shape)} must be "
                          f"(1 or {B}, 1 or {H}, {QB}, {KB})")
+    if block_kind is not None:
+        _checked.block_kinds(block_kind)
     if kv_len is not None and tuple(kv_len.shape) != (B,):
         raise ValueError(f"masked_attention: kv_len {tuple(kv_len.shape)} must be ({B},)")
     if head_mask is not None and tuple(head_mask.shape) != (H,):

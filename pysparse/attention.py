@@ -13,13 +13,13 @@ arbitrary cost an (Lq, Lk) tensor.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Tuple
 
 import torch
 
 from ._loader import _C  # noqa: F401  (loads the library that defines the op)
 
-_NO_BAND = 2 ** 62  # band_lo = -_NO_BAND, band_hi = _NO_BAND: every diagonal allowed
 SKIP, PARTIAL, FULL = 0, 1, 2
 
 
@@ -39,10 +39,53 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _size(v, what: str, minimum: int) -> int:
+    """v as an int >= minimum (ints, numpy ints, 0-d integer tensors; not bools, not floats)."""
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        i = operator.index(v)
+    except TypeError:
+        raise ValueError(f"BlockMask: {what} must be an integer, got {v!r}") from None
+    if i < minimum:
+        raise ValueError(f"BlockMask: {what} must be >= {minimum}, got {i}")
+    return i
+
+
+def _block_pair(block_size, device) -> Tuple[int, int]:
+    """(block_q, block_k) from None (the device's default), an int (square tiles) or a pair."""
+    if block_size is None:
+        return default_block_size(device)
+    if not isinstance(block_size, (tuple, list)):
+        block_size = (block_size, block_size)
+    if len(block_size) != 2:
+        raise ValueError(f"BlockMask: block_size must be an int or a (block_q, block_k) pair, got {block_size!r}")
+    return _size(block_size[0], "block_q", 1), _size(block_size[1], "block_k", 1)
+
+
+def _tile(block: int, length: int) -> int:
+    """The extent of a tile: a block longer than its sequence covers the sequence (same grid), so
+    tensors sized by tiles never follow a declared block size of, say, 2**62."""
+    return min(block, max(length, 1))
+
+
+def _clamp_band(lo, hi, Lq: int, Lk: int) -> Tuple[int, int]:
+    """Band bounds clamped to [-Lq, Lk]: j - i lies in [-(Lq - 1), Lk - 1], so the same keys are
+    allowed, and index arithmetic on the bounds cannot overflow (+-inf are accepted)."""
+    def clamp(b, what):
+        if isinstance(b, bool) or not isinstance(b, (int, float)) and not hasattr(b, "__index__"):
+            raise ValueError(f"BlockMask: band {what} must be an integer or +-inf, got {b!r}")
+        if isinstance(b, float) and (math.isnan(b) or (math.isfinite(b) and b != int(b))):
+            raise ValueError(f"BlockMask: band {what} must be an integer or +-inf, got {b!r}")
+        return int(max(-Lq, min(Lk, b)))
+    return clamp(lo, "lower bound"), clamp(hi, "upper bound")
+
+
 def _block_reduce(mask: torch.Tensor, bq: int, bk: int) -> torch.Tensor:
     """int8 kinds of a bool (..., Lq, Lk) mask: FULL where every element of a tile is True, SKIP
     where none is, else PARTIAL. Tails of the last tiles count as neither."""
     Lq, Lk = mask.shape[-2:]
+    bq, bk = _tile(bq, Lq), _tile(bk, Lk)
     QB, KB = _cdiv(Lq, bq), _cdiv(Lk, bk)
     pad = (0, KB * bk - Lk, 0, QB * bq - Lq)
     tiles = lambda t: t.reshape(*t.shape[:-2], QB, bq, KB, bk)  # noqa: E731
@@ -73,19 +116,31 @@ class BlockMask:
     def __init__(self, kind: torch.Tensor, block_size: Tuple[int, int], seq_lens: Tuple[int, int], *,
                  elem_mask: Optional[torch.Tensor] = None, band: Optional[Tuple[int, int]] = None,
                  kv_len: Optional[torch.Tensor] = None):
-        bq, bk = (int(b) for b in block_size)
-        Lq, Lk = (int(s) for s in seq_lens)
-        if bq <= 0 or bk <= 0:
-            raise ValueError(f"BlockMask: block sizes must be positive, got {bq} x {bk}")
-        if kind.dtype != torch.int8 or kind.dim() != 4 or tuple(kind.shape[2:]) != (_cdiv(Lq, bq), _cdiv(Lk, bk)):
-            raise ValueError(f"BlockMask: kind must be int8 of shape (B|1, H|1, {_cdiv(Lq, bq)}, {_cdiv(Lk, bk)}) "
-                             f"for {Lq}x{Lk} in {bq}x{bk} blocks, got {kind.dtype} {tuple(kind.shape)}")
+        bq, bk = _block_pair(block_size, kind.device if isinstance(kind, torch.Tensor) else "cpu")
+        if not isinstance(seq_lens, (tuple, list, torch.Size)) or len(seq_lens) != 2:
+            raise ValueError(f"BlockMask: seq_lens must be (Lq, Lk), got {seq_lens!r}")
+        Lq, Lk = _size(seq_lens[0], "Lq", 0), _size(seq_lens[1], "Lk", 0)
+        grid = (_cdiv(Lq, bq), _cdiv(Lk, bk))
+        if not (isinstance(kind, torch.Tensor) and kind.dtype == torch.int8 and kind.dim() == 4
+                and tuple(kind.shape[2:]) == grid):
+            got = f"{kind.dtype} {tuple(kind.shape)}" if isinstance(kind, torch.Tensor) else type(kind).__name__
+            raise ValueError(f"BlockMask: kind must be int8 of shape (B|1, H|1, {grid[0]}, {grid[1]}) "
+                             f"for {Lq}x{Lk} in {bq}x{bk} blocks, got {got}")
+        # (Not while compiling: a data-dependent branch; the op checks the kinds again anyway.)
+        bad_kind = kind.device.type != "meta" and not torch.compiler.is_compiling()
+        if bad_kind and bool(((kind < SKIP) | (kind > FULL)).any()):
+            bad = int(kind[(kind < SKIP) | (kind > FULL)][0])
+            raise ValueError(f"BlockMask: kind must hold 0 (skip), 1 (partial) or 2 (full), got {bad}")
         if elem_mask is not None:
             if elem_mask.dtype != torch.bool or elem_mask.dim() != 4 or tuple(elem_mask.shape[2:]) != (Lq, Lk):
                 raise ValueError(f"BlockMask: elem_mask must be bool of shape (B|1, H|1, {Lq}, {Lk}), got "
                                  f"{elem_mask.dtype} {tuple(elem_mask.shape)}")
         if kv_len is not None and (kv_len.dim() != 1 or kv_len.dtype != torch.int64):
             raise ValueError(f"BlockMask: kv_len must be int64 of shape (B,), got {kv_len.dtype} {tuple(kv_len.shape)}")
+        if band is not None:
+            if not isinstance(band, (tuple, list)) or len(band) != 2:
+                raise ValueError(f"BlockMask: band must be (lo, hi), got {band!r}")
+            band = _clamp_band(band[0], band[1], Lq, Lk)
         self.kind, self.block_size, self.seq_lens = kind, (bq, bk), (Lq, Lk)
         self.elem_mask, self.band, self.kv_len = elem_mask, band, kv_len
 
@@ -97,35 +152,39 @@ class BlockMask:
         if mask.dtype != torch.bool:
             raise ValueError(f"BlockMask.from_dense_mask needs a bool mask, got {mask.dtype}")
         mask = _to4d(mask, "BlockMask.from_dense_mask: mask")
-        bq, bk = block_size or default_block_size(mask.device)
+        bq, bk = _block_pair(block_size, mask.device)
         return cls(_block_reduce(mask, bq, bk), (bq, bk), mask.shape[-2:], elem_mask=mask)
 
     @classmethod
     def band_of(cls, Lq: int, Lk: int, lo: int, hi: int, *, block_size=None, device="cpu") -> "BlockMask":
-        """Key j allowed for query i iff lo <= j - i <= hi (causal: lo = -inf, hi = 0)."""
-        bq, bk = block_size or default_block_size(device)
-        qb = torch.arange(_cdiv(Lq, bq), device=device)[:, None]
-        kb = torch.arange(_cdiv(Lk, bk), device=device)[None, :]
+        """Key j allowed for query i iff lo <= j - i <= hi (causal: lo = -inf, hi = 0). Bounds may
+        be any integers or +-inf (clamped to the sequences)."""
+        Lq, Lk = _size(Lq, "Lq", 0), _size(Lk, "Lk", 0)
+        lo, hi = _clamp_band(lo, hi, Lq, Lk)
+        bq, bk = _block_pair(block_size, device)
+        QB, KB = _cdiv(Lq, bq), _cdiv(Lk, bk)
+        bq, bk = _tile(bq, Lq), _tile(bk, Lk)
+        qb = torch.arange(QB, device=device)[:, None]
+        kb = torch.arange(KB, device=device)[None, :]
         q0, q1 = qb * bq, torch.clamp((qb + 1) * bq, max=Lq) - 1  # first and last query of the tile
         k0, k1 = kb * bk, torch.clamp((kb + 1) * bk, max=Lk) - 1
         dmin, dmax = k0 - q1, k1 - q0  # range of j - i over the tile
         full = (dmin >= lo) & (dmax <= hi)
         skip = (dmax < lo) | (dmin > hi)
         kind = torch.where(full, FULL, torch.where(skip, SKIP, PARTIAL)).to(torch.int8)
-        return cls(kind[None, None].contiguous(), (bq, bk), (Lq, Lk), band=(int(lo), int(hi)))
+        return cls(kind[None, None].contiguous(), _block_pair(block_size, device), (Lq, Lk), band=(lo, hi))
 
     @classmethod
     def causal(cls, Lq: int, Lk: Optional[int] = None, *, block_size=None, device="cpu") -> "BlockMask":
         """Query i sees keys j <= i (top-left aligned, as SDPA's is_causal)."""
-        return cls.band_of(Lq, Lq if Lk is None else Lk, -_NO_BAND, 0, block_size=block_size, device=device)
+        return cls.band_of(Lq, Lq if Lk is None else Lk, -math.inf, 0, block_size=block_size, device=device)
 
     @classmethod
     def sliding_window(cls, Lq: int, window: int, *, Lk: Optional[int] = None, causal: bool = True,
                        block_size=None, device="cpu") -> "BlockMask":
         """causal=True: query i sees the `window` keys i - window < j <= i.
         causal=False: it sees |j - i| < window (window - 1 keys on each side and itself)."""
-        if window < 1:
-            raise ValueError(f"BlockMask.sliding_window: window must be >= 1, got {window}")
+        window = _size(window, "sliding_window's window", 1)
         Lk = Lq if Lk is None else Lk
         return cls.band_of(Lq, Lk, -(window - 1), 0 if causal else window - 1, block_size=block_size, device=device)
 
@@ -136,15 +195,17 @@ class BlockMask:
         if lengths.dim() != 1 or lengths.dtype.is_floating_point:
             raise ValueError(f"BlockMask.key_padding: lengths must be a 1-D integer tensor, got {lengths.dtype} "
                              f"{tuple(lengths.shape)}")
-        Lk = Lq if Lk is None else Lk
-        bq, bk = block_size or default_block_size(lengths.device)
-        lengths = lengths.to(torch.int64)
+        Lq = _size(Lq, "Lq", 0)
+        Lk = Lq if Lk is None else _size(Lk, "Lk", 0)
+        block = _block_pair(block_size, lengths.device)
+        lengths = lengths.to(torch.int64).clamp(0, Lk)  # any length past the keys means all of them
+        bk = _tile(block[1], Lk)
         k0 = torch.arange(_cdiv(Lk, bk), device=lengths.device) * bk
         k1 = torch.clamp(k0 + bk, max=Lk)
         n = lengths[:, None]
         kind = torch.where(k1[None] <= n, FULL, torch.where(k0[None] >= n, SKIP, PARTIAL)).to(torch.int8)
-        kind = kind[:, None, None, :].expand(-1, 1, _cdiv(Lq, bq), -1).contiguous()
-        return cls(kind, (bq, bk), (Lq, Lk), kv_len=lengths)
+        kind = kind[:, None, None, :].expand(-1, 1, _cdiv(Lq, block[0]), -1).contiguous()
+        return cls(kind, block, (Lq, Lk), kv_len=lengths)
 
     @classmethod
     def from_flex(cls, block_mask) -> "BlockMask":
@@ -185,6 +246,7 @@ class BlockMask:
     def to_dense(self) -> torch.Tensor:
         """The bool (B|1, H|1, Lq, Lk) mask this BlockMask stands for (True = attend)."""
         (Lq, Lk), (bq, bk) = self.seq_lens, self.block_size
+        bq, bk = _tile(bq, Lq), _tile(bk, Lk)
         kind = self.kind.repeat_interleave(bq, 2)[:, :, :Lq].repeat_interleave(bk, 3)[..., :Lk]
         rule = torch.ones(1, 1, Lq, Lk, dtype=torch.bool, device=self.device)
         if self.elem_mask is not None:
@@ -250,8 +312,14 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     needs no flag). attn_mask as in F.scaled_dot_product_attention (bool: True = attend; float:
     added to the scores), broadcastable to (B, H, Lq, Lk). block_mask, attn_mask and is_causal
     may be combined: a key must pass all of them. head_mask (H,) bool: heads marked False are
-    not computed and return zeros. Differences from SDPA: a query row with no allowed key
-    returns zeros (SDPA returns NaN); attn_mask together with is_causal is allowed.
+    not computed and return zeros. A query row with no allowed key returns zeros (as SDPA does
+    since torch 2.5); attn_mask together with is_causal is allowed (SDPA refuses it).
+    NaN and Inf: at the keys the masks allow, as in SDPA (a NaN or +inf score, from q, k or a
+    NaN in a float attn_mask, makes the query row NaN; NaN/Inf in v spread to the rows that use
+    it). Keys the masks exclude never reach the output through their scores, and skipped tiles
+    are not read at all; SDPA computes every score, so a NaN or Inf at an excluded key can make
+    its rows NaN where ours are not. (A NaN in v at an excluded key of a computed tile still
+    propagates, as 0 * NaN does in SDPA.)
     fp32, bf16 and fp16 (fp32 accumulation).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -295,8 +363,9 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if head_mask is not None and (head_mask.dtype != torch.bool or tuple(head_mask.shape) != (q.shape[1],)):
         raise ValueError(f"pysparse.masked_attention: head_mask must be bool of shape ({q.shape[1]},), got "
                          f"{head_mask.dtype} {tuple(head_mask.shape)}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    lo, hi = bm.band if bm is not None and bm.band is not None else (-_NO_BAND, _NO_BAND)
+    # Head dim 0: every score is 0 whatever the scale (SDPA then averages the allowed values).
+    scale = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else float(scale)
+    lo, hi = bm.band if bm is not None and bm.band is not None else (-Lq, Lk)
     return torch.ops.pysparse.masked_attention(
         q, k, v, bm.kind if bm is not None else None, block[0], block[1],
         bm.elem_mask if bm is not None else None, bias, int(lo), int(hi),

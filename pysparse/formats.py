@@ -12,9 +12,9 @@ first problem found; ``check=False`` skips the O(nnz) checks for data you alread
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
-
+import operator
 import warnings
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -51,13 +51,26 @@ def _csr_index_dtypes(index_dtype: Optional[torch.dtype], nnz: int, M: int, K: i
 
 
 def _check_shape(shape: Sequence[int]) -> Tuple[int, int]:
+    """(M, K) from two non-negative integers: ints, numpy ints or 0-d integer tensors; 2.7 is not
+    silently 2, and a bool is not a size."""
     try:
-        M, K = (int(s) for s in shape)
-    except (TypeError, ValueError):
+        if len(shape) != 2 or any(isinstance(s, bool) for s in shape):
+            raise TypeError
+        M, K = (operator.index(s) for s in shape)
+    except TypeError:
         raise ValueError(f"shape must be two non-negative integers, got {shape!r}") from None
     if M < 0 or K < 0:
         raise ValueError(f"shape must be two non-negative integers, got {(M, K)}")
     return M, K
+
+
+def shape_entry(sd: dict, key: str, what: str) -> Tuple[int, int]:
+    """A state dict's shape tensor (int64, two entries) as (M, K)."""
+    t = sd[key]
+    if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype.is_complex or t.numel() != 2:
+        got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{what}: {key!r} must be an integer tensor of 2 entries, got {got}")
+    return _check_shape([int(v) for v in t.tolist()])
 
 
 def _check_dense(W: torch.Tensor, what: str) -> None:
@@ -129,6 +142,24 @@ def _validate_compressed(crow, col, values, rows, cols, value_dim, what):
         r = int(torch.searchsorted(crow, torch.tensor(j, dtype=crow.dtype, device=crow.device), right=True)) - 1
         raise ValueError(f"{what}: {unit}column indices of {unit}row {r} must be sorted and unique, but "
                          f"{int(col[j])} follows {int(col[j - 1])}")
+
+
+def _scipy_values(data, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """scipy's value array as `dtype`, refusing a conversion that loses more than rounding."""
+    if dtype not in _VALUE_DTYPES:
+        raise ValueError(f"{what}: dtype must be float32, bfloat16 or float16, got {dtype}")
+    src = torch.from_numpy(data)
+    if src.dtype.is_complex:
+        if bool((src.imag != 0).any()):
+            raise ValueError(f"{what}: the matrix has complex values; pysparse stores real ones "
+                             "(pass m.real if the imaginary parts are meant to go)")
+        src = src.real
+    out = src.to(dtype)
+    overflow = torch.isinf(out) & torch.isfinite(src.double())
+    if bool(overflow.any()):
+        j = int(torch.nonzero(overflow)[0, 0])
+        raise ValueError(f"{what}: value {src[j].item()!r} at stored position {j} overflows {dtype}")
+    return out
 
 
 def _bsr_index_dtype(index_dtype: Optional[torch.dtype], nblocks: int, M: int, K: int) -> torch.dtype:
@@ -207,7 +238,7 @@ class _Compressed(_Format):
             crow, col, values, shape = (sd[prefix + k] for k in ("crow_indices", "col_indices", "values", "shape"))
         except KeyError as e:
             raise ValueError(f"{cls.__name__}.from_state_dict: missing entry {e.args[0]!r}") from None
-        return cls(crow, col, values, tuple(int(s) for s in shape.tolist()), check=check)
+        return cls(crow, col, values, shape_entry(sd, prefix + "shape", f"{cls.__name__}.from_state_dict"), check=check)
 
     def __repr__(self) -> str:
         extra = f", blocksize={self.blocksize}" if isinstance(self, BSR) else ""
@@ -290,14 +321,15 @@ class CSR(_Compressed):
 
     @classmethod
     def from_scipy(cls, m, *, dtype: torch.dtype = torch.float32) -> "CSR":
-        """From any scipy.sparse matrix or array (converted to CSR, sorted, duplicates summed)."""
+        """From any scipy.sparse matrix or array (converted to CSR, sorted, duplicates summed).
+        Refuses what dtype cannot hold: complex values, finite values that overflow it."""
         m = m.tocsr(copy=True)
         m.sum_duplicates()
         m.sort_indices()
         M, K = m.shape
         rdt, cdt = _csr_index_dtypes(None, m.nnz, M, K)
         return cls(torch.from_numpy(m.indptr).to(rdt), torch.from_numpy(m.indices).to(cdt),
-                   torch.from_numpy(m.data).to(dtype), (M, K))
+                   _scipy_values(m.data, dtype, "CSR.from_scipy"), (M, K))
 
 
 class BSR(_Compressed):
@@ -381,7 +413,7 @@ class BSR(_Compressed):
         M, K = m.shape
         idt = _index_dtype_for(m.data.size, M, K)
         return cls(torch.from_numpy(m.indptr).to(idt), torch.from_numpy(m.indices).to(idt),
-                   torch.from_numpy(m.data).to(dtype), (M, K))
+                   _scipy_values(m.data, dtype, "BSR.from_scipy"), (M, K))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,8 +557,9 @@ class SparseNM(_Format):
             values, mask, shape, nm = (sd[prefix + k] for k in ("values", "mask", "shape", "nm"))
         except KeyError as e:
             raise ValueError(f"{cls.__name__}.from_state_dict: missing entry {e.args[0]!r}") from None
-        n, m = (int(v) for v in nm.tolist())
-        return cls(values, mask, tuple(int(s) for s in shape.tolist()), n, m, check=check)
+        what = f"{cls.__name__}.from_state_dict"
+        n, m = shape_entry(sd, prefix + "nm", what)
+        return cls(values, mask, shape_entry(sd, prefix + "shape", what), n, m, check=check)
 
     # CUTLASS / torch.sparse interop (2:4 only) ------------------------------------------------
 

@@ -333,3 +333,7 @@ def save_load(obj):
     torch.save(obj, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=True)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fuzz: hypothesis-generated inputs run in a child process (tests/test_fuzz.py)")

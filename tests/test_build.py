@@ -104,7 +104,8 @@ def test_set_cpu_isa_switches_kernels():
 def test_unknown_isa(name):
     pysparse.set_cpu_isa("scalar")
     try:
-        with pytest.raises(RuntimeError, match=re.escape(f"pysparse: unknown CPU ISA '{name}': choose scalar, avx2, avx512 or auto")):
+        msg = f"pysparse: unknown CPU ISA '{name}': choose scalar, avx2, avx512 or auto"
+        with pytest.raises(ValueError, match=re.escape(msg)):
             pysparse.set_cpu_isa(name)
         assert pysparse._C.cpu_isa() == "scalar"  # a failed switch changes nothing
     finally:
@@ -125,4 +126,10 @@ def test_isa_from_environment():
     r = _python(code, env={"PYSPARSE_CPU_ISA": "scalar"})
     assert r.returncode == 0 and r.stdout.strip() == "scalar", r.stderr
     r = _python(code, env={"PYSPARSE_CPU_ISA": "bogus"})
-    assert r.returncode == 1 and "RuntimeError: pysparse: unknown CPU ISA 'bogus'" in r.stderr, r.stderr
+    assert r.returncode == 1 and ("ValueError: pysparse: the environment variable PYSPARSE_CPU_ISA=bogus is not "
+                                  "usable (unknown CPU ISA 'bogus': choose scalar, avx2, avx512 or auto); unset it"
+                                  ) in r.stderr, r.stderr
+    # info still answers, and says why no kernels can run
+    r = subprocess.run([sys.executable, "-m", "pysparse", "info"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": ROOT, "PYSPARSE_CPU_ISA": "bogus"})
+    assert r.returncode == 0 and '"cpu_isa_selected": "none: pysparse: the environment variable' in r.stdout, r.stderr

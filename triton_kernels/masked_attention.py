@@ -108,7 +108,9 @@ def masked_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, kv_num_ptr, kv_idx_ptr, 
         if HAS_BIAS:
             bias = tl.load(bias_base + rows64[:, None] * stride_bm + cols[None, :] * stride_bn,
                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            s += bias.to(tl.float32) * LOG2E
+            bias = bias.to(tl.float32)
+            # -inf excludes the key whatever its score (+inf plus -inf would be NaN), as on the CPU
+            s = tl.where(bias == float("-inf"), float("-inf"), s + bias * LOG2E)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         if is_full == 0:
             ok = row_ok[:, None] & col_ok[None, :]

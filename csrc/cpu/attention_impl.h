@@ -23,7 +23,8 @@
 // into fresh buffers cost ~25k page faults per call at (1, 32, 2048, 128), 35 ms even when the
 // mask skipped every tile.
 // A row that has seen no allowed key keeps m = -inf and contributes nothing, so it ends as zeros
-// (SDPA gives NaN there).
+// (as SDPA's does since torch 2.5). NaN and +inf scores at allowed keys make the row NaN, as in
+// SDPA: exp2 passes NaN through (inf - inf is NaN), and a NaN weight spreads over the row.
 
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -215,7 +216,11 @@ static void attn_tile(const AttnArgs& a, int64_t b, int64_t h, int64_t qb, const
       const int64_t i = i0 + r;
       if (bias) {
         const float* br = bias + r * a.sbias[2] + j0 * a.sbias[3];
-        for (int64_t j = 0; j < cols; ++j) s[j] += br[j * a.sbias[3]] * kLog2e;
+        // -inf excludes the key whatever its score: a +inf score plus -inf would be NaN.
+        for (int64_t j = 0; j < cols; ++j) {
+          const float bj = br[j * a.sbias[3]];
+          s[j] = bj == -INFINITY ? -INFINITY : s[j] + bj * kLog2e;
+        }
       }
       if (kind == 1) {
         // Partial block: the band and key length as index ranges, the element mask per entry.
@@ -236,10 +241,18 @@ static void attn_tile(const AttnArgs& a, int64_t b, int64_t h, int64_t qb, const
       for (int64_t j = cols; j < width; ++j) s[j] = -INFINITY;
       auto mx = Vec::load(s);
       for (int64_t c = Vec::W; c < width; c += Vec::W) mx = Vec::max(mx, Vec::load(s + c));
-      const float rmax = Vec::hmax(mx), mnew = mrow[r] > rmax ? mrow[r] : rmax;
-      if (mnew == -INFINITY) {  // nothing allowed in this row yet: P = 0
-        for (int64_t j = 0; j < width; ++j) s[j] = 0.f;
-        continue;
+      const float rmax = Vec::hmax(mx);
+      float mnew = mrow[r] > rmax ? mrow[r] : rmax;
+      if (mnew == -INFINITY) {
+        // Nothing allowed in this row yet (P = 0), unless the max skipped a NaN (vector max
+        // drops one operand's NaN): then the row must become NaN, as in SDPA.
+        bool nan = false;
+        for (int64_t j = 0; j < cols; ++j) nan |= s[j] != s[j];
+        if (!nan) {
+          for (int64_t j = 0; j < width; ++j) s[j] = 0.f;
+          continue;
+        }
+        mnew = NAN;
       }
       const auto vm = Vec::set1(mnew);
       auto sum = Vec::zero();

@@ -49,10 +49,16 @@ static at::Tensor masked_attention(const at::Tensor& q_in, const at::Tensor& k_i
   TORCH_CHECK(block_q > 0 && block_k > 0, "pysparse: block sizes must be positive, got ", block_q, " x ", block_k);
   for (const at::Tensor* t : {&k_in, &v_in}) check_same_device(q_in, *t, "k/v");
   // Only the last dim must be contiguous: (B, L, H, D) tensors transposed to (B, H, L, D) run as is.
-  auto last_contig = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
-  const at::Tensor q = last_contig(q_in), k = last_contig(k_in), v = last_contig(v_in);
+  auto last_contig = [](const at::Tensor& t, const char* what) {
+    return t.stride(3) == 1 ? t : contiguous_checked(t, what);
+  };
+  const at::Tensor q = last_contig(q_in, "q"), k = last_contig(k_in, "k"), v = last_contig(v_in, "v");
 
-  const int64_t QB = (Lq + block_q - 1) / block_q, KB = (Lk + block_k - 1) / block_k;
+  // A block longer than its sequence is the whole sequence: the grid is the same, and the tile
+  // buffers are sized by the sequence, not by a declared block size (which may be 2**62).
+  const int64_t QB = Lq / block_q + (Lq % block_q != 0), KB = Lk / block_k + (Lk % block_k != 0);
+  block_q = std::min(block_q, std::max<int64_t>(Lq, 1));
+  block_k = std::min(block_k, std::max<int64_t>(Lk, 1));
   AttnArgs a{};
   at::Tensor kind, em, bs, kvl, hm;
   if (block_kind) {
@@ -65,6 +71,12 @@ static at::Tensor masked_attention(const at::Tensor& q_in, const at::Tensor& k_i
                 " in ", block_q, "x", block_k, " blocks, got ", kind.sizes());
     check_same_device(q_in, kind, "block_kind");
     kind = kind.contiguous();
+    // A kind outside {skip, partial, full} would be read as full: BlockMask.to_dense would say one
+    // thing and the kernel do another.
+    const int8_t* kp = kind.data_ptr<int8_t>();
+    for (int64_t i = 0; i < kind.numel(); ++i)
+      TORCH_CHECK_VALUE(kp[i] >= 0 && kp[i] <= 2, "pysparse: block_kind must hold 0 (skip), 1 (partial) or 2 (full), "
+                        "got ", int(kp[i]), " at flat index ", i);
     a.kind = kind.data_ptr<int8_t>();
     a.kind_sb = kind.size(0) == 1 ? 0 : kind.stride(0);
     a.kind_sh = kind.size(1) == 1 ? 0 : kind.stride(1);
@@ -79,6 +91,7 @@ static at::Tensor masked_attention(const at::Tensor& q_in, const at::Tensor& k_i
   if (bias) {
     TORCH_CHECK_TYPE(at::isFloatingType(bias->scalar_type()), "pysparse: bias must be a float tensor, got ", bias->scalar_type());
     check_same_device(q_in, *bias, "bias");
+    if (bias->scalar_type() != at::kFloat) checked_numel({bias->numel()}, 4, "bias as float32");
     bs = expand_mask(bias->to(at::kFloat), B, H, Lq, Lk, "bias");
     a.bias = bs.data_ptr<float>();
     for (int d = 0; d < 4; ++d) a.sbias[d] = bs.stride(d);
@@ -86,7 +99,7 @@ static at::Tensor masked_attention(const at::Tensor& q_in, const at::Tensor& k_i
   if (kv_len) {
     TORCH_CHECK(kv_len->dim() == 1 && kv_len->size(0) == B, "pysparse: kv_len must have shape (", B, "), got ", kv_len->sizes());
     check_same_device(q_in, *kv_len, "kv_len");
-    kvl = kv_len->to(at::kLong).contiguous();
+    kvl = kv_len->to(at::kLong).clamp(0, Lk).contiguous();  // any length means the same clamped
     a.kv_len = kvl.data_ptr<int64_t>();
   }
   if (head_mask) {
@@ -97,14 +110,24 @@ static at::Tensor masked_attention(const at::Tensor& q_in, const at::Tensor& k_i
     a.head_mask = reinterpret_cast<const uint8_t*>(hm.data_ptr<bool>());
   }
 
+  checked_numel({B, H, Lq, Dv}, q.element_size(), "the output");
   at::Tensor out = at::empty({B, H, Lq, Dv}, q.options());
   if (out.numel() == 0) return out;
   if (Lk == 0) return out.zero_();
+  // Per thread: the packed K^T of one head (key blocks rounded up to 16 floats, the widest
+  // vector), the fp32 copy of V and a query tile's workspace. Checked before they are allocated:
+  // expanded q/k/v can declare sizes no memory backs. (Lk, Dv > 0 here, Dk bounded by the first.)
+  auto round16 = [](int64_t x) { return x > INT64_MAX - 15 ? INT64_MAX : (x + 15) / 16 * 16; };
+  checked_numel({KB, std::max<int64_t>(Dk, 1), round16(block_k)}, 4, "the packed keys of one head");
+  checked_numel({Lk, round16(Dv)}, 4, "the fp32 values of one head");
+  checked_numel({block_q, Dk + round16(block_k) + round16(Dv) + 2}, 4, "one query tile's workspace");
   a.q = q.data_ptr(), a.k = k.data_ptr(), a.v = v.data_ptr(), a.out = out.data_ptr();
   a.B = B, a.H = H, a.Hkv = Hkv, a.Lq = Lq, a.Lk = Lk, a.Dk = Dk, a.Dv = Dv;
   for (int d = 0; d < 3; ++d) a.sq[d] = q.stride(d), a.sk[d] = k.stride(d), a.sv[d] = v.stride(d), a.so[d] = out.stride(d);
   a.QB = QB, a.KB = KB, a.bq = block_q, a.bk = block_k;
-  a.band_lo = band_lo, a.band_hi = band_hi;
+  // j - i lies in [-(Lq - 1), Lk - 1]: bounds clamped to [-Lq, Lk] allow the same keys, and
+  // i + band - j0 + 1 in the kernel cannot wrap (a bound near 2**63 once returned wrong rows).
+  a.band_lo = std::clamp<int64_t>(band_lo, -Lq, Lk), a.band_hi = std::clamp<int64_t>(band_hi, -Lq, Lk);
   a.scale = float(scale);
 
   // One task per kv head; a head's query blocks are split into parts when there are too few

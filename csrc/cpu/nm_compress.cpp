@@ -23,7 +23,7 @@ static inline bool is_zero(U bits) {  // +0 and -0 are zero for floats, as `W !=
 // keep their nonzeros and then their lowest-indexed zero positions.
 template <typename U>
 static int64_t compress_rows(const U* src, int64_t R, int64_t K, int n, int m, U* vals, uint8_t* mask) {
-  const int64_t kept = K / m * n, mbytes = (K + 7) / 8;
+  const int64_t kept = K / m * n, mbytes = K / 8 + (K % 8 != 0);
   std::atomic<int64_t> first_bad{R};
   at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -61,9 +61,9 @@ static int64_t compress_rows(const U* src, int64_t R, int64_t K, int n, int m, U
 static std::tuple<at::Tensor, at::Tensor> nm_compress(const at::Tensor& dense, int64_t n, int64_t m) {
   check_nm_compress_input(dense, n, m);
   const int64_t R = dense.size(0), K = dense.size(1);
-  const at::Tensor src = dense.contiguous();
+  const at::Tensor src = contiguous_checked(dense, "dense");
   at::Tensor values = at::empty({R, K / m * n}, dense.options());
-  at::Tensor mask = at::empty({R, (K + 7) / 8}, dense.options().dtype(at::kByte));
+  at::Tensor mask = at::empty({R, K / 8 + (K % 8 != 0)}, dense.options().dtype(at::kByte));
   int64_t bad;
   switch (dense.element_size()) {
     case 4: bad = compress_rows((const uint32_t*)src.data_ptr(), R, K, n, m, (uint32_t*)values.data_ptr(), mask.data_ptr<uint8_t>()); break;
@@ -76,7 +76,7 @@ static std::tuple<at::Tensor, at::Tensor> nm_compress(const at::Tensor& dense, i
 
 template <typename U>
 static void decompress_rows(const U* vals, const uint8_t* mask, int64_t R, int64_t K, int64_t kept, U* out) {
-  const int64_t mbytes = (K + 7) / 8;
+  const int64_t mbytes = K / 8 + (K % 8 != 0);
   at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const U* v = vals + r * kept;
@@ -94,7 +94,8 @@ static at::Tensor nm_decompress(const at::Tensor& values, const at::Tensor& mask
                                 int64_t n, int64_t m) {
   const auto [R, K] = check_nm_operand(values, mask, shape, n, m);
   const int64_t kept = K / m * n;
-  const at::Tensor v = values.contiguous(), mk = mask.contiguous();
+  const at::Tensor v = contiguous_checked(values, "values"), mk = contiguous_checked(mask, "mask");
+  checked_numel({R, K}, values.element_size(), "the dense matrix");
   at::Tensor out = at::empty({R, K}, values.options());
   switch (values.element_size()) {  // a bad mask can only misplace values: reads stop at `kept`
     case 8: decompress_rows((const uint64_t*)v.data_ptr(), mk.data_ptr<uint8_t>(), R, K, kept, (uint64_t*)out.data_ptr()); break;

@@ -81,9 +81,9 @@ static Weight parse_weight(c10::string_view fmt_in, const std::vector<at::Tensor
     w.sp = fmt == "csr" ? check_csr(ts[0], ts[1], ts[2], shape) : check_bsr(ts[0], ts[1], ts[2], shape);
   } else if (fmt.rfind("nm:", 0) == 0) {
     want(2);
-    int n = 0, m = 0;
-    TORCH_CHECK(std::sscanf(fmt.c_str(), "nm:%d:%d", &n, &m) == 2, "pysparse: ", what, " format '", fmt,
-                "' must read nm:N:M");
+    int n = 0, m = 0, used = 0;  // %n: the whole tag must be read ("nm:2:4:junk" is not 2:4)
+    TORCH_CHECK_VALUE(std::sscanf(fmt.c_str(), "nm:%d:%d%n", &n, &m, &used) == 2 && size_t(used) == fmt.size(),
+                      "pysparse: ", what, " format '", fmt, "' must read nm:N:M");
     w.kind = Weight::kSparse;
     w.sp = check_nm(ts[0], ts[1], shape, n, m);
   } else {
@@ -162,13 +162,17 @@ static at::Tensor pruned_ffn(const at::Tensor& x, c10::string_view f1, const std
   TORCH_CHECK(!b1 || (b1->dim() == 1 && b1->size(0) == hidden), "pysparse: b1 must have shape (", hidden, ")");
   TORCH_CHECK(!b2 || (b2->dim() == 1 && b2->size(0) == d), "pysparse: b2 must have shape (", d, ")");
 
-  const at::Tensor x2 = x.reshape({-1, d});
-  const int64_t tokens = x2.size(0);
+  int64_t tokens = 1;  // explicit, not -1: d may be 0
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) tokens = saturating_mul(tokens, x.size(i));
+  checked_numel({tokens, d}, x.element_size(), "the output");
+  const at::Tensor x2 = reshape_checked(x, {tokens, d}, "x");
   // All-dense weights run as one tile: torch's GEMM on all tokens beat 64-token tiles here (the
   // intermediate of these sizes stays in L3 either way, and bigger GEMMs block better).
   const bool all_dense = w1.kind == Weight::kDense && w2.kind == Weight::kDense && (!gated || w3.kind == Weight::kDense);
-  const int64_t fit = std::max<int64_t>(1, kTileBytes / std::max<int64_t>(1, hidden * 4) / 64) * 64;
+  // (not kTileBytes / (4 hidden): hidden is a declared size, 4 hidden can wrap)
+  const int64_t fit = std::max<int64_t>(1, kTileBytes / 4 / std::max<int64_t>(1, hidden) / 64) * 64;
   const int64_t tile = all_dense ? std::max<int64_t>(tokens, 1) : fit;
+  checked_numel({std::min(tokens, tile), hidden}, 4, "the intermediate of one token tile");
   auto run_tile = [&](const at::Tensor& xt, std::optional<at::Tensor> out_rows) {
     at::Tensor h = apply(w1, xt, b1, act);
     if (gated) h.mul_(apply(w3, xt, std::nullopt, Act::kNone));

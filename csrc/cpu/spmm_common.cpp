@@ -49,8 +49,8 @@ static std::atomic<const KernelTable*> g_table{nullptr};
 std::string set_cpu_isa(const std::string& name) {
   std::string pick = name;
   if (pick.empty() || pick == "auto") pick = supported_isas().back();
-  TORCH_CHECK(pick == "scalar" || pick == "avx2" || pick == "avx512",
-              "pysparse: unknown CPU ISA '", name, "': choose scalar, avx2, avx512 or auto");
+  TORCH_CHECK_VALUE(pick == "scalar" || pick == "avx2" || pick == "avx512",
+                    "pysparse: unknown CPU ISA '", name, "': choose scalar, avx2, avx512 or auto");
   TORCH_CHECK(cpu_has(pick), "pysparse: this CPU does not support the '", pick, "' kernels");
   g_table.store(table_for(pick));
   return pick;
@@ -62,7 +62,14 @@ const KernelTable& active_kernels() {
   static std::once_flag once;
   std::call_once(once, [] {
     const char* env = std::getenv("PYSPARSE_CPU_ISA");
-    set_cpu_isa(env ? env : "auto");
+    try {
+      set_cpu_isa(env ? env : "auto");
+    } catch (const c10::Error& e) {  // say where the bad name came from; call_once retries next time
+      std::string why = e.msg();
+      if (why.rfind("pysparse: ", 0) == 0) why.erase(0, 10);
+      TORCH_CHECK_VALUE(false, "pysparse: the environment variable PYSPARSE_CPU_ISA=", env, " is not usable (", why,
+                        "); unset it to use the best ISA this CPU has");
+    }
   });
   return *g_table.load();
 }
@@ -105,11 +112,12 @@ SparseOperand check_csr(const at::Tensor& crow, const at::Tensor& col, const at:
   SparseOperand A;
   A.M = shape[0].expect_int();
   A.K = shape[1].expect_int();
-  TORCH_CHECK(crow.numel() == A.M + 1, "pysparse: crow_indices must have rows + 1 = ", A.M + 1,
+  // Not A.M + 1 in int64: a declared row count can be INT64_MAX.
+  TORCH_CHECK(crow.numel() - 1 == A.M, "pysparse: crow_indices must have rows + 1 = ", uint64_t(A.M) + 1,
               " entries, got ", crow.numel());
-  A.crow = crow.contiguous();
-  A.col = col.contiguous();
-  A.values = values.contiguous();
+  A.crow = contiguous_checked(crow, "crow_indices");
+  A.col = contiguous_checked(col, "col_indices");
+  A.values = contiguous_checked(values, "values");
   TORCH_CHECK(col.scalar_type() != at::kShort || A.K <= 32768,
               "pysparse: int16 column indices need at most 32768 columns, the matrix has ", A.K);
   if (A.crow.scalar_type() == at::kInt) check_row_pointers<int32_t>(A.crow, col.numel(), "nonzeros");
@@ -135,9 +143,9 @@ SparseOperand check_bsr(const at::Tensor& crow, const at::Tensor& col, const at:
               ") is not divisible by the block size (", A.bh, ", ", A.bw, ")");
   TORCH_CHECK(crow.numel() == A.M / A.bh + 1, "pysparse: crow_indices must have block rows + 1 = ",
               A.M / A.bh + 1, " entries, got ", crow.numel());
-  A.crow = crow.contiguous();
-  A.col = col.contiguous();
-  A.values = values.contiguous();
+  A.crow = contiguous_checked(crow, "crow_indices");
+  A.col = contiguous_checked(col, "col_indices");
+  A.values = contiguous_checked(values, "values");
   if (A.crow.scalar_type() == at::kInt) check_row_pointers<int32_t>(A.crow, col.numel(), "blocks");
   else check_row_pointers<int64_t>(A.crow, col.numel(), "blocks");
   return A;
@@ -150,8 +158,8 @@ SparseOperand check_nm(const at::Tensor& values, const at::Tensor& mask, c10::Sy
   std::tie(A.M, A.K) = check_nm_operand(values, mask, shape, n, m);
   A.n = int(n);
   A.m = int(m);
-  A.values = values.contiguous();
-  A.mask = mask.contiguous();
+  A.values = contiguous_checked(values, "values");
+  A.mask = contiguous_checked(mask, "the N:M mask");
   // Every group of m columns must mark exactly n positions, none past column K: the kernels step
   // through the values by the mask, so this keeps their reads in bounds and their sums right.
   const int64_t bad = active_kernels().nm_bad_row(A.mask.data_ptr<uint8_t>(), A.M, A.K, A.n, A.m);
@@ -198,35 +206,27 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
                    " differs from the sparse values' dtype ", A.values.scalar_type());
   const int64_t M = A.M, K = A.K;
 
-  // View the dense operand as a batch of B (K, n) with element strides (sk, sn), image b at
-  // element offset b * sb. Only the spmm layout batches: a 1x1 convolution's NCHW input is a
-  // batch of (Cin, H*W) images whose products are the NCHW output, written in place.
-  at::Tensor src;
-  int64_t n, sk, sn, sb = 0, nbatch = 1;
-  std::vector<int64_t> out_shape;
+  // The dense operand is a batch of nbatch (K, n) operands. Only the spmm layout batches: a 1x1
+  // convolution's NCHW input is a batch of (Cin, H*W) images whose products are the NCHW output,
+  // written in place. The counts saturate: a batch of empty operands can have any size.
+  int64_t n, nbatch = 1;
+  std::vector<int64_t> out_shape = dense.sizes().vec();
   if (linear) {
     TORCH_CHECK(dense.dim() >= 1 && dense.size(-1) == K, "pysparse: input's last dimension (",
                 dense.dim() ? dense.size(-1) : 0, ") must equal the sparse matrix's columns (", K, ")");
     n = 1;
-    for (int64_t d = 0; d + 1 < dense.dim(); ++d) n *= dense.size(d);
-    src = dense.dim() == 2 ? dense : dense.reshape({n, K});  // explicit n: K may be 0
-    sk = src.stride(1);
-    sn = src.stride(0);
-    out_shape = dense.sizes().vec();
+    for (int64_t d = 0; d + 1 < dense.dim(); ++d) n = saturating_mul(n, dense.size(d));
     out_shape.back() = M;
+    checked_numel({n, M}, A.values.element_size(), "the output");
   } else {
     TORCH_CHECK(dense.dim() >= 2, "pysparse: dense must be (K, n) or a batch (..., K, n), got ",
                 dense.dim(), "-D");
     TORCH_CHECK(dense.size(-2) == K, "pysparse: dense has ", dense.size(-2),
                 " rows but the sparse matrix has ", K, " columns");
     n = dense.size(-1);
-    for (int64_t d = 0; d + 2 < dense.dim(); ++d) nbatch *= dense.size(d);
-    src = dense.dim() == 3 ? dense : dense.reshape({nbatch, K, n});
-    sb = src.stride(0);
-    sk = src.stride(1);
-    sn = src.stride(2);
-    out_shape = dense.sizes().vec();
+    for (int64_t d = 0; d + 2 < dense.dim(); ++d) nbatch = saturating_mul(nbatch, dense.size(d));
     out_shape[out_shape.size() - 2] = M;
+    checked_numel({nbatch, M, n}, A.values.element_size(), "the output");
   }
   const at::Tensor* bias_t = nullptr;
   if (bias.has_value()) {
@@ -254,6 +254,10 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
     else if (act == kActSilu) at::silu_(out);
     return out;
   }
+  // B as (nbatch, K, n) with element strides (sb, sk, sn): image b at element offset b * sb.
+  const at::Tensor src = linear ? (dense.dim() == 2 ? dense : reshape_checked(dense, {n, K}, "the input"))
+                                : (dense.dim() == 3 ? dense : reshape_checked(dense, {nbatch, K, n}, "dense"));
+  const int64_t sb = linear ? 0 : src.stride(0), sk = src.stride(1), sn = src.stride(linear ? 0 : 2);
 
   const KernelTable& kt = active_kernels();
   const bool gemv = n == 1;
@@ -272,17 +276,19 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   const bool direct = dt == kF32 && (gemv ? sk == 1 : (sn == 1 && n == nb && sk == nb));
   const bool keep_rows = small && dt == kF32 && sk == 1;  // B^T's rows as they are
   const bool paneled = !A.nm() && !gemv && !direct;  // B packed into panels (CSR, BSR)
+  // Floats of one image's whole packed operand (what panels_of fills). Checked: K and n are
+  // declared sizes that an operand expanded with stride 0 need not back with memory.
+  const int64_t image_floats = small ? (keep_rows ? 0 : checked_numel({n, K}, 4, "the transposed input"))
+                               : direct ? 0 : checked_numel({npanels, K, nb}, 4, "the packed dense operand");
   // A dense operand that dwarfs the matrix (a 1x1 convolution: 25k columns against a few thousand
   // nonzeros): panels are packed a strip at a time just before all rows multiply them, so they
   // are in L2 when read, and the small matrix is re-read from cache per strip. Otherwise the
   // matrix is the bigger stream: the panels a task multiplies are packed first, and the kernel
-  // walks row chunks x panels.
+  // walks row chunks x panels. (K * n <= image_floats when paneled: no product below wraps.)
   const bool wide = paneled && K * n * 4 > 8 * nnz_elems * (esize + 4);
-  // Panels packed at once in the wide case: a strip that stays in L2.
-  const int64_t strip = std::max<int64_t>(1, std::min<int64_t>(npanels, (256 << 10) / (K * nb * 4)));
-  // Floats of one image's whole packed operand (what panels_of fills), and of what a thread
-  // taking whole images packs at once (a strip when wide).
-  const int64_t image_floats = small ? (keep_rows ? 0 : n * K) : direct ? 0 : npanels * K * nb;
+  // Panels packed at once in the wide case: a strip that stays in L2. Floats of what a thread
+  // taking whole images packs at once: a strip when wide.
+  const int64_t strip = paneled ? std::max<int64_t>(1, std::min<int64_t>(npanels, (256 << 10) / (K * nb * 4))) : 1;
   const int64_t task_floats = wide ? strip * K * nb : image_floats;
 
   // ReLU is fused into the kernels' epilogue; gelu and silu run right after on the output (still
@@ -302,7 +308,12 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   // Rows [r0, r1) x panels [p0, p1) of B (panels P) into O.
   auto multiply = [&](const Panels& P, const Output& O, int64_t r0, int64_t r1, int64_t p0, int64_t p1, int* bad) {
     if (A.nm()) {
-      std::vector<int32_t> scratch(size_t(kNmChunkRows) * (K / A.m * A.n + 8));  // decode_row writes 8 ahead
+      // Decoded positions (decode_row writes 8 ahead) of a chunk of rows for the panel kernel, of
+      // one row for the gemv: a task of one row of 2**26 columns needs no 32 rows of positions.
+      std::vector<int32_t> scratch;
+      if (!small)
+        scratch.resize(size_t(checked_numel({gemv ? 1 : std::min(kNmChunkRows, r1 - r0), A.values.size(1) + 8}, 4,
+                                            "the decoded N:M positions")));
       NmArgs a{A.values.data_ptr(), A.mask.data_ptr<uint8_t>(), M, K, A.n, A.m, P, O, scratch.data()};
       (gemv ? kt.nm_gemv[dt] : small ? kt.nm_small[dt] : kt.nm[dt])(a, r0, r1, p0, p1);
     } else if (A.blocked) {
@@ -376,7 +387,8 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
     });
   };
   auto buffer = [&](int64_t count, int64_t floats) {
-    return at::empty({std::max<int64_t>(1, count * floats)}, A.values.options().dtype(at::kFloat));
+    const int64_t total = checked_numel({count, floats}, 4, "the packed dense operand (all threads)");
+    return at::empty({std::max<int64_t>(1, total)}, A.values.options().dtype(at::kFloat));
   };
   std::vector<int> bad(std::max<int64_t>(nthreads, 1), 0);
 
@@ -386,7 +398,7 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   // vCPUs do not always share a cache; 2.0x faster than 1 thread this way). Threads pack into
   // buffers of their own only while these total at most 64 MiB: a batch of big operands on many
   // threads must not multiply the memory.
-  const bool serial = nnz_elems * n * nbatch < kSerialWork || nthreads == 1;
+  const bool serial = saturating_mul(saturating_mul(nnz_elems, n), nbatch) < kSerialWork || nthreads == 1;
   const bool own_buffers = nthreads * task_floats * 4 <= (64 << 20);
   const int64_t whole = serial ? nbatch : own_buffers ? nbatch / nthreads * nthreads : 0;
   if (whole > 0) {
@@ -414,7 +426,7 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   // (1024 -> 256 at 14x14: 223 us against 179 on 1 thread; 94 us split by panels). Split by
   // panels, 10 shapes from 3x3 convolutions to 4096x4096 at n = 128 ran 1.0-1.2x faster than
   // by rows with shared panels even while the cache was shared.
-  const bool serial_image = nnz_elems * n < kSerialWork;
+  const bool serial_image = saturating_mul(nnz_elems, n) < kSerialWork;
   const bool matrix_in_cache = nnz_elems * (esize + 4) <= (8 << 20);
   const int64_t per_worker = (npanels + nthreads - 1) / nthreads;  // panels of one worker
   const bool by_panels = paneled && (wide || matrix_in_cache) &&

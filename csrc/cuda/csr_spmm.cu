@@ -79,7 +79,9 @@ static at::Tensor spmm_mn(const at::Tensor& crow_in, const at::Tensor& col_in, c
   check_dim(values_in, 1, "values");
   TORCH_CHECK(shape.size() == 2, "pysparse: shape must have 2 entries, got ", shape.size());
   const int64_t M = shape[0].expect_int(), K = shape[1].expect_int();
-  TORCH_CHECK(crow_in.numel() == M + 1, "pysparse: crow_indices must have ", M + 1, " entries, got ", crow_in.numel());
+  TORCH_CHECK(M >= 0 && K >= 0, "pysparse: shape must be non-negative, got (", M, ", ", K, ")");
+  TORCH_CHECK(crow_in.numel() - 1 == M, "pysparse: crow_indices must have ", uint64_t(M) + 1, " entries, got ",
+              crow_in.numel());  // not M + 1 in int64: a declared row count can be INT64_MAX
   TORCH_CHECK(col_in.numel() == values_in.numel(), "pysparse: col_indices and values must have the same length, got ",
               col_in.numel(), " and ", values_in.numel());
   for (const at::Tensor* t : {&crow_in, &col_in, &B_in}) check_same_device(values_in, *t, "operand");
@@ -96,6 +98,7 @@ static at::Tensor spmm_mn(const at::Tensor& crow_in, const at::Tensor& col_in, c
   c10::cuda::CUDAGuard guard(values_in.device());
   const at::Tensor crow = crow_in.contiguous(), col = col_in.contiguous(), values = values_in.contiguous();
   const int64_t batch = B_in.size(0), n = B_in.size(2);
+  checked_numel({batch, M, n}, values.element_size(), "the output");
   // The narrow kernel reads B and writes out through any strides, so the linear layout (B = x^T,
   // out = y^T) costs no transposed copies at decode; the wide one wants unit column strides.
   const bool narrow = n <= kCsrNarrow;

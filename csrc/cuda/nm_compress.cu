@@ -17,7 +17,7 @@ static std::tuple<at::Tensor, at::Tensor> nm_compress_cuda(const at::Tensor& den
   c10::cuda::CUDAGuard guard(dense.device());
   const at::Tensor src = dense.contiguous();
   at::Tensor values = at::empty({R, K / m * n}, dense.options());
-  at::Tensor mask = at::empty({R, (K + 7) / 8}, dense.options().dtype(at::kByte));
+  at::Tensor mask = at::empty({R, K / 8 + (K % 8 != 0)}, dense.options().dtype(at::kByte));
   at::Tensor bad = at::full({1}, R, dense.options().dtype(at::kLong));
   const int64_t units = nm_units(R, K, m);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -40,6 +40,7 @@ static at::Tensor nm_decompress_cuda(const at::Tensor& values, const at::Tensor&
   const auto [R, K] = check_nm_operand(values, mask, shape, n, m);
   c10::cuda::CUDAGuard guard(values.device());
   const at::Tensor v = values.contiguous(), mk = mask.contiguous();
+  checked_numel({R, K}, values.element_size(), "the dense matrix");
   at::Tensor out = at::empty({R, K}, values.options());
   const int64_t units = nm_units(R, K, m);
   auto stream = at::cuda::getCurrentCUDAStream();

@@ -10,7 +10,8 @@
 // fma(a, b, c)        a * b + c
 // add/sub/mul/max     lane-wise
 // hsum(V), hmax(V)    sum / max of the lanes
-// exp2(V)             2^x, ~2 ulp; exactly 0 for x <= -127 (so -inf, a masked score, gives 0)
+// exp2(V)             2^x, ~2 ulp; exactly 0 for x <= -127 (so -inf, a masked score, gives 0);
+//                     NaN for NaN (max(c, x) returns x when x is NaN: attention must not drop it)
 
 struct bf16_t { uint16_t x; };
 struct f16_t { uint16_t x; };
@@ -58,7 +59,7 @@ struct Vec512 {
   static float hsum(V v) { return _mm512_reduce_add_ps(v); }
   static float hmax(V v) { return _mm512_reduce_max_ps(v); }
   static V exp2(V x) {
-    x = _mm512_max_ps(x, set1(-127.f));
+    x = _mm512_max_ps(set1(-127.f), x);
     const V n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const V f = _mm512_sub_ps(x, n);
     V p;
@@ -134,7 +135,7 @@ struct Vec256 {
     return _mm_cvtss_f32(s);
   }
   static V exp2(V x) {
-    x = _mm256_max_ps(x, set1(-127.f));
+    x = _mm256_max_ps(set1(-127.f), x);
     const V n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const V f = _mm256_sub_ps(x, n);
     V p;

@@ -76,6 +76,32 @@ def _pair(v, what: str) -> Tuple[int, int]:
     return t
 
 
+def _checked_config(config) -> dict:
+    """A config() read back from a file, with every entry of the expected type: a tampered file
+    gets a ValueError naming the entry (a group count of 0 once divided by zero)."""
+    keys = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "kind", "nm")
+    if not isinstance(config, dict) or set(config) != set(keys):
+        raise ValueError(f"SparseConv2d config must have the entries {', '.join(keys)}, got "
+                         + (", ".join(map(str, config)) if isinstance(config, dict) else type(config).__name__))
+
+    def is_int(v, low):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    c = dict(config)
+    for k, low in (("in_channels", 1), ("out_channels", 1), ("groups", 1)):
+        if not is_int(c[k], low):
+            raise ValueError(f"SparseConv2d config: {k} must be an integer >= {low}, got {c[k]!r}")
+    for k, low in (("kernel_size", 1), ("stride", 1), ("dilation", 1), ("padding", 0), ("nm", 0)):
+        v = c[k]
+        if k == "padding" and v in ("same", "valid"):
+            continue
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(is_int(x, low) for x in v)):
+            raise ValueError(f"SparseConv2d config: {k} must be two integers >= {low}, got {v!r}")
+    if c["kind"] not in ("csr", "bsr", "nm", "dense"):
+        raise ValueError(f"SparseConv2d config: kind must be csr, bsr, nm or dense, got {c['kind']!r}")
+    return c
+
+
 class SparseConv2d(torch.nn.Module):
     """y = conv2d(x, W) + b with W held as CSR, BSR or N:M per group, a drop-in for nn.Conv2d.
 
@@ -162,6 +188,10 @@ class SparseConv2d(torch.nn.Module):
         self._shape = [self._cg, self._kg]
         if bias is not None and tuple(bias.shape) != (self.out_channels,):
             raise ValueError(f"SparseConv2d: bias must have shape ({self.out_channels},), got {tuple(bias.shape)}")
+        ref = dense_weight if self.depthwise else first.values
+        if bias is not None and (bias.dtype != ref.dtype or bias.device != ref.device):
+            raise ValueError(f"SparseConv2d: bias is {bias.dtype} on {bias.device} but the weight is "
+                             f"{ref.dtype} on {ref.device}; convert one of them")
         self.register_buffer("bias", bias)
 
     # -- structure ------------------------------------------------------------------------------
@@ -298,8 +328,8 @@ class SparseConv2d(torch.nn.Module):
     def from_state_dict(cls, sd: dict, config: dict, prefix: str = "") -> "SparseConv2d":
         """Rebuild a module from its state_dict and config(); the formats' checks run, so bad
         indices are refused with a ValueError."""
-        c = dict(config)
-        kind, (n, m), G = c.pop("kind"), c.pop("nm"), int(c["groups"])
+        c = _checked_config(config)
+        kind, (n, m), G = c.pop("kind"), c.pop("nm"), c["groups"]
         bias = sd.get(prefix + "bias")
         args = (c["in_channels"], c["out_channels"], c["kernel_size"], c["stride"], c["padding"], c["dilation"], G)
         if kind == "dense":

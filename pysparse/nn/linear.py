@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import prune
-from ..formats import BSR, CSR, SparseNM
+from ..formats import BSR, CSR, SparseNM, shape_entry
 from ..ops import linear as sparse_linear
 
 _FORMATS = {"csr": CSR, "bsr": BSR, "nm": SparseNM}
@@ -56,8 +56,13 @@ class SparseLinear(torch.nn.Module):
         self.register_buffer("weight_shape", torch.tensor(weight.shape, dtype=torch.int64))
         if self.kind == "nm":
             self.register_buffer("weight_nm", torch.tensor(self.nm, dtype=torch.int64))
-        if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise ValueError(f"SparseLinear: bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+        if bias is not None:  # refused here, not at the first forward
+            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"SparseLinear: bias must have shape ({self.out_features},), got "
+                                 + (str(tuple(bias.shape)) if isinstance(bias, torch.Tensor) else type(bias).__name__))
+            if bias.dtype != weight.dtype or bias.device != weight.device:
+                raise ValueError(f"SparseLinear: bias is {bias.dtype} on {bias.device} but the weight is "
+                                 f"{weight.dtype} on {weight.device}; convert one of them")
         self.register_buffer("bias", bias)
 
     def _fields(self):
@@ -71,15 +76,20 @@ class SparseLinear(torch.nn.Module):
 
     @classmethod
     def from_state_dict(cls, sd: dict, prefix: str = "") -> "SparseLinear":
-        """Rebuild a module from its state_dict (the format's checks run: bad indices are refused)."""
-        shape = tuple(int(v) for v in sd[prefix + "weight_shape"].tolist())
-        bias = sd.get(prefix + "bias")
-        if prefix + "weight_mask" in sd:
-            n, m = (int(v) for v in sd[prefix + "weight_nm"].tolist())
-            return cls(SparseNM(sd[prefix + "weight_values"], sd[prefix + "weight_mask"], shape, n, m), bias)
-        values = sd[prefix + "weight_values"]
-        fmt = BSR if values.dim() == 3 else CSR
-        return cls(fmt(sd[prefix + "weight_crow_indices"], sd[prefix + "weight_col_indices"], values, shape), bias)
+        """Rebuild a module from its state_dict (the format's checks run: bad indices are refused).
+        A missing entry or a wrong dtype is a ValueError naming it."""
+        kind = "nm" if prefix + "weight_mask" in sd else (
+            "bsr" if getattr(sd.get(prefix + "weight_values"), "dim", lambda: 0)() == 3 else "csr")
+        keys = ["weight_shape"] + (["weight_nm"] if kind == "nm" else []) + ["weight_" + f for f in _fields_of(kind)]
+        missing = [prefix + k for k in keys if prefix + k not in sd]
+        if missing:
+            raise ValueError(f"SparseLinear.from_state_dict: missing {', '.join(map(repr, missing))}")
+        w = {k: sd[prefix + k] for k in keys}
+        sub = {"shape": w["weight_shape"], "nm": w.get("weight_nm")}
+        shape = shape_entry(sub, "shape", "SparseLinear.from_state_dict")
+        nm = shape_entry(sub, "nm", "SparseLinear.from_state_dict") if kind == "nm" else (0, 0)
+        weight = _build(kind, [w["weight_" + f] for f in _fields_of(kind)], shape, nm, check=True)
+        return cls(weight, sd.get(prefix + "bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_linear(x, self.weight, self.bias)
