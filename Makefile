@@ -1,5 +1,7 @@
 # make test   : create .venv (torch 2.13.0 CPU + test deps), build, run the whole test suite
 # make demo   : create .venv, build, run the main job (python -m pysparse demo)
+# make test-fast : the edit loop: everything but slow, compile, emulator, interpreter and fuzz
+#               tests (under a minute; make test still runs them all)
 # make fuzz   : the fuzz suite (tests/test_fuzz.py) with many fresh random examples (~15 min)
 # make bench  : the CPU benchmark sweeps: CSR/BSR, 2:4, masked attention, fused FFN
 #               (write benchmarks/results/, print summaries; ~20 min)
@@ -13,7 +15,7 @@ TORCH  ?= torch==2.13.0
 CUDA_VENV  ?= .venv-cu
 CUDA_TORCH ?= torch==2.14.1
 
-.PHONY: venv build test fuzz demo bench wheels wheel-check clean
+.PHONY: venv build test test-fast fuzz demo bench wheels wheel-check clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +40,9 @@ build: venv
 
 test: build
 	$(PY) -m pytest -q tests
+
+test-fast: build
+	$(PY) -m pytest -q tests -m "not slow and not compile and not emu and not interp and not fuzz"
 
 FUZZ_EXAMPLES ?= 3000
 fuzz: build

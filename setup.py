@@ -83,7 +83,9 @@ setup(
     name="pysparse-kernels",
     version=f"{VERSION}+{local}",
     description="Native sparse kernels (CSR/BSR SpMM, ...) that make pruned networks run faster in PyTorch",
-    packages=find_packages(include=["pysparse", "pysparse.*", "triton_kernels"]),
+    # One top-level import name: the Triton kernels live in pysparse._triton.kernels (a top-level
+    # "triton_kernels" would collide with OpenAI Triton's package of that name).
+    packages=find_packages(include=["pysparse", "pysparse.*"]),
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

@@ -14,6 +14,23 @@ trap 'rm -rf "$tmp"' EXIT
 cpu_whl=$(ls "$DIST"/pysparse_kernels-*+cpu-*.whl | tail -1)
 cu_whl=$(ls "$DIST"/pysparse_kernels-*+cu*-*.whl | tail -1)
 
+echo "== 0. the wheels install one top-level import name, pysparse"
+for whl in "$cpu_whl" "$cu_whl"; do
+  python3 - "$whl" <<'PY'
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+tops = {t[:-3] if t.endswith(".py") else t.split(".")[0] for t in tops}
+assert tops == {"pysparse"}, f"{sys.argv[1]}: top-level names {sorted(tops)}, expected only pysparse"
+top_level = [n for n in names if n.endswith(".dist-info/top_level.txt")]
+if top_level:
+    listed = set(zipfile.ZipFile(sys.argv[1]).read(top_level[0]).decode().split())
+    assert listed == {"pysparse"}, f"top_level.txt lists {sorted(listed)}"
+assert any(n.startswith("pysparse/_triton/kernels/") for n in names), "the Triton kernels are missing"
+print("ok:", sys.argv[1].rsplit("/", 1)[-1], "installs only pysparse")
+PY
+done
+
 echo "== 1. $(basename "$cpu_whl") in a fresh virtualenv"
 python3 -m venv "$tmp/venv"
 "$tmp/venv/bin/pip" install -q --disable-pip-version-check torch==2.13.0 numpy

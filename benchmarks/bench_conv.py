@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 import pysparse
+from pysparse.bench import alternating
 from pysparse.models.cnn import resnet50
-from pysparse.nn.conv import SparseConv2d
-from pysparse.nn._choice import alternating
+from pysparse.nn import SparseConv2d
 
 # (Cin, Cout, kernel, stride, spatial of the input) of ResNet-50's distinct conv shapes (v1.5:
 # the stride sits on the 3x3).

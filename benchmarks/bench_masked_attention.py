@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 import pysparse
-from _timing import median_us
+from pysparse.bench import median_us
 
 MASKS = ("none", "causal", "sliding256", "local_global", "random97")
 TOL = 1e-4

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import pysparse
-from _timing import median_us, rotating
+from pysparse.bench import median_us, rotating
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import pysparse
-from _timing import median_us, rotating
+from pysparse.bench import median_us, rotating
 
 BLOCKS = {"bert": (768, 3072, "gelu", False), "minilm": (384, 1536, "gelu", False), "llama": (2048, 5632, "silu", True)}
 ACT = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}

@@ -12,18 +12,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
 
 import pysparse
+from pysparse.bench import alternating, median_us
 from pysparse.models.minilm import MiniLM
-from pysparse.nn._choice import alternating
-
-sys.path.insert(0, os.path.dirname(__file__))
-from _timing import median_us  # noqa: E402
 
 BERT_BASE = dict(hidden_size=768, layer_norm_eps=1e-12, vocab_size=30522, max_position_embeddings=512,
                  type_vocab_size=2, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)

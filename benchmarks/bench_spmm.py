@@ -54,9 +54,9 @@ import numpy as np
 import scipy
 import scipy.sparse as sp
 import torch
-from torch.utils.benchmark import Timer
 
 import pysparse
+from pysparse.bench import cold_copies, median_us
 
 warnings.filterwarnings("ignore", message=".*Sparse (CSR|BSR) tensor support is in beta.*")
 
@@ -128,20 +128,9 @@ def cpu_busy_fraction(seconds: float = 1.0) -> Optional[float]:
     return (b[0] - a[0]) / max(b[1] - a[1], 1)
 
 
-def _time_once(call, it, cfg: Config) -> float:
-    """Median seconds per call: blocked_autorange, or a single call when calls are slow."""
-    t0 = time.perf_counter()
-    call(next(it))  # warm-up (first touch, lazy init)
-    if time.perf_counter() - t0 > cfg.max_call_s:
-        t0 = time.perf_counter()
-        call(next(it))
-        return time.perf_counter() - t0
-    timer = Timer(stmt="call(next(it))", globals={"call": call, "it": it}, num_threads=cfg.threads)
-    return timer.blocked_autorange(min_run_time=cfg.min_run_time).median
-
-
 def measure_us(call: Callable[[object], object], operands: Sequence[object], cfg: Config) -> Timing:
-    """Median microseconds of call(operand), cycling through `operands` one per call.
+    """Median microseconds of call(operand), cycling through `operands` one per call
+    (``pysparse.bench.median_us``).
 
     One operand = warm; several = cold rotation. Every timed method pays the same cycle+lambda
     overhead (~0.1 us). Slow calls (> cfg.max_call_s) get one warm-up and one timed call.
@@ -155,13 +144,13 @@ def measure_us(call: Callable[[object], object], operands: Sequence[object], cfg
     best: Optional[Timing] = None
     for _ in range(cfg.retries + 1):
         a, p0, w0 = _cpu_ticks(), time.process_time(), time.perf_counter()
-        t = _time_once(call, it, cfg)
+        us = median_us(call, cfg.min_run_time, operands=it, max_call_s=cfg.max_call_s)
         b, p1, w1 = _cpu_ticks(), time.process_time(), time.perf_counter()
         others = 0.0
         if a is not None and b is not None and b[1] > a[1]:
             ncpu = (b[1] - a[1]) * _TICK_S / (w1 - w0)  # CPUs the kernel accounts for
             others = max(0.0, ((b[0] - a[0]) * _TICK_S - (p1 - p0)) / ((w1 - w0) * ncpu))
-        cur = Timing(t * 1e6, others)
+        cur = Timing(us, others)
         if best is None or cur.others < best.others:
             best = cur
         if cur.others <= cfg.noise or w1 - w0 > 2.0:  # retrying multi-second measurements costs too much
@@ -170,9 +159,7 @@ def measure_us(call: Callable[[object], object], operands: Sequence[object], cfg
 
 
 def n_copies(bytes_one: int, mode: str, cfg: Config) -> int:
-    if mode == "warm":
-        return 1
-    return max(2, cfg.cold_bytes // max(bytes_one, 1) + 1)
+    return 1 if mode == "warm" else cold_copies(bytes_one, cfg.cold_bytes)
 
 
 def _ceiling_cfg(cfg: Config) -> Config:

@@ -8,23 +8,24 @@ small shapes, untimed (every time printed is 1.0) and without the CUDA-only peer
 (tests/test_gpu_bench.py) so that the one GPU run is not lost to a broken script."""
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
 DRY = "--dry-run" in sys.argv
 if DRY:
+    # Triton picks its interpreter when a kernel is decorated, i.e. when pysparse's Triton kernels
+    # are imported: so triton and pysparse are imported only now, by name.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-if not DRY and not torch.cuda.is_available():
+elif not torch.cuda.is_available():
     sys.exit("gpu_bench.py needs a CUDA GPU (or --dry-run)")
-
-import triton  # noqa: E402
-
-import pysparse
-from pysparse import _triton
+triton = importlib.import_module("triton")
+pysparse = importlib.import_module("pysparse")
+_triton = importlib.import_module("pysparse._triton")
 
 torch.manual_seed(0)
 dev = "cpu" if DRY else "cuda"
@@ -79,7 +80,7 @@ for R, K in ((size(4096), size(4096)), (size(11008), size(4096))):
             except Exception as e:  # noqa: BLE001
                 print(f"cuSPARSELt F.linear failed at T={T}: {type(e).__name__}")
         bytes_moved = A.values.numel() * 2 + A.mask.numel() + x.numel() * 2 + R * T * 2
-        path = "cuSPARSELt" if pysparse.ops._use_cusparselt(x, A) else "Triton"
+        path = "cuSPARSELt" if pysparse.ops.uses_cusparselt(x, A) else "Triton"
         rows.append((f"{R}x{K}", T, path, t_ours, t_dense, t_cslt, bytes_moved / t_ours / 1e3))
 
 print("\n| W (bf16, 2:4) | tokens | pysparse.linear path | pysparse us | cuBLAS dense us | torch cuSPARSELt us | x vs dense | x vs cuSPARSELt | GB/s |")
@@ -94,8 +95,6 @@ for shape, T, path, t_ours, t_dense, t_cslt, gbs in rows:
 # visited) against dense SDPA and FlexAttention on the same mask, bf16. The CUDA op runs
 # _triton.masked_attention, which is timed as called (block kinds -> active lists included);
 # FlexAttention's block mask is built once outside the timing, as its users would.
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: E402
-
 B, H, L, D = (1, 2, 256, 64) if DRY else (1, 32, 4096, 128)
 BQ, BK = 128, 64  # FA2's Hopper tile in Triton; FlexAttention keeps its own 128 x 128 blocks
 WINDOW, GLOBAL = (64, 32) if DRY else (256, 128)

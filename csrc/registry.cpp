@@ -1,5 +1,5 @@
-// The one TORCH_LIBRARY block: every pysparse op's schema. Kernels register per backend in
-// csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake (meta) implementations live in pysparse/ops.py.
+// The one TORCH_LIBRARY block: every pysparse op's schema. Where each op's fake, CPU and CUDA
+// kernels, tests and benchmark live: csrc/README.md.
 //
 // Layout conventions shared by the ops:
 //   *_spmm(crow, col, values, shape, dense)          A (shape) @ dense (K, n)     -> (M, n)
@@ -20,6 +20,7 @@ TORCH_LIBRARY(pysparse, m) {
   m.def("bsr_spmm(Tensor crow_indices, Tensor col_indices, Tensor values, SymInt[] shape, Tensor dense) -> Tensor");
   m.def("bsr_linear(Tensor input, Tensor crow_indices, Tensor col_indices, Tensor values, SymInt[] shape, Tensor? bias) -> Tensor");
   // N:M semi-structured (2:4 included): values (M, K/m*n), mask (M, ceil(K/8)) uint8 bitmap.
+  // activation (nm_linear, pruned_ffn): none, relu, gelu, gelu_tanh or silu (activations.h).
   m.def("nm_compress(Tensor dense, int n, int m) -> (Tensor values, Tensor mask)");
   m.def("nm_decompress(Tensor values, Tensor mask, SymInt[] shape, int n, int m) -> Tensor");
   m.def("nm_spmm(Tensor values, Tensor mask, SymInt[] shape, int n, int m, Tensor dense) -> Tensor");

@@ -87,10 +87,11 @@ def main(argv=None) -> int:
     s.add_argument("--out", required=True, help="output .safetensors file")
     s.add_argument("--report", help="also write the report as JSON here")
     args = p.parse_args(argv)
-    import pysparse
+    from ._info import info
+    from .nn import save_sparse, sparsify
 
     if args.cmd == "info":
-        print(json.dumps(pysparse.info(), indent=2))
+        print(json.dumps(info(), indent=2))
     elif args.cmd == "demo":
         from ._demo import run
 
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
         calib = _calibration(args.calibration) if args.calibration else None
         shapes = [int(t) for t in args.shapes.split(",")] if args.shapes else None
         try:
-            report = pysparse.sparsify(model, recipe, calib, skip_ends=not args.keep_ends, shapes=shapes,
+            report = sparsify(model, recipe, calib, skip_ends=not args.keep_ends, shapes=shapes,
                                        cache=not args.no_cache)
         except ValueError as e:
             raise SystemExit(f"pysparse sparsify: {e}") from None
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
             extra = (f"{r['format']} sparsity {r['sparsity']:.2f} kernel {r['kernel']} speedup {r.get('speedup', '-')}"
                      if "format" in r else f"{r['shape']} -> {r['after']}")
             print(f"{r['name']:40s} {r['kind']:8s} {extra}")
-        pysparse.nn.save_sparse(model, args.out)
+        save_sparse(model, args.out)
         if args.report:
             Path(args.report).write_text(json.dumps(report, indent=1, default=str))
         print(f"saved {args.out}")

@@ -90,8 +90,8 @@ def nm_mask(mask: torch.Tensor, rows: int, cols: int, n: int, m: int) -> None:
     def check():
         if rows == 0 or mask.numel() == 0:
             return
-        from .formats import _unpack_bits
-        bits = _unpack_bits(mask, mask.shape[1] * 8)
+        from .formats import unpack_bits
+        bits = unpack_bits(mask, mask.shape[1] * 8)
         per_group = bits[:, :cols].reshape(rows, cols // m, m).sum(-1)
         bad = (per_group != n).any(-1) | bits[:, cols:].any(-1)
         if bool(bad.any()):

@@ -17,9 +17,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-import pysparse
-from .nn._choice import alternating
-from .nn.linear import SparseLinear
+from . import analyze
+from ._info import info
+from .bench import alternating
+from .nn import SparseLinear, sparsify
 
 # (label, recipe). "layers.*" matches the encoder layers (attention + FFN modules)
 # and every linear inside them; sparsify skips the model's first and last linear by default.
@@ -85,9 +86,9 @@ def run(quick: bool = False, plot: Optional[str] = None, out_json: Optional[str]
     b32, b1 = tok(near20[:32]), tok(near20[:1])
     tuned = [b32[0].numel(), b1[0].numel()]  # token counts each swapped linear is tuned for
     ref = encode(dense, tok, evals)
-    info = pysparse.info()
-    print(f"all-MiniLM-L6-v2 | pysparse {info['pysparse']} | torch {info['torch_runtime']} | "
-          f"CPU kernels {info['cpu_isa_selected']} | {info['threads']} threads | {len(evals)} evaluation and "
+    about = info()
+    print(f"all-MiniLM-L6-v2 | pysparse {about['pysparse']} | torch {about['torch_runtime']} | "
+          f"CPU kernels {about['cpu_isa_selected']} | {about['threads']} threads | {len(evals)} evaluation and "
           f"{len(calib)} calibration sentences | latency: batch {tuple(b32[0].shape)} and {tuple(b1[0].shape)}\n")
     base = _stored(dense)
     print("| recipe | layer params | MB | batch 32 vs dense | batch 1 vs dense | cosine | top-10 | swapped | sparsify s |")
@@ -99,7 +100,7 @@ def run(quick: bool = False, plot: Optional[str] = None, out_json: Optional[str]
             continue
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
-        report = pysparse.sparsify(model, recipe, calibration, shapes=tuned, progress=False)
+        report = sparsify(model, recipe, calibration, shapes=tuned, progress=False)
         t_sparsify = time.perf_counter() - t0
         fid = _fidelity(encode(model, tok, evals), ref)
         with torch.no_grad():
@@ -122,13 +123,13 @@ def run(quick: bool = False, plot: Optional[str] = None, out_json: Optional[str]
           "training); 'swapped' = linears kept sparse / pruned (the rest run dense where no sparse kernel was "
           "faster at both tuned shapes).")
     if sensitivity_plot:
-        sens = pysparse.analyze.sensitivity(dense, lambda m: m(*b32), levels=(0.5, 0.9) if quick else (0.5, 0.7, 0.9),
-                                            layers=["layers.*"])
+        sens = analyze.sensitivity(dense, lambda m: m(*b32), levels=(0.5, 0.9) if quick else (0.5, 0.7, 0.9),
+                                   layers=["layers.*"])
         print(f"\nsensitivity (unstructured magnitude pruning of one linear at a time, batch-32 embeddings): most "
               f"sensitive {', '.join(sens.most_sensitive(4))}; plot: {sens.plot(sensitivity_plot)}")
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+        Path(out_json).write_text(json.dumps({"info": about, "rows": rows}, indent=1))
     if plot:
         _plot(rows, plot)
         print(f"plot: {plot}")

@@ -9,9 +9,12 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
 
-import pysparse
+from . import prune
+from ._info import info
+from .bench import median_us
+from .formats import BSR, CSR
+from .ops import linear
 
 LAYERS = {
     "BERT-base": [("attn q/k/v/o", 768, 768), ("ffn up", 3072, 768), ("ffn down", 768, 3072)],
@@ -19,16 +22,11 @@ LAYERS = {
 }
 
 
-def _median_us(fn) -> float:
-    t = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return t.blocked_autorange(min_run_time=0.2).median * 1e6
-
-
 def run(quick: bool = False) -> None:
     torch.manual_seed(0)
-    info = pysparse.info()
-    print(f"pysparse {info['pysparse']} | torch {info['torch_runtime']} | CPU kernels: "
-          f"{info['cpu_isa_selected']} | threads: {info['threads']}\n")
+    about = info()
+    print(f"pysparse {about['pysparse']} | torch {about['torch_runtime']} | CPU kernels: "
+          f"{about['cpu_isa_selected']} | threads: {about['threads']}\n")
     header = ("| model | layer | W (out x in) | pattern | tokens | dense us | torch.sparse us "
               "| pysparse us | vs dense | vs torch.sparse |")
     print(header)
@@ -42,23 +40,23 @@ def run(quick: bool = False) -> None:
             b = torch.randn(out_f) * 0.01
             for pattern in ("90% unstructured", "90% 32x32 blocks"):
                 if pattern.endswith("unstructured"):
-                    W = pysparse.prune.magnitude(W0, 0.9)
-                    A = pysparse.CSR.from_dense(W)
+                    W = prune.magnitude(W0, 0.9)
+                    A = CSR.from_dense(W)
                 else:
-                    W = pysparse.prune.blocks(W0, 0.9, (32, 32))
-                    A = pysparse.BSR.from_dense(W, (32, 32))
+                    W = prune.blocks(W0, 0.9, (32, 32))
+                    A = BSR.from_dense(W, (32, 32))
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     St = A.to_torch()
                 for tokens in (1, 128):
                     x = torch.randn(tokens, in_f)
                     ref = F.linear(x, W, b)
-                    got = pysparse.linear(x, A, b)
+                    got = linear(x, A, b)
                     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
                     xt = x.t().contiguous()
-                    t_dense = _median_us(lambda: F.linear(x, W, b))
-                    t_ts = _median_us(lambda: torch.addmm(b[:, None], St, xt).t())
-                    t_ours = _median_us(lambda: pysparse.linear(x, A, b))
+                    t_dense = median_us(lambda: F.linear(x, W, b), 0.2)
+                    t_ts = median_us(lambda: torch.addmm(b[:, None], St, xt).t(), 0.2)
+                    t_ours = median_us(lambda: linear(x, A, b), 0.2)
                     print(f"| {model} | {name} | {out_f}x{in_f} | {pattern} | {tokens} | {t_dense:.0f} "
                           f"| {t_ts:.0f} | {t_ours:.0f} | {t_dense / t_ours:.2f}x | {t_ts / t_ours:.2f}x |",
                           flush=True)

@@ -14,17 +14,14 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from . import activations
 from ._loader import _C  # noqa: F401  (loads the library that defines the op)
-from .formats import BSR, CSR, SparseNM
-
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
-_ACT_FN = {"none": lambda t: t, "relu": torch.relu, "gelu": torch.nn.functional.gelu,
-           "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"), "silu": torch.nn.functional.silu}
+from .formats import Format
 
 
 @torch.library.register_fake("pysparse::pruned_ffn")
 def _pruned_ffn_fake(x, f1, w1, b1, f2, w2, b2, f3, w3, hidden, activation, threshold):
-    torch._check(activation in ACTIVATIONS, lambda: f"pysparse: activation must be one of {ACTIVATIONS}")
+    torch._check(activation in activations.NAMES, lambda: f"pysparse: activation must be one of {activations.NAMES}")
     return torch.empty_like(x)
 
 
@@ -38,12 +35,10 @@ def _encode(w, name: str, rows: int, cols: int, x: torch.Tensor, allow_t: bool =
         if allow_t and w.stride(0) == 1 and w.stride(1) == rows and rows > 1:
             return "dense_t", [w.t()]  # stored transposed: the activation-sparse layout
         return "dense", [w]
-    if isinstance(w, (CSR, BSR, SparseNM)):
+    if isinstance(w, Format):
         if tuple(w.shape) != (rows, cols):
             raise ValueError(f"pysparse.pruned_ffn: {name} must have shape ({rows}, {cols}), got {tuple(w.shape)}")
-        if isinstance(w, SparseNM):
-            return f"nm:{w.n}:{w.m}", [w.values, w.mask]
-        return ("csr" if isinstance(w, CSR) else "bsr"), [w.crow_indices, w.col_indices, w.values]
+        return (f"nm:{w.n}:{w.m}" if w.kind == "nm" else w.kind), w.tensors()
     raise TypeError(f"pysparse.pruned_ffn: {name} must be a tensor, CSR, BSR or SparseNM, got {type(w).__name__}")
 
 
@@ -67,14 +62,13 @@ def pruned_ffn(x: torch.Tensor, w1, b1: Optional[torch.Tensor], w2, b2: Optional
     fp32, bf16, fp16 (fp32 accumulation inside each product; the intermediate is rounded to x's
     dtype, as the unfused torch sequence does).
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"pysparse.pruned_ffn: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    activations.check(activation, "pysparse.pruned_ffn")
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError("pysparse.pruned_ffn: x must be a tensor of shape (..., d)")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"pysparse.pruned_ffn: x must be float32, bfloat16 or float16, got {x.dtype}")
     d = x.shape[-1]
-    if not isinstance(w1, (torch.Tensor, CSR, BSR, SparseNM)):
+    if not isinstance(w1, (torch.Tensor, Format)):
         raise TypeError(f"pysparse.pruned_ffn: w1 must be a tensor, CSR, BSR or SparseNM, got {type(w1).__name__}")
     hidden = w1.shape[0]
     f1, t1 = _encode(w1, "w1", hidden, d, x)
@@ -89,7 +83,7 @@ def pruned_ffn(x: torch.Tensor, w1, b1: Optional[torch.Tensor], w2, b2: Optional
         # All-dense weights, nothing to skip: the op would run exactly these three torch calls on
         # all tokens (one tile; see csrc/cpu/pruned_ffn.cpp). Calling them here saves the custom
         # op's dispatch (~4 us, 9% of a MiniLM decode step).
-        h = _ACT_FN[activation](torch.nn.functional.linear(x, w1, b1))
+        h = activations.apply(activation, torch.nn.functional.linear(x, w1, b1))
         if w3 is not None:
             h = h * torch.nn.functional.linear(x, w3)
         return torch.nn.functional.linear(h, w2, b2)

@@ -6,10 +6,12 @@ object and check, in Python and with one sentence per problem, what the kernels 
 """
 from __future__ import annotations
 
+import weakref
 from typing import List, Optional
 
 import torch
 
+from . import activations
 from ._loader import _C  # noqa: F401  (loads the library that defines the ops)
 from .formats import BSR, CSR, SparseNM
 
@@ -62,12 +64,9 @@ def _nm_spmm_fake(values, mask, shape, n, m, dense):
 
 @torch.library.register_fake("pysparse::nm_linear")
 def _nm_linear_fake(input, values, mask, shape, n, m, bias, activation="none"):
-    torch._check(activation in _ACTIVATIONS,
-                 lambda: f"pysparse: activation must be none, relu, gelu or silu, got {activation!r}")
+    torch._check(activation in activations.NAMES,
+                 lambda: f"pysparse: activation must be one of {activations.NAMES}, got {activation!r}")
     return _csr_linear_fake(input, None, None, values, shape, bias)
-
-
-_ACTIVATIONS = ("none", "relu", "gelu", "silu")
 
 
 @torch.library.register_fake("pysparse::nm_compress")
@@ -119,7 +118,7 @@ def nm_spmm(values: torch.Tensor, mask: torch.Tensor, shape: List[int], n: int, 
 
 def nm_linear(input: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, shape: List[int],
               n: int, m: int, bias: Optional[torch.Tensor] = None, activation: str = "none") -> torch.Tensor:
-    """act(input @ A.T + bias) for A in N:M form; activation in none, relu, gelu, silu."""
+    """act(input @ A.T + bias) for A in N:M form; activation one of pysparse.activations.NAMES."""
     return _ops.nm_linear.default(input, values, mask, list(shape), n, m, bias, activation)
 
 
@@ -150,22 +149,18 @@ def spmm(A, X: torch.Tensor) -> torch.Tensor:
     if X.dim() < 2 or X.shape[-2] != A.shape[1]:
         raise ValueError(f"pysparse.spmm: A is {A.shape[0]}x{A.shape[1]}, so X must be "
                          f"({A.shape[1]}, n) or (..., {A.shape[1]}, n), got {tuple(X.shape)}")
-    if isinstance(A, SparseNM):
-        return nm_spmm(A.values, A.mask, list(A.shape), A.n, A.m, X)
-    op = csr_spmm if isinstance(A, CSR) else bsr_spmm
-    return op(A.crow_indices, A.col_indices, A.values, list(A.shape), X)
+    return spmm_tensors(A.kind, A.tensors(), A.shape, A.nm, X)
 
 
 def linear(x: torch.Tensor, A, bias: Optional[torch.Tensor] = None, *,
            activation: str = "none") -> torch.Tensor:
     """act(x @ A.T + bias), the nn.Linear layout: A (out_features, in_features) sparse, x (..., in).
 
-    The bias (and, for N:M formats, a relu) is applied in the kernel's epilogue; gelu and silu
-    (N:M formats) run over the output right after, while it is in cache, with torch's vector
-    kernels (on CUDA the Triton kernel fuses all three).
+    The bias (and, for N:M formats, a relu) is applied in the kernel's epilogue; the other
+    activations (pysparse.activations.NAMES) run over the output right after, while it is in
+    cache (on CUDA the Triton N:M kernel fuses them all).
     """
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"pysparse.linear: activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    activations.check(activation, "pysparse.linear")
     _check_operands("linear", A, x, "x")
     if x.dim() < 1 or x.shape[-1] != A.shape[1]:
         raise ValueError(f"pysparse.linear: A is {A.shape[0]}x{A.shape[1]}, so x must end in "
@@ -174,47 +169,77 @@ def linear(x: torch.Tensor, A, bias: Optional[torch.Tensor] = None, *,
         _check_operands("linear", A, bias, "bias")
         if bias.dim() != 1 or bias.shape[0] != A.shape[0]:
             raise ValueError(f"pysparse.linear: bias must have shape ({A.shape[0]},), got {tuple(bias.shape)}")
-    if isinstance(A, SparseNM):
-        if _use_cusparselt(x, A):
-            return _cusparselt_linear(x, A, bias, activation)
-        return nm_linear(x, A.values, A.mask, list(A.shape), A.n, A.m, bias, activation)
-    if activation != "none":
-        raise ValueError(f"pysparse.linear: a fused activation is implemented for N:M formats only; "
-                         f"apply torch.nn.functional.{activation} to the result")
-    op = csr_linear if isinstance(A, CSR) else bsr_linear
-    return op(x, A.crow_indices, A.col_indices, A.values, list(A.shape), bias)
+    return linear_tensors(A.kind, A.tensors(), A.shape, A.nm, x, bias, activation)
+
+
+# ---------------------------------------------------------------------------------------------
+# From a format's kind and tensors to its op: the one dispatch that pysparse.spmm/linear and the
+# modules keeping their formats as buffers (SparseLinear, SparseConv2d) share. No checks beyond
+# the ops' own (the callers' operands are checked, or are their own buffers).
+
+def spmm_tensors(kind: str, tensors, shape, nm, X: torch.Tensor) -> torch.Tensor:
+    """A @ X for the format `kind` given as its tensors (see pysparse.formats.FORMATS)."""
+    if kind == "nm":
+        return nm_spmm(tensors[0], tensors[1], list(shape), nm[0], nm[1], X)
+    op = csr_spmm if kind == "csr" else bsr_spmm
+    return op(tensors[0], tensors[1], tensors[2], list(shape), X)
+
+
+def linear_tensors(kind: str, tensors, shape, nm, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                   activation: str = "none") -> torch.Tensor:
+    """act(x @ A.T + bias) for the format `kind` given as its tensors. N:M fuses the activation
+    (and uses cuSPARSELt on CUDA from _CSLT_MIN_TOKENS tokens); CSR/BSR apply it after."""
+    if kind == "nm":
+        values, mask = tensors
+        if _use_cusparselt(x, values, shape, nm):
+            return _cusparselt_linear(x, values, mask, shape, bias, activation)
+        return nm_linear(x, values, mask, list(shape), nm[0], nm[1], bias, activation)
+    op = csr_linear if kind == "csr" else bsr_linear
+    y = op(x, tensors[0], tensors[1], tensors[2], list(shape), bias)
+    return y if activation == "none" else activations.apply(activation, y)
 
 
 # ---------------------------------------------------------------------------------------------
 # CUDA 2:4 at many tokens: the sparse tensor cores through torch's cuSPARSELt op. Our Triton
 # kernel (registered as nm_linear's CUDA kernel) expands the values in registers and wins where
 # the weight bytes dominate (decode); from _CSLT_MIN_TOKENS tokens on the product is compute-bound
-# and the hardware 2:4 path is the one to use. The compressed weight is made once per format
-# object and cached on it (keyed by the tensors' identity and version, so an in-place update of
-# values or mask recompresses). NOT YET RUN ON A GPU: see benchmarks/RESULTS.md.
+# and the hardware 2:4 path is the one to use. The compressed weight is made once per values
+# tensor and kept beside it (with the tensors' versions, so an in-place update of values or mask
+# recompresses). Whether it has run on a GPU: benchmarks/RESULTS.md, GPU sections.
 
 _CSLT_MIN_TOKENS = 64
+# values tensor -> ((its state when compressed), the compressed weight): keyed by the tensor, so
+# every module or format object sharing it shares the compression, and it goes with the tensor.
+_cslt_cache: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _use_cusparselt(x: torch.Tensor, A: SparseNM) -> bool:
-    if not x.is_cuda or (A.n, A.m) != (2, 4) or x.dtype not in (torch.float16, torch.bfloat16):
+def uses_cusparselt(x: torch.Tensor, A) -> bool:
+    """Whether linear(x, A) runs on torch's cuSPARSELt op (2:4 bf16/fp16 on CUDA, from
+    _CSLT_MIN_TOKENS tokens, where cuSPARSELt is available) rather than pysparse's kernel."""
+    return A.kind == "nm" and _use_cusparselt(x, A.values, A.shape, A.nm)
+
+
+def _use_cusparselt(x: torch.Tensor, values: torch.Tensor, shape, nm) -> bool:
+    if not x.is_cuda or tuple(nm) != (2, 4) or x.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if x.numel() // A.shape[1] < _CSLT_MIN_TOKENS or A.shape[0] % 64 or A.shape[1] % 64:
+    if x.numel() // shape[1] < _CSLT_MIN_TOKENS or shape[0] % 64 or shape[1] % 64:
         return False
     backend = getattr(torch.backends, "cusparselt", None)
     return backend is not None and backend.is_available()
 
 
-def _cusparselt_linear(x: torch.Tensor, A: SparseNM, bias, activation: str) -> torch.Tensor:
-    key = (A.values.data_ptr(), A.values._version, A.mask.data_ptr(), A.mask._version)
-    cached = getattr(A, "_cslt", None)
+def _cusparselt_linear(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, shape, bias,
+                       activation: str) -> torch.Tensor:
+    key = (values.data_ptr(), values._version, mask.data_ptr(), mask._version)
+    cached = _cslt_cache.get(values)
     if cached is None or cached[0] != key:
-        cached = (key, torch._cslt_compress(A.to_dense()))
-        A._cslt = cached
-    x2 = x.reshape(-1, A.shape[1])
+        dense = SparseNM(values, mask, shape, 2, 4, check=False).to_dense()
+        cached = (key, torch._cslt_compress(dense))
+        _cslt_cache[values] = cached
+    x2 = x.reshape(-1, shape[1])
     pad = (-x2.shape[0]) % 16  # cuSPARSELt wants the dense operand's dims in multiples of 16
     xp = torch.nn.functional.pad(x2, (0, 0, 0, pad)) if pad else x2
     y = torch._cslt_sparse_mm(cached[1], xp.t(), bias=bias, transpose_result=True)[: x2.shape[0]]
     if activation != "none":
-        y = getattr(torch.nn.functional, activation)(y)
-    return y.reshape(*x.shape[:-1], A.shape[0])
+        y = activations.apply(activation, y)
+    return y.reshape(*x.shape[:-1], shape[0])

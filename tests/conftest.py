@@ -60,6 +60,16 @@ TOL = {
     torch.bfloat16: Tol(acc=1e-5, out=2.0**-7),
     torch.float16: Tol(acc=1e-5, out=2.0**-10),
 }
+
+
+def fp32_close(factor: float = 1.0) -> dict:
+    """rtol/atol for torch.testing.assert_close on fp32 results where the per-element bound of
+    check_close is more than a test needs: TOL[float32].acc for one op, `factor` times it for a
+    chain of them (a model block) or two kernels compared with each other."""
+    t = factor * TOL[torch.float32].acc
+    return dict(rtol=t, atol=t)
+
+
 # Smallest fp16 subnormal: below that, "relative to |ref|" is meaningless.
 _TINY = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2.0**-24}
 
@@ -335,5 +345,37 @@ def save_load(obj):
     return torch.load(buf, weights_only=True)
 
 
+# Markers, for `make test-fast` (the edit loop: pytest -m "not slow and not compile and not emu and
+# not interp and not fuzz", under a minute) while `make test` runs everything.
+MARKERS = {
+    "fuzz": "hypothesis-generated inputs run in a child process (tests/test_fuzz.py)",
+    "slow": "a test of several seconds: the demo, examples, subprocesses that build or import anew",
+    "compile": "calls torch.compile or torch.library.opcheck (seconds of tracing each)",
+    "emu": "runs CUDA device code on the CPU emulator (tests/cuda_emu, built with g++ on first use)",
+    "interp": "runs Triton kernels under TRITON_INTERPRET=1 (tests/test_triton_*.py)",
+}
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "fuzz: hypothesis-generated inputs run in a child process (tests/test_fuzz.py)")
+    for name, what in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
+
+
+def pytest_collection_modifyitems(items):
+    """emu and interp by file, compile by what the test's code calls (a new compile test is
+    marked without anyone remembering to); fuzz and slow are written on the tests."""
+    import inspect
+
+    for item in items:
+        path = item.path.name
+        if path == "test_cuda_emulated.py":
+            item.add_marker(pytest.mark.emu)
+        elif path.startswith("test_triton_"):
+            item.add_marker(pytest.mark.interp)
+        fn = getattr(item, "function", None)
+        try:
+            src = inspect.getsource(fn) if fn is not None else ""
+        except (OSError, TypeError):
+            src = ""
+        if "torch.compile(" in src or "opcheck(" in src:
+            item.add_marker(pytest.mark.compile)

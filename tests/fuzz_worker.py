@@ -17,7 +17,6 @@ import json
 import math
 import os
 import resource
-import struct
 import sys
 import tempfile
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 import pysparse
 from conftest import TOL, check_close
+from references import reference_masked_attention
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
@@ -217,28 +217,6 @@ def raw_nm(R, K, n, m, mask_bytes, tokens, isa, threads, seed):
 # Masked attention: extreme masks, block sizes and special values against an fp64 reference
 
 
-def _attention_reference(q, k, v, allowed, bias, scale):
-    """softmax over the allowed keys (a row with none: zeros; NaN and +inf scores at allowed keys:
-    a NaN row, as SDPA), in fp64."""
-    q, k, v = q.double(), k.double(), v.double()
-    if k.shape[2] == 0:
-        return torch.zeros(*q.shape[:3], v.shape[3], dtype=torch.float64)
-    H, Hkv = q.shape[1], k.shape[1]
-    k = k.repeat_interleave(H // Hkv, 1)
-    v = v.repeat_interleave(H // Hkv, 1)
-    s = (q @ k.transpose(-1, -2)) * scale
-    if bias is not None:
-        allowed = allowed & (bias != -math.inf)
-        s = s + torch.where(bias == -math.inf, 0.0, bias.double())
-    s = s.masked_fill(~allowed, -math.inf)
-    m = s.amax(-1, keepdim=True)  # propagates NaN
-    p = torch.exp(s - torch.where(m == -math.inf, 0.0, m))
-    p = p.masked_fill(~allowed, 0.0)
-    den = p.sum(-1, keepdim=True)
-    out = (p @ v) / torch.where(den == 0, 1.0, den)
-    return torch.where(m == -math.inf, 0.0, out)
-
-
 def attention(B, H, Hkv, Lq, Lk, D, Dv, dtype, block, mask, lo, hi, window, lengths, special, head_mask,
               scale, isa, threads, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -292,7 +270,7 @@ def attention(B, H, Hkv, Lq, Lk, D, Dv, dtype, block, mask, lo, hi, window, leng
     else:
         allowed = torch.ones(B, H, Lq, Lk, dtype=torch.bool)
     sc = scale if scale is not None else (1 / math.sqrt(D) if D else 1.0)
-    ref = _attention_reference(q, k, v, allowed, None if bias is None else bias.expand(B, H, Lq, Lk), sc)
+    ref = reference_masked_attention(q, k, v, allowed, sc, bias)
     if hm is not None:
         ref[:, ~hm] = 0.0
     # NaN rows must match exactly (SDPA's rule); elsewhere an error budget per dtype
@@ -331,7 +309,7 @@ def blockmask(ctor, Lq, Lk, block, lo, hi, window, lengths, causal):
     B = dense.shape[0]
     q = torch.randn(B, 1, Lq, 8)
     out = pysparse.masked_attention(q, q, q, block_mask=bm)
-    ref = _attention_reference(q, q, q, dense.expand(B, 1, Lq, Lk), None, 1 / math.sqrt(8))
+    ref = reference_masked_attention(q, q, q, dense.expand(B, 1, Lq, Lk), 1 / math.sqrt(8))
     assert torch.allclose(out.double(), ref, atol=2e-5), f"{ctor}: kernel disagrees with to_dense"
 
 
@@ -352,7 +330,7 @@ def attention_raw(Lq, Lk, block_q, block_k, kinds, band_lo, band_hi, kv_len):
     if kind is not None:
         tile = kind[0, 0, i // block_q, j // block_k]
         rule = (tile == 2) | ((tile == 1) & rule)
-    ref = _attention_reference(q, k, v, rule[None, None], None, 0.35)
+    ref = reference_masked_attention(q, k, v, rule[None, None], 0.35)
     assert torch.allclose(out.double(), ref, atol=2e-5), "raw masked_attention disagrees with the rule"
 
 

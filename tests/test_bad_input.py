@@ -3,7 +3,6 @@ to its fix: the error type and sentence, or the right answer. (tests/test_fuzz.p
 more of each kind.) Crashing cases run in a child process, so a regression fails one test."""
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 
 import pysparse
 from pysparse import BlockMask, masked_attention
+from references import reference_masked_attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOO_BIG = r"would need .* elements of \d+ bytes, more than this process can allocate"
@@ -66,11 +66,6 @@ def test_a_single_nm_row_of_many_columns_needs_one_row_of_scratch():
 
 # ---- masked attention ----------------------------------------------------------------------
 
-def _reference(q, k, v, allowed):
-    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    return torch.softmax(s.masked_fill(~allowed, -math.inf), -1).nan_to_num(0.0) @ v.double()
-
-
 def test_huge_block_size():
     r = _child("bm = pysparse.BlockMask.causal(8, block_size=(64, 2**62))\n"
                "q = torch.randn(1, 1, 8, 16)\n"
@@ -91,7 +86,7 @@ def test_extreme_band_bounds_with_key_padding(build):
     bm = build(L) & BlockMask.key_padding(torch.tensor([70]), L)
     q, k, v = torch.randn(3, 1, 1, L, 16).unbind(0)
     torch.testing.assert_close(masked_attention(q, k, v, block_mask=bm).double(),
-                               _reference(q, k, v, bm.to_dense()), rtol=1e-5, atol=1e-5)
+                               reference_masked_attention(q, k, v, bm.to_dense()), rtol=1e-5, atol=1e-5)
 
 
 def test_band_bounds_are_clamped_and_checked():
@@ -141,7 +136,8 @@ def test_excluded_keys_never_reach_the_output():
     m[:, 5] = -math.inf
     allowed = torch.ones(L, L, dtype=torch.bool)
     allowed[:, 5] = False
-    torch.testing.assert_close(masked_attention(q, k, v, attn_mask=m).double(), _reference(q, k, v, allowed),
+    torch.testing.assert_close(masked_attention(q, k, v, attn_mask=m).double(),
+                               reference_masked_attention(q, k, v, allowed),
                                rtol=1e-5, atol=1e-5)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Optional
 
 import pytest
 import torch
@@ -20,21 +19,12 @@ from conftest import (DTYPES, INDEX_DTYPES, LAYOUTS, SUPPORTED_ISAS, WIDTHS, Sam
                       SparseLinearModule, assert_close, check_against_reference, check_isas_agree,
                       check_threads_agree, dense_operand, gen, randn, random_block_sparse, save_load)
 
+from references import reference_linear, reference_spmm
+
 ops = torch.ops.pysparse
 
 
-def reference_bsr_spmm(W: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """A @ X from the dense A, in float64."""
-    return W.double() @ X.double()
-
-
-def reference_bsr_linear(x: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x @ A.T + bias from the dense A, in float64."""
-    y = x.double() @ W.double().t()
-    return y + bias.double() if bias is not None else y
-
-
-REFS = (reference_bsr_spmm, reference_bsr_linear)
+REFS = (reference_spmm, reference_linear)
 BSR_INDEX_DTYPES = (None,) + INDEX_DTYPES
 
 # Block sizes: scalar-like (1, 1), narrow and wide, square (16, 16) / (32, 32), odd (3, 5) and
@@ -323,8 +313,8 @@ def test_module_state_dict_round_trip_and_compile():
         assert torch.equal(v, m2.state_dict()[k]) and v.dtype == m2.state_dict()[k].dtype, k
     m.load_state_dict(sd)
     x = randn(3, 5, 40, g=g)
-    ref = reference_bsr_linear(x, W, m.bias)
-    assert_close(m2(x), ref, reference_bsr_linear(x.abs(), W.abs(), m.bias.abs()), torch.float32, what="eager")
+    ref = reference_linear(x, W, m.bias)
+    assert_close(m2(x), ref, reference_linear(x.abs(), W.abs(), m.bias.abs()), torch.float32, what="eager")
     cm = torch.compile(m2, fullgraph=True)
     torch.testing.assert_close(cm(x), m2(x), rtol=0, atol=0)
 

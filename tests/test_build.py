@@ -16,7 +16,9 @@ from pysparse import _build_info, _loader
 from conftest import SUPPORTED_ISAS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPS = ["bsr_linear", "bsr_spmm", "csr_linear", "csr_spmm"]
+# Every op of csrc/registry.cpp (tests/test_op_registry.py checks each is whole in every layer).
+OPS = ["bsr_linear", "bsr_spmm", "csr_linear", "csr_spmm", "masked_attention", "nm_compress", "nm_decompress",
+       "nm_linear", "nm_spmm", "pruned_ffn"]
 
 
 def _python(code, *, env=None, pythonpath=ROOT, cwd=ROOT):
@@ -39,7 +41,9 @@ def test_info():
     assert set(info["cpu_isa_supported"]) <= set(info["cpu_isa_compiled"]) <= {"scalar", "avx2", "avx512"}
     assert info["cpu_isa_selected"] == SUPPORTED_ISAS[-1]
     assert info["threads"] == torch.get_num_threads()
-    assert set(OPS) <= set(info["ops"])
+    assert info["ops"] == OPS
+    if not torch.cuda.is_available():
+        assert info["triton_kernels"] is None and info["triton_kernels_why_not"].startswith("no CUDA device")
     for op in OPS:
         assert hasattr(torch.ops.pysparse, op)
 
@@ -73,6 +77,7 @@ def test_local_version_label_alone_is_not_a_mismatch(monkeypatch):
     _loader._check_torch_matches()
 
 
+@pytest.mark.slow
 def test_import_with_mismatched_build_fails_cleanly(tmp_path):
     """`import pysparse` with a build recorded for another torch: one ImportError sentence, the
     extension never loaded (no undefined-symbol traceback)."""
@@ -120,6 +125,7 @@ def test_unsupported_isa():
         pysparse.set_cpu_isa(missing[-1])
 
 
+@pytest.mark.slow
 def test_isa_from_environment():
     code = ("import torch, pysparse; A = pysparse.CSR.from_dense(torch.eye(2)); "
             "assert torch.equal(pysparse.spmm(A, torch.ones(2, 3)), torch.ones(2, 3)); print(pysparse._C.cpu_isa())")
@@ -133,3 +139,14 @@ def test_isa_from_environment():
     r = subprocess.run([sys.executable, "-m", "pysparse", "info"], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": ROOT, "PYSPARSE_CPU_ISA": "bogus"})
     assert r.returncode == 0 and '"cpu_isa_selected": "none: pysparse: the environment variable' in r.stdout, r.stderr
+
+
+def test_gpu_kernels_say_why_they_are_missing(monkeypatch):
+    """A failing import of our own Triton launchers is reported (a warning and info()), never
+    swallowed: the CPU ops stay usable."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "pysparse._triton", None)  # the import now raises ImportError
+    monkeypatch.delattr(pysparse, "_triton", raising=False)  # (else an earlier import is found on the package)
+    with pytest.warns(RuntimeWarning, match="GPU kernels unavailable; pysparse._triton failed to import: ModuleNotFound"):
+        version, why = pysparse._load_gpu_kernels()
+    assert version is None and why.startswith("pysparse._triton failed to import: ModuleNotFoundError")

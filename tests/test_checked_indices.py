@@ -41,6 +41,7 @@ def memo(tmp_path_factory):
                        build_directory=str(tmp_path_factory.mktemp("memo")))
 
 
+@pytest.mark.slow  # builds a C++ extension on first use
 def test_cpp_memo_remembers_until_a_write(memo):
     a, b = torch.arange(5), torch.arange(3)
     assert not memo.found(a, b, 7)
@@ -58,6 +59,7 @@ def test_cpp_memo_remembers_until_a_write(memo):
     assert not memo.found(a, b, 7)
 
 
+@pytest.mark.slow  # builds a C++ extension on first use
 def test_cpp_memo_forgets_dead_tensors_and_the_oldest(memo):
     keep = [(torch.arange(4), torch.arange(2)) for _ in range(3)]
     for x, y in keep:
@@ -73,6 +75,7 @@ def test_cpp_memo_forgets_dead_tensors_and_the_oldest(memo):
     assert memo.size() == 3 and memo.found(*keep[1], 0) and memo.found(*keep[2], 0) and memo.found(*z, 0)
 
 
+@pytest.mark.slow  # builds a C++ extension on first use
 def test_cpp_memo_never_keeps_inference_tensors(memo):
     with torch.inference_mode():
         a = torch.arange(5)

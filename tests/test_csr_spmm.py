@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 import textwrap
-from typing import Optional
 
 import pytest
 import torch
@@ -26,18 +25,9 @@ from conftest import (CSR_INDEX_DTYPES, DTYPES, LAYOUTS, SUPPORTED_ISAS, WIDTHS,
                       check_isas_agree, check_threads_agree, dense_operand, gen, randn, random_sparse,
                       save_load)
 
+from references import reference_linear, reference_spmm
+
 ops = torch.ops.pysparse
-
-
-def reference_csr_spmm(W: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """A @ X from the dense A, in float64."""
-    return W.double() @ X.double()
-
-
-def reference_csr_linear(x: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x @ A.T + bias from the dense A, in float64."""
-    y = x.double() @ W.double().t()
-    return y + bias.double() if bias is not None else y
 
 
 def _idt_name(idt):
@@ -172,7 +162,7 @@ def _make_samples(device, dtype):
 # Correctness
 
 
-REFS = (reference_csr_spmm, reference_csr_linear)
+REFS = (reference_spmm, reference_linear)
 
 
 @pytest.mark.parametrize("op", ["spmm", "linear"])
@@ -216,7 +206,7 @@ def test_tolerance_catches_a_dropped_nonzero(dtype):
     g = gen(8)
     W = random_sparse(4, 3072, 0.5, dtype, g, empty_rows=False)
     X = randn(3072, 3, dtype=dtype, g=g)
-    ref, absref = reference_csr_spmm(W, X), reference_csr_spmm(W.abs(), X.abs())
+    ref, absref = reference_spmm(W, X), reference_spmm(W.abs(), X.abs())
     assert check_close((W.float() @ X.float()).to(dtype), ref, absref, dtype) is None
     j = int(W[2].nonzero()[7])
     W2 = W.clone()
@@ -262,7 +252,7 @@ def test_int16_columns_at_the_32768_boundary(isa):
         assert (A.crow_indices.dtype, A.col_indices.dtype) == (torch.int32, col_dtype)
         for n in (1, 8, 33):
             X = randn(K, n, g=g)
-            assert_close(pysparse.spmm(A, X), reference_csr_spmm(W, X), reference_csr_spmm(W.abs(), X.abs()),
+            assert_close(pysparse.spmm(A, X), reference_spmm(W, X), reference_spmm(W.abs(), X.abs()),
                          torch.float32, what=f"K={K} n={n}")
 
 
@@ -373,8 +363,8 @@ def test_module_state_dict_round_trip_and_compile():
         assert torch.equal(v, m2.state_dict()[k]) and v.dtype == m2.state_dict()[k].dtype, k
     m.load_state_dict(sd)  # same structure: a strict load works too
     x = randn(3, 5, 127, g=g)
-    ref = reference_csr_linear(x, W, m.bias)
-    assert_close(m2(x), ref, reference_csr_linear(x.abs(), W.abs(), m.bias.abs()), torch.float32, what="eager")
+    ref = reference_linear(x, W, m.bias)
+    assert_close(m2(x), ref, reference_linear(x.abs(), W.abs(), m.bias.abs()), torch.float32, what="eager")
     cm = torch.compile(m2, fullgraph=True)
     torch.testing.assert_close(cm(x), m2(x), rtol=0, atol=0)
 

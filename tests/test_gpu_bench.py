@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -15,6 +17,7 @@ def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], check=True)
 
 
+@pytest.mark.slow
 def test_gpu_bench_dry_run_prints_every_table():
     env = dict(os.environ, PYTHONPATH=ROOT, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_bench.py"), "--dry-run"],

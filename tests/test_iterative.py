@@ -256,15 +256,26 @@ def test_state_dict_resumes():
     assert all(torch.equal(pb.masks[k], pa.masks[k]) for k in pa.masks)
 
 
-def test_taylor_criterion():
+def test_fisher_criterion():
     model = _model()
-    p = Iterative(model, 0.7, steps=4, criterion="taylor")
+    p = Iterative(model, 0.7, steps=4, criterion="fisher")
     _train(model, p, torch.optim.SGD(model.parameters(), lr=0.01), 5)
     for name, w in _weights(model).items():
         assert _pruned_count(w) == round(0.7 * w.numel()), name
-    q = Iterative(_model(), 0.7, steps=4, criterion="taylor")
-    with pytest.raises(ValueError, match=r"^pysparse\.prune\.Iterative: criterion 'taylor' found no gradient for 'body\.0'"):
+    q = Iterative(_model(), 0.7, steps=4, criterion="fisher")
+    with pytest.raises(ValueError, match=r"^pysparse\.prune\.Iterative: criterion 'fisher' found no gradient for 'body\.0'"):
         q.step()  # no backward() ran
+
+
+def test_old_criterion_name_taylor_warns_and_means_fisher():
+    a, b = _model(), _model()
+    with pytest.warns(DeprecationWarning, match=r"criterion 'taylor' is deprecated, use 'fisher'"):
+        pa = Iterative(a, 0.7, steps=4, criterion="taylor")
+    pb = Iterative(b, 0.7, steps=4, criterion="fisher")
+    assert pa.criterion == "fisher"
+    _train(a, pa, torch.optim.SGD(a.parameters(), lr=0.01), 5)
+    _train(b, pb, torch.optim.SGD(b.parameters(), lr=0.01), 5)
+    assert all(torch.equal(pa.masks[k], pb.masks[k]) for k in pb.masks)
 
 
 # ---- which layers ------------------------------------------------------------------------
@@ -294,7 +305,8 @@ def test_skip_ends_and_layer_patterns():
     (dict(start=-1), "start must be an integer >= 0, got -1"),
     (dict(schedule="exp"), "schedule must be one of 'cubic', 'linear', got 'exp'"),
     (dict(pattern="2:4"), "pattern must be one of 'unstructured', 'nm', 'block', got '2:4'"),
-    (dict(criterion="l1"), "criterion must be one of 'magnitude', 'taylor', got 'l1'"),
+    (dict(criterion="l1"), "criterion must be one of 'magnitude' (|w|), 'fisher' ((w * dL/dw)^2 summed over the "
+                           "steps between updates), got 'l1'"),
     (dict(scope="net"), "scope must be one of 'local', 'global', got 'net'"),
     (dict(pattern="nm", m=16, target=None), "layer 'body.0' has 72 inputs per output (in * kh * kw for a conv), "
                                             "not a multiple of m = 16"),
@@ -329,6 +341,7 @@ def test_bad_model_and_mismatched_state():
 
 # ---- the example -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_example_quick(capsys):
     spec = importlib.util.spec_from_file_location("iterative_pruning", ROOT / "examples" / "iterative_pruning.py")
     example = importlib.util.module_from_spec(spec)

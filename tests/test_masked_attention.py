@@ -15,21 +15,7 @@ import torch.nn.functional as F
 import pysparse
 from pysparse import BlockMask, masked_attention
 from conftest import DTYPES, SUPPORTED_ISAS, gen
-
-UNIT = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-
-
-def reference_masked_attention(q, k, v, allowed, scale=None, bias=None):
-    """fp64 math attention: -inf where not allowed, zeros for rows with no allowed key."""
-    g = q.shape[1] // k.shape[1]
-    q, k, v = q.double(), k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
-    s = q @ k.transpose(-1, -2) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
-    if bias is not None:
-        s = s + bias.double()
-    s = s.masked_fill(~allowed, -math.inf)
-    p = torch.softmax(s, -1).nan_to_num(0.0)  # all -inf rows: NaN -> 0
-    return p @ v
-
+from references import UNIT, reference_masked_attention
 
 def qkv(B, H, Hkv, Lq, Lk, D, dtype=torch.float32, seed=0):
     g = gen(seed)

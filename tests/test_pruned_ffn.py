@@ -13,22 +13,9 @@ import torch.nn.functional as F
 import pysparse
 from pysparse import BSR, CSR, SparseNM
 from conftest import DTYPES, SUPPORTED_ISAS, gen
+from references import UNIT, reference_pruned_ffn
 
-ACTS = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu,
-        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu}
-UNIT = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 FORMATS = ["dense", "dense_t", "csr", "bsr", "nm24", "nm48"]
-
-
-def reference_pruned_ffn(x, w1, b1, w2, b2, activation, w3=None, threshold=0.0, dtype=torch.float64):
-    """The unfused sequence, in `dtype` (float64 for the reference)."""
-    c = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    h = ACTS[activation](F.linear(c(x), c(w1), c(b1)))
-    if w3 is not None:
-        h = h * F.linear(c(x), c(w3))
-    if threshold:
-        h = torch.where(h.abs() <= threshold, torch.zeros_like(h), h)
-    return F.linear(h, c(w2), c(b2))
 
 
 def weights(d, h, fmt, dtype, seed=0, gated=False):
@@ -82,7 +69,7 @@ def test_matches_unfused_reference(isa, dtype, fmt):
         pysparse.set_cpu_isa("auto")
 
 
-@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("act", list(pysparse.activations.NAMES))
 def test_every_activation_and_no_biases(act):
     d, h = 48, 96
     for fmt in ("dense", "nm24", "csr"):

@@ -1,8 +1,13 @@
-"""pysparse.sparsify: recipes, criteria, the never-slower-than-dense choice, the report."""
+"""pysparse.sparsify: recipes, criteria, the never-slower-than-dense choice, the report, save and
+load; structured rules (heads, neurons, layers) on the three transformer layouts (pysparse's BERT
+layer, Hugging Face BERT, LLaMA with grouped-query attention): the criteria, least-squares
+reconstruction, global ranking; the kernel-choice cache (pysparse.nn._choice); the command line."""
 from __future__ import annotations
 
+import copy
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -10,7 +15,9 @@ import torch
 import pysparse
 from pysparse._safetensors import load_file, save_file
 from pysparse.nn import SparseLinear, _choice
+from pysparse.prune import Passthrough
 from conftest import gen
+from tiny_transformers import calib_batches, hf_bert, ids, llama, minilm, run
 
 
 def mlp(seed=0):
@@ -75,13 +82,17 @@ def test_wanda_keeps_the_weights_on_loud_inputs():
 def test_bad_recipes():
     with pytest.raises(ValueError, match=r"criterion 'wanda' for '2' needs calibration inputs"):
         pysparse.sparsify(mlp(), {"*": {"format": "nm", "criterion": "wanda"}})
-    with pytest.raises(ValueError, match=r"criterion must be 'magnitude', 'wanda' or 'taylor', got 'obd'"):
+    with pytest.raises(ValueError, match=r"criterion must be 'magnitude', 'wanda' or 'fisher' \(magnitude: \|W\|; "
+                                         r"wanda: \|W\| \* \|\|x\|\|.*; fisher: \(w dL/dw\)\^2 .*\), got 'obd'"):
         pysparse.sparsify(mlp(), {"*": {"format": "nm", "criterion": "obd"}})
-    with pytest.raises(ValueError, match=r"criterion 'taylor' for '2' needs calibration inputs"):
-        pysparse.sparsify(mlp(), {"*": {"format": "nm", "criterion": "taylor"}})
+    with pytest.raises(ValueError, match=r"criterion 'fisher' for '2' needs calibration inputs"):
+        pysparse.sparsify(mlp(), {"*": {"format": "nm", "criterion": "fisher"}})
     x = torch.randn(4, 64, generator=gen(2))
-    with pytest.raises(ValueError, match=r"'taylor' needs calibration callables that return a scalar loss"):
-        pysparse.sparsify(mlp(), {"*": {"format": "nm", "criterion": "taylor"}}, calibration=lambda m: m(x))
+    with pytest.raises(ValueError, match=r"'fisher' needs calibration callables that return a scalar loss"):
+        pysparse.sparsify(mlp(), {"*": {"format": "nm", "criterion": "fisher"}}, calibration=lambda m: m(x))
+    with pytest.raises(ValueError, match=r"criterion for neurons must be one of \('magnitude', 'activation', "
+                                         r"'fisher'\) \(magnitude: .*\), got 'entropy'"):
+        pysparse.sparsify(minilm(), {"*": {"neurons": 0.5, "criterion": "entropy"}}, calib_batches(minilm())[0])
     with pytest.raises(ValueError, match=r"mixes structured keys \['heads'\] with weight keys \['format'\]"):
         pysparse.sparsify(mlp(), {"*": {"format": "nm", "heads": 0.5}})
     with pytest.raises(ValueError, match=r"prunes heads but no module matching its pattern is a recognised attention"):
@@ -281,3 +292,205 @@ def test_sparsify_retimes_over_a_cache_of_zeros(tmp_path, monkeypatch):
     _choice.cache_path().write_text(json.dumps({k: {name: 0 for name in v} for k, v in cache.items()}))
     report = pysparse.sparsify(mlp(1), recipe, calibration=lambda m: m(x))  # would divide by zero if trusted
     assert report[0]["cached"] is False and all(v > 0 for v in report[0]["times_us"][4].values())
+
+
+# ---- structured rules (heads, neurons, layers) and the kernel-choice cache, on small transformers ----
+
+
+@pytest.mark.parametrize("make", [minilm, hf_bert, llama])
+def test_ratio_zero_changes_nothing(make):
+    model, x = make(), ids()
+    want = run(model, x)
+    pysparse.sparsify(model, {"*": {"heads": 0.0, "neurons": 0.0}})
+    torch.testing.assert_close(run(model, x), want, rtol=0, atol=0)
+
+
+def test_llama_gqa_prunes_whole_groups():
+    model, x = llama(), ids()
+    report = pysparse.sparsify(model, {"*.self_attn": {"heads": 0.5}, "*.mlp": {"neurons": 0.25}})
+    a = model.layers[0].self_attn
+    assert a.q_proj.out_features == 4 * 8 and a.k_proj.out_features == 2 * 8  # 8 -> 4 query heads, 4 -> 2 groups
+    assert a.num_key_value_groups == 2  # unchanged: 2 query heads per key/value head
+    assert model.layers[0].mlp.down_proj.in_features == 96
+    assert {r["kind"] for r in report} == {"heads", "neurons"}
+    assert run(model, x).shape == (3, 9, 64)
+
+
+def test_activation_criterion_drops_a_dead_head_first():
+    model = minilm()
+    with torch.no_grad():
+        model.layers[1].attn_out.weight[:, 16:32] = 0  # head 1 of layer 1 contributes nothing
+    cal, _ = calib_batches(model)
+    pysparse.sparsify(model, {"layers.1": {"heads": 0.25, "criterion": "activation"}}, cal)
+    assert model.layers[1].heads == 3 and model.layers[0].heads == 4
+    kept = model.layers[1].attn_out.weight
+    assert kept.abs().sum(0).min() > 0  # the dead head was the one removed
+
+
+def test_fisher_criterion_drops_a_dead_neuron_block_first():
+    model = minilm()
+    dead = torch.arange(0, 32)
+    with torch.no_grad():
+        model.layers[0].ffn_out.weight[:, dead] = 0
+    xs = [ids(20 + i) for i in range(3)]
+    r = torch.randn(3, 9, 64, generator=gen(5))
+    cal = [lambda m, x=x: (run(m, x) * r).sum() for x in xs]
+    pysparse.sparsify(model, {"layers.0": {"neurons": 0.25, "criterion": "fisher"}}, cal)
+    assert model.layers[0].ffn_out.weight.abs().sum(0).min() > 0 and model.layers[0].ffn_out.in_features == 96
+
+
+def test_old_criterion_name_taylor_warns_and_means_fisher():
+    # sparsify's "taylor" was always the squared (Fisher) form: the old name keeps working, with a warning.
+    xs = [ids(20 + i) for i in range(2)]
+    r = torch.randn(3, 9, 64, generator=gen(5))
+    cal = [lambda m, x=x: (run(m, x) * r).sum() for x in xs]
+    old, new = minilm(), minilm()
+    with pytest.warns(DeprecationWarning, match=r"criterion 'taylor' is deprecated, use 'fisher'") as rec:
+        rows = pysparse.sparsify(old, {"layers.0": {"neurons": 0.25, "criterion": "taylor"}}, cal)
+    assert rec[0].filename == __file__  # the warning points at the caller
+    pysparse.sparsify(new, {"layers.0": {"neurons": 0.25, "criterion": "fisher"}}, cal)
+    assert rows[0]["criterion"] == "fisher" and torch.equal(run(old, xs[0]), run(new, xs[0]))
+    x = torch.randn(8, 64, generator=gen(6))
+    y = torch.randn(8, 32, generator=gen(7))
+    loss = [lambda m: torch.nn.functional.mse_loss(m(x), y)]
+    a, b = mlp(8), mlp(8)
+    with pytest.warns(DeprecationWarning, match=r"criterion 'taylor' is deprecated, use 'fisher'"):
+        pysparse.sparsify(a, {"*": {"format": "csr", "sparsity": 0.5, "criterion": "taylor"}}, loss, time_layers=False)
+    pysparse.sparsify(b, {"*": {"format": "csr", "sparsity": 0.5, "criterion": "fisher"}}, loss, time_layers=False)
+    assert torch.equal(a(x), b(x)) and torch.equal(a[2].to_linear().weight, b[2].to_linear().weight)
+
+
+def test_entropy_drops_the_uniform_head_and_is_refused_for_rotary():
+    model = minilm()
+    with torch.no_grad():  # head 2 of layer 0: zero queries -> uniform attention (maximal entropy)
+        model.layers[0].query.weight[32:48] = 0
+        model.layers[0].query.bias[32:48] = 0
+    cal, _ = calib_batches(model)
+    pysparse.sparsify(model, {"layers.0": {"heads": 0.25, "criterion": "entropy"}}, cal)
+    assert model.layers[0].query.weight.abs().sum(1).min() > 0
+    lm = llama()
+    cal, _ = calib_batches(lm)
+    with pytest.raises(ValueError, match=r"'entropy' for 'layers.0.self_attn'.*rotary"):
+        pysparse.sparsify(lm, {"*.self_attn": {"heads": 0.25, "criterion": "entropy"}}, cal)
+
+
+@pytest.mark.parametrize("make", [minilm, hf_bert, llama])
+def test_reconstruction_reduces_the_output_error(make):
+    base = make(3)
+    cal, xs = calib_batches(base, 6)
+    want = torch.cat([run(base, x) for x in xs])
+    errs = {}
+    for rec in (False, True):
+        m = copy.deepcopy(base)
+        pysparse.sparsify(m, {"*": {"heads": 0.25, "neurons": 0.5, "criterion": "activation", "reconstruct": rec}}, cal)
+        errs[rec] = (torch.cat([run(m, x) for x in xs]) - want).norm().item()
+    assert errs[True] < 0.8 * errs[False], errs
+
+
+def test_global_scope_keeps_the_total_and_one_unit_per_layer():
+    model = minilm(layers=3)
+    with torch.no_grad():
+        model.layers[2].ffn_out.weight.mul_(1e-4)  # layer 2's neurons are all unimportant
+    cal, _ = calib_batches(model)
+    pysparse.sparsify(model, {"layers.*": {"neurons": 0.3, "criterion": "activation", "scope": "global"}}, cal)
+    sizes = [l.ffn_out.in_features for l in model.layers]
+    assert sum(sizes) == round(3 * 128 * 0.7) and sizes[2] < sizes[0] and sizes[2] < sizes[1] and min(sizes) >= 1
+
+
+def test_drop_layers_and_the_report():
+    model, x = minilm(layers=3), ids()
+    h = model.emb_norm(model.word(x) + model.position(torch.arange(9))[None] + model.token_type.weight[0])
+    want = model.layers[2](model.layers[0](h, None), None)
+    report = pysparse.sparsify(model, {"layers.1": {"drop": True}})
+    assert isinstance(model.layers[1], Passthrough) and report == [
+        {"name": "layers.1", "kind": "drop", "shape": "layer", "after": "passthrough"}]
+    got = model.layers[2](model.layers[1](model.layers[0](h, None), None), None)
+    torch.testing.assert_close(got, want)
+
+
+def test_structured_then_sparse_then_save_and_load(tmp_path):
+    model, x = hf_bert(4), ids()
+    cal, _ = calib_batches(model)
+    report = pysparse.sparsify(model, {
+        "encoder.layer.*.attention": {"heads": 0.5, "criterion": "activation", "reconstruct": True},
+        "encoder.layer.*": {"neurons": 0.25},
+        "encoder.layer.*.intermediate.dense": {"format": "nm", "kernel": "sparse"},
+        "encoder.layer.1.output.dense": {"format": "csr", "sparsity": 0.7, "kernel": "sparse"},
+    }, cal, skip_ends=False)
+    kinds = [r["kind"] for r in report]
+    assert kinds.count("heads") == 2 and kinds.count("neurons") == 2 and kinds.count("linear") == 3
+    assert isinstance(model.encoder.layer[0].intermediate.dense, SparseLinear)
+    assert model.encoder.layer[0].attention.self.num_attention_heads == 2
+    out = run(model, x)
+    path = tmp_path / "bert.safetensors"
+    pysparse.nn.save_sparse(model, path)
+    back = pysparse.nn.load_sparse(hf_bert(99), path)
+    assert back.encoder.layer[1].attention.self.num_attention_heads == 2
+    assert torch.equal(run(back, x), out)
+    # a dropped layer survives the round trip too
+    m2 = minilm(5, layers=3)
+    pysparse.sparsify(m2, {"layers.1": {"drop": True}, "layers.0": {"heads": 0.5}})
+    pysparse.nn.save_sparse(m2, tmp_path / "m2.safetensors")
+    b2 = pysparse.nn.load_sparse(minilm(6, layers=3), tmp_path / "m2.safetensors")
+    assert isinstance(b2.layers[1], Passthrough) and b2.layers[0].heads == 2
+    assert torch.equal(run(b2, x), run(m2, x))
+
+
+def test_kernel_choice_is_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYSPARSE_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 256), torch.nn.Linear(256, 64))  # noqa: E731
+    recipe = {"1": {"format": "csr", "sparsity": 0.9}}
+    first = pysparse.sparsify(make(), recipe, shapes=[1, 64])
+    assert not first[0]["cached"] and set(first[0]["times_us"]) == {1, 64}
+    data = json.loads((tmp_path / "kernel_choice.json").read_text())
+    assert len(data) == 2 and all("256x256|csr|0.10|" in k for k in data)
+    second = pysparse.sparsify(make(), recipe, shapes=[1, 64])
+    assert second[0]["cached"] and second[0]["times_us"] == first[0]["times_us"]
+    assert second[0]["kernel"] == first[0]["kernel"]
+    third = pysparse.sparsify(make(), recipe, shapes=[1, 64], cache=False)
+    assert not third[0]["cached"]
+    (tmp_path / "kernel_choice.json").write_text("{not json")  # a corrupt cache costs a re-timing only
+    assert not pysparse.sparsify(make(), recipe, shapes=[1])[0]["cached"]
+
+
+def test_a_sparse_choice_is_never_slower_than_dense_at_its_shapes():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.Linear(512, 512), torch.nn.Linear(512, 64))
+    for r in pysparse.sparsify(model, {"1": {"format": "nm"}}, shapes=[1, 128], cache=False):
+        if r["kernel"] != "dense":
+            for t in r["times_us"].values():
+                assert t[r["kernel"]] <= t["dense"]
+
+
+def test_cli_sparsify(tmp_path, monkeypatch, capsys):
+    from pysparse.__main__ import main
+
+    (tmp_path / "mymodel.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),\n"
+        "                               torch.nn.ReLU(), torch.nn.Linear(64, 8))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("mymodel", None)
+    x = torch.randn(16, 32, generator=gen(3))
+    torch.save([(x,)], tmp_path / "calib.pt")
+    out = tmp_path / "out.safetensors"
+    recipe = json.dumps({"2": {"format": "nm", "criterion": "wanda", "kernel": "sparse"}})
+    assert main(["sparsify", "mymodel:build", "--recipe", recipe, "--calibration", str(tmp_path / "calib.pt"),
+                 "--out", str(out), "--report", str(tmp_path / "r.json")]) == 0
+    assert "2:4" in capsys.readouterr().out
+    import mymodel
+
+    back = pysparse.nn.load_sparse(mymodel.build(), out)
+    assert isinstance(back[2], SparseLinear) and back[2].format_name == "2:4"
+    assert json.loads((tmp_path / "r.json").read_text())[0]["name"] == "2"
+    with pytest.raises(SystemExit, match=r"MODEL must be 'package.module:factory'"):
+        main(["sparsify", "mymodel", "--recipe", recipe, "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"criterion 'wanda' for '2' needs calibration"):
+        main(["sparsify", "mymodel:build", "--recipe", recipe, "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        main(["sparsify", "--help"])
+    assert e.value.code == 0 and "--recipe" in capsys.readouterr().out
+

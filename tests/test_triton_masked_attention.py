@@ -1,4 +1,4 @@
-"""The Triton block-sparse attention kernel (triton_kernels/masked_attention.py) through its
+"""The Triton block-sparse attention kernel (pysparse/_triton/kernels/masked_attention.py) through its
 launcher pysparse._triton.masked_attention, against an fp64 reference of the op's semantics.
 Without a GPU it runs under TRITON_INTERPRET=1 on CPU tensors, in fp32 (the interpreter's bf16
 tl.dot is wrong) and with few programs (they run one after another); on a GPU the same tests run
@@ -21,25 +21,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import fp32_close, gen, randn
+from references import reference_masked_attention as shared_reference
+
 pytest.importorskip("triton")
-from conftest import gen, randn  # noqa: E402
 
 _triton = pytest.importorskip("pysparse._triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 NO_BAND = 2**62
-TOL = dict(rtol=2e-5, atol=2e-5)
+TOL = fp32_close(2)  # softmax and two products
 
 
 def reference_masked_attention(q, k, v, block_kind, block_q, block_k, elem_mask, bias, band_lo,
                                band_hi, kv_len, scale, head_mask):
-    """The op in float64 on CPU, from the dense (B, H, Lq, Lk) allowed mask."""
-    q, k, v = (t.detach().cpu().double() for t in (q, k, v))
-    B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    k = k.repeat_interleave(H // Hkv, dim=1)
-    v = v.repeat_interleave(H // Hkv, dim=1)
+    """The raw op's arguments as a dense (B, H, Lq, Lk) allowed mask, then the shared fp64
+    reference."""
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
     i = torch.arange(Lq).view(Lq, 1)
     j = torch.arange(Lk).view(1, Lk)
     partial_ok = ((j - i >= band_lo) & (j - i <= band_hi)).expand(B, H, Lq, Lk)
@@ -53,14 +53,7 @@ def reference_masked_attention(q, k, v, block_kind, block_q, block_k, elem_mask,
         kind = (block_kind.cpu().repeat_interleave(block_q, 2).repeat_interleave(block_k, 3)
                 [:, :, :Lq, :Lk].expand(B, H, Lq, Lk))
     allowed = (kind == 2) | ((kind == 1) & partial_ok)
-    s = scale * q @ k.transpose(-1, -2)
-    if bias is not None:
-        s = s + bias.cpu().double()
-    s = s.masked_fill(~allowed, float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m))
-    l = p.sum(-1, keepdim=True)
-    out = torch.where(l > 0, (p @ v) / torch.where(l > 0, l, 1.0), 0.0)
+    out = shared_reference(q, k, v, allowed, scale, bias)
     if head_mask is not None:
         out = out * head_mask.cpu().view(1, H, 1, 1)
     return out

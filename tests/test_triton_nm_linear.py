@@ -1,4 +1,4 @@
-"""The Triton N:M (2:4) linear kernel (triton_kernels/nm_linear.py). Without a GPU it runs under
+"""The Triton N:M (2:4) linear kernel (pysparse/_triton/kernels/nm_linear.py). Without a GPU it runs under
 TRITON_INTERPRET=1 on CPU tensors, in fp32 (the interpreter's bf16 tl.dot is wrong) and with one
 large tile per program; on a GPU the same tests run on CUDA tensors."""
 from __future__ import annotations
@@ -9,16 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pysparse
+from pysparse import SparseNM
+from conftest import gen, randn
+from references import reference_linear
+
 pytest.importorskip("triton")
-import pysparse  # noqa: E402
-from pysparse import SparseNM  # noqa: E402
-from conftest import gen, randn  # noqa: E402
 
 _triton = pytest.importorskip("pysparse._triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
-ACTS = {"none": lambda y: y, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 8), (8, 16)])
@@ -34,14 +35,14 @@ def test_matches_reference(n, m, T):
                                rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("activation", list(ACTS))
+@pytest.mark.parametrize("activation", pysparse.activations.NAMES)
 def test_fused_activation_and_leading_dims(activation):
     W = pysparse.prune.nm(randn(64, 128, g=gen(5)), 2, 4)
     A = SparseNM.from_dense(W).to(DEVICE)
     x = randn(2, 3, 128, g=gen(6)).to(DEVICE)
     y = _triton.nm_linear(x, A.values, A.mask, A.shape, 2, 4, None, activation)
     assert y.shape == (2, 3, 64)
-    ref = ACTS[activation](x.cpu().double() @ W.double().T)
+    ref = reference_linear(x.cpu(), W, activation=activation)
     torch.testing.assert_close(y.cpu().double(), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -81,7 +82,7 @@ def test_many_tokens_take_cusparselt_and_recompress_after_an_update():
     A = SparseNM.from_dense(W).to("cuda")
     b = randn(256, g=gen(12)).to(torch.bfloat16).cuda()
     x = randn(2, 50, 512, g=gen(13)).to(torch.bfloat16).cuda()  # 100 tokens, not a multiple of 16
-    if not ops._use_cusparselt(x, A):
+    if not ops.uses_cusparselt(x, A):
         pytest.skip("this torch has no cuSPARSELt")
     ref = lambda: F.gelu(x.float() @ A.to_dense().float().T + b.float())  # noqa: E731
     torch.testing.assert_close(pysparse.linear(x, A, b, activation="gelu").float(), ref(), rtol=2e-2, atol=5e-2)

@@ -1,4 +1,4 @@
-"""The fused FFN kernel (triton_kernels/pruned_ffn.py) through its launcher, _triton.pruned_ffn.
+"""The fused FFN kernel (pysparse/_triton/kernels/pruned_ffn.py) through its launcher, _triton.pruned_ffn.
 Without a GPU it runs under TRITON_INTERPRET=1 on CPU tensors, in fp32 (the interpreter's bf16
 tl.dot is wrong) and with large tiles; on a GPU the same tests run on CUDA tensors, each with one
 fixed tile (no autotuning: every variant would compile six configs).
@@ -14,16 +14,18 @@ absref, plus one rounding of the output.
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import pysparse
+from pysparse import BSR, CSR, SparseNM
+from conftest import assert_close, gen, randn
+
 pytest.importorskip("triton")
-import pysparse  # noqa: E402
-from pysparse import BSR, CSR, SparseNM  # noqa: E402
-from conftest import assert_close, gen, randn  # noqa: E402
 
 _triton = pytest.importorskip("pysparse._triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -178,8 +180,9 @@ def test_leading_dims_and_strided_x():
 
 
 def no_fused_kernel(monkeypatch):
-    monkeypatch.setattr(_triton, "pruned_ffn_kernel", None)
-    monkeypatch.setattr(_triton, "_ffn_autotuned", None)
+    launcher = importlib.import_module("pysparse._triton.pruned_ffn")  # the module, not the function
+    monkeypatch.setattr(launcher, "pruned_ffn_kernel", None)
+    monkeypatch.setattr(launcher, "_ffn_autotuned", None)
 
 
 def test_csr_and_bsr_fall_back_to_the_unfused_sequence(monkeypatch):

@@ -1,6 +1,6 @@
 // Masked attention kernels, written once over the Vec wrapper of simd.h and compiled per ISA
-// alongside spmm_impl.h (same namespace rules). Shapes and the meaning of every field: AttnArgs
-// in kernels.h.
+// alongside the SpMM kernels (same namespace rules: kernels.h). Shapes and the meaning of every
+// field: AttnArgs in kernels.h.
 //
 // Design (FlashAttention-2's loop order, on CPU): one task is one (batch, head, query block). Its
 // bq x Dk query tile, pre-scaled by scale * log2(e) so the softmax runs on exp2, stays in L1; the
@@ -19,9 +19,8 @@
 //   O += P V          register tiles of 4 rows x up to kTileVecs vectors of the value dim, V read in
 //                     place when it is fp32 with whole vectors per row, else packed as fp32.
 // One task is one kv head (or a part of its query blocks when there are fewer kv heads than
-// threads), and the packs live in thread-local buffers reused across calls: packing every head
-// into fresh buffers cost ~25k page faults per call at (1, 32, 2048, 128), 35 ms even when the
-// mask skipped every tile.
+// threads), and the packs live in thread-local buffers reused across calls: fresh buffers per
+// head made a call page-fault bound (35 ms at (1, 32, 2048, 128) with every tile skipped).
 // A row that has seen no allowed key keeps m = -inf and contributes nothing, so it ends as zeros
 // (as SDPA's does since torch 2.5). NaN and +inf scores at allowed keys make the row NaN, as in
 // SDPA: exp2 passes NaN through (inf - inf is NaN), and a NaN weight spreads over the row.

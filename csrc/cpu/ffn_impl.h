@@ -1,4 +1,4 @@
-// Fused pruned FFN: the activation-sparse second product, compiled per ISA like spmm_impl.h.
+// Fused pruned FFN: the activation-sparse second product, compiled per ISA like the SpMM kernels.
 // Shapes and fields: FfnSkipArgs in kernels.h.
 //
 // Why W2 transposed: with a ReLU (or a CATS-style threshold) most intermediate entries of a

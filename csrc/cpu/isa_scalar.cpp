@@ -1,4 +1,5 @@
-// The scalar instantiation of the SpMM kernels (see spmm_impl.h).
+// The scalar instantiation of the SpMM, attention and FFN kernels (csrc/README.md: which header
+// holds which kernel).
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -13,7 +14,12 @@ namespace isa_scalar {
 #include "simd.h"
 #include "attention_impl.h"
 #include "ffn_impl.h"
-#include "spmm_impl.h"
+#include "spmm_shared.h"
+#include "csr_impl.h"
+#include "bsr_impl.h"
+#include "nm_mask.h"
+#include "nm_impl.h"
+#include "kernel_table.h"
 }  // namespace isa_scalar
 
 const KernelTable& scalar_kernels() {

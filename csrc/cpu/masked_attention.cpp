@@ -126,7 +126,7 @@ static at::Tensor masked_attention(const at::Tensor& q_in, const at::Tensor& k_i
   for (int d = 0; d < 3; ++d) a.sq[d] = q.stride(d), a.sk[d] = k.stride(d), a.sv[d] = v.stride(d), a.so[d] = out.stride(d);
   a.QB = QB, a.KB = KB, a.bq = block_q, a.bk = block_k;
   // j - i lies in [-(Lq - 1), Lk - 1]: bounds clamped to [-Lq, Lk] allow the same keys, and
-  // i + band - j0 + 1 in the kernel cannot wrap (a bound near 2**63 once returned wrong rows).
+  // i + band - j0 + 1 in the kernel cannot wrap (a bound near 2**63 would return wrong rows).
   a.band_lo = std::clamp<int64_t>(band_lo, -Lq, Lk), a.band_hi = std::clamp<int64_t>(band_hi, -Lq, Lk);
   a.scale = float(scale);
 

@@ -1,19 +1,12 @@
 // CPU implementations of pysparse::nm_spmm and pysparse::nm_linear (N:M semi-structured, 2:4
-// included), with the bias and activation fused into the kernels' epilogue.
+// included). nm_linear's bias and ReLU run in the kernels' epilogue, gelu, gelu_tanh and silu
+// over the finished output (launch_spmm).
 #include <torch/library.h>
 
 #include "spmm_common.h"
 
 namespace pysparse {
 namespace cpu {
-
-static int parse_activation(c10::string_view act) {
-  if (act == "none") return kActNone;
-  if (act == "relu") return kActRelu;
-  if (act == "gelu") return kActGelu;
-  if (act == "silu") return kActSilu;
-  TORCH_CHECK(false, "pysparse: activation must be none, relu, gelu or silu, got '", std::string(act), "'");
-}
 
 static at::Tensor nm_spmm(const at::Tensor& values, const at::Tensor& mask, c10::SymIntArrayRef shape,
                           int64_t n, int64_t m, const at::Tensor& dense) {

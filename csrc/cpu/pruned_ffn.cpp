@@ -7,7 +7,7 @@
 // round trip through DRAM, and each product
 // runs on the kernels of its format (SpMM / N:M for sparse weights, torch's GEMM for dense
 // ones), parallel inside. The activation, the gate and the threshold are applied to the tile in
-// cache (the N:M epilogue fuses the activation itself). Decode-sized tiles with W2 given
+// cache (an N:M product takes a ReLU in its epilogue). Decode-sized tiles with W2 given
 // transposed take the activation-sparse path: only the rows of W2^T at nonzero intermediate
 // entries are read (ffn_impl.h).
 #include <ATen/Parallel.h>
@@ -28,27 +28,6 @@ namespace cpu {
 // the dense operand per tile, and cost 10-20% at n >= 128 against one pass (MiniLM, BERT CSR).
 static constexpr int64_t kTileBytes = 8 << 20;
 static constexpr int64_t kSkipMaxTokens = 8;  // beyond this, one GEMM beats per-token row skipping
-
-enum class Act { kNone, kRelu, kGelu, kGeluTanh, kSilu };
-
-static Act parse_act(c10::string_view s) {
-  if (s == "none") return Act::kNone;
-  if (s == "relu") return Act::kRelu;
-  if (s == "gelu") return Act::kGelu;
-  if (s == "gelu_tanh") return Act::kGeluTanh;
-  if (s == "silu") return Act::kSilu;
-  TORCH_CHECK(false, "pysparse: activation must be none, relu, gelu, gelu_tanh or silu, got '", std::string(s), "'");
-}
-
-static void apply_act(at::Tensor& t, Act act) {
-  switch (act) {
-    case Act::kRelu: t.clamp_min_(0); break;
-    case Act::kGelu: at::gelu_(t); break;
-    case Act::kGeluTanh: at::gelu_(t, "tanh"); break;
-    case Act::kSilu: at::silu_(t); break;
-    default: break;
-  }
-}
 
 // One weight in nn.Linear layout (rows = output features) in its format, or W2 transposed.
 struct Weight {
@@ -92,19 +71,18 @@ static Weight parse_weight(c10::string_view fmt_in, const std::vector<at::Tensor
   return w;
 }
 
-// x (tokens, cols) @ W^T + bias, with the activation fused where the kernel can.
-static at::Tensor apply(const Weight& w, const at::Tensor& x, const std::optional<at::Tensor>& bias, Act act) {
+// act(x (tokens, cols) @ W^T + bias). An N:M product takes the activation itself (a ReLU in the
+// kernels' epilogue, the others right after, as nm_linear); CSR, BSR and dense get it here.
+static at::Tensor apply(const Weight& w, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                        Activation act) {
   if (w.kind == Weight::kSparse) {
-    const bool fuse = w.sp.nm() && act != Act::kGeluTanh;  // the N:M epilogue has relu/gelu/silu
-    at::Tensor y = launch_spmm(w.sp, x, /*linear=*/true, bias,
-                               fuse ? (act == Act::kRelu ? kActRelu : act == Act::kGelu ? kActGelu
-                                                                     : act == Act::kSilu ? kActSilu : kActNone)
-                                    : kActNone);
-    if (!fuse) apply_act(y, act);
+    const bool fuse = w.sp.nm();
+    at::Tensor y = launch_spmm(w.sp, x, /*linear=*/true, bias, fuse ? act : kActNone);
+    if (!fuse) apply_activation(y, act);
     return y;
   }
   at::Tensor y = at::linear(x, w.kind == Weight::kDenseT ? w.w.t() : w.w, bias);
-  apply_act(y, act);
+  apply_activation(y, act);
   return y;
 }
 
@@ -141,7 +119,7 @@ static at::Tensor pruned_ffn(const at::Tensor& x, c10::string_view f1, const std
   TORCH_CHECK(x.dim() >= 1, "pysparse: x must have at least 1 dimension");
   const int64_t d = x.size(-1);
   TORCH_CHECK(hidden >= 0, "pysparse: hidden size must be non-negative, got ", hidden);
-  const Act act = parse_act(activation);
+  const Activation act = parse_activation(activation);
   const Weight w1 = parse_weight(f1, w1s, hidden, d, "w1", x);
   const Weight w2 = parse_weight(f2, w2s, d, hidden, "w2", x);
   TORCH_CHECK(w1.kind != Weight::kDenseT, "pysparse: only w2 may be given transposed (dense_t)");
@@ -175,14 +153,14 @@ static at::Tensor pruned_ffn(const at::Tensor& x, c10::string_view f1, const std
   checked_numel({std::min(tokens, tile), hidden}, 4, "the intermediate of one token tile");
   auto run_tile = [&](const at::Tensor& xt, std::optional<at::Tensor> out_rows) {
     at::Tensor h = apply(w1, xt, b1, act);
-    if (gated) h.mul_(apply(w3, xt, std::nullopt, Act::kNone));
+    if (gated) h.mul_(apply(w3, xt, std::nullopt, kActNone));
     if (threshold > 0) h.masked_fill_(h.abs() <= threshold, 0);
     if (w2.kind == Weight::kDenseT && xt.size(0) <= kSkipMaxTokens && hidden > 0) {
       if (!out_rows) out_rows = at::empty({xt.size(0), d}, x.options());
       skip_second_product(w2, h, b2, *out_rows);
       return *out_rows;
     }
-    at::Tensor y = apply(w2, h, b2, Act::kNone);
+    at::Tensor y = apply(w2, h, b2, kActNone);
     if (out_rows) out_rows->copy_(y);
     return y;
   };

@@ -197,7 +197,7 @@ static std::vector<int64_t> balanced_rows(const at::Tensor& crow, int64_t rows, 
 static constexpr int64_t kSerialWork = 1 << 15;
 
 at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool linear,
-                       const std::optional<at::Tensor>& bias, int act) {
+                       const std::optional<at::Tensor>& bias, Activation act) {
   const DType dt = value_dtype(A.values, "values");
   const IType it = A.nm() ? kI32 : index_dtype(A.crow, A.col);
   check_same_device(A.values, dense, linear ? "input" : "dense");
@@ -249,9 +249,7 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
     if (!bias_t) out.zero_();
     else if (linear) out.view({n, M}).copy_(bias_c.unsqueeze(0).expand({n, M}));
     else out.view({nbatch, M, n}).copy_(bias_c.view({1, M, 1}).expand({nbatch, M, n}));
-    if (act == kActRelu) out.clamp_min_(0);
-    else if (act == kActGelu) at::gelu_(out);
-    else if (act == kActSilu) at::silu_(out);
+    apply_activation(out, act);
     return out;
   }
   // B as (nbatch, K, n) with element strides (sb, sk, sn): image b at element offset b * sb.
@@ -263,9 +261,9 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   const bool gemv = n == 1;
   // 2:4 where the ISA has the token-row kernel: B^T's rows (fp32, contiguous along K), no panels.
   // In the linear layout these are the input rows as they are; spmm's B (K, n) is transposed.
-  const bool small = A.nm() && A.n == 2 && A.m == 4 && n > 1 && n <= kt.nm_small_max_n && K % 32 == 0 &&
-                     kt.nm_small[dt] != nullptr;
-  const int nb = gemv ? 1 : small ? int(n) : (A.blocked ? kt.bsr_panel_width(n, K) : kt.csr_panel_width(n, K));
+  const bool token_row = A.nm() && A.n == 2 && A.m == 4 && n > 1 && n <= kt.nm_token_row_max_n && K % 32 == 0 &&
+                         kt.nm_token_row[dt] != nullptr;
+  const int nb = gemv ? 1 : token_row ? int(n) : (A.blocked ? kt.bsr_panel_width(n, K) : kt.csr_panel_width(n, K));
   const int64_t npanels = (n + nb - 1) / nb;
   const int64_t esize = A.values.element_size();
   const int64_t rows = A.blocked ? M / A.bh : M;
@@ -274,11 +272,11 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   // B used as it is: one contiguous fp32 panel of the right width (a row stride other than nb
   // would make panel rows alias in L1 for n a multiple of 512 B), or the vector of a gemv.
   const bool direct = dt == kF32 && (gemv ? sk == 1 : (sn == 1 && n == nb && sk == nb));
-  const bool keep_rows = small && dt == kF32 && sk == 1;  // B^T's rows as they are
+  const bool keep_rows = token_row && dt == kF32 && sk == 1;  // B^T's rows as they are
   const bool paneled = !A.nm() && !gemv && !direct;  // B packed into panels (CSR, BSR)
   // Floats of one image's whole packed operand (what panels_of fills). Checked: K and n are
   // declared sizes that an operand expanded with stride 0 need not back with memory.
-  const int64_t image_floats = small ? (keep_rows ? 0 : checked_numel({n, K}, 4, "the transposed input"))
+  const int64_t image_floats = token_row ? (keep_rows ? 0 : checked_numel({n, K}, 4, "the transposed input"))
                                : direct ? 0 : checked_numel({npanels, K, nb}, 4, "the packed dense operand");
   // A dense operand that dwarfs the matrix (a 1x1 convolution: 25k columns against a few thousand
   // nonzeros): panels are packed a strip at a time just before all rows multiply them, so they
@@ -291,9 +289,9 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   const int64_t strip = paneled ? std::max<int64_t>(1, std::min<int64_t>(npanels, (256 << 10) / (K * nb * 4))) : 1;
   const int64_t task_floats = wide ? strip * K * nb : image_floats;
 
-  // ReLU is fused into the kernels' epilogue; gelu and silu run right after on the output (still
-  // in cache) with torch's vector kernels: the epilogue's scalar erff made a fused gelu cost 2.4x
-  // the product itself (1536x384 2:4, n = 32: 418 against 173 us unfused).
+  // ReLU is fused into the kernels' epilogue; the other activations run right after on the output
+  // (still in cache) with torch's vector kernels: the epilogue's scalar erff made a fused gelu
+  // cost 2.4x the product itself.
   const Output O0{out.data_ptr(), linear ? 1 : n, linear ? M : 1, bias_t ? bias_c.data_ptr() : nullptr,
                   act == kActRelu ? act : kActNone};
   auto output_of = [&](int64_t b, int64_t j0) {  // image b's output from column j0 on
@@ -311,11 +309,11 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
       // Decoded positions (decode_row writes 8 ahead) of a chunk of rows for the panel kernel, of
       // one row for the gemv: a task of one row of 2**26 columns needs no 32 rows of positions.
       std::vector<int32_t> scratch;
-      if (!small)
+      if (!token_row)
         scratch.resize(size_t(checked_numel({gemv ? 1 : std::min(kNmChunkRows, r1 - r0), A.values.size(1) + 8}, 4,
                                             "the decoded N:M positions")));
       NmArgs a{A.values.data_ptr(), A.mask.data_ptr<uint8_t>(), M, K, A.n, A.m, P, O, scratch.data()};
-      (gemv ? kt.nm_gemv[dt] : small ? kt.nm_small[dt] : kt.nm[dt])(a, r0, r1, p0, p1);
+      (gemv ? kt.nm_gemv[dt] : token_row ? kt.nm_token_row[dt] : kt.nm[dt])(a, r0, r1, p0, p1);
     } else if (A.blocked) {
       std::vector<float> scratch(size_t(A.bh) * (P.nb + A.bw + 17));
       BsrArgs a{A.crow.data_ptr(), A.col.data_ptr(), A.values.data_ptr(), M, K, A.bh, A.bw,
@@ -351,7 +349,7 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
     P.n = n;
     P.nb = nb;
     P.b = buf;
-    if (small) {
+    if (token_row) {
       if (keep_rows) {
         P.b = reinterpret_cast<const float*>(image(b));
         P.ldb = sn;
@@ -393,9 +391,8 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   std::vector<int> bad(std::max<int64_t>(nthreads, 1), 0);
 
   // Whole images, one at a time per thread, while at least one is left per thread: no thread
-  // then reads what another packed (a batch of 8 1024 -> 256 14x14 products ran 1.2x slower on 2
-  // threads than on 1 when both threads read every packed panel of each image, on this VM whose
-  // vCPUs do not always share a cache; 2.0x faster than 1 thread this way). Threads pack into
+  // then reads what another packed (on vCPUs that do not share a cache, reading each other's
+  // panels made 2 threads slower than 1; this way they ran 2.0x faster). Threads pack into
   // buffers of their own only while these total at most 64 MiB: a batch of big operands on many
   // threads must not multiply the memory.
   const bool serial = saturating_mul(saturating_mul(nnz_elems, n), nbatch) < kSerialWork || nthreads == 1;
@@ -421,11 +418,9 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   // The images left (fewer than the threads: one at batch 1) are each shared by all threads:
   // by panels where there are enough of them and re-reading the matrix per thread is cheap (the
   // wide case, or a matrix that stays in L3), each thread packing and multiplying its own;
-  // otherwise by rows. A thread never reads panels another packed unless memory is short: while
-  // the two vCPUs measured here did not share a cache, that made 2 threads slower than 1
-  // (1024 -> 256 at 14x14: 223 us against 179 on 1 thread; 94 us split by panels). Split by
-  // panels, 10 shapes from 3x3 convolutions to 4096x4096 at n = 128 ran 1.0-1.2x faster than
-  // by rows with shared panels even while the cache was shared.
+  // otherwise by rows. A thread never reads panels another packed unless memory is short: on
+  // vCPUs that do not share a cache that made 2 threads slower than 1, and split by panels ran
+  // 1.0-1.2x faster than by rows with shared panels even where the cache was shared.
   const bool serial_image = saturating_mul(nnz_elems, n) < kSerialWork;
   const bool matrix_in_cache = nnz_elems * (esize + 4) <= (8 << 20);
   const int64_t per_worker = (npanels + nthreads - 1) / nthreads;  // panels of one worker
@@ -460,10 +455,9 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
     }
     const int64_t parts = int64_t(bounds.size()) - 1;
     if (parts > 1 && image_floats * 4 <= (1 << 20)) {
-      // Small panels (at most 1 MiB): each part packs them all itself. Measured while the cache
-      // was not shared: up to 1.65x faster than sharing one packing (768x3072 at n = 32..128);
-      // while it was, equal below 1 MiB, but 4096x4096 at n = 512 (8 MiB of panels) ran 1.35x
-      // slower packed twice.
+      // Small panels (at most 1 MiB): each part packs them all itself, up to 1.65x faster than
+      // sharing one packing where the cache is not shared and equal where it is; bigger panels
+      // packed twice cost up to 1.35x.
       at::Tensor buf = buffer(parts, image_floats);
       for (int64_t b = whole; b < nbatch; ++b)
         run_workers(parts, [&](int64_t w) {
@@ -489,8 +483,7 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   for (int b : bad)
     TORCH_CHECK(b == 0, "pysparse: a column index is out of range for a matrix with ",
                 A.blocked ? K / A.bw : K, A.blocked ? " block columns" : " columns");
-  if (act == kActGelu) at::gelu_(out);
-  else if (act == kActSilu) at::silu_(out);
+  if (act != kActRelu) apply_activation(out, act);
   return out;
 }
 

@@ -1,6 +1,7 @@
-// CPU launch machinery shared by csr_spmm.cpp and bsr_spmm.cpp: ISA selection, packing of the
-// dense operand, nnz-balanced partitioning and the parallel loop. The kernels themselves are in
-// spmm_impl.h, compiled per ISA.
+// CPU launch machinery of the CSR, BSR and N:M products (csr_spmm.cpp, bsr_spmm.cpp, nm_spmm.cpp,
+// pruned_ffn.cpp): ISA selection, operand checks, packing of the dense operand, nnz-balanced
+// partitioning and the parallel loop. The kernels are compiled per ISA by isa_*.cpp
+// (csrc/README.md: which header holds which kernel).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -8,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "activations.h"
 #include "kernels.h"
 
 namespace pysparse {
@@ -31,10 +33,11 @@ struct SparseOperand {
   bool nm() const { return m != 0; }
 };
 
-// A @ B (layout spmm: B = dense (K, n), out (M, n)) or x @ A^T + bias
-// (layout linear: x (..., K), out (..., M)).
+// A @ B (layout spmm: B = dense (K, n), out (M, n)) or act(x @ A^T + bias)
+// (layout linear: x (..., K), out (..., M)). ReLU runs in the kernels' epilogue, the other
+// activations over the finished output (apply_activation).
 at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool linear,
-                       const std::optional<at::Tensor>& bias, int act = kActNone);
+                       const std::optional<at::Tensor>& bias, Activation act = kActNone);
 
 // Validates crow/col/values against the shape and returns the operand (contiguous tensors).
 SparseOperand check_csr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,

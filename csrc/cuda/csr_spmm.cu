@@ -1,12 +1,12 @@
-// CUDA launchers of pysparse::csr_spmm and pysparse::csr_linear (kernel in csr_spmm_kernel.cuh).
-// Checks what is cheap to check on the host and launches on the current stream under a device
-// guard. A matrix's first product also checks its indices (the kernel flags a bad one; reading the
-// flag synchronises) and orders its rows by length, longest first; both are remembered with the
-// index tensors (checked_indices.h), so later products neither synchronise nor sort, and can be
-// captured in a CUDA graph. A batch of dense operands is one launch (grid.z). The linear
-// layout runs as out^T = A @ x^T: up to kCsrNarrow tokens (decode) the narrow kernel reads x and
-// writes the (T, M) output through strides; more tokens go through transposed copies, since the
-// wide kernel wants rows of B and out contiguous.
+// CUDA launchers of pysparse::csr_spmm and pysparse::csr_linear (kernels in csr_spmm_kernel.cuh,
+// their launches in csr_spmm_launch.cuh). Checks what is cheap to check on the host and launches
+// on the current stream under a device guard. A matrix's first product also checks its indices
+// (the kernel flags a bad one; reading the flag synchronises) and orders its rows by length,
+// longest first; both are remembered with the index tensors (checked_indices.h), so later
+// products neither synchronise nor sort, and can be captured in a CUDA graph. A batch of dense
+// operands is one launch (grid.z). The linear layout runs as out^T = A @ x^T: up to kCsrNarrow
+// tokens (decode) the narrow kernel reads x and writes the (T, M) output through strides; more
+// tokens go through transposed copies, since the wide kernel wants rows of B and out contiguous.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -15,7 +15,8 @@
 
 #include "checked_indices.h"
 #include "checks.h"
-#include "csr_spmm_kernel.cuh"
+#include "csr_spmm_launch.cuh"
+#include "stream_launch.cuh"
 
 namespace pysparse {
 namespace cuda {
@@ -27,53 +28,12 @@ static CheckedIndices& checked() {
   return *memo;
 }
 
-// B (batch, K, n) and out (batch, M, n), with unit column strides unless n <= kCsrNarrow (the
-// narrow kernel takes any): one launch per column chunk (csr_spmm_plan) and batch chunk
-// (csr_spmm_batches).
-template <typename T, typename RT, typename CT>
-static void launch(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values, const at::Tensor& perm,
-                   int64_t M, int64_t K, const at::Tensor& B, const at::Tensor* bias, at::Tensor& out, int* bad) {
-  const int64_t batch = B.size(0), n = B.size(2), ldb = B.stride(1), ldbc = B.stride(2), sbb = B.stride(0);
-  const int64_t ldo = out.stride(1), ldoc = out.stride(2), sbo = out.stride(0);
-  const RT* cr = crow.data_ptr<RT>();
-  const CT* cl = col.data_ptr<CT>();
-  const T* v = reinterpret_cast<const T*>(values.data_ptr());
-  const T* bi = bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
-  const int64_t* pm = perm.data_ptr<int64_t>();
-  const int64_t nnz = values.numel();
-  auto stream = at::cuda::getCurrentCUDAStream();
-  csr_spmm_batches(batch, [&](int64_t z, int64_t nz) {
-    const T* b = reinterpret_cast<const T*>(B.data_ptr()) + z * sbb;
-    T* o = reinterpret_cast<T*>(out.data_ptr()) + z * sbo;
-    csr_spmm_plan<sizeof(T)>(n, b, ldb, sbb, [&](auto kernel, int64_t c, int64_t nc) {
-      using Kn = decltype(kernel);
-      if constexpr (Kn::vec == 0)
-        csr_spmm_narrow_kernel<T, RT, CT><<<csr_spmm_grid(M, 1, 1, nz), kCsrSpmmThreads, 0, stream>>>(
-            cr, cl, v, pm, M, K, nnz, b + c * ldbc, ldb, ldbc, sbb, int(nc), bi, o + c * ldoc, ldo, ldoc, sbo, bad);
-      else
-        csr_spmm_kernel<T, RT, CT, Kn::vec, Kn::aligned><<<csr_spmm_grid(M, nc, Kn::vec, nz), kCsrSpmmThreads, 0, stream>>>(
-            cr, cl, v, pm, M, K, nnz, b + c, ldb, sbb, nc, bi, o + c, ldo, sbo, bad);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-}
-
-template <typename T>
-static void dispatch_index(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values, const at::Tensor& perm,
-                           int64_t M, int64_t K, const at::Tensor& B, const at::Tensor* bias, at::Tensor& out, int* bad) {
-  const auto r = crow.scalar_type(), c = col.scalar_type();
-  if (r == at::kInt && c == at::kInt) return launch<T, int32_t, int32_t>(crow, col, values, perm, M, K, B, bias, out, bad);
-  if (r == at::kLong && c == at::kLong) return launch<T, int64_t, int64_t>(crow, col, values, perm, M, K, B, bias, out, bad);
-  if (r == at::kInt && c == at::kShort) return launch<T, int32_t, int16_t>(crow, col, values, perm, M, K, B, bias, out, bad);
-  index_dtype(crow, col);  // throws the one-sentence error
-}
-
 // out[i] (M, n) = A @ B[i] for B (batch, K, n), any strides; bias per row of out. Returns out
 // (batch, M, n), or with `transposed` its transpose (batch, n, M), contiguous. The batch is one launch.
 static at::Tensor spmm_mn(const at::Tensor& crow_in, const at::Tensor& col_in, const at::Tensor& values_in,
                           c10::SymIntArrayRef shape, const at::Tensor& B_in, const std::optional<at::Tensor>& bias,
                           bool transposed) {
-  value_dtype(values_in, "values");
+  const cpu::DType dtype = value_dtype(values_in, "values");
   check_dim(crow_in, 1, "crow_indices");
   check_dim(col_in, 1, "col_indices");
   check_dim(values_in, 1, "values");
@@ -128,14 +88,17 @@ static at::Tensor spmm_mn(const at::Tensor& crow_in, const at::Tensor& col_in, c
     perm = std::get<1>(lengths.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true)).contiguous();
     bad = at::zeros({1}, values.options().dtype(at::kInt));
   }
-  int* bad_ptr = known ? nullptr : bad.data_ptr<int>();
   const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
-  const at::Tensor* bp = bias ? &bias_c : nullptr;
-  switch (values.scalar_type()) {
-    case at::kFloat: dispatch_index<float>(crow, col, values, perm, M, K, B, bp, out, bad_ptr); break;
-    case at::kHalf: dispatch_index<__half>(crow, col, values, perm, M, K, B, bp, out, bad_ptr); break;
-    default: dispatch_index<__nv_bfloat16>(crow, col, values, perm, M, K, B, bp, out, bad_ptr); break;
-  }
+  const CsrSpmmArgs args{.crow = crow.data_ptr(), .col = col.data_ptr(), .val = values.data_ptr(),
+                         .perm = perm.data_ptr<int64_t>(), .B = B.data_ptr(),
+                         .bias = bias ? bias_c.data_ptr() : nullptr, .out = out.data_ptr(),
+                         .bad = known ? nullptr : bad.data_ptr<int>(),
+                         .M = M, .K = K, .nnz = values.numel(), .n = n, .batch = batch,
+                         .ldb = B.stride(1), .ldbc = B.stride(2), .sbb = B.stride(0),
+                         .ldo = out.stride(1), .ldoc = out.stride(2), .sbo = out.stride(0),
+                         .dtype = dtype, .itype = index_dtype(crow, col)};  // throws the one-sentence error
+  const char* refused = csr_spmm_launch(args, StreamLaunch());
+  TORCH_INTERNAL_ASSERT(refused == nullptr, "pysparse: CSR launch plan refused: ", refused);
   if (!known) {
     // Synchronises, once per matrix version: a bad index must be an error, not a clamped result.
     TORCH_CHECK(bad.item<int>() == 0, "pysparse: a column index or row pointer is out of range for a matrix with ", K,

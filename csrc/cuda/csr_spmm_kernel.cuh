@@ -20,8 +20,8 @@
 // reported through *bad (bad may be null: the launcher passes null for indices it has already
 // checked, see csrc/include/checked_indices.h).
 //
-// The host-side geometry helpers below are shared with the CPU emulation test
-// (tests/cuda_emu/), which runs this device code without a GPU.
+// Which kernel runs, over which grid, with which arguments: csr_spmm_launch.cuh, the one plan
+// that the launcher and the CPU emulation test (tests/cuda_emu/) both run.
 #pragma once
 #include <cstdint>
 #include <cuda_bf16.h>
@@ -40,70 +40,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 
 constexpr int kWarpsPerBlock = 4;
 constexpr unsigned kCsrSpmmThreads = 32 * kWarpsPerBlock;
-constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on gridDim.y (and gridDim.z)
-
-constexpr int kCsrNarrow = 8;          // widest n for csr_spmm_narrow_kernel
-
-// VEC output columns per lane: as many as one 16-byte load of B holds (Sputnik's vector width:
-// 4 fp32, 8 fp16/bf16) once n fills a warp's 32 * VEC columns, else 4 from 128 columns, else 1.
-// A wider lane costs the same two shuffles per nonzero for more columns.
-inline int csr_spmm_vec(int64_t n, int elem_size) {
-  const int wide = 16 / elem_size;
-  return n >= 32 * wide ? wide : (n >= 128 ? 4 : 1);
-}
-// grid.x: one warp per row, kWarpsPerBlock rows per block; grid.y: 32 * VEC columns per block. A
-// launch covers at most csr_spmm_columns_per_launch(VEC) columns; the launcher loops past that.
-inline int64_t csr_spmm_columns_per_launch(int vec) { return kMaxGridY * 32 * vec; }
-// grid.z: one matrix of a batch each, at most kMaxGridY per launch (the launcher loops past that).
-inline dim3 csr_spmm_grid(int64_t M, int64_t n, int vec, int64_t batch = 1) {
-  return dim3(unsigned((M + kWarpsPerBlock - 1) / kWarpsPerBlock), unsigned((n + 32 * vec - 1) / (32 * vec)),
-              unsigned(batch));
-}
-// Whether a lane's VEC columns of every row of every matrix of B are one aligned vector (every
-// lane starts at a multiple of VEC columns, so the base pointer and the strides decide it).
-inline bool csr_spmm_aligned(const void* B, int64_t ldb, int64_t sbb, int vec, int elem_size) {
-  return vec > 1 && uintptr_t(B) % (uintptr_t(vec) * uintptr_t(elem_size)) == 0 && ldb % vec == 0 && sbb % vec == 0;
-}
-
-// A kernel choice: VEC = 0 is csr_spmm_narrow_kernel, else csr_spmm_kernel<..., VEC, ALIGNED>.
-template <int VEC, bool ALIGNED>
-struct CsrKernel {
-  static constexpr int vec = VEC;
-  static constexpr bool aligned = ALIGNED;
-};
-
-// The launch plan for a batch of products over n columns of B, elements of ELEM bytes (host side;
-// the launcher and the emulation test both run it): calls launch(CsrKernel<VEC, ALIGNED>(), c, nc)
-// for each column chunk [c, c + nc) (the caller loops over batch chunks). force_vec (0, 1, 4, or 8
-// for 2-byte elements) and cols_per_launch override the choice, for tests.
-template <int ELEM, typename F>
-inline void csr_spmm_plan(int64_t n, const void* B, int64_t ldb, int64_t sbb, F&& launch, int force_vec = -1,
-                          int64_t cols_per_launch = 0) {
-  static_assert(ELEM == 2 || ELEM == 4, "fp32, fp16 or bf16 elements");
-  const int vec = force_vec >= 0 ? force_vec : (n <= kCsrNarrow ? 0 : csr_spmm_vec(n, ELEM));
-  const int64_t step = cols_per_launch > 0 ? cols_per_launch : (vec == 0 ? n : csr_spmm_columns_per_launch(vec));
-  auto chunks = [&](auto kernel) {
-    for (int64_t c = 0; c < n; c += step) launch(kernel, c, step < n - c ? step : n - c);
-  };
-  // Aligned vector loads when every lane's VEC columns of every row are one aligned vector; the
-  // chunk starts must keep that, hence step % VEC.
-  auto vectors = [&](auto aligned, auto plain) {
-    constexpr int V = decltype(plain)::vec;
-    if (csr_spmm_aligned(B, ldb, sbb, V, ELEM) && step % V == 0) chunks(aligned);
-    else chunks(plain);
-  };
-  if (vec == 0) chunks(CsrKernel<0, false>());
-  else if (vec == 1) chunks(CsrKernel<1, false>());
-  else if (vec == 4) vectors(CsrKernel<4, true>(), CsrKernel<4, false>());
-  else if constexpr (ELEM == 2) vectors(CsrKernel<8, true>(), CsrKernel<8, false>());
-}
-
-// The batch chunks of a product (host side, shared with the emulation test): calls
-// launch_chunk(z, nz) for matrices [z, z + nz), at most per_launch (gridDim.z's limit) each.
-template <typename F>
-inline void csr_spmm_batches(int64_t batch, F&& launch_chunk, int64_t per_launch = kMaxGridY) {
-  for (int64_t z = 0; z < batch; z += per_launch) launch_chunk(z, per_launch < batch - z ? per_launch : batch - z);
-}
+constexpr int kCsrNarrow = 8;  // widest n for csr_spmm_narrow_kernel
 
 // VEC elements loaded as one vector instruction: read as the built-in vector type of their size
 // (a struct copy compiles to one load per element).

@@ -5,26 +5,13 @@
 //
 // One thread per "unit" of max(8, m) columns (one or two whole groups and one or two whole mask
 // bytes), so no two threads write the same byte and no atomics are needed on the mask. Both kernels
-// stride over the grid, so any grid covers every unit; nm_grid is the launchers' choice (the CPU
-// emulation test in tests/cuda_emu/ shares it).
+// stride over the grid, so any grid covers every unit; the launchers' grid and arguments are in
+// nm_compress_launch.cuh, which the CPU emulation test (tests/cuda_emu/) runs too.
 #pragma once
 #include <cstdint>
 
 namespace pysparse {
 namespace cuda {
-
-constexpr unsigned kNmThreads = 256;
-// Work items of an (R, K) matrix: units of max(8, m) columns.
-inline int64_t nm_units(int64_t R, int64_t K, int64_t m) {
-  const int64_t unit = m > 8 ? m : 8;
-  return R * ((K + unit - 1) / unit);
-}
-// Blocks for `units` work items: one thread each, capped at 65535 blocks beyond which the threads
-// stride.
-inline unsigned nm_grid(int64_t units) {
-  const int64_t blocks = (units + kNmThreads - 1) / kNmThreads;
-  return unsigned(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
-}
 
 template <typename U>
 __device__ __forceinline__ bool nm_is_zero(U bits) {

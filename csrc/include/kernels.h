@@ -28,9 +28,10 @@ struct Panels {
 
 // Output element (m, j) goes to out[m * out_sm + j * out_sn], in the values' dtype, plus
 // bias[m] (same dtype) when bias is not null. spmm: (sm, sn) = (n, 1); linear: (1, M).
-// Activation after the bias: the kernels' epilogue applies ReLU; the CPU launcher runs gelu and
-// silu over the finished output (vectorised by torch) and passes kActNone down.
-enum Activation : int { kActNone = 0, kActRelu = 1, kActGelu = 2, kActSilu = 3 };
+// Activation after the bias, the one list of them (names and parsing: activations.h): the
+// kernels' epilogue applies ReLU; the CPU launcher runs the others over the finished output
+// (vectorised by torch) and passes kActNone down.
+enum Activation : int { kActNone = 0, kActRelu = 1, kActGelu = 2, kActSilu = 3, kActGeluTanh = 4 };
 
 struct Output {
   void* out;
@@ -67,7 +68,7 @@ struct BsrArgs {
 // val[r * K/m*n ...] in column order; mask is a bitmap of kept positions, (K + 7) / 8 bytes per row,
 // bit j of byte b = column 8 b + j.
 constexpr int64_t kNmChunkRows = 32;  // rows whose positions the N:M panel kernel decodes at once
-constexpr int64_t kNmTokenSlice = 64;  // tokens per output tile of the nm_small kernels
+constexpr int64_t kNmTokenSlice = 64;  // tokens per output tile of the token-row kernels
 struct NmArgs {
   const void* val;
   const uint8_t* mask;
@@ -148,10 +149,10 @@ struct KernelTable {
   BsrFn bsr_gemv[kNumDTypes][kNumITypes];
   NmFn nm[kNumDTypes];
   NmFn nm_gemv[kNumDTypes];
-  // 2:4 with 2 <= n <= nm_small_max_n columns of B: B.b = the fp32 rows of B^T (B.ldb apart),
-  // B.n of them, no panels. Null where the ISA has no such kernel.
-  NmFn nm_small[kNumDTypes];
-  int64_t nm_small_max_n;
+  // The token-row kernels: 2:4 with 2 <= n <= nm_token_row_max_n columns of B: B.b = the fp32
+  // rows of B^T (B.ldb apart), B.n of them, no panels. Null where the ISA has no such kernel.
+  NmFn nm_token_row[kNumDTypes];
+  int64_t nm_token_row_max_n;
   // First row of an N:M bitmap with a group of m columns that does not mark exactly n positions
   // (or with a bit set past column K), or -1.
   int64_t (*nm_bad_row)(const uint8_t* mask, int64_t rows, int64_t K, int n, int m);

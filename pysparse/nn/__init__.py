@@ -3,6 +3,6 @@ from .conv import SparseConv2d
 from .linear import SparseLinear
 from .modules import MaskedAttention, SparseFFN
 from .serialize import load_sparse, save_sparse
-from .sparsify import sparsify
+from ._sparsify import sparsify
 
 __all__ = ["SparseLinear", "SparseConv2d", "SparseFFN", "MaskedAttention", "sparsify", "save_sparse", "load_sparse"]

@@ -1,6 +1,6 @@
 """Kernel choice for a swapped layer: time the candidates (dense included) once on this machine and
 remember the winner on disk, keyed by machine, torch and pysparse versions, layer shape, format,
-density, dtype and token-count bucket.
+density, dtype and token-count bucket. The timing itself is ``pysparse.bench.median_time``.
 
 The cache is a JSON file, ``$PYSPARSE_CACHE_DIR/kernel_choice.json`` (default
 ``~/.cache/pysparse``); delete it, or pass ``cache=False`` to ``sparsify``, to time again.
@@ -12,14 +12,15 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Dict
 
 import torch
 
+from .._loader import _C, _build_info
+from ..bench import TICK, median_time
+
 _FILE = "kernel_choice.json"
-_TICK = time.get_clock_info("perf_counter").resolution
 
 
 def cache_path() -> Path:
@@ -28,42 +29,18 @@ def cache_path() -> Path:
 
 def machine_key() -> str:
     """CPU model, the kernel ISA in use, threads, torch and pysparse versions."""
-    from .. import _C, __version__
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return f"{cpu}|{_C.cpu_isa()}|t{torch.get_num_threads()}|torch {torch.__version__}|pysparse {__version__}"
+    return f"{cpu}|{_C.cpu_isa()}|t{torch.get_num_threads()}|torch {torch.__version__}|pysparse {_build_info.VERSION}"
 
 
 def bucket(tokens: int) -> int:
     """Token counts are timed per power-of-two bucket (1, 2, 4, ..., rounded up)."""
     return 1 << max(0, int(tokens) - 1).bit_length()
-
-
-def median_time(fn: Callable[[], object], reps: int = 15) -> float:
-    """Median seconds of `reps` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    # A call faster than the clock can see reads as one tick: a 0 would divide in a speedup.
-    return max(sorted(times)[len(times) // 2], _TICK)
-
-
-def alternating(fa: Callable[[], object], fb: Callable[[], object], rounds: int = 5, reps: int = 7):
-    """Median seconds of fa and fb over `rounds` alternating rounds (each the median of `reps`
-    calls), so that machine noise hits both sides of a ratio alike."""
-    ta, tb = [], []
-    for _ in range(rounds):
-        ta.append(median_time(fa, reps))
-        tb.append(median_time(fb, reps))
-    return sorted(ta)[rounds // 2], sorted(tb)[rounds // 2]
 
 
 def _load() -> dict:
@@ -79,7 +56,7 @@ def _is_timing(entry) -> bool:
     (as median_time writes) and finite: anything else was edited or damaged, and is timed again
     rather than trusted (speedups divide by these). NaN fails both comparisons; the upper bound
     also stops a huge int, which float() would overflow on; type() leaves bools out."""
-    return isinstance(entry, dict) and all(type(v) in (int, float) and _TICK <= v <= sys.float_info.max
+    return isinstance(entry, dict) and all(type(v) in (int, float) and TICK <= v <= sys.float_info.max
                                            for v in entry.values())
 
 

@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import prune
-from ..formats import BSR, CSR, SparseNM
-from ..ops import bsr_linear, bsr_spmm, csr_linear, csr_spmm, nm_linear, nm_spmm
-from .linear import _FORMATS, _build, _fields_of, _format_name, _kind_of
+from ..formats import BSR, CSR, FORMATS, Format, SparseNM, build, format_name
+from ..ops import linear_tensors, spmm_tensors
 
 
 # Largest im2col chunk (bytes): output rows of one image per product. Measured (3x3 ResNet-50
@@ -172,10 +171,10 @@ class SparseConv2d(torch.nn.Module):
             if len(weights) != self.groups:
                 raise ValueError(f"SparseConv2d: need one sparse matrix per group ({self.groups}), got {len(weights)}")
             first = weights[0]
-            if not isinstance(first, (CSR, BSR, SparseNM)):
+            if not isinstance(first, Format):
                 raise TypeError(f"SparseConv2d needs CSR, BSR or SparseNM weights, got {type(first).__name__}")
-            self.kind = _kind_of(first)
-            self.nm = (first.n, first.m) if self.kind == "nm" else (0, 0)
+            self.kind = first.kind
+            self.nm = first.nm
             for g, A in enumerate(weights):
                 if type(A) is not type(first) or tuple(A.shape) != (self._cg, self._kg):
                     raise ValueError(f"SparseConv2d: group {g}'s matrix must be a {type(first).__name__} of shape "
@@ -197,7 +196,7 @@ class SparseConv2d(torch.nn.Module):
     # -- structure ------------------------------------------------------------------------------
 
     def _fields(self):
-        return _fields_of(self.kind)
+        return FORMATS[self.kind].fields
 
     def _prefix(self, g: int) -> str:
         return _prefix(self.groups, g)
@@ -224,7 +223,7 @@ class SparseConv2d(torch.nn.Module):
         if self.depthwise:
             return []
         shape = (self._cg, self._kg)
-        return [_build(self.kind, [getattr(self, self._prefix(g) + f) for f in self._fields()], shape, self.nm,
+        return [build(self.kind, [getattr(self, self._prefix(g) + f) for f in self._fields()], shape, self.nm,
                        check=False) for g in range(self.groups)]
 
     def dense_weight(self) -> torch.Tensor:
@@ -243,7 +242,7 @@ class SparseConv2d(torch.nn.Module):
     @property
     def format_name(self) -> str:
         """"csr", "bsr", "n:m" (e.g. "2:4"), or "dense" for depthwise layers."""
-        return _format_name(self.kind, self.nm)
+        return format_name(self.kind, self.nm)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -274,7 +273,7 @@ class SparseConv2d(torch.nn.Module):
             raise TypeError(f"SparseConv2d.from_conv needs an nn.Conv2d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"SparseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        if format not in _FORMATS:
+        if format not in FORMATS:
             raise ValueError(f"SparseConv2d.from_conv: format must be 'csr', 'bsr' or 'nm', got {format!r}")
         if scores is not None and format != "nm":
             raise ValueError(f"SparseConv2d.from_conv: scores apply to format='nm' only, got format={format!r}")
@@ -336,7 +335,7 @@ class SparseConv2d(torch.nn.Module):
             return cls([], bias, *args, dense_weight=sd[prefix + "weight"])
         kh, kw = (int(v) for v in c["kernel_size"])
         shape = (int(c["out_channels"]) // G, int(c["in_channels"]) // G * kh * kw)
-        mats = [_build(kind, [sd[prefix + _prefix(G, g) + f] for f in _fields_of(kind)], shape, (int(n), int(m)),
+        mats = [build(kind, [sd[prefix + _prefix(G, g) + f] for f in FORMATS[kind].fields], shape, (int(n), int(m)),
                        check=True) for g in range(G)]
         return cls(mats, bias, *args)
 
@@ -406,21 +405,12 @@ class SparseConv2d(torch.nn.Module):
 
     def _spmm(self, g: int, X: torch.Tensor) -> torch.Tensor:
         """Group g's matrix @ X, (Kg, n) -> (Cg, n) or a batch (N, Kg, n) -> (N, Cg, n)."""
-        t = [self._buffers[n] for n in self._names[g]]
-        if self.kind == "csr":
-            return csr_spmm(t[0], t[1], t[2], self._shape, X)
-        if self.kind == "bsr":
-            return bsr_spmm(t[0], t[1], t[2], self._shape, X)
-        return nm_spmm(t[0], t[1], self._shape, self.nm[0], self.nm[1], X)
+        return spmm_tensors(self.kind, [self._buffers[n] for n in self._names[g]], self._shape, self.nm, X)
 
     def _linear(self, g: int, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """x (..., Kg) @ group g's matrix.T + bias -> (..., Cg)."""
-        t = [self._buffers[n] for n in self._names[g]]
-        if self.kind == "csr":
-            return csr_linear(x, t[0], t[1], t[2], self._shape, bias)
-        if self.kind == "bsr":
-            return bsr_linear(x, t[0], t[1], t[2], self._shape, bias)
-        return nm_linear(x, t[0], t[1], self._shape, self.nm[0], self.nm[1], bias)
+        """x (..., Kg) @ group g's matrix.T + bias -> (..., Cg) (N:M on CUDA: cuSPARSELt from 64
+        tokens, as for SparseLinear)."""
+        return linear_tensors(self.kind, [self._buffers[n] for n in self._names[g]], self._shape, self.nm, x, bias)
 
     def _store(self, y: torch.Tensor, dst: torch.Tensor, g: int) -> None:
         """dst = y (+ group g's bias), one pass over y while it is in cache."""

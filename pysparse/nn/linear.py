@@ -6,32 +6,8 @@ from typing import Optional, Tuple
 import torch
 
 from .. import prune
-from ..formats import BSR, CSR, SparseNM, shape_entry
-from ..ops import linear as sparse_linear
-
-_FORMATS = {"csr": CSR, "bsr": BSR, "nm": SparseNM}
-
-
-# Shared with SparseConv2d: a format object <-> its kind, buffer fields and name.
-def _kind_of(fmt) -> str:
-    return "nm" if isinstance(fmt, SparseNM) else ("bsr" if isinstance(fmt, BSR) else "csr")
-
-
-def _fields_of(kind: str) -> Tuple[str, ...]:
-    """The format's tensors, in its constructor's order."""
-    return ("values", "mask") if kind == "nm" else ("crow_indices", "col_indices", "values")
-
-
-def _build(kind: str, tensors, shape, nm: Tuple[int, int], check: bool):
-    """A format object from its tensors (in _fields_of order)."""
-    if kind == "nm":
-        return SparseNM(*tensors, shape, *nm, check=check)
-    return _FORMATS[kind](*tensors, shape, check=check)
-
-
-def _format_name(kind: str, nm: Tuple[int, int]) -> str:
-    """"csr", "bsr" or "n:m" (e.g. "2:4")."""
-    return f"{nm[0]}:{nm[1]}" if kind == "nm" else kind
+from ..formats import BSR, CSR, FORMATS, Format, SparseNM, build, format_name, shape_entry
+from ..ops import linear_tensors
 
 
 class SparseLinear(torch.nn.Module):
@@ -39,17 +15,17 @@ class SparseLinear(torch.nn.Module):
 
     The format's tensors are registered as buffers (named ``weight_<field>``), so ``.to()``,
     ``state_dict()``/``load_state_dict()`` and ``torch.compile(fullgraph=True)`` work as for any
-    module; the weight is rebuilt from them on each call without copies or checks. Inference only
+    module; forward runs the format's op on them directly (no copies, no checks). Inference only
     (the ops have no autograd formula).
     """
 
     def __init__(self, weight, bias: Optional[torch.Tensor] = None):
         super().__init__()
-        if not isinstance(weight, (CSR, BSR, SparseNM)):
+        if not isinstance(weight, Format):
             raise TypeError(f"SparseLinear needs a CSR, BSR or SparseNM weight, got {type(weight).__name__}")
-        self.kind = _kind_of(weight)
+        self.kind = weight.kind
         self.out_features, self.in_features = weight.shape
-        self.nm: Tuple[int, int] = (weight.n, weight.m) if self.kind == "nm" else (0, 0)
+        self.nm: Tuple[int, int] = weight.nm
         for name in self._fields():
             self.register_buffer("weight_" + name, getattr(weight, name))
         # For from_state_dict only (forward reads the Python attributes: compile-friendly).
@@ -66,13 +42,13 @@ class SparseLinear(torch.nn.Module):
         self.register_buffer("bias", bias)
 
     def _fields(self):
-        return _fields_of(self.kind)
+        return FORMATS[self.kind].fields
 
     @property
     def weight(self):
         """The weight as its format object (sharing the buffers)."""
         t = [getattr(self, "weight_" + f) for f in self._fields()]
-        return _build(self.kind, t, (self.out_features, self.in_features), self.nm, check=False)
+        return build(self.kind, t, (self.out_features, self.in_features), self.nm, check=False)
 
     @classmethod
     def from_state_dict(cls, sd: dict, prefix: str = "") -> "SparseLinear":
@@ -80,7 +56,7 @@ class SparseLinear(torch.nn.Module):
         A missing entry or a wrong dtype is a ValueError naming it."""
         kind = "nm" if prefix + "weight_mask" in sd else (
             "bsr" if getattr(sd.get(prefix + "weight_values"), "dim", lambda: 0)() == 3 else "csr")
-        keys = ["weight_shape"] + (["weight_nm"] if kind == "nm" else []) + ["weight_" + f for f in _fields_of(kind)]
+        keys = ["weight_shape"] + (["weight_nm"] if kind == "nm" else []) + ["weight_" + f for f in FORMATS[kind].fields]
         missing = [prefix + k for k in keys if prefix + k not in sd]
         if missing:
             raise ValueError(f"SparseLinear.from_state_dict: missing {', '.join(map(repr, missing))}")
@@ -88,11 +64,13 @@ class SparseLinear(torch.nn.Module):
         sub = {"shape": w["weight_shape"], "nm": w.get("weight_nm")}
         shape = shape_entry(sub, "shape", "SparseLinear.from_state_dict")
         nm = shape_entry(sub, "nm", "SparseLinear.from_state_dict") if kind == "nm" else (0, 0)
-        weight = _build(kind, [w["weight_" + f] for f in _fields_of(kind)], shape, nm, check=True)
+        weight = build(kind, [w["weight_" + f] for f in FORMATS[kind].fields], shape, nm, check=True)
         return cls(weight, sd.get(prefix + "bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_linear(x, self.weight, self.bias)
+        # The ops on the buffers: a format object per call would only be unpacked again.
+        tensors = [getattr(self, "weight_" + f) for f in FORMATS[self.kind].fields]
+        return linear_tensors(self.kind, tensors, (self.out_features, self.in_features), self.nm, x, self.bias)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, format: str = "csr", *, sparsity: float = 0.0,
@@ -133,7 +111,7 @@ class SparseLinear(torch.nn.Module):
     @property
     def format_name(self) -> str:
         """"csr", "bsr" or "n:m" (e.g. "2:4")."""
-        return _format_name(self.kind, self.nm)
+        return format_name(self.kind, self.nm)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

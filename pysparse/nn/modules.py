@@ -18,13 +18,11 @@ import torch
 from torch import nn
 
 from ..attention import BlockMask, masked_attention
-from ..ffn import _ACT_FN, ACTIVATIONS, pruned_ffn
-from ..formats import BSR, CSR, SparseNM
+from .. import activations
+from ..ffn import pruned_ffn
+from ..formats import Format
 from ..prune import ffn_neurons
 from .linear import SparseLinear
-
-_SPARSE = (CSR, BSR, SparseNM)
-
 
 # ---------------------------------------------------------------------------------------------
 # SparseFFN
@@ -55,15 +53,9 @@ def _activation_name(mod) -> Optional[str]:
     if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
         return None
     for name in ("relu", "gelu", "gelu_tanh", "silu"):
-        if torch.allclose(y, _ACT_FN[name](x), rtol=1e-5, atol=1e-5):
+        if torch.allclose(y, activations.apply(name, x), rtol=1e-5, atol=1e-5):
             return name
     return None
-
-
-def _format_name(w) -> str:
-    if isinstance(w, SparseNM):
-        return f"{w.n}:{w.m}"
-    return "bsr" if isinstance(w, BSR) else ("csr" if isinstance(w, CSR) else "dense")
 
 
 def _as_linear(W: torch.Tensor) -> nn.Linear:
@@ -89,10 +81,9 @@ class SparseFFN(nn.Module):
     def __init__(self, w1, b1: Optional[torch.Tensor], w2, b2: Optional[torch.Tensor], *,
                  activation: str = "gelu", w3=None):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"SparseFFN: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        activations.check(activation, "SparseFFN")
         for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
-            if not (isinstance(w, _SPARSE) or (isinstance(w, torch.Tensor) and w.dim() == 2) or (w is None and name == "w3")):
+            if not (isinstance(w, Format) or (isinstance(w, torch.Tensor) and w.dim() == 2) or (w is None and name == "w3")):
                 raise TypeError(f"SparseFFN: {name} must be a 2-D tensor, CSR, BSR or SparseNM, got "
                                 f"{type(w).__name__ if not isinstance(w, torch.Tensor) else f'shape {tuple(w.shape)}'}")
         hidden, d = (int(s) for s in w1.shape)
@@ -102,7 +93,7 @@ class SparseFFN(nn.Module):
             if t is not None and tuple(t.shape) != want[name]:
                 raise ValueError(f"SparseFFN: {name} must have shape {want[name]} (from w1's {(hidden, d)}), "
                                  f"got {tuple(t.shape)}")
-        dtypes = {name: (t.values.dtype if isinstance(t, _SPARSE) else t.dtype) for name, t in tensors.items() if t is not None}
+        dtypes = {name: (t.values.dtype if isinstance(t, Format) else t.dtype) for name, t in tensors.items() if t is not None}
         if len(set(dtypes.values())) > 1:
             raise TypeError(f"SparseFFN: weights and biases must share one dtype, got {dtypes}")
         devices = {name: t.device for name, t in tensors.items() if t is not None}
@@ -117,7 +108,7 @@ class SparseFFN(nn.Module):
         for i, w in ((1, w1), (2, w2), (3, w3)):
             if w is None:
                 store.append(None)
-            elif isinstance(w, _SPARSE):
+            elif isinstance(w, Format):
                 self.add_module(f"fc{i}", SparseLinear(w))
                 store.append("module")
             elif i == 2 and activation == "relu":
@@ -128,7 +119,7 @@ class SparseFFN(nn.Module):
                 store.append("dense")
         self._store: Tuple[Optional[str], ...] = tuple(store)
         self.formats: Tuple[Optional[str], ...] = tuple(
-            None if w is None else ("dense_t" if s == "dense_t" else _format_name(w))
+            None if w is None else ("dense_t" if s == "dense_t" else w.format_name if isinstance(w, Format) else "dense")
             for w, s in zip((w1, w2, w3), store))
         self.register_buffer("b1", b1)
         self.register_buffer("b2", b2)

@@ -18,158 +18,24 @@ Anything else that reads a tensor with channels (a general grouped conv, a view 
 channel dim, channel shuffle, indexing, split, GroupNorm, an unknown module, a parameter used
 directly in forward) makes the channels it reads and writes unprunable: safe, never an error.
 `filter_groups` reports each group and, for unprunable ones, why.
+
+The tracer is `pysparse.prune.channels`, the criteria `pysparse.prune.filter_scores`; this module
+checks the arguments and cuts the weights.
 """
 from __future__ import annotations
 
-import builtins
 import copy
-import contextlib
-import fnmatch
-import io
-import math
-import operator
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Set, Union
+from typing import Callable, List, Optional, Sequence, Set, Union
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch import nn
+
+from .channels import PREFIX, Channels, eval_no_grad, output_shapes, trace_channels
+from .filter_scores import CRITERIA, channel_scores, select_channels
 
 __all__ = ["filters", "filter_groups", "CRITERIA", "SCOPES"]
 
-CRITERIA = ("l1", "l2", "bn", "geometric_median", "taylor")
 SCOPES = ("global", "local")
-_P = "pysparse.prune.filters: "
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_PASS_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
-    nn.Hardtanh, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.Upsample, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ReflectionPad2d, nn.ReplicationPad2d)
-_PASS_FUNCS = {
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.gelu, F.silu, F.mish, F.hardswish,
-    F.hardsigmoid, F.hardtanh, F.elu, F.selu, F.softplus, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.pad,
-    torch.abs, torch.neg, torch.exp, torch.clamp, torch.clone}
-_PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min",
-                 "clamp_max", "abs", "neg", "exp", "sqrt", "pow", "contiguous", "clone", "detach", "float",
-                 "half", "bfloat16", "double", "to"}
-_BINARY_FUNCS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-                 operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
-                 torch.maximum, torch.minimum}
-_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
-_REDUCE_FUNCS = {torch.mean, torch.sum, torch.amax, torch.amin}
-_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
-_CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
-_VIEW_METHODS = {"view", "reshape"}
-# Ops that read only a tensor's metadata: they neither change nor couple channels.
-_META_METHODS = {"size", "dim", "numel", "nelement"}
-_META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
-
-
-@dataclass
-class _Rec:
-    """A layer whose weights are sliced: `inp` / `out` are the channel elements it reads / writes
-    (a depthwise conv and a BatchNorm write the channels they read: inp is None)."""
-    name: str
-    kind: str  # "conv", "linear", "dw" (depthwise conv), "bn"
-    module: nn.Module
-    inp: Optional[List[int]]
-    out: List[int]
-
-
-@dataclass
-class _Group:
-    units: List[int] = field(default_factory=list)     # union-find roots: one per removable channel
-    members: List[str] = field(default_factory=list)   # layers whose output channels these are
-    consumers: List[str] = field(default_factory=list)  # layers that read them
-    reason: str = ""                                   # why unprunable; "" when prunable
-
-
-class _Channels:
-    """Union-find over channel elements. A producer (conv, Linear, the model input, an op we do not
-    follow) creates a space of fresh elements; coupled channels are joined; `fixed` elements may
-    never be removed."""
-
-    def __init__(self):
-        self.parent: List[int] = []
-        self.fixed: Dict[int, str] = {}
-        self.spaces: List[tuple] = []  # (owner layer name or None, elements)
-        self.recs: Dict[str, _Rec] = {}
-
-    def new(self, n: int, owner: Optional[str] = None, reason: str = "") -> List[int]:
-        els = list(range(len(self.parent), len(self.parent) + n))
-        self.parent.extend(els)
-        self.spaces.append((owner, els))
-        self.fix(els, reason)
-        return els
-
-    def find(self, e: int) -> int:
-        p = self.parent
-        root = e
-        while p[root] != root:
-            root = p[root]
-        while p[e] != root:
-            p[e], e = root, p[e]
-        return root
-
-    def union(self, a: List[int], b: List[int]) -> None:
-        for x, y in zip(a, b):
-            rx, ry = self.find(x), self.find(y)
-            if rx != ry:
-                self.parent[ry] = rx
-
-    def fix(self, els: Optional[List[int]], reason: str) -> None:
-        if els and reason:
-            for e in els:
-                self.fixed.setdefault(e, reason)
-
-
-class _Tracer(fx.Tracer):
-    def __init__(self, opaque: Callable[[str], bool]):
-        super().__init__()
-        self.opaque = opaque
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return self.opaque(qualname) or super().is_leaf_module(m, qualname)
-
-
-def _shape(node) -> Optional[torch.Size]:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return meta.shape if isinstance(meta, TensorMetadata) else None
-
-
-def _shapes(x) -> list:
-    """Shapes of the tensors (or TensorMetadata) in a nested output, in order."""
-    if isinstance(x, (torch.Tensor, TensorMetadata)):
-        return [tuple(x.shape)]
-    if isinstance(x, dict):
-        x = list(x.values())
-    if isinstance(x, (list, tuple)):
-        return [s for v in x for s in _shapes(v)]
-    return []
-
-
-@contextlib.contextmanager
-def _eval(model: nn.Module):
-    """Eval mode (BatchNorm statistics untouched), no autograd; per-module modes restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, t in modes:
-            m.training = t
 
 
 def _skip_names(skip) -> Optional[List[str]]:
@@ -177,276 +43,15 @@ def _skip_names(skip) -> Optional[List[str]]:
         return None
     skip = [skip] if isinstance(skip, str) else list(skip)
     if not all(isinstance(s, str) for s in skip):
-        raise ValueError(_P + f"skip must be a list of module-name patterns, got {skip!r}")
+        raise ValueError(PREFIX + f"skip must be a list of module-name patterns, got {skip!r}")
     return skip
 
 
 def _inputs(example_input) -> tuple:
     inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise ValueError(_P + "example_input must be a tensor or a tuple of tensors")
+        raise ValueError(PREFIX + "example_input must be a tensor or a tuple of tensors")
     return inputs
-
-
-def _trace_error(model: nn.Module, err: Exception) -> ValueError:
-    """A ValueError naming the innermost module whose forward was being traced when `err` was raised."""
-    names = {id(m): n for n, m in model.named_modules()}
-    culprit = ""
-    tb = err.__traceback__
-    while tb is not None:
-        s = tb.tb_frame.f_locals.get("self")
-        if isinstance(s, nn.Module) and id(s) in names:
-            culprit = names[id(s)]
-        tb = tb.tb_next
-    why = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    top = type(model).__name__
-    if culprit:
-        cls = type(model.get_submodule(culprit)).__name__
-        return ValueError(_P + f"torch.fx cannot trace module '{culprit}' ({cls}) of {top} ({why}); make its "
-                          f"forward traceable or pass skip=['{culprit}'] to keep that module whole")
-    return ValueError(_P + f"torch.fx cannot trace {top}.forward ({why}); make it traceable (no Python control "
-                      f"flow on tensor values) or move the untraceable part into a submodule and pass skip=[its name]")
-
-
-def _analyse(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
-    """Trace `model` and follow its channels: returns (_Channels, list of _Group, output shapes)."""
-    patterns = list(skip or [])
-    matches = lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
-    tracer = _Tracer(matches)  # only the user's patterns make modules opaque
-    try:
-        graph = tracer.trace(model)
-    except Exception as e:
-        raise _trace_error(model, e) from e
-    gm = fx.GraphModule(model, graph)
-    with _eval(model):
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints the traceback we chain
-                ShapeProp(gm).propagate(*inputs)
-        except Exception as e:
-            why = (str(e.__cause__ or e).strip().splitlines() or [type(e).__name__])[0]
-            raise ValueError(_P + f"{type(model).__name__} fails on example_input ({why})") from e
-    nodes = list(graph.nodes)
-    if skip is None:  # default: the stem conv and the classifier
-        mods = [(n.target, model.get_submodule(n.target)) for n in nodes if n.op == "call_module"]
-        convs = [name for name, m in mods if isinstance(m, _CONV)]
-        linears = [name for name, m in mods if isinstance(m, nn.Linear)]
-        patterns += convs[:1] + linears[-1:]
-
-    ch = _Channels()
-    vec: Dict[fx.Node, List[int]] = {}
-    raw_linear: Set[str] = set()  # Linear layers also applied to the last dim of a >2-D tensor
-
-    def opaque(node, reason, owner=None):
-        for a in node.all_input_nodes:
-            ch.fix(vec.get(a), reason)
-        s = _shape(node)
-        if s is not None and len(s) >= 2:
-            vec[node] = ch.new(s[1], owner=owner, reason=reason)
-
-    def passthrough(node, x, reason):
-        """Channels unchanged when the op keeps (N, C) and reads no other tensor with channels."""
-        s, xs = _shape(node), _shape(x)
-        others = [a for a in node.all_input_nodes if a is not x and a in vec]
-        if x in vec and s is not None and xs is not None and len(s) >= 2 and s[:2] == xs[:2] and not others:
-            vec[node] = vec[x]
-        else:
-            opaque(node, reason)
-
-    def elementwise(node, reason):
-        s = _shape(node)
-        if s is None or len(s) < 2:
-            return opaque(node, reason)
-        coupled = []
-        for a in node.all_input_nodes:
-            a_s = _shape(a)
-            if a_s is None or a_s.numel() == 1 and a not in vec:
-                continue  # a scalar or shape, not a tensor with channels
-            if len(a_s) != len(s) or a not in vec or a_s[1] not in (1, s[1]):
-                return opaque(node, reason)
-            if a_s[1] == s[1]:
-                coupled.append(vec[a])
-        if not coupled:
-            return opaque(node, reason)
-        for v in coupled[1:]:
-            ch.union(coupled[0], v)
-        vec[node] = coupled[0]
-
-    def flatten(node, x, start, end, reason):
-        xs = _shape(x)
-        if xs is None or x not in vec or not isinstance(start, int) or not isinstance(end, int):
-            return opaque(node, reason)
-        start, end = start % len(xs), end % len(xs)
-        if start >= 2:
-            return passthrough(node, x, reason)
-        if start != 1 or end < start:
-            return opaque(node, reason)
-        reps = math.prod(xs[2:end + 1])  # channel c owns features c*reps .. c*reps + reps - 1
-        vec[node] = [e for e in vec[x] for _ in range(reps)]
-
-    def linear_like(node, name, m, x, kind, n_in, n_out):
-        if len(vec[x]) != n_in:
-            return opaque(node, f"unexpected input size at {name}")
-        if name in ch.recs:  # a layer applied twice: both uses read and write the same channels
-            rec = ch.recs[name]
-            ch.union(rec.inp, vec[x])
-        else:
-            out = ch.new(n_out, owner=name, reason=f"skipped: {name}" if matches(name) else "")
-            rec = ch.recs[name] = _Rec(name, kind, m, vec[x], out)
-        vec[node] = rec.out
-
-    def same_channels(node, name, m, x, kind):
-        if name in ch.recs:
-            ch.union(ch.recs[name].out, vec[x])
-        else:
-            ch.recs[name] = _Rec(name, kind, m, None, vec[x])
-        if matches(name):
-            ch.fix(vec[x], f"skipped: {name}")
-        vec[node] = vec[x]
-
-    def call_module(node):
-        name = node.target
-        m = model.get_submodule(name)
-        reason = f"skipped: {name}" if matches(name) else f"unsupported module {name} ({type(m).__name__})"
-        x = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-        xs = _shape(x)
-        known = type(m).__module__.startswith("torch.nn.modules.")  # not subclasses, not parametrized layers
-        if not known or xs is None or x not in vec:
-            return opaque(node, reason, name)
-        if isinstance(m, _CONV) and len(xs) == m.weight.dim():
-            if m.groups == 1:
-                return linear_like(node, name, m, x, "conv", m.in_channels, m.out_channels)
-            if m.groups == m.in_channels == m.out_channels:
-                return same_channels(node, name, m, x, "dw")
-            return opaque(node, f"grouped conv {name} (groups={m.groups})", name)
-        if isinstance(m, nn.Linear):
-            if len(xs) == 2:
-                return linear_like(node, name, m, x, "linear", m.in_features, m.out_features)
-            if len(xs) > 2:  # acts on the last dim: dim 1 passes through
-                raw_linear.add(name)
-                return passthrough(node, x, reason)
-        if isinstance(m, _BN) and xs[1] == m.num_features:
-            return same_channels(node, name, m, x, "bn")
-        if isinstance(m, nn.Flatten):
-            return flatten(node, x, m.start_dim, m.end_dim, reason)
-        if isinstance(m, _PASS_MODULES) or isinstance(m, nn.PReLU) and m.num_parameters == 1:
-            passthrough(node, x, reason)
-            if matches(name) and node in vec:
-                ch.fix(vec[node], f"skipped: {name}")
-            return
-        opaque(node, reason, name)
-
-    def call_function(node):
-        t, args, kw = node.target, node.args, node.kwargs
-        method = t if node.op == "call_method" else None
-        reason = f"unsupported op .{t}()" if method else f"unsupported op {getattr(t, '__name__', t)}"
-        if method in _META_METHODS or t is builtins.len or (
-                t is builtins.getattr and len(args) > 1 and args[1] in _META_ATTRS):
-            return
-        x = args[0] if args and isinstance(args[0], fx.Node) else None
-        if t in _BINARY_FUNCS or method in _BINARY_METHODS:
-            return elementwise(node, reason)
-        if t in _PASS_FUNCS or method in _PASS_METHODS:
-            return passthrough(node, x, reason)
-        if t in _CAT_FUNCS:
-            parts = args[0] if args else kw.get("tensors")
-            dim = args[1] if len(args) > 1 else kw.get("dim", kw.get("axis", 0))
-            s = _shape(node)
-            if (not isinstance(parts, (list, tuple)) or not all(p in vec for p in parts) or s is None
-                    or not isinstance(dim, int) or any(len(_shape(p)) != len(s) for p in parts)):
-                return opaque(node, reason)
-            if dim % len(s) == 1:
-                vec[node] = [e for p in parts for e in vec[p]]
-            else:
-                for p in parts[1:]:
-                    ch.union(vec[parts[0]], vec[p])
-                vec[node] = vec[parts[0]]
-            return
-        if t is torch.flatten or method == "flatten":
-            start = args[1] if len(args) > 1 else kw.get("start_dim", 0)
-            end = args[2] if len(args) > 2 else kw.get("end_dim", -1)
-            return flatten(node, x, start, end, reason)
-        if t is torch.reshape or method in _VIEW_METHODS:
-            shape = args[1:] if method else args[1:2]
-            if len(shape) == 1 and isinstance(shape[0], (list, tuple)):
-                shape = tuple(shape[0])
-            s, xs = _shape(node), _shape(x)
-            if s is not None and xs is not None and len(shape) == len(s) >= 2:
-                # The target's dim 1 must follow the input (-1, or x.size(1)): a literal channel
-                # count would break once channels are removed.
-                if len(s) == 2 and shape[1] == -1 and s[0] == xs[0]:
-                    return flatten(node, x, 1, -1, reason)
-                if isinstance(shape[1], fx.Node) and s[:2] == xs[:2]:
-                    return passthrough(node, x, reason)
-            return opaque(node, reason)
-        if t in _REDUCE_FUNCS or method in _REDUCE_METHODS:
-            dims = args[1] if len(args) > 1 else kw.get("dim")
-            xs = _shape(x)
-            if dims is not None and xs is not None:
-                dims = {d % len(xs) for d in ((dims,) if isinstance(dims, int) else dims)}
-                if not dims & {0, 1}:
-                    return passthrough(node, x, reason)
-            return opaque(node, reason)
-        opaque(node, reason)
-
-    for node in nodes:
-        s = _shape(node)
-        if node.op == "placeholder":
-            if s is not None and len(s) >= 2:
-                vec[node] = ch.new(s[1], reason="model input")
-        elif node.op == "get_attr":
-            if s is not None and len(s) >= 2:
-                vec[node] = ch.new(s[1], reason=f"tensor {node.target} used directly in forward")
-        elif node.op == "output":
-            for a in node.all_input_nodes:
-                ch.fix(vec.get(a), "model output")
-        elif node.op == "call_module":
-            call_module(node)
-        else:
-            call_function(node)
-    for name in raw_linear & set(ch.recs):
-        ch.fix(ch.recs[name].inp + ch.recs[name].out, f"{name} also applied to the last dim of a >2-D tensor")
-    out_meta = next(n for n in reversed(nodes) if n.op == "output").meta.get("tensor_meta")
-    return ch, _groups(ch), _shapes(out_meta)
-
-
-def _groups(ch: _Channels) -> List[_Group]:
-    """Channel spaces that share a coupled channel form one group; units are its coupled sets."""
-    parent: Dict[int, int] = {}
-
-    def gfind(r):
-        while parent.setdefault(r, r) != r:
-            parent[r] = parent[parent[r]]
-            r = parent[r]
-        return r
-
-    for _, els in ch.spaces:
-        roots = [gfind(ch.find(e)) for e in els]
-        for r in roots[1:]:
-            parent[gfind(r)] = gfind(roots[0])
-    groups: Dict[int, _Group] = {}
-    seen: Set[int] = set()
-    for owner, els in ch.spaces:
-        for e in els:
-            r = ch.find(e)
-            g = groups.setdefault(gfind(r), _Group())
-            if r not in seen:
-                seen.add(r)
-                g.units.append(r)
-            if owner and owner not in g.members:
-                g.members.append(owner)
-    for rec in ch.recs.values():
-        for e in rec.out if rec.kind in ("dw", "bn") else ():
-            g = groups[gfind(ch.find(e))]
-            if rec.name not in g.members:
-                g.members.append(rec.name)
-        for e in rec.inp or ():
-            g = groups[gfind(ch.find(e))]
-            if rec.name not in g.consumers:
-                g.consumers.append(rec.name)
-    for e, reason in ch.fixed.items():
-        g = groups[gfind(ch.find(e))]
-        g.reason = g.reason or reason
-    return [g for g in groups.values() if g.members]
 
 
 def filter_groups(model: nn.Module, example_input, *, skip: Optional[Sequence[str]] = None) -> List[dict]:
@@ -454,120 +59,9 @@ def filter_groups(model: nn.Module, example_input, *, skip: Optional[Sequence[st
     they are: convs, Linears, BatchNorms, depthwise convs), "consumers" (layers that read them),
     "channels" (how many can be removed, each one a set of coupled channels), "prunable" and
     "reason" (why not, or ""). `skip` as in `filters`. The model is not changed."""
-    ch, groups, _ = _analyse(model, _inputs(example_input), _skip_names(skip))
+    ch, groups, _ = trace_channels(model, _inputs(example_input), _skip_names(skip))
     return [dict(members=list(g.members), consumers=list(g.consumers), channels=len(g.units),
                  prunable=not g.reason, reason=g.reason) for g in groups]
-
-
-def _taylor(model: nn.Module, recs: List[_Rec], calibration) -> Dict[str, torch.Tensor]:
-    """|sum of activation * gradient| per output channel of each rec, over all positions, samples
-    and calibration losses: the first-order estimate of the loss change when the channel is zeroed."""
-    calls = [calibration] if callable(calibration) else list(calibration)
-    acc: Dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def forward_hook(module, inputs, out):
-            if isinstance(out, torch.Tensor) and out.requires_grad:
-                a = out.detach().clone()  # a later in-place op (ReLU(inplace=True)) must not change it
-
-                def backward_hook(grad):
-                    prod = (a * grad).double()
-                    v = prod.sum([d for d in range(prod.dim()) if d != 1])
-                    acc[name] = acc[name] + v if name in acc else v
-                out.register_hook(backward_hook)
-        return forward_hook
-
-    state = {k: v.clone() for k, v in model.state_dict().items()}  # train-mode BN stats change
-    flags = {p: p.requires_grad for p in model.parameters()}
-    modes = [(m, m.training) for m in model.modules()]
-    handles = [r.module.register_forward_hook(hook(r.name)) for r in recs]
-    try:
-        with torch.enable_grad():
-            for p in flags:
-                p.requires_grad_(True)
-            for f in calls:
-                loss = f(model)
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
-                    raise ValueError(_P + "each calibration callable must return a scalar loss computed with the model")
-                loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, f in flags.items():
-            p.requires_grad_(f)
-            p.grad = None
-        model.load_state_dict(state)
-        for m, t in modes:
-            m.training = t
-    if recs and not acc:
-        raise ValueError(_P + "calibration produced no gradient at the pruned layers")
-    return {k: v.abs() for k, v in acc.items()}
-
-
-def _scores(ch: _Channels, groups: List[_Group], criterion: str, calibration, model) -> List[List[float]]:
-    """Per group, one score per unit: the sum of its channels' scores over the group's layers.
-    "bn" and "taylor" read the group's BatchNorms, or its convs/Linears when it has none."""
-    where: Dict[int, tuple] = {}
-    for gi, g in enumerate(groups):
-        for ui, r in enumerate(g.units):
-            where[r] = (gi, ui)
-    has_bn = {where[ch.find(e)][0] for r in ch.recs.values() if r.kind == "bn" for e in r.out}
-    by_bn = criterion in ("bn", "taylor")
-
-    def wanted(rec, e):
-        gi = where[ch.find(e)][0]
-        return not groups[gi].reason and (not by_bn or (gi in has_bn) == (rec.kind == "bn"))
-
-    used = [r for r in ch.recs.values() if (by_bn or r.kind != "bn") and any(wanted(r, e) for e in r.out)]
-    taylor = _taylor(model, used, calibration) if criterion == "taylor" else {}
-    scores = [[0.0] * len(g.units) for g in groups]
-    for rec in used:
-        if criterion == "taylor":
-            s = taylor.get(rec.name, torch.zeros(len(rec.out), dtype=torch.float64))
-        elif rec.kind == "bn":
-            s = rec.module.weight.detach().abs() if rec.module.weight is not None else torch.ones(len(rec.out))
-        else:
-            w = rec.module.weight.detach().flatten(1)
-            if criterion == "l2":
-                s = w.norm(dim=1, dtype=torch.float64)
-            elif criterion == "geometric_median":
-                w = w.double()
-                s = torch.cdist(w, w).sum(1)  # FPGM: near the others' geometric median = redundant
-            else:  # "l1", and "bn" for groups without a BatchNorm
-                s = w.abs().sum(1, dtype=torch.float64)
-        for e, v in zip(rec.out, s.tolist()):
-            if wanted(rec, e):
-                gi, ui = where[ch.find(e)]
-                scores[gi][ui] += v
-    return scores
-
-
-def _select(groups: List[_Group], scores: List[List[float]], ratio: float, scope: str, min_channels) -> Set[int]:
-    """The units (union-find roots) to remove."""
-    removable, candidates, total, pruned = {}, [], 0, set()
-    for gi, g in enumerate(groups):
-        if g.reason:
-            continue
-        n = len(g.units)
-        keep = math.ceil(min_channels * n) if isinstance(min_channels, float) else min_channels
-        removable[gi] = max(0, n - max(1, keep))
-        s = scores[gi]
-        if scope == "local":
-            order = sorted(range(n), key=lambda u: (s[u], u))
-            pruned.update(g.units[u] for u in order[:min(removable[gi], math.floor(ratio * n + 0.5))])
-            continue
-        mean = sum(s) / n
-        candidates += [(v / mean if mean > 0 else v, gi, u) for u, v in enumerate(s)]
-        total += n
-    budget = math.floor(ratio * total + 0.5)
-    for _, gi, u in sorted(candidates):
-        if budget == 0:
-            break
-        if removable[gi] > 0:
-            removable[gi] -= 1
-            budget -= 1
-            pruned.add(groups[gi].units[u])
-    return pruned
 
 
 def _set(m: nn.Module, name: str, idx: torch.Tensor, dim: int) -> None:
@@ -578,7 +72,7 @@ def _set(m: nn.Module, name: str, idx: torch.Tensor, dim: int) -> None:
     setattr(m, name, nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new)
 
 
-def _shrink(ch: _Channels, pruned: Set[int]) -> None:
+def _shrink(ch: Channels, pruned: Set[int]) -> None:
     def keep(els):
         idx = [i for i, e in enumerate(els) if ch.find(e) not in pruned]
         return None if len(idx) == len(els) else torch.tensor(idx, dtype=torch.long)
@@ -605,19 +99,19 @@ def _shrink(ch: _Channels, pruned: Set[int]) -> None:
 
 def _check_args(ratio, criterion, scope, min_channels, calibration):
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise ValueError(_P + f"ratio must be in [0, 1), got {ratio!r}")
+        raise ValueError(PREFIX + f"ratio must be in [0, 1), got {ratio!r}")
     if criterion not in CRITERIA:
-        raise ValueError(_P + f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+        raise ValueError(PREFIX + f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     if scope not in SCOPES:
-        raise ValueError(_P + f"unknown scope {scope!r}; choose 'global' or 'local'")
+        raise ValueError(PREFIX + f"unknown scope {scope!r}; choose 'global' or 'local'")
     ok_int = isinstance(min_channels, int) and not isinstance(min_channels, bool) and min_channels >= 0
     if not ok_int and not (isinstance(min_channels, float) and 0 < min_channels <= 1):
-        raise ValueError(_P + f"min_channels must be an int >= 0 or a fraction in (0, 1], got {min_channels!r}")
+        raise ValueError(PREFIX + f"min_channels must be an int >= 0 or a fraction in (0, 1], got {min_channels!r}")
     if criterion == "taylor" and calibration is None:
-        raise ValueError(_P + "criterion 'taylor' needs calibration=: a callable f(model) -> scalar loss, or a list of them")
+        raise ValueError(PREFIX + "criterion 'taylor' needs calibration=: a callable f(model) -> scalar loss, or a list of them")
     if calibration is not None and not callable(calibration) and not (
             isinstance(calibration, (list, tuple)) and calibration and all(callable(f) for f in calibration)):
-        raise ValueError(_P + "calibration must be a callable f(model) -> scalar loss, or a non-empty list of them")
+        raise ValueError(PREFIX + "calibration must be a callable f(model) -> scalar loss, or a non-empty list of them")
 
 
 def filters(model: nn.Module, example_input, ratio: float, *, criterion: str = "l1", scope: str = "global",
@@ -634,8 +128,9 @@ def filters(model: nn.Module, example_input, ratio: float, *, criterion: str = "
     - "geometric_median": the summed distance of the filter to the layer's other filters, so the
       filters nearest the geometric median, the most replaceable, go first (FPGM, He et al. 2019);
     - "taylor": |sum of activation * gradient| over the calibration losses at the BatchNorm outputs
-      (conv/Linear outputs without BatchNorm), the first-order estimate of the loss change when the
-      channel is zeroed. `calibration` is a callable f(model) -> scalar loss, or a list of them,
+      (conv/Linear outputs without BatchNorm), the first-order Taylor estimate of the loss change
+      when the channel is zeroed (not squared, unlike the "fisher" criterion of sparsify and
+      Iterative). `calibration` is a callable f(model) -> scalar loss, or a list of them,
       run on the copy; BatchNorm statistics changed by them are restored.
 
     scope="global" ranks all prunable channels together after dividing each group's scores by their
@@ -648,22 +143,22 @@ def filters(model: nn.Module, example_input, ratio: float, *, criterion: str = "
     channels entering and leaving it are kept.
     """
     if not isinstance(model, nn.Module):
-        raise ValueError(_P + f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise ValueError(PREFIX + f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_args(ratio, criterion, scope, min_channels, calibration)
     inputs, skip = _inputs(example_input), _skip_names(skip)
     new = copy.deepcopy(model)
-    ch, groups, expected = _analyse(new, inputs, skip)
+    ch, groups, expected = trace_channels(new, inputs, skip)
     if ratio == 0:
         return new
-    scores = _scores(ch, groups, criterion, calibration, new)
-    _shrink(ch, _select(groups, scores, ratio, scope, min_channels))
-    with _eval(new):
+    scores = channel_scores(ch, groups, criterion, calibration, new)
+    _shrink(ch, select_channels(groups, scores, ratio, scope, min_channels))
+    with eval_no_grad(new):
         try:
-            got = _shapes(new(*inputs))
+            got = output_shapes(new(*inputs))
         except Exception as e:
-            raise RuntimeError(_P + f"the pruned model fails on example_input ({e}); its forward probably "
+            raise RuntimeError(PREFIX + f"the pruned model fails on example_input ({e}); its forward probably "
                                "hard-codes a channel count: pass skip= for that module") from e
     if got != expected:
-        raise RuntimeError(_P + f"the pruned model's output shapes {got} differ from the original's {expected}; "
+        raise RuntimeError(PREFIX + f"the pruned model's output shapes {got} differ from the original's {expected}; "
                            "pass skip= for the module that changes them")
     return new

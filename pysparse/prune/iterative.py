@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .magnitude import _block_scores, _expand_blocks
-from .nm import _M_CHOICES
+from .magnitude import block_scores, expand_blocks
+from .nm import M_CHOICES
 
 _PREFIX = "pysparse.prune.Iterative: "
 _SCHEDULES = ("cubic", "linear")
 _PATTERNS = ("unstructured", "nm", "block")
-_CRITERIA = ("magnitude", "taylor")
+_CRITERIA = {"magnitude": "|w|", "fisher": "(w * dL/dw)^2 summed over the steps between updates"}
+_DEPRECATED_CRITERIA = {"taylor": "fisher"}  # old spellings of the same formula
 _SCOPES = ("local", "global")
 
 
@@ -46,9 +48,10 @@ class Iterative:
       left None). N:M ramp: each update prunes the smallest still-kept weights of the layer, but a
       group of m never loses more than m - n, so the layer goes smoothly from dense to exactly n:m
       in every group at the last step (with m = 4, ramping n itself would give only two jumps).
-    - ``criterion``: "magnitude" (|w|) or "taylor" ((w * dL/dw)^2 summed over the steps since the
-      last update, Molchanov et al. 2019; needs the gradients, still there after
-      ``optimizer.step()``).
+    - ``criterion``: "magnitude" (|w|) or "fisher" ((w * dL/dw)^2 summed over the steps since the
+      last update: the squared first-order Taylor term, Molchanov et al. 2019; needs the
+      gradients, still there after ``optimizer.step()``). Its old name "taylor" is accepted with
+      a DeprecationWarning.
     - ``scope``: "local" (every layer to the same sparsity) or "global" (one ranking across the
       layers: unstructured and block only).
     - ``layers``: fnmatch patterns of qualified module names (``*`` matches across dots), default
@@ -73,16 +76,22 @@ class Iterative:
                  start: int = 0, every: int = 1, scope: str = "local"):
         if not isinstance(model, torch.nn.Module):
             raise _error(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(criterion, str) and criterion in _DEPRECATED_CRITERIA:
+            warnings.warn(_PREFIX + f"criterion {criterion!r} is deprecated, use {_DEPRECATED_CRITERIA[criterion]!r} "
+                          f"(the same formula, (w * dL/dw)^2 summed); {criterion!r} will be removed",
+                          DeprecationWarning, stacklevel=2)
+            criterion = _DEPRECATED_CRITERIA[criterion]
         for what, value, choices in (("schedule", schedule, _SCHEDULES), ("pattern", pattern, _PATTERNS),
                                      ("criterion", criterion, _CRITERIA), ("scope", scope, _SCOPES)):
-            if value not in choices:
-                raise _error(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            if value not in tuple(choices):
+                listed = ", ".join(repr(c) + (f" ({choices[c]})" if isinstance(choices, dict) else "") for c in choices)
+                raise _error(f"{what} must be one of {listed}, got {value!r}")
         for what, value, low in (("steps", steps, 1), ("every", every, 1), ("start", start, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise _error(f"{what} must be an integer >= {low}, got {value!r}")
         if pattern == "nm":
-            if m not in _M_CHOICES or isinstance(n, bool) or not isinstance(n, int) or not 0 < n < m:
-                raise _error(f"pattern 'nm' needs m in {_M_CHOICES} and an integer 0 < n < m, got n={n!r}, m={m!r}")
+            if m not in M_CHOICES or isinstance(n, bool) or not isinstance(n, int) or not 0 < n < m:
+                raise _error(f"pattern 'nm' needs m in {M_CHOICES} and an integer 0 < n < m, got n={n!r}, m={m!r}")
             if scope == "global":
                 raise _error("scope 'global' applies to the unstructured and block patterns, not 'nm'")
             final = 1.0 - n / m
@@ -140,7 +149,7 @@ class Iterative:
         else:
             self._final = {name: round(self.target * c) for name, c in counts.items()}
         self._masks: Dict[str, torch.Tensor] = {name: self._expand(name, u) for name, u in self._units.items()}
-        self._taylor: Dict[str, torch.Tensor] = {}
+        self._fisher: Dict[str, torch.Tensor] = {}
         self._t = 0
         self._frac = 0.0  # ramp position of the current masks, in [0, 1]
         self._hooks = [w.register_hook(self._grad_hook(name)) for name, w in self._weights.items() if w.requires_grad]
@@ -183,8 +192,8 @@ class Iterative:
         if self._finalized:
             raise _error("step() was called after finalize()")
         self._t += 1
-        if self.criterion == "taylor":
-            self._accumulate_taylor()
+        if self.criterion == "fisher":
+            self._accumulate_fisher()
         frac = self._ramp(self._t)
         if frac > self._frac:
             self._update(frac)
@@ -203,12 +212,12 @@ class Iterative:
             for h in self._hooks:
                 h.remove()
             self._hooks = []
-            self._taylor = {}
+            self._fisher = {}
             self._finalized = True
         return self.model
 
     def state_dict(self) -> dict:
-        """The step count and masks (Taylor scores are not saved: they restart after a resume)."""
+        """The step count and masks (Fisher scores are not saved: they restart after a resume)."""
         return {"t": self._t, "frac": self._frac, "units": {k: u.clone() for k, u in self._units.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -234,7 +243,7 @@ class Iterative:
         w = self._weights[name]
         if self.pattern != "block":
             return units
-        return _expand_blocks(units, *self.blocksize).reshape(w.shape)
+        return expand_blocks(units, *self.blocksize).reshape(w.shape)
 
     def _grad_hook(self, name: str):
         def hook(grad: torch.Tensor) -> torch.Tensor:
@@ -251,26 +260,26 @@ class Iterative:
             w.masked_fill_(~mask, 0)
 
     @torch.no_grad()
-    def _accumulate_taylor(self) -> None:
+    def _accumulate_fisher(self) -> None:
         for name, w in self._weights.items():
             if w.grad is not None:
                 s = (w.detach().float() * w.grad.float()).square()
-                self._taylor[name] = self._taylor[name] + s if name in self._taylor else s
+                self._fisher[name] = self._fisher[name] + s if name in self._fisher else s
 
     def _scores(self, name: str) -> torch.Tensor:
         """Importance of each unit (flattened); larger is kept longer."""
         w = self._weights[name]
-        if self.criterion == "taylor":
-            if name not in self._taylor:
-                raise _error(f"criterion 'taylor' found no gradient for {name!r}: call step() after "
+        if self.criterion == "fisher":
+            if name not in self._fisher:
+                raise _error(f"criterion 'fisher' found no gradient for {name!r}: call step() after "
                              f"backward() and before the gradients are cleared")
-            s = self._taylor[name]
+            s = self._fisher[name]
         else:
             s = w.detach().float().abs()
         if self.pattern == "block":
             bh, bw = self.blocksize
             R, C = self._units[name].shape
-            s = _block_scores(s.reshape(R * bh, C * bw), bh, bw)
+            s = block_scores(s.reshape(R * bh, C * bw), bh, bw)
         return s.reshape(-1)
 
     def _eligible(self, name: str) -> torch.Tensor:
@@ -315,4 +324,4 @@ class Iterative:
                 u.view(-1)[mine.to(u.device)] = False
                 offset += u.numel()
                 self._masks[k] = self._expand(k, u)
-        self._taylor = {}
+        self._fisher = {}

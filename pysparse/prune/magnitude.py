@@ -23,15 +23,16 @@ def _keep_top(scores: torch.Tensor, keep: int, dim: int = -1) -> torch.Tensor:
     return mask
 
 
-def _block_scores(x: torch.Tensor, bh: int, bw: int, norm: str = "l2") -> torch.Tensor:
-    """(M, K) -> (M / bh, K / bw): per block, the sum of |x| (l1) or of x^2 (l2)."""
+def block_scores(x: torch.Tensor, bh: int, bw: int, norm: str = "l2") -> torch.Tensor:
+    """(M, K) -> (M / bh, K / bw): per (bh, bw) block, the sum of |x| (l1) or of x^2 (l2), the
+    ranking `blocks` prunes by (M and K multiples of bh and bw)."""
     M, K = x.shape
     b = x.reshape(M // bh, bh, K // bw, bw)
     return b.abs().sum(dim=(1, 3)) if norm == "l1" else b.square().sum(dim=(1, 3))
 
 
-def _expand_blocks(mask: torch.Tensor, bh: int, bw: int) -> torch.Tensor:
-    """Block mask (R, C) -> element mask (R * bh, C * bw)."""
+def expand_blocks(mask: torch.Tensor, bh: int, bw: int) -> torch.Tensor:
+    """Block mask (R, C) -> element mask (R * bh, C * bw), each block's entry repeated over it."""
     R, C = mask.shape
     return mask[:, None, :, None].expand(R, bh, C, bw).reshape(R * bh, C * bw)
 
@@ -66,7 +67,7 @@ def blocks(W: torch.Tensor, sparsity: float, blocksize: Tuple[int, int] = (32, 3
         raise ValueError(f"pysparse.prune.blocks: shape {(M, K)} is not divisible by the block size {(bh, bw)}")
     if norm not in ("l1", "l2"):
         raise ValueError(f"pysparse.prune.blocks: norm must be 'l1' or 'l2', got {norm!r}")
-    scores = _block_scores(W.detach().float(), bh, bw, norm)
+    scores = block_scores(W.detach().float(), bh, bw, norm)
     nblocks = scores.numel()
     mask = _keep_top(scores.flatten(), nblocks - round(sparsity * nblocks)).view_as(scores)
-    return W * _expand_blocks(mask, bh, bw)
+    return W * expand_blocks(mask, bh, bw)

@@ -5,7 +5,10 @@ from typing import Optional
 
 import torch
 
-_M_CHOICES = (4, 8, 16)
+from ..formats import NM_CHOICES, keep_largest
+
+#: The group sizes m that N:M pruning and the N:M formats support.
+M_CHOICES = tuple(sorted({m for _, m in NM_CHOICES}))
 
 
 def nm(W: torch.Tensor, n: int = 2, m: int = 4, scores: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -19,24 +22,19 @@ def nm(W: torch.Tensor, n: int = 2, m: int = 4, scores: Optional[torch.Tensor] =
     """
     if not isinstance(W, torch.Tensor) or W.dim() < 1 or not W.is_floating_point():
         raise ValueError("pysparse.prune.nm needs a floating-point tensor with at least 1 dimension")
-    if m not in _M_CHOICES:
-        raise ValueError(f"pysparse.prune.nm: m must be one of {_M_CHOICES}, got {m}")
+    if m not in M_CHOICES:
+        raise ValueError(f"pysparse.prune.nm: m must be one of {M_CHOICES}, got {m}")
     if not 0 < n < m:
         raise ValueError(f"pysparse.prune.nm: n must satisfy 0 < n < m = {m}, got {n}")
     K = W.shape[-1]
     if K % m:
         raise ValueError(f"pysparse.prune.nm: the last dimension ({K}) is not a multiple of m = {m}")
-    if scores is None:
-        s = W.detach().abs()
-    else:
+    if scores is not None:
         if not isinstance(scores, torch.Tensor):
             raise ValueError(f"pysparse.prune.nm: scores must be a tensor, got {type(scores).__name__}")
         try:
-            s = torch.broadcast_to(scores.detach().to(W.device), W.shape)
+            torch.broadcast_to(scores, W.shape)
         except RuntimeError:
             raise ValueError(f"pysparse.prune.nm: scores of shape {tuple(scores.shape)} do not "
                              f"broadcast to W's shape {tuple(W.shape)}") from None
-    groups = s.float().reshape(*W.shape[:-1], K // m, m)
-    keep = torch.zeros_like(groups, dtype=torch.bool)
-    keep.scatter_(-1, torch.topk(groups, n, dim=-1, sorted=False).indices, True)
-    return W * keep.reshape(W.shape)
+    return keep_largest(W, n, m, scores)

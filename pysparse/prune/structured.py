@@ -2,7 +2,8 @@
 
 Removing a head or a neuron slices rows out of the projections that produce it and columns out of
 the projection that consumes it, so the result is a smaller *dense* block that runs faster on any
-hardware. Three layouts are recognised (`attention_parts` / `ffn_parts`):
+hardware. `shrink_attention` and `shrink_ffn` do this to a module in place, given the units to
+keep. Three layouts are recognised (`attention_parts` / `ffn_parts`):
 
 - pysparse's own BERT layer (`pysparse.models.minilm.BertLayer`: query/key/value/attn_out, heads;
   ffn_in/ffn_out),
@@ -16,6 +17,7 @@ query heads that read it), so the number of query heads per group stays what the
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -136,15 +138,17 @@ def head_scores_magnitude(p: AttentionParts) -> torch.Tensor:
     return (q + k + v + o).sqrt()
 
 
-def prune_heads(module: torch.nn.Module, keep: Sequence[int]) -> None:
-    """Keep only the attention units (heads; key/value groups under GQA) at indices `keep`, in place."""
+def shrink_attention(module: torch.nn.Module, keep: Sequence[int]) -> None:
+    """Cut an attention module down, in place, to its units (heads; key/value groups under GQA)
+    at indices `keep`: the projections are replaced by smaller dense nn.Linear layers."""
     p = attention_parts(module)
     if p is None:
         raise ValueError(f"pysparse.prune: {type(module).__name__} is not an attention module this library "
                          f"recognises (BERT-style query/key/value or LLaMA-style q_proj/k_proj/v_proj/o_proj)")
     keep = sorted(set(int(u) for u in keep))
     if not keep or keep[0] < 0 or keep[-1] >= p.units:
-        raise ValueError(f"pysparse.prune.prune_heads: keep must name 1..{p.units} distinct units in [0, {p.units}), got {keep}")
+        raise ValueError(f"pysparse.prune.shrink_attention: keep must name 1..{p.units} distinct units in "
+                         f"[0, {p.units}), got {keep}")
     qcols, kvcols = _columns(keep, p.unit_width), _columns(keep, p.head_dim)
     p.replace("q", _slice(p.q, qcols, 0))
     p.replace("k", _slice(p.k, kvcols, 0))
@@ -154,15 +158,17 @@ def prune_heads(module: torch.nn.Module, keep: Sequence[int]) -> None:
     p.set_heads(len(keep) * per_group, len(keep))
 
 
-def prune_neurons(module: torch.nn.Module, keep: torch.Tensor) -> None:
-    """Keep only the intermediate neurons at indices `keep` of a feed-forward block, in place."""
+def shrink_ffn(module: torch.nn.Module, keep: torch.Tensor) -> None:
+    """Cut a feed-forward module down, in place, to its intermediate neurons at indices `keep`: the
+    projections are replaced by smaller dense nn.Linear layers. (``pysparse.prune.ffn_neurons``
+    does the same to weight tensors, choosing the neurons itself.)"""
     p = ffn_parts(module)
     if p is None:
         raise ValueError(f"pysparse.prune: {type(module).__name__} is not a feed-forward block this library "
                          f"recognises (ffn_in/ffn_out, intermediate.dense/output.dense or gate/up/down_proj)")
     keep = torch.as_tensor(keep, dtype=torch.int64).unique()
     if keep.numel() == 0 or keep[0] < 0 or keep[-1] >= p.down.in_features:
-        raise ValueError(f"pysparse.prune.prune_neurons: keep must name 1..{p.down.in_features} neurons")
+        raise ValueError(f"pysparse.prune.shrink_ffn: keep must name 1..{p.down.in_features} neurons")
     p.replace("up", _slice(p.up, keep, 0))
     if p.gate is not None:
         p.replace("gate", _slice(p.gate, keep, 0))
@@ -172,6 +178,20 @@ def prune_neurons(module: torch.nn.Module, keep: torch.Tensor) -> None:
 def neuron_scores_magnitude(p: FFNParts) -> torch.Tensor:
     """||W_up[j]|| + ||W_down[:, j]|| (+ ||W_gate[j]||), L2."""
     return neuron_norms(p.up.weight, p.down.weight, None if p.gate is None else p.gate.weight)
+
+
+def _deprecated(old: str, new: Callable) -> Callable:
+    def alias(*args, **kwargs):
+        warnings.warn(f"pysparse.prune.{old} is deprecated, use pysparse.prune.{new.__name__} (the same function)",
+                      DeprecationWarning, stacklevel=2)
+        return new(*args, **kwargs)
+    alias.__name__ = alias.__qualname__ = old
+    alias.__doc__ = f"Deprecated name of `{new.__name__}`."
+    return alias
+
+
+prune_heads = _deprecated("prune_heads", shrink_attention)
+prune_neurons = _deprecated("prune_neurons", shrink_ffn)
 
 
 class Passthrough(torch.nn.Module):

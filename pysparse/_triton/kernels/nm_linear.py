@@ -11,7 +11,7 @@ Aimed at decode-sized token counts, where cuSPARSELt's 2:4 GEMM loses to dense.
 import triton
 import triton.language as tl
 
-from triton_kernels._tiles import activation, weight_tile
+from ._tiles import activation, weight_tile
 
 
 def configs():

@@ -36,7 +36,7 @@ token cutoff are first guesses until benchmarks/gpu_bench.py has run.
 import triton
 import triton.language as tl
 
-from triton_kernels._tiles import activation, weight_tile
+from ._tiles import activation, weight_tile
 
 
 def configs():

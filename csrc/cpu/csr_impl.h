@@ -1,0 +1,128 @@
+// CSR SpMM kernels: the row-axpy panel kernel (n > 1) and the gemv (n == 1).
+// Part of the per-ISA kernel build: isa_{scalar,avx2,avx512}.cpp include it inside that ISA's
+// namespace, after simd.h and in the order they list; no include guard, no torch header
+// (kernels.h says why).
+
+// ---------------------------------------------------------------------------------------------
+// CSR, n > 1.
+// NV vectors of type VT per row accumulator. FMA latency is 4 cycles at 2 per cycle, so 8
+// independent chains keep the FMA units busy: the nonzeros of a row rotate over SETS = 8 / NV
+// accumulator sets (summed at the end of the row). With one set, NV = 1 ran at a quarter speed.
+template <typename VT, typename T, typename RT, typename CT, int NV>
+static void csr_panel_kernel(const CsrArgs& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+  using Vec = VT;
+  constexpr int W = Vec::W;
+  constexpr int NB = NV * W;
+  constexpr int SETS = NV >= 8 ? 1 : 8 / NV;
+  // RT rows per output tile: the transposed (linear) store writes RT consecutive outputs per
+  // column, 16 fp32 = one full cache line (8 left the linear layout ~10% behind spmm).
+  constexpr int RT_ROWS = 16;
+  // Rows per chunk: the chunk's nonzeros (values + indices) are re-read once per panel, so keep
+  // them within ~256 KiB of L2 (measured L2: 1 MiB per core here, the panel takes the rest).
+  constexpr int64_t kChunkBytes = 256 * 1024;
+  const RT* crow = static_cast<const RT*>(a.crow);
+  const CT* col = static_cast<const CT*>(a.col);
+  const T* val = static_cast<const T*>(a.val);
+  const uint64_t K = uint64_t(a.K);
+  alignas(64) float tile[RT_ROWS * NB];
+  constexpr int kVbuf = 256;
+  alignas(64) float vbuf[kVbuf];
+  int bad = 0;
+
+  for (int64_t c0 = r0; c0 < r1;) {
+    int64_t c1 = c0;
+    const int64_t budget = kChunkBytes / int64_t(sizeof(T) + sizeof(CT));
+    while (c1 < r1 && (c1 - c0 < RT_ROWS || int64_t(crow[c1] - crow[c0]) < budget)) c1 += RT_ROWS;
+    if (c1 > r1) c1 = r1;
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* bp = a.B.b + p * a.B.panel_stride;
+      const int64_t j0 = p * NB;
+      const int cols = int(a.B.n - j0 < NB ? a.B.n - j0 : NB);
+      for (int64_t m0 = c0; m0 < c1; m0 += RT_ROWS) {
+        const int rows = int(c1 - m0 < RT_ROWS ? c1 - m0 : RT_ROWS);
+        for (int i = 0; i < rows; ++i) {
+          typename Vec::V acc[SETS][NV];
+          for (int s = 0; s < SETS; ++s)
+            for (int q = 0; q < NV; ++q) acc[s][q] = Vec::zero();
+          for (int64_t j = crow[m0 + i], end = crow[m0 + i + 1]; j < end;) {
+            const int len = int(end - j < kVbuf ? end - j : kVbuf);
+            const CT* c = col + j;
+            // One vectorised max over the chunk's indices replaces a compare per nonzero in
+            // the FMA loop; a chunk holding a bad index is skipped and reported.
+            if (max_index(c, len) >= K) { bad = 1; j += len; continue; }
+            axpy_rows<Vec, NV, SETS>(acc, widen<Vec>(val + j, len, vbuf), c, len, bp);
+            j += len;
+          }
+          finish_row<Vec, NV, SETS>(acc, tile + i * NB);
+        }
+        store_tile<T>(a.O, tile, NB, m0, rows, j0, cols);
+      }
+    }
+    c0 = c1;
+  }
+  if (bad) *a.bad_index = 1;
+}
+
+// CSR, n == 1 (decode). Memory-bound when cold: stream values and indices once; x stays in
+// cache. The ceiling when warm is the loads: one per value, index and x element, about one
+// nonzero per cycle per core.
+template <typename T, typename RT, typename CT>
+static void csr_gemv_kernel(const CsrArgs& a, int64_t r0, int64_t r1, int64_t, int64_t) {
+  [[maybe_unused]] constexpr int W = Vec::W;  // used by the AVX-512 block
+  const RT* crow = static_cast<const RT*>(a.crow);
+  const CT* col = static_cast<const CT*>(a.col);
+  const T* val = static_cast<const T*>(a.val);
+  const float* x = a.B.b;
+  const uint64_t K = uint64_t(a.K);
+  int bad = 0;
+  alignas(64) float tile[64];
+  constexpr int kVbuf = 256;
+  alignas(64) float vbuf[kVbuf];
+  for (int64_t m0 = r0; m0 < r1; m0 += 64) {
+    const int rows = int(r1 - m0 < 64 ? r1 - m0 : 64);
+    for (int i = 0; i < rows; ++i) {
+      int64_t j = crow[m0 + i];
+      const int64_t end = crow[m0 + i + 1];
+      float s = 0.f;
+      // Measured on Zen 5 (3072x768, 90%): AVX-512 gathers beat scalar loads (fp32 equal, bf16
+      // 1.4x); AVX2 gathers lose to the scalar loop below by 1.35x, so AVX2 takes the scalar loop.
+#if PYSPARSE_ISA_LEVEL == 2
+      if constexpr (sizeof(CT) <= 4) {
+        // The remainder after the 2W-wide loop is one full and one masked vector step.
+        typename Vec::V acc0 = Vec::zero(), acc1 = Vec::zero();
+        for (; j + 2 * W <= end; j += 2 * W) {
+          acc0 = Vec::fma(Vec::load_cvt(val + j), Vec::gather_checked(x, col + j, uint32_t(K), &bad), acc0);
+          acc1 = Vec::fma(Vec::load_cvt(val + j + W), Vec::gather_checked(x, col + j + W, uint32_t(K), &bad), acc1);
+        }
+        if (j + W <= end) {
+          acc0 = Vec::fma(Vec::load_cvt(val + j), Vec::gather_checked(x, col + j, uint32_t(K), &bad), acc0);
+          j += W;
+        }
+        if (j < end) {
+          const int len = int(end - j);
+          acc1 = Vec::fma(Vec::load_cvt_partial(val + j, len),
+                          Vec::gather_checked_partial(x, col + j, len, uint32_t(K), &bad), acc1);
+          j = end;
+        }
+        s = Vec::hsum(Vec::add(acc0, acc1));
+      }
+#endif
+      // Scalar path (portable and AVX2 builds, int64 indices): four chains cover FMA latency.
+      // 16-bit values are first widened a chunk at a time with vector converts (a scalar
+      // widen per nonzero made bf16 1.4x slower than fp32 on the AVX2 build).
+      float acc4[4] = {0.f, 0.f, 0.f, 0.f};
+      if constexpr (sizeof(T) == 4) {
+        gemv_row_scalar(reinterpret_cast<const float*>(val) + j, col + j, end - j, x, K, &bad, acc4);
+      } else {
+        for (; j < end; j += kVbuf) {
+          const int len = int(end - j < kVbuf ? end - j : kVbuf);
+          gemv_row_scalar(widen<Vec>(val + j, len, vbuf), col + j, len, x, K, &bad, acc4);
+        }
+      }
+      const float s0 = acc4[0], s1 = acc4[1], s2 = acc4[2], s3 = acc4[3];
+      tile[i] = s + (s0 + s1) + (s2 + s3);
+    }
+    store_tile<T>(a.O, tile, 1, m0, rows, 0, 1);
+  }
+  if (bad) *a.bad_index = 1;
+}

@@ -1,0 +1,85 @@
+"""``sparsify(model, recipe, calibration=None)``: prune a model and swap in sparse layers, keeping a
+layer dense wherever no sparse kernel is faster on this machine.
+
+A recipe maps module-name patterns (fnmatch: ``*`` matches across dots) to a rule, or to None to
+leave the matching modules alone::
+
+    {"layers.*": {"heads": 0.25, "neurons": 0.4, "criterion": "activation", "reconstruct": True},
+     "*.ffn_*": {"format": "nm", "n": 2, "m": 4, "criterion": "wanda"},
+     "layers.5": {"drop": True},
+     "layers.0.*": None}
+
+Structured rules (on attention / feed-forward modules, see ``pysparse.prune.structured``):
+``heads`` (fraction of attention heads, or key/value groups, removed), ``neurons`` (fraction of FFN
+intermediate neurons removed), ``drop`` (the module becomes a passthrough), ``criterion``
+("magnitude": L2 norm of the unit's weights | "activation": the unit's squared output contribution
+on the calibration inputs | "fisher": (sum_{c in unit} x_c dL/dx_c)^2 summed over calibration
+tokens, x the output projection's input | "entropy": mean attention entropy, heads only),
+``scope`` ("local" | "global": rank units across every module the rule matches), ``reconstruct``
+(refit the output projection by least squares so the pruned block reproduces the dense block's
+output on the calibration inputs).
+Weight rules (on nn.Linear and nn.Conv2d, a conv's weight pruned as its (Cout, Cin*kh*kw)
+matrix and swapped for ``SparseConv2d``): ``format`` ("csr" | "bsr" | "nm"), ``sparsity``, ``n``/``m``,
+``blocksize``, ``criterion`` ("magnitude": |W| | "wanda": |W| * ||x|| | "fisher": (w dL/dw)^2 summed
+over calibration batches), ``scope`` ("local" | "global": csr only, one threshold over every
+linear the rule matches), ``kernel`` ("auto" | "sparse" | "dense"), ``min_speedup`` (default 1.0).
+"fisher" is the squared (Fisher) form of the first-order Taylor estimate of the loss change; its
+old name "taylor" is still accepted, with a DeprecationWarning.
+For each module, the last matching pattern wins among the rules that apply to it (weight rules
+for linears; for heads, the rules that set ``heads``; for neurons, those that set ``neurons``).
+By default the first and last nn.Linear / nn.Conv2d of the model are skipped (the most
+sensitive; ``skip_ends=False`` prunes them too).
+
+Calibration is a callable ``f(model)`` (or a list of them, one per batch) that runs the model on
+representative inputs. Criteria "activation", "entropy", "wanda" and ``reconstruct`` record
+activations through hooks; "fisher" needs ``f`` to return a scalar loss, which is back-propagated.
+For a model without labels, a random projection of the output (``(model(x) * r).sum()`` with a
+fresh Gaussian ``r``) makes the Fisher scores the expected squared first-order output change.
+
+The stages live in this package: ``recipe`` (which rule applies where), ``calibration`` (hooks,
+activation statistics, Fisher scores), ``structured`` (heads, neurons, dropped layers) and
+``weights`` (csr / bsr / nm and the timed kernel choice, through ``pysparse.nn._choice``).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import recipe as _recipe
+from .recipe import Calibration
+from .structured import apply_structure
+from .weights import apply_weights
+
+__all__ = ["sparsify", "Calibration"]
+
+
+@torch.no_grad()
+def sparsify(model: torch.nn.Module, recipe: Dict[str, Optional[dict]], calibration: Optional[Calibration] = None,
+             *, skip_ends: bool = True, time_layers: bool = True, shapes: Optional[Sequence[int]] = None,
+             cache: bool = True, progress: Optional[bool] = None) -> List[dict]:
+    """Prune ``model`` per ``recipe`` and swap its nn.Linear layers for the fastest kernel, in place;
+    returns the report (one dict per changed module).
+
+    Structured pruning (heads, neurons, layers) runs first, then weight pruning. Each pruned linear
+    is timed (``time_layers``) as its stored format, as CSR and as the dense pruned layer, at the
+    token counts in ``shapes`` (default: the calibration shape, else 1 token); the fastest that
+    beats dense by ``min_speedup`` at every shape is kept, else the layer stays a dense (pruned)
+    nn.Linear: a swapped layer is never slower than dense at the shapes it was tuned for. Timings
+    are cached on disk (see ``pysparse.nn._choice``; ``cache=False`` re-times). ``progress``: a
+    progress line on stderr (default: when stderr is a terminal).
+    Report rows: name, kind ("heads" | "neurons" | "drop" | "linear" | "conv"), shape before/after
+    and, for linears and convs, format, sparsity, kernel kept, times in us per candidate at each
+    shape (convs: at their calibration input; untimed without calibration), speedup.
+    """
+    if progress is None:
+        progress = sys.stderr.isatty()
+    _recipe.check(recipe)
+    report: List[dict] = []
+    if any(_recipe.kind(r) == "struct" for r in recipe.values()):
+        apply_structure(model, recipe, calibration, progress, report)
+    if any(_recipe.kind(r) == "weight" for r in recipe.values()):
+        apply_weights(model, recipe, calibration, skip_ends=skip_ends, time_layers=time_layers, shapes=shapes,
+                      cache=cache, show_progress=progress, report=report)
+    return report

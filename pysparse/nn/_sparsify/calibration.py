@@ -1,0 +1,151 @@
+"""What sparsify learns from the calibration inputs: input norms and shapes of the linears,
+per-unit output contributions and attention entropies of the structured modules (one no-grad pass
+through hooks), and the gradient-based "fisher" scores (a backward pass per calibration call)."""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from ...prune import structured as st
+from .recipe import Calibration
+
+
+class Stats:
+    """Everything one calibration pass records."""
+
+    def __init__(self):
+        self.sq: Dict[str, torch.Tensor] = {}        # linear name -> sum of x^2 per input feature
+        self.shape: Dict[str, tuple] = {}            # linear name -> input shape of the last call
+        self.unit: Dict[str, torch.Tensor] = {}      # struct key -> activation score per unit
+        self.entropy: Dict[str, torch.Tensor] = {}
+
+
+def record(model, linears, structs, calibration) -> Stats:
+    """One no-grad pass: per-feature input norms and shapes of every linear, per-unit output
+    contributions of the structured modules, attention entropies where asked.
+
+    linears: [(name, nn.Linear | nn.Conv2d)]; structs: {key: (what, parts, rule)}, what "heads" or
+    "neurons" and parts from ``pysparse.prune.structured``."""
+    s = Stats()
+    handles = []
+
+    def lin_hook(name):
+        def f(mod, args, out):
+            x = args[0].detach().float()
+            # per input feature: the last dim of a linear's input, the channel dim of a conv's
+            # ((N,) C, H, W); summed in place of a transposed copy
+            x = x.unsqueeze(0) if x.dim() == 1 else x
+            feat = x.dim() - 3 if isinstance(mod, torch.nn.Conv2d) else x.dim() - 1
+            s.sq[name] = s.sq.get(name, 0) + x.square().sum([d for d in range(x.dim()) if d != feat])
+            s.shape[name] = tuple(args[0].shape)
+        return f
+    handles += [m.register_forward_hook(lin_hook(n)) for n, m in linears]
+
+    for key, (what, parts, rule) in structs.items():
+        if what == "heads":
+            def attn_hook(mod, args, key=key, p=parts):
+                x = args[0].detach().reshape(-1, p.o.in_features).float()
+                w = p.o.weight.detach().float()
+                g = p.unit_width
+                sc = torch.stack([(x[:, u * g:(u + 1) * g] @ w[:, u * g:(u + 1) * g].T).square().sum()
+                                  for u in range(p.units)])
+                s.unit[key] = s.unit.get(key, 0) + sc.double()
+            handles.append(parts.o.register_forward_pre_hook(attn_hook))
+            if rule.get("criterion") == "entropy":
+                handles += _entropy_hooks(parts, key, s)
+        elif what == "neurons":
+            def ffn_hook(mod, args, key=key):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                s.unit[key] = s.unit.get(key, 0) + x.square().sum(0)
+            handles.append(parts.down.register_forward_pre_hook(ffn_hook))
+    run(model, calibration, handles)
+    for key, (what, parts, _) in structs.items():
+        if what == "neurons" and key in s.unit:
+            s.unit[key] = s.unit[key] * parts.down.weight.detach().double().square().sum(0)
+    return s
+
+
+def _entropy_hooks(p: st.AttentionParts, key: str, s: Stats):
+    """Mean entropy of each head's attention rows, from the q and k projections (every key of the
+    calibration sequence counts, padding included: calibrate on unpadded batches)."""
+    cache = {}
+
+    def q_hook(mod, args, out):
+        cache["q"] = out.detach().float()
+
+    def k_hook(mod, args, out):
+        q, k = cache.pop("q"), out.detach().float()
+        B, L = q.shape[0], q.shape[-2] if q.dim() == 3 else 1
+        q = q.reshape(B, L, p.heads, p.head_dim).transpose(1, 2)
+        k = k.reshape(B, L, p.kv_heads, p.head_dim).transpose(1, 2)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / p.head_dim ** 0.5, dim=-1)
+        ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean((0, 2))
+        s.entropy[key] = s.entropy.get(key, 0) + ent.double()
+    return [p.q.register_forward_hook(q_hook), p.k.register_forward_hook(k_hook)]
+
+
+def calls(calibration: Calibration) -> list:
+    """The calibration callables, one per batch."""
+    return list(calibration) if isinstance(calibration, (list, tuple)) else [calibration]
+
+
+def run(model, calibration: Calibration, hooks: list) -> None:
+    """Run every calibration call on `model` without grad, then remove `hooks` (also on error)."""
+    try:
+        for f in calls(calibration):
+            with torch.no_grad():
+                f(model)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def fisher_scores(model, calibration, units: Dict[str, tuple], weights: Dict[str, torch.nn.Module]):
+    """Criterion "fisher": squared first-order Taylor terms of the loss, summed over the
+    calibration data (the Fisher form; Molchanov et al. 2019). Returns (unit scores, weight scores).
+
+    Units: the input x of the output projection (o-proj / down-proj) is watched; removing unit j
+    at one token changes the loss by about -sum_{c in j} x_c dL/dx_c, whose square is summed over
+    tokens. Weights: (w dL/dw)^2, with dL/dw the gradient of one calibration call's loss, summed
+    over calibration calls.
+    units: {key: (output projection, units, columns per unit)}; weights: {name: layer}."""
+    unit_scores: Dict[str, torch.Tensor] = {}
+    weight_scores: Dict[str, torch.Tensor] = {}
+    handles = []
+    for key, (lin, n_units, width) in units.items():
+        def pre(mod, args, key=key, units=n_units, width=width):
+            x = args[0]
+            if x.requires_grad:
+                def on_grad(g, x=x.detach()):
+                    t = (x * g).reshape(-1, units, width).sum(-1).double().square().sum(0)
+                    unit_scores[key] = unit_scores.get(key, 0) + t
+                x.register_hook(on_grad)
+        handles.append(lin.register_forward_pre_hook(pre))
+    params = list(model.parameters())
+    req = [p.requires_grad for p in params]
+    # Only the scored weights need gradients; with none (unit scores) the watched activations
+    # need a path to the loss, so every parameter requires grad (their .grad is cleared after).
+    for p in params:
+        p.requires_grad_(not weights)
+    for lin in weights.values():
+        lin.weight.requires_grad_(True)
+    try:
+        for f in calls(calibration):
+            with torch.enable_grad():
+                loss = f(model)
+                if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
+                    raise ValueError("sparsify: criterion 'fisher' needs calibration callables that return a scalar "
+                                     "loss computed from the model's output")
+                loss.backward()
+            for n, lin in weights.items():
+                t = (lin.weight.detach() * lin.weight.grad).double().square()
+                weight_scores[n] = weight_scores.get(n, 0) + t
+                lin.weight.grad = None
+    finally:
+        for h in handles:
+            h.remove()
+        for p, r in zip(params, req):
+            p.requires_grad_(r)
+            p.grad = None
+    return unit_scores, weight_scores

@@ -1,0 +1,188 @@
+"""sparsify's weight stage: every nn.Linear / nn.Conv2d a weight rule matches is pruned (csr, bsr
+or nm, by magnitude, Wanda or Fisher scores), then timed as its format, as CSR and as the dense
+pruned layer; the fastest that beats dense at every tuned shape replaces it."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ... import prune
+from .. import _choice
+from ..conv import SparseConv2d
+from ..linear import SparseLinear
+from . import calibration as cal
+from .recipe import criterion_of, progress, rule_for
+
+WEIGHT_CRITERIA = {
+    "magnitude": "|W|",
+    "wanda": "|W| * ||x||, x the layer's calibration inputs",
+    "fisher": "(w dL/dw)^2 summed over calibration batches",
+}
+
+
+def apply_weights(model, recipe, calibration, *, skip_ends: bool, time_layers: bool,
+                  shapes: Optional[Sequence[int]], cache: bool, show_progress: bool, report: List[dict]) -> None:
+    """Prune and swap every linear / conv a weight rule matches (the first and last of the model
+    left alone with skip_ends); appends one report row per layer."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    if not linears:
+        raise ValueError("sparsify: the model has no nn.Linear or nn.Conv2d layers")
+    ends = {linears[0][0], linears[-1][0]} if skip_ends else set()
+    todo = [(n, m, rule_for(n, recipe, "weight")) for n, m in linears]
+    todo = [(n, m, r) for n, m, r in todo if r is not None and n not in ends]
+    stats = cal.record(model, linears, {}, calibration) if calibration is not None else cal.Stats()
+    wf = {n: m for n, m, r in todo if criterion_of(r) == "fisher"}
+    if wf and calibration is None:
+        raise ValueError(f"sparsify: criterion 'fisher' for {next(iter(wf))!r} needs calibration inputs")
+    fisher = cal.fisher_scores(model, calibration, {}, wf)[1] if wf else {}
+    scores = {name: _weight_scores(name, lin, rule, stats, fisher) for name, lin, rule in todo}
+    sparsity = _global_sparsity(todo, scores)
+    for name, lin, rule in progress(todo, "sparsify: layers", show_progress):
+        rule = dict(rule)
+        fmt = rule.pop("format", "csr")
+        rule.pop("criterion", None)
+        rule.pop("scope", None)
+        min_speedup = float(rule.pop("min_speedup", 1.0))
+        kernel = rule.pop("kernel", "auto")
+        if kernel not in ("auto", "sparse", "dense"):
+            raise ValueError(f"sparsify: kernel must be 'auto', 'sparse' or 'dense', got {kernel!r}")
+        if name in sparsity:
+            rule["sparsity"] = sparsity[name]
+        if scores[name] is not None:
+            rule["scores"] = scores[name]
+            if fmt != "nm":
+                rule = _prune_by_scores(lin, fmt, rule)
+        conv = isinstance(lin, torch.nn.Conv2d)
+        if conv:
+            rule.pop("index_dtype", None)
+            sparse = SparseConv2d.from_conv(lin, fmt, **rule)
+            dense = sparse.to_conv()
+        else:
+            sparse = SparseLinear.from_linear(lin, fmt, **rule)
+            dense = sparse.to_linear()
+        nnz = dense.weight.count_nonzero().item()
+        row = {"name": name, "kind": "conv" if conv else "linear", "shape": tuple(lin.weight.shape), "format": sparse.format_name,
+               "sparsity": round(1.0 - nnz / lin.weight.numel(), 4)}
+        choice = sparse
+        if kernel == "dense":
+            choice = dense
+        elif time_layers and kernel == "auto":
+            choice = _choose(name, sparse, dense, stats, shapes, min_speedup, cache, row)
+        row["kernel"] = "dense" if choice is dense else choice.format_name
+        # A layer kept dense still carries the pruning (its zeros), so quality is the recipe's.
+        model.set_submodule(name, choice)
+        report.append(row)
+
+
+def _weight_scores(name, lin, rule, stats, fisher) -> Optional[torch.Tensor]:
+    """Importance of every weight under the rule's criterion (None: magnitude, the format's own)."""
+    criterion = criterion_of(rule)
+    if criterion == "wanda":
+        if name not in stats.sq:
+            raise ValueError(f"sparsify: criterion 'wanda' for {name!r} needs calibration inputs that reach it")
+        norms = stats.sq[name].sqrt()
+        if isinstance(lin, torch.nn.Conv2d):
+            if lin.groups != 1:
+                raise ValueError(f"sparsify: criterion 'wanda' for {name!r} needs a conv with groups=1")
+            return lin.weight.detach().abs() * norms[None, :, None, None]  # one norm per input channel
+        return lin.weight.detach().abs() * norms[None, :]
+    if criterion == "fisher":
+        return fisher[name]
+    if criterion != "magnitude":
+        raise ValueError("sparsify: criterion must be 'magnitude', 'wanda' or 'fisher' ("
+                         + "; ".join(f"{c}: {f}" for c, f in WEIGHT_CRITERIA.items()) + f"), got {criterion!r}")
+    return None
+
+
+def _global_sparsity(todo, scores) -> Dict[str, float]:
+    """Per-layer sparsity for rules with scope "global": one threshold over the scores of every
+    layer the rule matches, so the rule's sparsity holds over all of them together and each
+    layer loses what falls under it (magnitude: |W|, comparable across layers only when their
+    scales are; Wanda and Fisher scores are in loss/output units)."""
+    groups: Dict[int, list] = {}
+    for name, lin, rule in todo:
+        scope = rule.get("scope", "local")
+        if scope not in ("local", "global"):
+            raise ValueError(f"sparsify: scope must be 'local' or 'global', got {scope!r}")
+        if scope == "global":
+            if rule.get("format", "csr") != "csr":
+                raise ValueError(f"sparsify: scope 'global' for {name!r} needs format 'csr' (N:M and blocks are "
+                                 f"ranked within their groups and blocks)")
+            groups.setdefault(id(rule), []).append((name, lin, rule))
+    out = {}
+    for members in groups.values():
+        flat = torch.cat([(scores[n] if scores[n] is not None else lin.weight.detach().abs()).float().flatten()
+                          for n, lin, _ in members])
+        drop = round(float(members[0][2].get("sparsity", 0.0)) * flat.numel())
+        if drop == 0:
+            continue
+        thr = flat.kthvalue(drop).values
+        for n, lin, _ in members:
+            sc = (scores[n] if scores[n] is not None else lin.weight.detach().abs()).float()
+            out[n] = (sc <= thr).float().mean().item()
+    return out
+
+
+def _prune_by_scores(lin: torch.nn.Linear, fmt: str, rule: dict) -> dict:
+    """CSR/BSR with a score criterion: zero by score here, then store the zeros as the format."""
+    W = lin.weight.detach()
+    scores = rule.pop("scores").float().reshape(W.shape[0], -1)  # a conv's weight as its (Cout, K) matrix
+    if fmt == "csr":
+        mask = prune.magnitude(scores, rule.pop("sparsity", 0.0)) != 0
+    elif fmt == "bsr":
+        bs = rule.get("blocksize", (32, 32))
+        mask = prune.blocks(scores, rule.pop("sparsity", 0.0), bs) != 0
+    else:
+        raise ValueError(f"sparsify: format must be 'csr', 'bsr' or 'nm', got {fmt!r}")
+    with torch.no_grad():
+        lin.weight.mul_(mask.reshape(W.shape).to(W.dtype))
+    return rule
+
+
+def _candidates(sparse, dense) -> Dict[str, torch.nn.Module]:
+    """The stored format, CSR (which holds any zero pattern), and the dense pruned layer."""
+    out = {sparse.format_name: sparse}
+    if sparse.format_name != "csr":
+        out["csr"] = (SparseConv2d.from_conv(dense, "csr") if isinstance(dense, torch.nn.Conv2d)
+                      else SparseLinear.from_linear(dense, "csr"))
+    out["dense"] = dense
+    return out
+
+
+def _choose(name, sparse, dense, stats, shapes, min_speedup, cache, row):
+    """Time the candidates at each tuned shape (through ``_choice``'s cache); keep the fastest one
+    that beats dense by min_speedup at every shape (by geometric-mean speedup among those), else
+    dense. Fills the row's times_us, cached and speedup."""
+    calib = stats.shape.get(name)
+    dt = dense.weight.dtype
+    density = 1.0 - row["sparsity"]
+    shape_key = "x".join(map(str, dense.weight.shape))
+    if isinstance(dense, torch.nn.Conv2d):
+        # A conv is timed at its calibration input (batch and spatial size matter, not tokens).
+        if calib is None:
+            row["times_us"], row["cached"] = None, False
+            return sparse  # nothing to time it at: the requested format is kept (report says untimed)
+        inputs = {calib[0]: (tuple(calib), f"{dt}|conv {shape_key} s{dense.stride} p{dense.padding} "
+                                           f"in {'x'.join(map(str, calib))}|{sparse.format_name}|{density:.2f}")}
+    else:
+        lead = int(torch.Size(calib[:-1]).numel()) if calib else 1
+        inputs = {t: ((t, dense.in_features), f"{dt}|{shape_key}|{sparse.format_name}|{density:.2f}|b{_choice.bucket(t)}")
+                  for t in ([int(t) for t in shapes] if shapes else [lead])}
+    cands = _candidates(sparse, dense)
+    speed: Dict[str, List[float]] = {k: [] for k in cands if k != "dense"}
+    row["times_us"], row["cached"] = {}, True
+    for tokens, (shape, key) in inputs.items():
+        x = torch.randn(shape, dtype=dt)
+        times, hit = _choice.time_candidates(key, {k: (lambda m=m: m(x)) for k, m in cands.items()}, use_cache=cache)
+        row["cached"] &= hit
+        row["times_us"][tokens] = {k: round(v * 1e6, 1) for k, v in times.items()}
+        for k in speed:
+            speed[k].append(times["dense"] / times[k])
+    ok = {k: v for k, v in speed.items() if min(v) >= min_speedup}
+    row["speedup"] = round(max((min(v) for v in speed.values()), default=1.0), 2)
+    if not ok:
+        return dense
+    best = max(ok, key=lambda k: sum(map(float, torch.tensor(ok[k]).log().tolist())))
+    row["speedup"] = round(min(ok[best]), 2)
+    return cands[best]

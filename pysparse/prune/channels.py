@@ -1,0 +1,418 @@
+"""Channel dependency groups of a network, traced with torch.fx: which conv / Linear / BatchNorm
+channels must be removed together (the part of `pysparse.prune.filters` that reads the model).
+
+Removing output channel k of a conv removes filter k and its bias, entry k of the BatchNorm that
+normalises it, and input channel k of every layer that reads it. Layers are coupled: the inputs of
+a residual add, a depthwise conv's input and output, and the operands of a per-channel product must
+lose the same channels. `trace_channels` finds these couplings by tracing the model and following
+the channel dimension (dim 1) of every tensor, one union-find element per channel. What it follows
+through, and what makes channels unprunable, is listed in `pysparse.prune.filters`.
+"""
+from __future__ import annotations
+
+import builtins
+import contextlib
+import fnmatch
+import io
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Set
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+PREFIX = "pysparse.prune.filters: "  # every error of filter pruning starts so
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_PASS_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.Hardtanh, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Upsample, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ReflectionPad2d, nn.ReplicationPad2d)
+_PASS_FUNCS = {
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardsigmoid, F.hardtanh, F.elu, F.selu, F.softplus, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.pad,
+    torch.abs, torch.neg, torch.exp, torch.clamp, torch.clone}
+_PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min",
+                 "clamp_max", "abs", "neg", "exp", "sqrt", "pow", "contiguous", "clone", "detach", "float",
+                 "half", "bfloat16", "double", "to"}
+_BINARY_FUNCS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+                 operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+                 torch.maximum, torch.minimum}
+_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+_REDUCE_FUNCS = {torch.mean, torch.sum, torch.amax, torch.amin}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+_CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
+_VIEW_METHODS = {"view", "reshape"}
+# Ops that read only a tensor's metadata: they neither change nor couple channels.
+_META_METHODS = {"size", "dim", "numel", "nelement"}
+_META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
+
+
+@dataclass
+class SlicedLayer:
+    """A layer whose weights are sliced: `inp` / `out` are the channel elements it reads / writes
+    (a depthwise conv and a BatchNorm write the channels they read: inp is None)."""
+    name: str
+    kind: str  # "conv", "linear", "dw" (depthwise conv), "bn"
+    module: nn.Module
+    inp: Optional[List[int]]
+    out: List[int]
+
+
+@dataclass
+class ChannelGroup:
+    units: List[int] = field(default_factory=list)     # union-find roots: one per removable channel
+    members: List[str] = field(default_factory=list)   # layers whose output channels these are
+    consumers: List[str] = field(default_factory=list)  # layers that read them
+    reason: str = ""                                   # why unprunable; "" when prunable
+
+
+class Channels:
+    """Union-find over channel elements. A producer (conv, Linear, the model input, an op we do not
+    follow) creates a space of fresh elements; coupled channels are joined; `fixed` elements may
+    never be removed."""
+
+    def __init__(self):
+        self.parent: List[int] = []
+        self.fixed: Dict[int, str] = {}
+        self.spaces: List[tuple] = []  # (owner layer name or None, elements)
+        self.recs: Dict[str, SlicedLayer] = {}
+
+    def new(self, n: int, owner: Optional[str] = None, reason: str = "") -> List[int]:
+        els = list(range(len(self.parent), len(self.parent) + n))
+        self.parent.extend(els)
+        self.spaces.append((owner, els))
+        self.fix(els, reason)
+        return els
+
+    def find(self, e: int) -> int:
+        p = self.parent
+        root = e
+        while p[root] != root:
+            root = p[root]
+        while p[e] != root:
+            p[e], e = root, p[e]
+        return root
+
+    def union(self, a: List[int], b: List[int]) -> None:
+        for x, y in zip(a, b):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[ry] = rx
+
+    def fix(self, els: Optional[List[int]], reason: str) -> None:
+        if els and reason:
+            for e in els:
+                self.fixed.setdefault(e, reason)
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, opaque: Callable[[str], bool]):
+        super().__init__()
+        self.opaque = opaque
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return self.opaque(qualname) or super().is_leaf_module(m, qualname)
+
+
+def _shape(node) -> Optional[torch.Size]:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return meta.shape if isinstance(meta, TensorMetadata) else None
+
+
+def output_shapes(x) -> list:
+    """Shapes of the tensors (or TensorMetadata) in a nested output, in order."""
+    if isinstance(x, (torch.Tensor, TensorMetadata)):
+        return [tuple(x.shape)]
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        return [s for v in x for s in output_shapes(v)]
+    return []
+
+
+@contextlib.contextmanager
+def eval_no_grad(model: nn.Module):
+    """Eval mode (BatchNorm statistics untouched), no autograd; per-module modes restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
+def _trace_error(model: nn.Module, err: Exception) -> ValueError:
+    """A ValueError naming the innermost module whose forward was being traced when `err` was raised."""
+    names = {id(m): n for n, m in model.named_modules()}
+    culprit = ""
+    tb = err.__traceback__
+    while tb is not None:
+        s = tb.tb_frame.f_locals.get("self")
+        if isinstance(s, nn.Module) and id(s) in names:
+            culprit = names[id(s)]
+        tb = tb.tb_next
+    why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    top = type(model).__name__
+    if culprit:
+        cls = type(model.get_submodule(culprit)).__name__
+        return ValueError(PREFIX + f"torch.fx cannot trace module '{culprit}' ({cls}) of {top} ({why}); make its "
+                          f"forward traceable or pass skip=['{culprit}'] to keep that module whole")
+    return ValueError(PREFIX + f"torch.fx cannot trace {top}.forward ({why}); make it traceable (no Python control "
+                      f"flow on tensor values) or move the untraceable part into a submodule and pass skip=[its name]")
+
+
+def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
+    """Trace `model` and follow its channels: returns (Channels, list of ChannelGroup, output shapes)."""
+    patterns = list(skip or [])
+    matches = lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    tracer = _Tracer(matches)  # only the user's patterns make modules opaque
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        raise _trace_error(model, e) from e
+    gm = fx.GraphModule(model, graph)
+    with eval_no_grad(model):
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints the traceback we chain
+                ShapeProp(gm).propagate(*inputs)
+        except Exception as e:
+            why = (str(e.__cause__ or e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(PREFIX + f"{type(model).__name__} fails on example_input ({why})") from e
+    nodes = list(graph.nodes)
+    if skip is None:  # default: the stem conv and the classifier
+        mods = [(n.target, model.get_submodule(n.target)) for n in nodes if n.op == "call_module"]
+        convs = [name for name, m in mods if isinstance(m, _CONV)]
+        linears = [name for name, m in mods if isinstance(m, nn.Linear)]
+        patterns += convs[:1] + linears[-1:]
+
+    ch = Channels()
+    vec: Dict[fx.Node, List[int]] = {}
+    raw_linear: Set[str] = set()  # Linear layers also applied to the last dim of a >2-D tensor
+
+    def opaque(node, reason, owner=None):
+        for a in node.all_input_nodes:
+            ch.fix(vec.get(a), reason)
+        s = _shape(node)
+        if s is not None and len(s) >= 2:
+            vec[node] = ch.new(s[1], owner=owner, reason=reason)
+
+    def passthrough(node, x, reason):
+        """Channels unchanged when the op keeps (N, C) and reads no other tensor with channels."""
+        s, xs = _shape(node), _shape(x)
+        others = [a for a in node.all_input_nodes if a is not x and a in vec]
+        if x in vec and s is not None and xs is not None and len(s) >= 2 and s[:2] == xs[:2] and not others:
+            vec[node] = vec[x]
+        else:
+            opaque(node, reason)
+
+    def elementwise(node, reason):
+        s = _shape(node)
+        if s is None or len(s) < 2:
+            return opaque(node, reason)
+        coupled = []
+        for a in node.all_input_nodes:
+            a_s = _shape(a)
+            if a_s is None or a_s.numel() == 1 and a not in vec:
+                continue  # a scalar or shape, not a tensor with channels
+            if len(a_s) != len(s) or a not in vec or a_s[1] not in (1, s[1]):
+                return opaque(node, reason)
+            if a_s[1] == s[1]:
+                coupled.append(vec[a])
+        if not coupled:
+            return opaque(node, reason)
+        for v in coupled[1:]:
+            ch.union(coupled[0], v)
+        vec[node] = coupled[0]
+
+    def flatten(node, x, start, end, reason):
+        xs = _shape(x)
+        if xs is None or x not in vec or not isinstance(start, int) or not isinstance(end, int):
+            return opaque(node, reason)
+        start, end = start % len(xs), end % len(xs)
+        if start >= 2:
+            return passthrough(node, x, reason)
+        if start != 1 or end < start:
+            return opaque(node, reason)
+        reps = math.prod(xs[2:end + 1])  # channel c owns features c*reps .. c*reps + reps - 1
+        vec[node] = [e for e in vec[x] for _ in range(reps)]
+
+    def linear_like(node, name, m, x, kind, n_in, n_out):
+        if len(vec[x]) != n_in:
+            return opaque(node, f"unexpected input size at {name}")
+        if name in ch.recs:  # a layer applied twice: both uses read and write the same channels
+            rec = ch.recs[name]
+            ch.union(rec.inp, vec[x])
+        else:
+            out = ch.new(n_out, owner=name, reason=f"skipped: {name}" if matches(name) else "")
+            rec = ch.recs[name] = SlicedLayer(name, kind, m, vec[x], out)
+        vec[node] = rec.out
+
+    def same_channels(node, name, m, x, kind):
+        if name in ch.recs:
+            ch.union(ch.recs[name].out, vec[x])
+        else:
+            ch.recs[name] = SlicedLayer(name, kind, m, None, vec[x])
+        if matches(name):
+            ch.fix(vec[x], f"skipped: {name}")
+        vec[node] = vec[x]
+
+    def call_module(node):
+        name = node.target
+        m = model.get_submodule(name)
+        reason = f"skipped: {name}" if matches(name) else f"unsupported module {name} ({type(m).__name__})"
+        x = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        xs = _shape(x)
+        known = type(m).__module__.startswith("torch.nn.modules.")  # not subclasses, not parametrized layers
+        if not known or xs is None or x not in vec:
+            return opaque(node, reason, name)
+        if isinstance(m, _CONV) and len(xs) == m.weight.dim():
+            if m.groups == 1:
+                return linear_like(node, name, m, x, "conv", m.in_channels, m.out_channels)
+            if m.groups == m.in_channels == m.out_channels:
+                return same_channels(node, name, m, x, "dw")
+            return opaque(node, f"grouped conv {name} (groups={m.groups})", name)
+        if isinstance(m, nn.Linear):
+            if len(xs) == 2:
+                return linear_like(node, name, m, x, "linear", m.in_features, m.out_features)
+            if len(xs) > 2:  # acts on the last dim: dim 1 passes through
+                raw_linear.add(name)
+                return passthrough(node, x, reason)
+        if isinstance(m, _BN) and xs[1] == m.num_features:
+            return same_channels(node, name, m, x, "bn")
+        if isinstance(m, nn.Flatten):
+            return flatten(node, x, m.start_dim, m.end_dim, reason)
+        if isinstance(m, _PASS_MODULES) or isinstance(m, nn.PReLU) and m.num_parameters == 1:
+            passthrough(node, x, reason)
+            if matches(name) and node in vec:
+                ch.fix(vec[node], f"skipped: {name}")
+            return
+        opaque(node, reason, name)
+
+    def call_function(node):
+        t, args, kw = node.target, node.args, node.kwargs
+        method = t if node.op == "call_method" else None
+        reason = f"unsupported op .{t}()" if method else f"unsupported op {getattr(t, '__name__', t)}"
+        if method in _META_METHODS or t is builtins.len or (
+                t is builtins.getattr and len(args) > 1 and args[1] in _META_ATTRS):
+            return
+        x = args[0] if args and isinstance(args[0], fx.Node) else None
+        if t in _BINARY_FUNCS or method in _BINARY_METHODS:
+            return elementwise(node, reason)
+        if t in _PASS_FUNCS or method in _PASS_METHODS:
+            return passthrough(node, x, reason)
+        if t in _CAT_FUNCS:
+            parts = args[0] if args else kw.get("tensors")
+            dim = args[1] if len(args) > 1 else kw.get("dim", kw.get("axis", 0))
+            s = _shape(node)
+            if (not isinstance(parts, (list, tuple)) or not all(p in vec for p in parts) or s is None
+                    or not isinstance(dim, int) or any(len(_shape(p)) != len(s) for p in parts)):
+                return opaque(node, reason)
+            if dim % len(s) == 1:
+                vec[node] = [e for p in parts for e in vec[p]]
+            else:
+                for p in parts[1:]:
+                    ch.union(vec[parts[0]], vec[p])
+                vec[node] = vec[parts[0]]
+            return
+        if t is torch.flatten or method == "flatten":
+            start = args[1] if len(args) > 1 else kw.get("start_dim", 0)
+            end = args[2] if len(args) > 2 else kw.get("end_dim", -1)
+            return flatten(node, x, start, end, reason)
+        if t is torch.reshape or method in _VIEW_METHODS:
+            shape = args[1:] if method else args[1:2]
+            if len(shape) == 1 and isinstance(shape[0], (list, tuple)):
+                shape = tuple(shape[0])
+            s, xs = _shape(node), _shape(x)
+            if s is not None and xs is not None and len(shape) == len(s) >= 2:
+                # The target's dim 1 must follow the input (-1, or x.size(1)): a literal channel
+                # count would break once channels are removed.
+                if len(s) == 2 and shape[1] == -1 and s[0] == xs[0]:
+                    return flatten(node, x, 1, -1, reason)
+                if isinstance(shape[1], fx.Node) and s[:2] == xs[:2]:
+                    return passthrough(node, x, reason)
+            return opaque(node, reason)
+        if t in _REDUCE_FUNCS or method in _REDUCE_METHODS:
+            dims = args[1] if len(args) > 1 else kw.get("dim")
+            xs = _shape(x)
+            if dims is not None and xs is not None:
+                dims = {d % len(xs) for d in ((dims,) if isinstance(dims, int) else dims)}
+                if not dims & {0, 1}:
+                    return passthrough(node, x, reason)
+            return opaque(node, reason)
+        opaque(node, reason)
+
+    for node in nodes:
+        s = _shape(node)
+        if node.op == "placeholder":
+            if s is not None and len(s) >= 2:
+                vec[node] = ch.new(s[1], reason="model input")
+        elif node.op == "get_attr":
+            if s is not None and len(s) >= 2:
+                vec[node] = ch.new(s[1], reason=f"tensor {node.target} used directly in forward")
+        elif node.op == "output":
+            for a in node.all_input_nodes:
+                ch.fix(vec.get(a), "model output")
+        elif node.op == "call_module":
+            call_module(node)
+        else:
+            call_function(node)
+    for name in raw_linear & set(ch.recs):
+        ch.fix(ch.recs[name].inp + ch.recs[name].out, f"{name} also applied to the last dim of a >2-D tensor")
+    out_meta = next(n for n in reversed(nodes) if n.op == "output").meta.get("tensor_meta")
+    return ch, _groups(ch), output_shapes(out_meta)
+
+
+def _groups(ch: Channels) -> List[ChannelGroup]:
+    """Channel spaces that share a coupled channel form one group; units are its coupled sets."""
+    parent: Dict[int, int] = {}
+
+    def gfind(r):
+        while parent.setdefault(r, r) != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    for _, els in ch.spaces:
+        roots = [gfind(ch.find(e)) for e in els]
+        for r in roots[1:]:
+            parent[gfind(r)] = gfind(roots[0])
+    groups: Dict[int, ChannelGroup] = {}
+    seen: Set[int] = set()
+    for owner, els in ch.spaces:
+        for e in els:
+            r = ch.find(e)
+            g = groups.setdefault(gfind(r), ChannelGroup())
+            if r not in seen:
+                seen.add(r)
+                g.units.append(r)
+            if owner and owner not in g.members:
+                g.members.append(owner)
+    for rec in ch.recs.values():
+        for e in rec.out if rec.kind in ("dw", "bn") else ():
+            g = groups[gfind(ch.find(e))]
+            if rec.name not in g.members:
+                g.members.append(rec.name)
+        for e in rec.inp or ():
+            g = groups[gfind(ch.find(e))]
+            if rec.name not in g.consumers:
+                g.consumers.append(rec.name)
+    for e, reason in ch.fixed.items():
+        g = groups[gfind(ch.find(e))]
+        g.reason = g.reason or reason
+    return [g for g in groups.values() if g.members]
+
