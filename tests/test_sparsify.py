@@ -1,7 +1,7 @@
 """pysparse.sparsify: recipes, criteria, the never-slower-than-dense choice, the report, save and
 load; structured rules (heads, neurons, layers) on the three transformer layouts (pysparse's BERT
 layer, Hugging Face BERT, LLaMA with grouped-query attention): the criteria, least-squares
-reconstruction, global ranking; the kernel-choice cache (pysparse.nn._choice); the command line."""
+reconstruction, global ranking; the kernel-choice cache (pysparse.nn.kernel_choice); the command line."""
 from __future__ import annotations
 
 import copy
@@ -14,7 +14,7 @@ import torch
 
 import pysparse
 from pysparse._safetensors import load_file, save_file
-from pysparse.nn import SparseLinear, _choice
+from pysparse.nn import SparseLinear, kernel_choice
 from pysparse.prune import Passthrough
 from conftest import gen
 from tiny_transformers import calib_batches, hf_bert, ids, llama, minilm, run
@@ -266,21 +266,21 @@ _BAD_ENTRIES = {
 @pytest.mark.parametrize("case", list(_BAD_ENTRIES))
 def test_a_bad_cache_entry_is_timed_again_and_replaced(tmp_path, monkeypatch, case):
     monkeypatch.setenv("PYSPARSE_CACHE_DIR", str(tmp_path))
-    full = f"{_choice.machine_key()}|layer"
-    _choice.cache_path().write_text(json.dumps({full: _BAD_ENTRIES[case], "other": [[[]]]}))
+    full = f"{kernel_choice.machine_key()}|layer"
+    kernel_choice.cache_path().write_text(json.dumps({full: _BAD_ENTRIES[case], "other": [[[]]]}))
     candidates = {"dense": lambda: torch.ones(8).sum(), "csr": lambda: torch.ones(8).sum()}
-    times, hit = _choice.time_candidates("layer", candidates, reps=3)
+    times, hit = kernel_choice.time_candidates("layer", candidates, reps=3)
     assert not hit and set(times) == {"dense", "csr"} and all(0 < v < math.inf for v in times.values())
-    assert json.loads(_choice.cache_path().read_text()) == {full: times}  # replaced; junk dropped
-    assert _choice.time_candidates("layer", candidates, reps=3) == (times, True)
+    assert json.loads(kernel_choice.cache_path().read_text()) == {full: times}  # replaced; junk dropped
+    assert kernel_choice.time_candidates("layer", candidates, reps=3) == (times, True)
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", "5", "{not json", "[" * 100_000, "\udcff"])
 def test_a_bad_cache_file_counts_as_empty(tmp_path, monkeypatch, text):
     monkeypatch.setenv("PYSPARSE_CACHE_DIR", str(tmp_path))
-    _choice.cache_path().write_text(text, errors="surrogateescape")
-    times, hit = _choice.time_candidates("layer", {"dense": lambda: None}, reps=3)
-    assert not hit and _choice.time_candidates("layer", {"dense": lambda: None}, reps=3) == (times, True)
+    kernel_choice.cache_path().write_text(text, errors="surrogateescape")
+    times, hit = kernel_choice.time_candidates("layer", {"dense": lambda: None}, reps=3)
+    assert not hit and kernel_choice.time_candidates("layer", {"dense": lambda: None}, reps=3) == (times, True)
 
 
 def test_sparsify_retimes_over_a_cache_of_zeros(tmp_path, monkeypatch):
@@ -288,8 +288,8 @@ def test_sparsify_retimes_over_a_cache_of_zeros(tmp_path, monkeypatch):
     x = torch.randn(4, 64, generator=gen(4))
     recipe = {"2": {"format": "csr", "sparsity": 0.5, "min_speedup": 0.0}}
     pysparse.sparsify(mlp(1), recipe, calibration=lambda m: m(x))
-    cache = json.loads(_choice.cache_path().read_text())
-    _choice.cache_path().write_text(json.dumps({k: {name: 0 for name in v} for k, v in cache.items()}))
+    cache = json.loads(kernel_choice.cache_path().read_text())
+    kernel_choice.cache_path().write_text(json.dumps({k: {name: 0 for name in v} for k, v in cache.items()}))
     report = pysparse.sparsify(mlp(1), recipe, calibration=lambda m: m(x))  # would divide by zero if trusted
     assert report[0]["cached"] is False and all(v > 0 for v in report[0]["times_us"][4].values())
 

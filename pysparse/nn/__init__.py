@@ -1,4 +1,4 @@
-"""Drop-in modules over the pysparse formats and ops (the sparsify issue builds on these)."""
+"""Drop-in modules over the pysparse formats and ops, and sparsify(model, recipe), which swaps them in."""
 from .conv import SparseConv2d
 from .linear import SparseLinear
 from .modules import MaskedAttention, SparseFFN

@@ -38,7 +38,7 @@ fresh Gaussian ``r``) makes the Fisher scores the expected squared first-order o
 
 The stages live in this package: ``recipe`` (which rule applies where), ``calibration`` (hooks,
 activation statistics, Fisher scores), ``structured`` (heads, neurons, dropped layers) and
-``weights`` (csr / bsr / nm and the timed kernel choice, through ``pysparse.nn._choice``).
+``weights`` (csr / bsr / nm and the timed kernel choice, through ``pysparse.nn.kernel_choice``).
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def sparsify(model: torch.nn.Module, recipe: Dict[str, Optional[dict]], calibrat
     token counts in ``shapes`` (default: the calibration shape, else 1 token); the fastest that
     beats dense by ``min_speedup`` at every shape is kept, else the layer stays a dense (pruned)
     nn.Linear: a swapped layer is never slower than dense at the shapes it was tuned for. Timings
-    are cached on disk (see ``pysparse.nn._choice``; ``cache=False`` re-times). ``progress``: a
+    are cached on disk (see ``pysparse.nn.kernel_choice``; ``cache=False`` re-times). ``progress``: a
     progress line on stderr (default: when stderr is a terminal).
     Report rows: name, kind ("heads" | "neurons" | "drop" | "linear" | "conv"), shape before/after
     and, for linears and convs, format, sparsity, kernel kept, times in us per candidate at each

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ... import prune
-from .. import _choice
+from .. import kernel_choice
 from ..conv import SparseConv2d
 from ..linear import SparseLinear
 from . import calibration as cal
@@ -151,7 +151,7 @@ def _candidates(sparse, dense) -> Dict[str, torch.nn.Module]:
 
 
 def _choose(name, sparse, dense, stats, shapes, min_speedup, cache, row):
-    """Time the candidates at each tuned shape (through ``_choice``'s cache); keep the fastest one
+    """Time the candidates at each tuned shape (through ``kernel_choice``'s cache); keep the fastest one
     that beats dense by min_speedup at every shape (by geometric-mean speedup among those), else
     dense. Fills the row's times_us, cached and speedup."""
     calib = stats.shape.get(name)
@@ -167,14 +167,14 @@ def _choose(name, sparse, dense, stats, shapes, min_speedup, cache, row):
                                            f"in {'x'.join(map(str, calib))}|{sparse.format_name}|{density:.2f}")}
     else:
         lead = int(torch.Size(calib[:-1]).numel()) if calib else 1
-        inputs = {t: ((t, dense.in_features), f"{dt}|{shape_key}|{sparse.format_name}|{density:.2f}|b{_choice.bucket(t)}")
+        inputs = {t: ((t, dense.in_features), f"{dt}|{shape_key}|{sparse.format_name}|{density:.2f}|b{kernel_choice.bucket(t)}")
                   for t in ([int(t) for t in shapes] if shapes else [lead])}
     cands = _candidates(sparse, dense)
     speed: Dict[str, List[float]] = {k: [] for k in cands if k != "dense"}
     row["times_us"], row["cached"] = {}, True
     for tokens, (shape, key) in inputs.items():
         x = torch.randn(shape, dtype=dt)
-        times, hit = _choice.time_candidates(key, {k: (lambda m=m: m(x)) for k, m in cands.items()}, use_cache=cache)
+        times, hit = kernel_choice.time_candidates(key, {k: (lambda m=m: m(x)) for k, m in cands.items()}, use_cache=cache)
         row["cached"] &= hit
         row["times_us"][tokens] = {k: round(v * 1e6, 1) for k, v in times.items()}
         for k in speed:
