@@ -5,6 +5,9 @@
 # make fuzz   : the fuzz suite (tests/test_fuzz.py) with many fresh random examples (~15 min)
 # make bench  : the CPU benchmark sweeps: CSR/BSR, 2:4, masked attention, fused FFN
 #               (write benchmarks/results/, print summaries; ~20 min)
+# make bench-engines : pysparse vs torch (eager, compile), ONNX Runtime and DeepSparse end to end
+#               (BERT-base, LLaMA-style decode); makes .venv-ort and .venv-deepsparse (~40 min)
+# make roofline : this machine's FMA peak and read bandwidths (python -m pysparse roofline)
 # make build  : (re)build pysparse._C in place
 # make wheels : dist/pysparse_kernels-*+cpu (torch 2.13.0) and +cu130 (torch 2.14.1, sm_80/sm_90)
 # make wheel-check : the wheels install, import and fail as they should (CI runs it; no GPU needed)
@@ -15,7 +18,7 @@ TORCH  ?= torch==2.13.0
 CUDA_VENV  ?= .venv-cu
 CUDA_TORCH ?= torch==2.14.1
 
-.PHONY: venv build test test-fast fuzz demo bench wheels wheel-check clean
+.PHONY: venv build test test-fast fuzz demo bench bench-engines roofline wheels wheel-check clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +61,25 @@ bench: build
 	PYTHONPATH=. $(PY) benchmarks/bench_masked_attention.py
 	PYTHONPATH=. $(PY) benchmarks/bench_pruned_ffn.py
 	PYTHONPATH=. $(PY) benchmarks/bench_sparsify.py
+
+# The peers, each in its own virtualenv; one that cannot install is left out (bench_engines.py
+# then skips it and says why). deepsparse 1.8.0 is its last working release (1.9.0 is an
+# end-of-life placeholder); it needs onnx 1.14 and numpy < 2.
+.venv-ort/.deps:
+	$(PYTHON) -m venv .venv-ort
+	.venv-ort/bin/python -m pip install -q --disable-pip-version-check onnxruntime onnx numpy && touch $@ \
+		|| echo "bench-engines: ONNX Runtime did not install; it will be skipped"
+.venv-deepsparse/.deps:
+	$(PYTHON) -m venv .venv-deepsparse
+	.venv-deepsparse/bin/python -m pip install -q --disable-pip-version-check deepsparse==1.8.0 onnx==1.14.1 "numpy<2" \
+		&& touch $@ || echo "bench-engines: DeepSparse did not install; it will be skipped"
+
+bench-engines: build
+	-$(MAKE) .venv-ort/.deps .venv-deepsparse/.deps
+	PYTHONPATH=. $(PY) benchmarks/bench_engines.py
+
+roofline: build
+	$(PY) -m pysparse roofline
 
 wheels: $(VENV)/.deps $(CUDA_VENV)/.deps
 	rm -rf dist

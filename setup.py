@@ -7,6 +7,7 @@ Environment knobs:
   PYSPARSE_LOCAL_VERSION    local version label (default "cpu" or "cu<major><minor>")
 """
 import glob
+import hashlib
 import os
 import shutil
 
@@ -29,6 +30,16 @@ def _want_cuda():
     return bool(have) and bool(glob.glob(os.path.join(ROOT, "csrc/cuda/*.cu")))
 
 
+def _kernel_hash():
+    """A short hash of the C++/CUDA sources: what the kernels compiled into _C are."""
+    h = hashlib.sha1()
+    for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*.*"), recursive=True)):
+        h.update(os.path.relpath(path, ROOT).encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:12]
+
+
 def _write_build_info(with_cuda, arch_list):
     # Read at import time, before _C is loaded, so a torch mismatch is one sentence,
     # not an undefined-symbol traceback.
@@ -38,6 +49,8 @@ def _write_build_info(with_cuda, arch_list):
         "cuda_version": torch.version.cuda if with_cuda else None,
         "cuda_arch_list": arch_list if with_cuda else None,
         "cpu_isa_compiled": ["scalar", "avx2", "avx512"],
+        # The kernel-choice cache (pysparse.nn.kernel_choice) re-times layers when this changes.
+        "kernel_hash": _kernel_hash(),
     }
     with open(os.path.join(ROOT, "pysparse", "_build_info.py"), "w") as f:
         f.write("# Written by setup.py; do not edit.\n")

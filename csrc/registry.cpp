@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/roofline.h"
 #include "cpu/spmm_common.h"
 
 #ifndef PYSPARSE_TORCH_VERSION
@@ -41,7 +42,8 @@ TORCH_LIBRARY(pysparse, m) {
         "Tensor[] w3, int hidden, str activation, float threshold) -> Tensor");
 }
 
-// Build facts and ISA control for pysparse.info() and the tests; not ops.
+// Build facts, ISA control and the roofline probes, for pysparse.info(), pysparse.bench and the
+// tests; not ops.
 PYBIND11_MODULE(_C, mod) {
   mod.def("torch_version", [] { return std::string(PYSPARSE_TORCH_VERSION); });
   mod.def("cuda_compiled", [] {
@@ -54,4 +56,10 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("cpu_isa_supported", &pysparse::cpu::supported_isas);
   mod.def("cpu_isa", [] { return std::string(pysparse::cpu::active_kernels().name); });
   mod.def("set_cpu_isa", &pysparse::cpu::set_cpu_isa);
+  // The roofline probes of pysparse.bench.roofline (invalid_argument -> ValueError).
+  mod.def("probe_flops", &pysparse::cpu::probe_flops,
+          pybind11::call_guard<pybind11::gil_scoped_release>());
+  mod.def("probe_read_bandwidth", &pysparse::cpu::probe_read_bandwidth,
+          pybind11::call_guard<pybind11::gil_scoped_release>());
+  mod.def("bf16_dot_supported", &pysparse::cpu::bf16_dot_supported);
 }

@@ -1,4 +1,4 @@
-"""python -m pysparse {info,demo,layers,sparsify}"""
+"""python -m pysparse {info,roofline,demo,layers,sparsify}"""
 import argparse
 import importlib
 import json
@@ -65,6 +65,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pysparse", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="what was built and which kernels run here")
+    rf = sub.add_parser("roofline", help="this machine's ceilings: FMA peak (fp32, bf16) and read bandwidth per cache level")
+    rf.add_argument("--threads", type=int, default=0, help="threads to measure on (default: torch's thread count)")
+    rf.add_argument("--seconds", type=float, default=0.3, help="seconds per probe (the best of 3 is kept)")
     d = sub.add_parser("demo", help="prune all-MiniLM-L6-v2 with several recipes: size, latency, fidelity")
     d.add_argument("--quick", action="store_true", help="3 recipes, 200 evaluation sentences (a smoke run)")
     d.add_argument("--plot", default="minilm_demo.png", help="speed-vs-fidelity plot (PNG) path; '' for none")
@@ -92,6 +95,14 @@ def main(argv=None) -> int:
 
     if args.cmd == "info":
         print(json.dumps(info(), indent=2))
+    elif args.cmd == "roofline":
+        from .bench import roofline
+
+        try:
+            r = roofline(args.threads or None, args.seconds)
+        except ValueError as e:
+            raise SystemExit(f"pysparse roofline: {e}") from None
+        print(json.dumps(r.as_dict(), indent=2))
     elif args.cmd == "demo":
         from ._demo import run
 

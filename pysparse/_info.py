@@ -51,6 +51,7 @@ def info() -> dict:
     ops = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("pysparse::"))
     return {
         "pysparse": _build_info.VERSION,
+        "kernel_hash": getattr(_build_info, "KERNEL_HASH", None),  # of the C++/CUDA sources built
         "torch_built_against": _C.torch_version(),
         "torch_runtime": torch.__version__,
         "cuda_built": _C.cuda_compiled(),

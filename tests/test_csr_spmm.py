@@ -648,3 +648,44 @@ def test_wide_operand_split_by_panels_across_threads(isa, fmt):
     with num_threads(2):
         got = pysparse.spmm(A, X)
     torch.testing.assert_close(got, W @ X, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [17, 33, 70, 130])
+@pytest.mark.parametrize("order", ["sorted", "unsorted", "duplicates"])
+def test_k_blocked_walk(isa, dtype, n, order):
+    """Panels taller than an L1 slice take the K-blocked kernel (csr_impl.h): several row blocks
+    (M > 64), rows from empty to dense, columns spread over K with gaps longer than a slice, and
+    rows whose columns are out of order or repeated (the block then takes the row-axpy kernel)."""
+    g = torch.Generator().manual_seed(n)
+    M, K = 150, 1100
+    dense = torch.zeros(M, K, dtype=torch.float64)
+    for m in range(M):
+        k = (0, 1, 3, 40, 300, K)[m % 6]  # nonzeros in row m
+        cols = torch.randperm(K, generator=g)[:k] if m % 7 else torch.arange(k) * (K // max(k, 1))
+        dense[m, cols] = torch.randn(k, generator=g, dtype=torch.float64)
+    crow, col, val = [], [], []
+    for m in range(M):
+        nz = dense[m].nonzero().flatten()
+        if order == "unsorted" and m % 5 == 2:
+            nz = nz.flip(0)
+        v = dense[m, nz]
+        if order == "duplicates" and len(nz) > 1 and m % 5 == 2:  # the first entry split in two
+            half = v[:1] / 2
+            nz, v = torch.cat([nz, nz[:1]]), torch.cat([half, v[1:], half])
+        crow.append(len(col))
+        col += nz.tolist()
+        val += v.tolist()
+    crow.append(len(col))
+    crow, col = torch.tensor(crow, dtype=torch.int32), torch.tensor(col, dtype=torch.int32)
+    vals = torch.tensor(val, dtype=torch.float64).to(dtype)
+    X = torch.randn(K, n, generator=g).to(dtype)
+    ref = dense.to(dtype).double() @ X.double()
+    absref = dense.to(dtype).double().abs() @ X.double().abs()
+    try:
+        pysparse.set_cpu_isa(isa)
+        y = torch.ops.pysparse.csr_spmm(crow, col, vals, [M, K], X)
+        lin = torch.ops.pysparse.csr_linear(X.t(), crow, col, vals, [M, K], None)
+    finally:
+        pysparse.set_cpu_isa("auto")
+    assert_close(y, ref, absref, dtype, what=f"{isa} spmm {order}")
+    assert_close(lin.t(), ref, absref, dtype, what=f"{isa} linear {order}")
