@@ -25,7 +25,7 @@ echo "== tests ($(( $(date +%s) - start )) s)"
 # No -x: one failure must not hide the others; -rf lists them at the end.
 timeout 300 $PY -m pytest -q -rf -p no:cacheprovider tests/test_triton_nm_linear.py tests/test_nm_spmm.py tests/test_csr_spmm.py \
   tests/test_checked_indices.py tests/test_op_registry.py \
-  tests/test_triton_masked_attention.py tests/test_triton_pruned_ffn.py tests/test_triton_bsr_spmm.py \
+  tests/test_triton_masked_attention.py tests/test_triton_pruned_ffn.py tests/test_triton_bsr_spmm.py tests/test_triton_csr_sddmm.py \
   2>&1 | tee "$OUT/tests.log" | tail -25
 
 echo "== timings ($(( $(date +%s) - start )) s)"

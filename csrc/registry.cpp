@@ -18,6 +18,9 @@
 TORCH_LIBRARY(pysparse, m) {
   m.def("csr_spmm(Tensor crow_indices, Tensor col_indices, Tensor values, SymInt[] shape, Tensor dense) -> Tensor");
   m.def("csr_linear(Tensor input, Tensor crow_indices, Tensor col_indices, Tensor values, SymInt[] shape, Tensor? bias) -> Tensor");
+  // The value gradient of csr_spmm / csr_linear: out[j] = <a[r(j), :], b[col[j], :]> for each stored
+  // (r(j), col[j]); a (M, n), b (K, n) share a dtype; out (nnz) in it, accumulated in fp32.
+  m.def("csr_sddmm(Tensor crow_indices, Tensor col_indices, SymInt[] shape, Tensor a, Tensor b) -> Tensor");
   m.def("bsr_spmm(Tensor crow_indices, Tensor col_indices, Tensor values, SymInt[] shape, Tensor dense) -> Tensor");
   m.def("bsr_linear(Tensor input, Tensor crow_indices, Tensor col_indices, Tensor values, SymInt[] shape, Tensor? bias) -> Tensor");
   // N:M semi-structured (2:4 included): values (M, K/m*n), mask (M, ceil(K/8)) uint8 bitmap.

@@ -9,6 +9,7 @@
 """
 from ._loader import _C, _build_info
 from . import activations, analyze, bench, nn, ops, prune
+from . import autograd  # the backward passes of the ops (after ops: their fakes)
 from .attention import BlockMask, masked_attention
 from .ffn import pruned_ffn, transposed_w2
 from .formats import BSR, CSR, Sparse24, SparseNM

@@ -69,6 +69,16 @@ def _nm_linear_fake(input, values, mask, shape, n, m, bias, activation="none"):
     return _csr_linear_fake(input, None, None, values, shape, bias)
 
 
+@torch.library.register_fake("pysparse::csr_sddmm")
+def _csr_sddmm_fake(crow_indices, col_indices, shape, a, b):
+    torch._check(len(shape) == 2, lambda: f"pysparse: shape must have 2 entries, got {len(shape)}")
+    torch._check(a.dim() == 2 and b.dim() == 2, lambda: "pysparse: a and b must be 2-D")
+    torch._check(a.dtype == b.dtype, lambda: f"pysparse: a is {a.dtype} but b is {b.dtype}")
+    torch._check(a.shape[0] == shape[0] and b.shape[0] == shape[1] and a.shape[1] == b.shape[1],
+                 lambda: f"pysparse: a must be ({shape[0]}, n) and b ({shape[1]}, n)")
+    return a.new_empty((col_indices.shape[0],))
+
+
 @torch.library.register_fake("pysparse::nm_compress")
 def _nm_compress_fake(dense, n, m):
     torch._check(dense.dim() == 2, lambda: "pysparse: dense must be 2-D")
@@ -95,6 +105,14 @@ def csr_linear(input: torch.Tensor, crow_indices: torch.Tensor, col_indices: tor
                values: torch.Tensor, shape: List[int], bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """input @ A.T + bias for A in CSR form (shape (M, K)); input (..., K) -> (..., M)."""
     return _ops.csr_linear.default(input, crow_indices, col_indices, values, list(shape), bias)
+
+
+def csr_sddmm(crow_indices: torch.Tensor, col_indices: torch.Tensor, shape: List[int], a: torch.Tensor,
+              b: torch.Tensor) -> torch.Tensor:
+    """The CSR pattern's sampled product: out[j] = <a[r(j), :], b[col[j], :]> for each stored
+    entry j (row r(j)); a (M, n), b (K, n) -> (nnz,), accumulated in fp32. The value gradient of
+    csr_spmm and csr_linear (pysparse.autograd)."""
+    return _ops.csr_sddmm.default(crow_indices, col_indices, list(shape), a, b)
 
 
 def bsr_spmm(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,

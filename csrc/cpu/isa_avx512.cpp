@@ -21,6 +21,7 @@ namespace isa_avx512 {
 #include "bsr_impl.h"
 #include "nm_mask.h"
 #include "nm_impl.h"
+#include "sddmm_impl.h"
 #include "kernel_table.h"
 }  // namespace isa_avx512
 

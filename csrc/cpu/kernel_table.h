@@ -82,6 +82,10 @@ static KernelTable make_table(const char* name) {
   t.nm_token_row[DT] = PYSPARSE_NM_TOKEN_ROW(T);                  \
   t.attn[DT] = attn_kv_head<T>;                                   \
   t.ffn_skip[DT] = ffn_skip<T>;
+  t.csr_sddmm[kI32] = csr_sddmm_kernel<int32_t, int32_t>;
+  t.csr_sddmm[kI64] = csr_sddmm_kernel<int64_t, int64_t>;
+  t.csr_sddmm[kI32C16] = csr_sddmm_kernel<int32_t, int16_t>;
+  t.sddmm_panel_width = kSddmmVectors * Vec::W;
   PYSPARSE_FILL(kF32, float)
   PYSPARSE_FILL(kBF16, bf16_t)
   PYSPARSE_FILL(kF16, f16_t)

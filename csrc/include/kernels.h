@@ -131,6 +131,22 @@ struct FfnSkipArgs {
 };
 using FfnSkipFn = void (*)(const FfnSkipArgs&, int64_t chunk0, int64_t chunk1);
 
+// CSR SDDMM (sddmm_impl.h): out[j] += <a row r(j), b row col[j]> for the stored entries of
+// rows [row0, row1). a (M, n) and b (K, n) arrive packed as fp32 panels of nb = kSddmmVectors
+// vectors of tokens (PackArgs' layout: panel p = rows x nb, token columns past n zero); out
+// (nnz) fp32, zeroed by the caller. *bad_index is set for a column index outside [0, K).
+constexpr int kSddmmVectors = 4;
+struct SddmmArgs {
+  const void* crow;
+  const void* col;
+  const float* a;      // npanels panels of M x nb
+  const float* b;      // npanels panels of K x nb
+  float* out;
+  int64_t M, K, npanels;
+  int* bad_index;
+};
+using SddmmFn = void (*)(const SddmmArgs&, int64_t row0, int64_t row1);
+
 using CsrFn = void (*)(const CsrArgs&, int64_t row0, int64_t row1, int64_t panel0, int64_t panel1);
 using BsrFn = void (*)(const BsrArgs&, int64_t brow0, int64_t brow1, int64_t panel0, int64_t panel1);
 using NmFn = void (*)(const NmArgs&, int64_t row0, int64_t row1, int64_t panel0, int64_t panel1);
@@ -158,6 +174,8 @@ struct KernelTable {
   int64_t (*nm_bad_row)(const uint8_t* mask, int64_t rows, int64_t K, int n, int m);
   AttnFn attn[kNumDTypes];
   FfnSkipFn ffn_skip[kNumDTypes];
+  SddmmFn csr_sddmm[kNumITypes];
+  int sddmm_panel_width;  // nb of the SDDMM panels: kSddmmVectors vectors of the ISA
 };
 
 const KernelTable& scalar_kernels();

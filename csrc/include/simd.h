@@ -220,6 +220,7 @@ struct Vec {
   static V max(V a, V b) { return a > b ? a : b; }
   static float hsum(V v) { return v; }
   static float hmax(V v) { return v; }
+  static void transpose(V (&)[1]) {}
   static V exp2(V x) { return x <= -127.f ? 0.f : exp2f(x); }
   template <typename T>
   static V load_cvt(const T* p) { return to_f32(*p); }

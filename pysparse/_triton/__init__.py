@@ -7,8 +7,9 @@ says why when it does not). Each module registers its launcher with
 TRITON_INTERPRET=1 the launchers run on CPU tensors, which is how CI tests them.
 """
 from .bsr_spmm import bsr_linear, bsr_spmm
+from .csr_sddmm import csr_sddmm
 from .masked_attention import masked_attention
 from .nm_linear import nm_linear, nm_spmm
 from .pruned_ffn import FFN_MAX_FUSED_TOKENS, pruned_ffn
 
-__all__ = ["bsr_linear", "bsr_spmm", "masked_attention", "nm_linear", "nm_spmm", "pruned_ffn", "FFN_MAX_FUSED_TOKENS"]
+__all__ = ["bsr_linear", "bsr_spmm", "csr_sddmm", "masked_attention", "nm_linear", "nm_spmm", "pruned_ffn", "FFN_MAX_FUSED_TOKENS"]

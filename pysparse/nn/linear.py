@@ -10,13 +10,19 @@ from ..formats import BSR, CSR, FORMATS, Format, SparseNM, build, format_name, s
 from ..ops import linear_tensors
 
 
+# Formats whose op has a backward (pysparse.autograd): their values are an nn.Parameter.
+TRAINABLE = ("csr",)
+
+
 class SparseLinear(torch.nn.Module):
     """y = x @ W.T + b with W held as CSR, BSR or N:M (2:4), a drop-in for nn.Linear.
 
-    The format's tensors are registered as buffers (named ``weight_<field>``), so ``.to()``,
-    ``state_dict()``/``load_state_dict()`` and ``torch.compile(fullgraph=True)`` work as for any
-    module; forward runs the format's op on them directly (no copies, no checks). Inference only
-    (the ops have no autograd formula).
+    The format's tensors are named ``weight_<field>``: for CSR the values are an nn.Parameter
+    (``weight_values``: any torch optimizer trains them, the pattern stays fixed; gradients flow
+    to the input and the bias too) and the indices buffers; BSR and N:M are inference only for
+    now (all buffers). ``.to()``, ``state_dict()``/``load_state_dict()`` and
+    ``torch.compile(fullgraph=True)`` work as for any module; forward runs the format's op on the
+    tensors directly (no copies, no checks).
     """
 
     def __init__(self, weight, bias: Optional[torch.Tensor] = None):
@@ -27,7 +33,11 @@ class SparseLinear(torch.nn.Module):
         self.out_features, self.in_features = weight.shape
         self.nm: Tuple[int, int] = weight.nm
         for name in self._fields():
-            self.register_buffer("weight_" + name, getattr(weight, name))
+            if name == "values" and self.kind in TRAINABLE:
+                # The stored values train (pysparse.autograd); the pattern (indices) stays fixed.
+                setattr(self, "weight_values", torch.nn.Parameter(weight.values, requires_grad=True))
+            else:
+                self.register_buffer("weight_" + name, getattr(weight, name))
         # For from_state_dict only (forward reads the Python attributes: compile-friendly).
         self.register_buffer("weight_shape", torch.tensor(weight.shape, dtype=torch.int64))
         if self.kind == "nm":
@@ -39,7 +49,10 @@ class SparseLinear(torch.nn.Module):
             if bias.dtype != weight.dtype or bias.device != weight.device:
                 raise ValueError(f"SparseLinear: bias is {bias.dtype} on {bias.device} but the weight is "
                                  f"{weight.dtype} on {weight.device}; convert one of them")
-        self.register_buffer("bias", bias)
+        if bias is not None and self.kind in TRAINABLE:
+            self.bias = torch.nn.Parameter(bias, requires_grad=True)
+        else:
+            self.register_buffer("bias", bias)
 
     def _fields(self):
         return FORMATS[self.kind].fields
