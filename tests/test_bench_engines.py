@@ -58,6 +58,7 @@ def test_llama_graph_refuses_more_than_one_token():
 
 
 def test_driver_runs_checks_and_times_engines(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYSPARSE_CACHE_DIR", str(tmp_path / "cache"))  # the workers' kernel choices
     monkeypatch.setattr(bench_engines, "VENVS", {"ort": tmp_path / "none", "deepsparse": tmp_path / "none"})
     args = argparse.Namespace(threads=1, rounds=2, reps=2)
     with open(tmp_path / "log", "w") as log:
