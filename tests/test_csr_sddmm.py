@@ -201,23 +201,26 @@ def test_sparse_linear_values_are_a_parameter_and_state_dict_round_trips():
     assert not dict(nm.named_parameters()).get("weight_values")
 
 
-def _mlp(sparse: bool, masks=None):
+def _mlp(sparse: bool, train_kernel: str = "sparse"):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Linear(128, 1))
     if not sparse:
         return net
     for i in (0, 2):
         net[i] = pysparse.nn.SparseLinear.from_linear(net[i], "csr", sparsity=0.8)
+        net[i].train_kernel = train_kernel
     return net
 
 
-def test_sparse_mlp_trains_like_the_masked_dense_one():
-    """200 Adam steps on a synthetic regression: the CSR model and the dense model with the same
-    masks re-applied after every step reach the same loss (within 2%)."""
+@pytest.mark.parametrize("train_kernel", ["sparse", "dense"])
+def test_sparse_mlp_trains_like_the_masked_dense_one(train_kernel):
+    """200 Adam steps on a synthetic regression: the CSR model (its sparse backward, or its
+    dense fall-back) and the dense model with the same masks re-applied after every step reach
+    the same loss (within 2%)."""
     g = gen(11)
     X = torch.randn(512, 32, generator=g)
     y = (X[:, :4].sin().sum(1, keepdim=True) + 0.1 * torch.randn(512, 1, generator=g))
-    sparse = _mlp(True)
+    sparse = _mlp(True, train_kernel)
     dense = _mlp(False)
     masks = []
     for i in (0, 2):  # the dense model starts from the sparse model's (pruned) weights
@@ -249,6 +252,7 @@ def test_sparse_mlp_trains_like_the_masked_dense_one():
 @pytest.mark.compile
 def test_compile_forward_and_backward():
     sl = pysparse.nn.SparseLinear.from_linear(torch.nn.Linear(40, 24), "csr", sparsity=0.7)
+    sl.train_kernel = "sparse"
     x = torch.randn(5, 40, requires_grad=True)
 
     def step(x):
@@ -265,3 +269,35 @@ def test_compile_forward_and_backward():
     torch.testing.assert_close(out, eager)
     for a, b in zip((x.grad, sl.weight_values.grad, sl.bias.grad), ref):
         torch.testing.assert_close(a, b)
+
+
+def test_train_kernel_dense_fallback_and_auto(tmp_path, monkeypatch):
+    """"dense" gives the sparse backward's gradients (values at the stored positions only);
+    "auto" times both once per token bucket and remembers; inference always runs the sparse op;
+    a bad name is refused."""
+    monkeypatch.setenv("PYSPARSE_CACHE_DIR", str(tmp_path))
+    sl = pysparse.nn.SparseLinear.from_linear(torch.nn.Linear(50, 30), "csr", sparsity=0.75)
+    x = torch.randn(6, 50, generator=gen(1))
+    grads = {}
+    for kernel in ("sparse", "dense"):
+        sl.train_kernel = kernel
+        sl.zero_grad()
+        xi = x.clone().requires_grad_()
+        sl(xi).square().sum().backward()
+        grads[kernel] = (xi.grad, sl.weight_values.grad.clone(), sl.bias.grad.clone())
+    for a, b in zip(*grads.values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert grads["dense"][1].shape == sl.weight_values.shape
+    sl.train_kernel = "auto"
+    sl(x.requires_grad_())
+    assert set(sl._train_choice) == {8} and sl._train_choice[8] in ("sparse", "dense")
+    with torch.no_grad():  # inference: the sparse op, whatever was chosen for training
+        torch.testing.assert_close(sl(x), sl.to_linear()(x), rtol=1e-5, atol=1e-5)
+    sl.eval()  # eval mode with grad enabled (inference without no_grad): the sparse op, no timing
+    sl._train_choice.clear()
+    sl(torch.randn(40, 50))
+    assert sl._train_choice == {}
+    lin = torch.nn.Linear(8, 4).eval()
+    assert not pysparse.nn.SparseLinear.from_linear(lin, "csr", sparsity=0.5).training
+    with pytest.raises(ValueError, match="train_kernel must be one of"):
+        sl.train_kernel = "fast"

@@ -1,17 +1,19 @@
 """``SparseLinear``: nn.Linear with its weight in a pysparse format."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from .. import prune
 from ..formats import BSR, CSR, FORMATS, Format, SparseNM, build, format_name, shape_entry
 from ..ops import linear_tensors
+from . import kernel_choice
 
 
 # Formats whose op has a backward (pysparse.autograd): their values are an nn.Parameter.
 TRAINABLE = ("csr",)
+TRAIN_KERNELS = ("auto", "sparse", "dense")
 
 
 class SparseLinear(torch.nn.Module):
@@ -23,6 +25,14 @@ class SparseLinear(torch.nn.Module):
     now (all buffers). ``.to()``, ``state_dict()``/``load_state_dict()`` and
     ``torch.compile(fullgraph=True)`` work as for any module; forward runs the format's op on the
     tensors directly (no copies, no checks).
+
+    Training (CSR, in train mode with grad enabled and the values requiring grad; a module made by
+    ``from_linear`` takes the train/eval mode of its nn.Linear): ``train_kernel`` "sparse" runs the
+    sparse ops forward and backward; "dense" multiplies by the dense matrix scattered from the
+    values (masked dense training: the same gradients, dense GEMM speed); "auto" (default) times
+    both once per power-of-two token count (forward + backward, cached on disk like sparsify's
+    kernel choice) and takes the faster: below ~80% sparsity dense training wins on the CPUs
+    measured (benchmarks/RESULTS.md). Inference always runs the sparse op.
     """
 
     def __init__(self, weight, bias: Optional[torch.Tensor] = None):
@@ -53,6 +63,19 @@ class SparseLinear(torch.nn.Module):
             self.bias = torch.nn.Parameter(bias, requires_grad=True)
         else:
             self.register_buffer("bias", bias)
+        self._train_kernel = "auto"
+        self._train_choice: Dict[int, str] = {}  # token bucket -> "sparse" | "dense" (auto)
+
+    @property
+    def train_kernel(self) -> str:
+        """How a training forward runs: "auto", "sparse" or "dense" (see the class docstring)."""
+        return self._train_kernel
+
+    @train_kernel.setter
+    def train_kernel(self, value: str) -> None:
+        if value not in TRAIN_KERNELS:
+            raise ValueError(f"SparseLinear.train_kernel must be one of {TRAIN_KERNELS}, got {value!r}")
+        self._train_kernel = value
 
     def _fields(self):
         return FORMATS[self.kind].fields
@@ -81,9 +104,51 @@ class SparseLinear(torch.nn.Module):
         return cls(weight, sd.get(prefix + "bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind in TRAINABLE and self.training and torch.is_grad_enabled() and self.weight_values.requires_grad \
+                and self._trains_dense(x):
+            return torch.nn.functional.linear(x, self._scattered(self.weight_values), self.bias)
         # The ops on the buffers: a format object per call would only be unpacked again.
         tensors = [getattr(self, "weight_" + f) for f in FORMATS[self.kind].fields]
         return linear_tensors(self.kind, tensors, (self.out_features, self.in_features), self.nm, x, self.bias)
+
+    def _scattered(self, values: torch.Tensor) -> torch.Tensor:
+        """The dense (M, K) matrix of the CSR pattern holding `values`, differentiable in them:
+        the gradient of each stored value is the dense gradient at its position, nothing else."""
+        M, K = self.out_features, self.in_features
+        crow, col = self.weight_crow_indices, self.weight_col_indices
+        rows = torch.repeat_interleave(torch.arange(M, device=col.device), crow.diff().long(), output_size=col.numel())
+        flat = torch.zeros(M * K, dtype=values.dtype, device=values.device)
+        return flat.index_put((rows * K + col.long(),), values).view(M, K)
+
+    def _trains_dense(self, x: torch.Tensor) -> bool:
+        if self._train_kernel != "auto":
+            return self._train_kernel == "dense"
+        tokens = kernel_choice.bucket(x.numel() // max(1, self.in_features))
+        choice = self._train_choice.get(tokens)
+        if choice is None:
+            if torch.compiler.is_compiling():
+                return False  # nothing is timed inside a graph: sparse, unless an eager step chose
+            choice = self._time_training(tokens)
+            self._train_choice[tokens] = choice
+        return choice == "dense"
+
+    def _time_training(self, tokens: int) -> str:
+        """"dense" or "sparse": the faster forward + backward at `tokens` tokens, on stand-ins of
+        this layer's tensors (its own gradients are not touched)."""
+        M, K = self.out_features, self.in_features
+        dt, dev = self.weight_values.dtype, self.weight_values.device
+        x = torch.randn(tokens, K, dtype=dt, device=dev, requires_grad=True)
+        g = torch.randn(tokens, M, dtype=dt, device=dev)
+        v = self.weight_values.detach().clone().requires_grad_()
+        b = None if self.bias is None else self.bias.detach().clone().requires_grad_()
+        crow, col = self.weight_crow_indices, self.weight_col_indices
+        cands = {
+            "sparse": lambda: torch.ops.pysparse.csr_linear(x, crow, col, v, [M, K], b).backward(g),
+            "dense": lambda: torch.nn.functional.linear(x, self._scattered(v), b).backward(g),
+        }
+        key = f"train|{M}x{K}|csr|{self.weight.density:.2f}|{dt}|{dev}|b{tokens}"
+        times, _ = kernel_choice.time_candidates(key, cands, reps=3)
+        return "dense" if times["dense"] < times["sparse"] else "sparse"
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, format: str = "csr", *, sparsity: float = 0.0,
@@ -109,7 +174,9 @@ class SparseLinear(torch.nn.Module):
                 A = SparseNM.from_dense(prune.nm(W, n, m, scores=scores), n, m)
             else:
                 raise ValueError(f"SparseLinear.from_linear: format must be 'csr', 'bsr' or 'nm', got {format!r}")
-        return cls(A, bias)
+        out = cls(A, bias)
+        out.train(linear.training)  # a layer of an eval-mode model stays in eval mode
+        return out
 
     def to_linear(self) -> torch.nn.Linear:
         """A dense nn.Linear with the same (pruned) weights."""

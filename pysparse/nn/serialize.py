@@ -61,6 +61,7 @@ def _swap_in(model, tensors, path, name: str, allowed, what: str, build) -> None
         raise ValueError(f"{path}: layer {name!r} lacks {e.args[0]!r}") from None
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: layer {name!r}: {e}") from None
+    new.train(old.training)  # the model's train/eval mode carries over (SparseLinear trains only in train mode)
     model.set_submodule(name, new)  # its shape is the file's: structured pruning may have resized it
 
 
