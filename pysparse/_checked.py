@@ -10,18 +10,18 @@ still clamp what they read, so such a write can give wrong numbers but never an 
 access. Inference tensors carry no version counter and are checked on every call.
 
 The checks raise the CPU kernels' sentences (and error types), so an op fails the same way on every
-device.
+device. The memo (`recalled` / `remember`) also keeps pysparse.autograd's transposed patterns.
 """
 from __future__ import annotations
 
 import threading
 import weakref
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 _CAPACITY = 4096
-# (ids of the tensors, param) -> (weak references, their states when checked)
+# (ids of the tensors, param) -> (weak references, their states when stored, the value stored)
 _memo: Dict[tuple, tuple] = {}
 _lock = threading.Lock()
 
@@ -30,12 +30,35 @@ def _state(t: torch.Tensor) -> tuple:
     return (t._version, t.data_ptr(), t.numel(), t.dtype)
 
 
-def once(tensors: Tuple[torch.Tensor, ...], param, check: Callable[[], None]) -> None:
-    """Runs check() unless `tensors` passed it with the same `param` and have not changed since."""
-    key = (tuple(id(t) for t in tensors), param)
-    seen = _memo.get(key)
+def recalled(tensors: Tuple[torch.Tensor, ...], param) -> Optional[tuple]:
+    """The entry remembered for `tensors` under `param` ((refs, states, value)), or None when
+    there is none or a tensor was replaced or written since."""
+    seen = _memo.get((tuple(id(t) for t in tensors), param))
     if seen is not None and all(r() is t for r, t in zip(seen[0], tensors)) \
             and seen[1] == tuple(_state(t) for t in tensors):
+        return seen
+    return None
+
+
+def remember(tensors: Tuple[torch.Tensor, ...], param, value=None) -> None:
+    """Store `value` for `tensors` under `param` until one of them is written, replaced or freed
+    (a freed tensor's entry goes at once: a remembered value may hold memory). Inference tensors
+    have no version counter and are not remembered."""
+    if any(t.is_inference() for t in tensors):
+        return
+    key = (tuple(id(t) for t in tensors), param)
+    with _lock:  # misses only: a hit reads the dict without it
+        _memo.pop(key, None)
+        if len(_memo) >= _CAPACITY:  # the oldest go first (dicts keep insertion order)
+            while len(_memo) >= _CAPACITY:
+                del _memo[next(iter(_memo))]
+        refs = tuple(weakref.ref(t, lambda _, k=key: _memo.pop(k, None)) for t in tensors)
+        _memo[key] = (refs, tuple(_state(t) for t in tensors), value)
+
+
+def once(tensors: Tuple[torch.Tensor, ...], param, check: Callable[[], None]) -> None:
+    """Runs check() unless `tensors` passed it with the same `param` and have not changed since."""
+    if recalled(tensors, param) is not None:
         return
     if any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
         if any(t.is_inference() for t in tensors):
@@ -45,16 +68,7 @@ def once(tensors: Tuple[torch.Tensor, ...], param, check: Callable[[], None]) ->
         raise RuntimeError("pysparse: a sparse matrix's indices are checked on its first product, which "
                            "cannot happen during CUDA graph capture: run the op once before capturing")
     check()
-    if any(t.is_inference() for t in tensors):
-        return
-    with _lock:  # misses only: a hit reads the dict without it
-        _memo.pop(key, None)
-        if len(_memo) >= _CAPACITY:  # dead entries first, then the oldest (dicts keep insertion order)
-            for k in [k for k, (refs, _) in _memo.items() if any(r() is None for r in refs)]:
-                del _memo[k]
-            while len(_memo) >= _CAPACITY:
-                del _memo[next(iter(_memo))]
-        _memo[key] = (tuple(weakref.ref(t) for t in tensors), tuple(_state(t) for t in tensors))
+    remember(tensors, param)
 
 
 def compressed(crow: torch.Tensor, col: torch.Tensor, cols: int, unit: str) -> None:

@@ -5,8 +5,8 @@ CSR (csr_linear y = x A^T + b, csr_spmm Y = A X):
 
 - dX: the transposed product, run by the forward kernels on A^T. A^T's index structure (row
   pointers, column indices and the permutation that takes A's values to A^T's order) is built once
-  per matrix version and remembered (`transpose`), keyed like pysparse._checked's memo by the
-  index tensors themselves and their version counters; each backward only gathers the values,
+  per matrix version and remembered (`transpose`) in pysparse._checked's memo, keyed by the index
+  tensors themselves and their version counters; each backward only gathers the values,
   which change every optimizer step.
 - dvalues: the sampled product csr_sddmm, one dot product over the tokens per stored entry, so a
   pruned position never receives a gradient (no leak into the pattern) and the work is that of
@@ -18,32 +18,13 @@ autograd kernel is registered, and their SparseLinear values stay buffers).
 """
 from __future__ import annotations
 
-import threading
-import weakref
-from typing import Dict, Tuple
+from typing import Tuple
 
 import torch
 
+from . import _checked
+
 _ops = torch.ops.pysparse
-_CAPACITY = 256
-_memo: Dict[tuple, tuple] = {}
-_lock = threading.Lock()
-
-
-def _state(t: torch.Tensor) -> tuple:
-    return (t._version, t.data_ptr(), t.numel(), t.dtype)
-
-
-def _states(crow: torch.Tensor, col: torch.Tensor):
-    """The memo key's states, or None where there is nothing to key on: under torch.compile or
-    opcheck's tracing (fake and functional tensors have no storage) and for inference tensors
-    (no version counter). Then the transpose is computed each time, as a traced graph would."""
-    if torch.compiler.is_compiling() or crow.is_inference() or col.is_inference():
-        return None
-    try:
-        return (_state(crow), _state(col))
-    except RuntimeError:  # no data pointer: a traced tensor
-        return None
 
 
 def _transpose_now(crow: torch.Tensor, col: torch.Tensor, M: int, K: int):
@@ -63,23 +44,21 @@ def _transpose_now(crow: torch.Tensor, col: torch.Tensor, M: int, K: int):
 
 def transpose(crow: torch.Tensor, col: torch.Tensor, M: int, K: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(crow_t, col_t, perm) of A^T for the CSR pattern (crow, col) of shape (M, K): A^T's values
-    are A's values[perm]. Remembered per (crow, col) until either is written in place."""
-    states = _states(crow, col)
-    if states is None:
+    are A's values[perm]. Remembered (pysparse._checked's memo) per (crow, col) until either is
+    written in place or freed. Under torch.compile or opcheck's tracing (fake and functional
+    tensors have no storage to key on) it is computed each time, as a traced graph would."""
+    if torch.compiler.is_compiling():
         return _transpose_now(crow, col, M, K)
-    key = (id(crow), id(col), int(M), int(K))
-    hit = _memo.get(key)
-    if hit is not None and hit[0]() is crow and hit[1]() is col and hit[2] == states:
-        return hit[3]
+    try:
+        crow.data_ptr(), col.data_ptr()
+    except RuntimeError:  # no data pointer: a traced tensor
+        return _transpose_now(crow, col, M, K)
+    param = ("csr_transpose", int(M), int(K))
+    hit = _checked.recalled((crow, col), param)
+    if hit is not None:
+        return hit[2]
     out = _transpose_now(crow, col, M, K)
-    with _lock:
-        _memo.pop(key, None)
-        if len(_memo) >= _CAPACITY:  # dead entries first, then the oldest
-            for k in [k for k, v in _memo.items() if v[0]() is None or v[1]() is None]:
-                del _memo[k]
-            while len(_memo) >= _CAPACITY:
-                del _memo[next(iter(_memo))]
-        _memo[key] = (weakref.ref(crow), weakref.ref(col), states, out)
+    _checked.remember((crow, col), param, out)
     return out
 
 

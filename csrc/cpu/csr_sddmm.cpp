@@ -20,9 +20,8 @@ static at::Tensor csr_sddmm(const at::Tensor& crow, const at::Tensor& col, c10::
   TORCH_CHECK_TYPE(b.scalar_type() == a.scalar_type(), "pysparse: a is ", a.scalar_type(), " but b is ",
                    b.scalar_type(), "; they must share a dtype");
   check_same_device(a, b, "b");
-  // The index checks of the products (row pointers, shape); the values are the output here, so a
-  // stand-in of the right length and dtype takes their place (allocated, never written or read).
-  const SparseOperand A = check_csr(crow, col, at::empty({col.numel()}, a.options()), shape);
+  // The index checks of the products (row pointers, shape); the values are the output here.
+  const SparseOperand A = check_csr_pattern(crow, col, a, shape);
   TORCH_CHECK(a.size(0) == A.M, "pysparse: a must have the matrix's ", A.M, " rows, got ", a.size(0));
   TORCH_CHECK(b.size(0) == A.K, "pysparse: b must have the matrix's ", A.K, " columns as rows, got ", b.size(0));
   TORCH_CHECK(a.size(1) == b.size(1), "pysparse: a and b must have the same number of columns, got ", a.size(1),

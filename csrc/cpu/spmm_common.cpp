@@ -90,8 +90,10 @@ static void check_row_pointers(const at::Tensor& crow, int64_t nnz, const char* 
                 i + 1, " (", int64_t(p[i + 1]), ") is below entry ", i, " (", int64_t(p[i]), ")");
 }
 
+// values may stand for the operand's dtype and device only (with_entries false: csr_sddmm, whose
+// values are its output); otherwise it holds one entry per column index.
 static void check_common(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
-                         c10::SymIntArrayRef shape) {
+                         c10::SymIntArrayRef shape, bool with_entries = true) {
   check_dim(crow, 1, "crow_indices");
   check_dim(col, 1, "col_indices");
   index_dtype(crow, col);
@@ -101,7 +103,7 @@ static void check_common(const at::Tensor& crow, const at::Tensor& col, const at
   TORCH_CHECK(shape.size() == 2, "pysparse: shape must have 2 entries, got ", shape.size());
   TORCH_CHECK(shape[0] >= 0 && shape[1] >= 0, "pysparse: shape must be non-negative, got (",
               shape[0], ", ", shape[1], ")");
-  TORCH_CHECK(values.size(0) == col.numel(), "pysparse: values has ", values.size(0),
+  TORCH_CHECK(!with_entries || values.size(0) == col.numel(), "pysparse: values has ", values.size(0),
               " entries but col_indices has ", col.numel());
 }
 
@@ -109,6 +111,14 @@ SparseOperand check_csr(const at::Tensor& crow, const at::Tensor& col, const at:
                         c10::SymIntArrayRef shape) {
   check_dim(values, 1, "CSR values");
   check_common(crow, col, values, shape);
+  SparseOperand A = check_csr_pattern(crow, col, values, shape, /*checked=*/true);
+  A.values = contiguous_checked(values, "values");
+  return A;
+}
+
+SparseOperand check_csr_pattern(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& like,
+                                c10::SymIntArrayRef shape, bool checked) {
+  if (!checked) check_common(crow, col, like, shape, /*with_entries=*/false);
   SparseOperand A;
   A.M = shape[0].expect_int();
   A.K = shape[1].expect_int();
@@ -117,7 +127,6 @@ SparseOperand check_csr(const at::Tensor& crow, const at::Tensor& col, const at:
               " entries, got ", crow.numel());
   A.crow = contiguous_checked(crow, "crow_indices");
   A.col = contiguous_checked(col, "col_indices");
-  A.values = contiguous_checked(values, "values");
   TORCH_CHECK(col.scalar_type() != at::kShort || A.K <= 32768,
               "pysparse: int16 column indices need at most 32768 columns, the matrix has ", A.K);
   if (A.crow.scalar_type() == at::kInt) check_row_pointers<int32_t>(A.crow, col.numel(), "nonzeros");

@@ -42,6 +42,11 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
 // Validates crow/col/values against the shape and returns the operand (contiguous tensors).
 SparseOperand check_csr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
                         c10::SymIntArrayRef shape);
+// check_csr without values: the pattern (row pointers, columns, shape) of an operand whose
+// dtype and device are like's (csr_sddmm: the values are its output). checked: the caller ran
+// the shared checks already (check_csr).
+SparseOperand check_csr_pattern(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& like,
+                                c10::SymIntArrayRef shape, bool checked = false);
 SparseOperand check_nm(const at::Tensor& values, const at::Tensor& mask, c10::SymIntArrayRef shape,
                        int64_t n, int64_t m);
 SparseOperand check_bsr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
