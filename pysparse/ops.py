@@ -240,6 +240,8 @@ def uses_cusparselt(x: torch.Tensor, A) -> bool:
 def _use_cusparselt(x: torch.Tensor, values: torch.Tensor, shape, nm) -> bool:
     if not x.is_cuda or tuple(nm) != (2, 4) or x.dtype not in (torch.float16, torch.bfloat16):
         return False
+    if torch.is_grad_enabled() and (values.requires_grad or x.requires_grad):
+        return False  # torch's compressed weight has no backward here; our op's has (autograd.py)
     if x.numel() // shape[1] < _CSLT_MIN_TOKENS or shape[0] % 64 or shape[1] % 64:
         return False
     backend = getattr(torch.backends, "cusparselt", None)

@@ -361,6 +361,28 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{name}: {what}")
 
 
+def train_losses(nets, X, Y, masks, *, steps: int, lr: float) -> dict:
+    """{name: final MSE} after `steps` Adam steps of each net in `nets` ({name: module}) on
+    (X, Y); the net named "dense" gets `masks` ((weight, keep) pairs) re-applied after every step:
+    masked dense training, the reference a sparse model's training is compared with."""
+    import torch.nn.functional as F
+    losses = {}
+    for name, net in nets.items():
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        for _ in range(steps):
+            loss = F.mse_loss(net(X), Y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if name == "dense":
+                with torch.no_grad():
+                    for w, keep in masks:
+                        w.mul_(keep)
+        with torch.no_grad():
+            losses[name] = float(F.mse_loss(net(X), Y))
+    return losses
+
+
 def pytest_collection_modifyitems(items):
     """emu and interp by file, compile by what the test's code calls (a new compile test is
     marked without anyone remembering to); fuzz and slow are written on the tests."""

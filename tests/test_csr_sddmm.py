@@ -13,7 +13,7 @@ import torch
 import pysparse
 from pysparse import CSR
 from pysparse.autograd import transpose
-from conftest import CSR_INDEX_DTYPES, assert_close, gen, randn, random_sparse
+from conftest import CSR_INDEX_DTYPES, assert_close, gen, randn, random_sparse, train_losses
 
 ops = torch.ops.pysparse
 
@@ -196,9 +196,12 @@ def test_sparse_linear_values_are_a_parameter_and_state_dict_round_trips():
     sl2 = pysparse.nn.SparseLinear.from_state_dict(sl.state_dict())
     assert isinstance(sl2.weight_values, torch.nn.Parameter)
     torch.testing.assert_close(sl2(torch.randn(3, 30, generator=gen(0))), sl(torch.randn(3, 30, generator=gen(0))))
-    # BSR / N:M have no backward yet: their values stay buffers
-    nm = pysparse.nn.SparseLinear.from_linear(torch.nn.Linear(32, 16), "nm")
-    assert not dict(nm.named_parameters()).get("weight_values")
+    # BSR / N:M values train too; int8 N:M values (CUTLASS interop) stay a buffer
+    for fmt in ("bsr", "nm"):
+        sl = pysparse.nn.SparseLinear.from_linear(torch.nn.Linear(32, 16), fmt, blocksize=(8, 8))
+        assert set(dict(sl.named_parameters())) == {"weight_values", "bias"}
+    w8 = pysparse.SparseNM.from_dense(torch.randint(-3, 4, (16, 32), dtype=torch.int8), 2, 4, prune=True)
+    assert "weight_values" in dict(pysparse.nn.SparseLinear(w8).named_buffers())
 
 
 def _mlp(sparse: bool, train_kernel: str = "sparse"):
@@ -228,21 +231,9 @@ def test_sparse_mlp_trains_like_the_masked_dense_one(train_kernel):
             dense[i].weight.copy_(sparse[i].weight.to_dense())
             dense[i].bias.copy_(sparse[i].bias)
         masks.append((dense[i].weight, dense[i].weight != 0))
-    losses = {}
-    for name, net in (("sparse", sparse), ("dense", dense)):
-        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-        for step in range(200):
-            loss = torch.nn.functional.mse_loss(net(X), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if name == "dense":
-                with torch.no_grad():
-                    for w, m in masks:
-                        w.mul_(m)
-        with torch.no_grad():
-            losses[name] = float(torch.nn.functional.mse_loss(net(X), y))
-            untrained = float(torch.nn.functional.mse_loss(_mlp(True)(X), y))
+    losses = train_losses({"sparse": sparse, "dense": dense}, X, y, masks, steps=200, lr=1e-2)
+    with torch.no_grad():
+        untrained = float(torch.nn.functional.mse_loss(_mlp(True)(X), y))
     assert losses["sparse"] < 0.5 * untrained  # it learned
     assert abs(losses["sparse"] - losses["dense"]) <= 0.02 * losses["dense"], losses
     # the pattern did not move: the zeros of the first layer are where they were

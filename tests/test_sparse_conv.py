@@ -183,9 +183,11 @@ def test_im2col_buffer_is_shared_safely_across_layers_dtypes_and_threads():
               for s, (g, dt) in enumerate([("3x3_pad1", torch.float32), ("5x5_nopad", torch.float32),
                                            ("3x3_groups2", torch.bfloat16), ("3x3_dilation2", torch.float32)])]
     inputs = [torch.randn(2, sc.in_channels, 11, 13, generator=gen(i)).to(sc.bias.dtype) for i, sc in enumerate(layers)]
-    alone = [sc(x) for sc, x in zip(layers, inputs)]
+    with torch.no_grad():  # inference: the chunked path (grad mode is per thread, as in run)
+        alone = [sc(x) for sc, x in zip(layers, inputs)]
     failures = []
 
+    @torch.no_grad()
     def run(order):
         for _ in range(3):
             for i in order:
@@ -199,8 +201,10 @@ def test_im2col_buffer_is_shared_safely_across_layers_dtypes_and_threads():
         t.join()
     run([2, 0, 3, 1])
     assert not failures, failures
-    # an input that requires grad gets its own chunk, so the shared buffer stays out of the graph
-    layers[0](inputs[0].clone().requires_grad_())
+    # a forward that autograd records (an eval-mode layer whose input requires grad: the chunked
+    # path) gets fresh chunks, so the shared buffer stays out of the graph
+    layers[0].eval()
+    layers[0](inputs[0].clone().requires_grad_()).sum().backward()
     assert all(not b.requires_grad for b in conv_mod._WORKSPACE.bufs.values())
 
 
@@ -220,7 +224,7 @@ def test_im2col_buffer_made_under_inference_mode_serves_later_calls(monkeypatch)
 
 
 def test_jit_trace_of_a_kxk_layer():
-    sc = SparseConv2d.from_conv(make_conv("3x3_pad1", seed=5), "csr", sparsity=0.5)
+    sc = SparseConv2d.from_conv(make_conv("3x3_pad1", seed=5), "csr", sparsity=0.5).eval()
     x = torch.randn(2, 8, 10, 10, generator=gen(5))
     traced = torch.jit.trace(sc, x)  # checks that two traces agree
     torch.testing.assert_close(traced(x), sc(x))

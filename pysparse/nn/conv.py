@@ -34,17 +34,16 @@ _IM2COL_BYTES = 2 * 2**20
 _WORKSPACE = threading.local()
 
 
-def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
+def _workspace(numel: int, like: torch.Tensor, fresh: bool = False) -> torch.Tensor:
     """A 1-D scratch tensor of `numel` elements of like's dtype, kept per thread (CPU) and reused
     by every im2col chunk. A fresh ~2 MiB tensor per chunk page-faults in full whenever glibc has
     handed the previous one back to the OS, which depends on the process's allocation history:
     64->64 3x3 at 56x56, 90%, batch 1, as the first layer a process runs, took 1.5 ms (0.36x of
     nn.Conv2d) with fresh chunks and 0.4 ms (1.38x) with this buffer; neutral within a network."""
-    # CUDA's caching allocator already reuses memory; a copy that autograd records must not tie
-    # the shared buffer into the graph (the ops have no autograd formula; torch warns on backward);
-    # a traced graph must not capture it as a constant.
-    if (like.device.type != "cpu" or (like.requires_grad and torch.is_grad_enabled())
-            or torch.jit.is_tracing()):
+    # CUDA's caching allocator already reuses memory; a chunk that autograd records (fresh) is
+    # saved for the backward and must not be overwritten by the next; a traced graph must not
+    # capture the buffer as a constant.
+    if fresh or like.device.type != "cpu" or torch.jit.is_tracing():
         return torch.empty(numel, dtype=like.dtype, device=like.device)
     bufs = getattr(_WORKSPACE, "bufs", None)
     if bufs is None:
@@ -104,10 +103,12 @@ def _checked_config(config) -> dict:
 class SparseConv2d(torch.nn.Module):
     """y = conv2d(x, W) + b with W held as CSR, BSR or N:M per group, a drop-in for nn.Conv2d.
 
-    Inference only (the ops have no autograd formula). Build it with :meth:`from_conv`; go back
-    with :meth:`to_conv`. The format's tensors are buffers named ``weight_<field>`` (groups == 1)
-    or ``weight<g>_<field>`` (group g), plus ``bias``; depthwise layers hold a dense ``weight``
-    buffer instead (see the module docstring). So ``.to()``, ``state_dict()`` /
+    Build it with :meth:`from_conv`; go back with :meth:`to_conv`. The format's tensors are named
+    ``weight_<field>`` (groups == 1) or ``weight<g>_<field>`` (group g), plus ``bias``; depthwise
+    layers hold a dense ``weight`` instead (see the module docstring). Values, dense weights and
+    the bias are nn.Parameters: the layer trains with the pattern fixed (the ops' backward,
+    pysparse.autograd; in train mode k x k layers run one F.unfold and one product per group,
+    which is what gets differentiated); indices and N:M masks are buffers. So ``.to()``, ``state_dict()`` /
     ``load_state_dict()`` into an identically built module and ``torch.compile`` work as for any
     module. Input NCHW or channels_last (the output has the input's memory format), float32,
     bfloat16 or float16 (the weight's dtype: convert the module with ``.to(dtype)``).
@@ -165,7 +166,7 @@ class SparseConv2d(torch.nn.Module):
             if tuple(dense_weight.shape) != shape:
                 raise ValueError(f"SparseConv2d: the dense weight must have shape {shape}, got {tuple(dense_weight.shape)}")
             self.kind, self.nm = "dense", (0, 0)
-            self.register_buffer("weight", dense_weight)
+            self._register("weight", dense_weight)
         else:
             weights = list(weights)
             if len(weights) != self.groups:
@@ -180,7 +181,7 @@ class SparseConv2d(torch.nn.Module):
                     raise ValueError(f"SparseConv2d: group {g}'s matrix must be a {type(first).__name__} of shape "
                                      f"{(self._cg, self._kg)}, got {type(A).__name__} {tuple(A.shape)}")
                 for name in self._fields():
-                    self.register_buffer(self._prefix(g) + name, getattr(A, name))
+                    self._register(self._prefix(g) + name, getattr(A, name), trainable=name == "values")
         # forward calls the ops on the buffers directly: building format objects cost 3.7 us a
         # call, a quarter of a small layer's Python time
         self._names = [] if self.depthwise else [[self._prefix(g) + f for f in self._fields()] for g in range(self.groups)]
@@ -191,9 +192,26 @@ class SparseConv2d(torch.nn.Module):
         if bias is not None and (bias.dtype != ref.dtype or bias.device != ref.device):
             raise ValueError(f"SparseConv2d: bias is {bias.dtype} on {bias.device} but the weight is "
                              f"{ref.dtype} on {ref.device}; convert one of them")
-        self.register_buffer("bias", bias)
+        self._register("bias", bias)
 
     # -- structure ------------------------------------------------------------------------------
+
+    def _register(self, name: str, t: Optional[torch.Tensor], trainable: bool = True) -> None:
+        """Values, dense weights and the bias are nn.Parameters (floating point: the ops have a
+        backward, pysparse.autograd); indices, N:M masks and int8 values are buffers."""
+        if t is not None and trainable and t.is_floating_point():
+            self.register_parameter(name, torch.nn.Parameter(t, requires_grad=True))
+        else:
+            self.register_buffer(name, t)
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        p = self._parameters.get(name)
+        return p if p is not None else self._buffers[name]
+
+    def _records_grad(self, x: torch.Tensor) -> bool:
+        """Whether autograd records this forward (then im2col runs as one differentiable F.unfold)."""
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self._parameters.values()
+                                                                   if p is not None))
 
     def _fields(self):
         return FORMATS[self.kind].fields
@@ -307,7 +325,8 @@ class SparseConv2d(torch.nn.Module):
                                      f"divisible by the block size {(bh, bw)}")
                 P = torch.cat([prune.blocks(w, sparsity, blocksize=(bh, bw)) for w in W.split(Cg)]) if sparsity else W
             if conv.in_channels == G:  # depthwise: run dense (see the module docstring); P may be conv's own weight
-                return cls([], bias, *args, dense_weight=P.reshape(W4.shape).clone(memory_format=torch.contiguous_format))
+                out = cls([], bias, *args, dense_weight=P.reshape(W4.shape).clone(memory_format=torch.contiguous_format))
+                return out.train(conv.training)
             parts = P.split(Cg)
             if format == "csr":
                 mats = [CSR.from_dense(p) for p in parts]
@@ -315,7 +334,7 @@ class SparseConv2d(torch.nn.Module):
                 mats = [BSR.from_dense(p, blocksize=blocksize) for p in parts]
             else:
                 mats = [SparseNM.from_dense(p.contiguous(), n, m) for p in parts]
-        return cls(mats, bias, *args)
+        return cls(mats, bias, *args).train(conv.training)  # a layer of an eval-mode model stays in eval mode
 
     def config(self) -> dict:
         """What a state_dict does not say (JSON-able): hyperparameters, format and n:m."""
@@ -361,15 +380,18 @@ class SparseConv2d(torch.nn.Module):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         if x.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d: expected {self.in_channels} input channels, got input of shape {tuple(x.shape)}")
-        wdt = self._buffers["weight" if self.depthwise else self._names[0][-2 if self.kind == "nm" else -1]].dtype
+        wdt = self._tensor("weight" if self.depthwise else self._names[0][-2 if self.kind == "nm" else -1]).dtype
         if x.dtype != wdt:
             raise TypeError(f"SparseConv2d: input is {x.dtype} but the weights are {wdt}; convert one of them "
                             f"(module.to({x.dtype}) or x.to({wdt}))")
         if self.depthwise:
+            w = self.weight
+            if self._records_grad(x):  # the pruned zeros get no gradient: they stay zero
+                w = w * (w != 0)
             l, r, t, b = self._pads
             if l == r and t == b:
-                return F.conv2d(x, self.weight, self.bias, self.stride, (t, l), self.dilation, self.groups)
-            return F.conv2d(F.pad(x, self._pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+                return F.conv2d(x, w, self.bias, self.stride, (t, l), self.dilation, self.groups)
+            return F.conv2d(F.pad(x, self._pads), w, self.bias, self.stride, 0, self.dilation, self.groups)
         channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         if self.kernel_size == (1, 1) and self._pads == (0, 0, 0, 0):
             return self._forward_1x1(x, channels_last)
@@ -405,12 +427,12 @@ class SparseConv2d(torch.nn.Module):
 
     def _spmm(self, g: int, X: torch.Tensor) -> torch.Tensor:
         """Group g's matrix @ X, (Kg, n) -> (Cg, n) or a batch (N, Kg, n) -> (N, Cg, n)."""
-        return spmm_tensors(self.kind, [self._buffers[n] for n in self._names[g]], self._shape, self.nm, X)
+        return spmm_tensors(self.kind, [self._tensor(n) for n in self._names[g]], self._shape, self.nm, X)
 
     def _linear(self, g: int, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """x (..., Kg) @ group g's matrix.T + bias -> (..., Cg) (N:M on CUDA: cuSPARSELt from 64
         tokens, as for SparseLinear)."""
-        return linear_tensors(self.kind, [self._buffers[n] for n in self._names[g]], self._shape, self.nm, x, bias)
+        return linear_tensors(self.kind, [self._tensor(n) for n in self._names[g]], self._shape, self.nm, x, bias)
 
     def _store(self, y: torch.Tensor, dst: torch.Tensor, g: int) -> None:
         """dst = y (+ group g's bias), one pass over y while it is in cache."""
@@ -418,7 +440,7 @@ class SparseConv2d(torch.nn.Module):
             dst.copy_(y)
         else:
             b = self.bias[g * self._cg:(g + 1) * self._cg].view(-1, *([1] * (y.dim() - 1)))
-            if y.requires_grad:  # out= is not differentiable; autograd (which the ops lack) reports it later
+            if y.requires_grad or torch.jit.is_tracing():  # out= is not differentiable (trace: one graph either way)
                 dst.copy_(y + b)
             else:
                 torch.add(y, b, out=dst)
@@ -433,9 +455,11 @@ class SparseConv2d(torch.nn.Module):
         if Ho <= 0 or Wo <= 0:
             raise ValueError(f"SparseConv2d: input of shape {tuple(x.shape)} (padded) is smaller than the dilated kernel")
         G, Cg, Kg = self.groups, self._cg, self._kg
-        if torch.compiler.is_compiling():
-            # Traceable (no storage offsets, no scratch state): one F.unfold of the whole batch,
-            # one batched product per group over its rows of it.
+        records = self._records_grad(x)
+        if torch.compiler.is_compiling() or (records and self.training):
+            # Traceable (no storage offsets, no scratch state), and for training one product per
+            # group to differentiate: one F.unfold of the whole batch, one batched product per
+            # group over its rows of it.
             cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)
             ys = [self._spmm(g, cols[:, g * Kg:(g + 1) * Kg]) for g in range(G)]
             y = ys[0] if G == 1 else torch.cat(ys, dim=1)
@@ -454,7 +478,7 @@ class SparseConv2d(torch.nn.Module):
                     # (padded) input, (cin, kh, kw, rows, Wo), copied to (Kg, rows * Wo)
                     v = x.as_strided((cin, kh, kw, r1 - r0, Wo), (sC, dh * sH, dw * sW, sh * sH, sw * sW),
                                      x.storage_offset() + i * sN + g * cin * sC + r0 * sh * sH)
-                    cols = _workspace(Kg * (r1 - r0) * Wo, x)
+                    cols = _workspace(Kg * (r1 - r0) * Wo, x, fresh=records)
                     cols.view(v.shape).copy_(v)
                     y = self._spmm(g, cols.view(Kg, (r1 - r0) * Wo))
                     if N == 1 and G == 1 and rows == Ho:  # the product's result is the output

@@ -7,26 +7,27 @@ import torch
 
 from .. import prune
 from ..formats import BSR, CSR, FORMATS, Format, SparseNM, build, format_name, shape_entry
+from ..autograd import memoized
 from ..ops import linear_tensors
 from . import kernel_choice
 
 
-# Formats whose op has a backward (pysparse.autograd): their values are an nn.Parameter.
-TRAINABLE = ("csr",)
+# Formats whose ops have a backward (pysparse.autograd): their floating-point values are an
+# nn.Parameter (int8 N:M values, for CUTLASS interop, stay a buffer).
+TRAINABLE = ("csr", "bsr", "nm")
 TRAIN_KERNELS = ("auto", "sparse", "dense")
 
 
 class SparseLinear(torch.nn.Module):
     """y = x @ W.T + b with W held as CSR, BSR or N:M (2:4), a drop-in for nn.Linear.
 
-    The format's tensors are named ``weight_<field>``: for CSR the values are an nn.Parameter
+    The format's tensors are named ``weight_<field>``: the values are an nn.Parameter
     (``weight_values``: any torch optimizer trains them, the pattern stays fixed; gradients flow
-    to the input and the bias too) and the indices buffers; BSR and N:M are inference only for
-    now (all buffers). ``.to()``, ``state_dict()``/``load_state_dict()`` and
+    to the input and the bias too) and the indices / N:M mask buffers. ``.to()``, ``state_dict()``/``load_state_dict()`` and
     ``torch.compile(fullgraph=True)`` work as for any module; forward runs the format's op on the
     tensors directly (no copies, no checks).
 
-    Training (CSR, in train mode with grad enabled and the values requiring grad; a module made by
+    Training (in train mode with grad enabled and the values requiring grad; a module made by
     ``from_linear`` takes the train/eval mode of its nn.Linear): ``train_kernel`` "sparse" runs the
     sparse ops forward and backward; "dense" multiplies by the dense matrix scattered from the
     values (masked dense training: the same gradients, dense GEMM speed); "auto" (default) times
@@ -42,8 +43,9 @@ class SparseLinear(torch.nn.Module):
         self.kind = weight.kind
         self.out_features, self.in_features = weight.shape
         self.nm: Tuple[int, int] = weight.nm
+        trainable = self.kind in TRAINABLE and weight.values.is_floating_point()
         for name in self._fields():
-            if name == "values" and self.kind in TRAINABLE:
+            if name == "values" and trainable:
                 # The stored values train (pysparse.autograd); the pattern (indices) stays fixed.
                 setattr(self, "weight_values", torch.nn.Parameter(weight.values, requires_grad=True))
             else:
@@ -59,7 +61,7 @@ class SparseLinear(torch.nn.Module):
             if bias.dtype != weight.dtype or bias.device != weight.device:
                 raise ValueError(f"SparseLinear: bias is {bias.dtype} on {bias.device} but the weight is "
                                  f"{weight.dtype} on {weight.device}; convert one of them")
-        if bias is not None and self.kind in TRAINABLE:
+        if bias is not None and trainable:
             self.bias = torch.nn.Parameter(bias, requires_grad=True)
         else:
             self.register_buffer("bias", bias)
@@ -104,21 +106,39 @@ class SparseLinear(torch.nn.Module):
         return cls(weight, sd.get(prefix + "bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind in TRAINABLE and self.training and torch.is_grad_enabled() and self.weight_values.requires_grad \
-                and self._trains_dense(x):
+        if self.training and torch.is_grad_enabled() and self.weight_values.requires_grad and self._trains_dense(x):
             return torch.nn.functional.linear(x, self._scattered(self.weight_values), self.bias)
         # The ops on the buffers: a format object per call would only be unpacked again.
         tensors = [getattr(self, "weight_" + f) for f in FORMATS[self.kind].fields]
         return linear_tensors(self.kind, tensors, (self.out_features, self.in_features), self.nm, x, self.bias)
 
     def _scattered(self, values: torch.Tensor) -> torch.Tensor:
-        """The dense (M, K) matrix of the CSR pattern holding `values`, differentiable in them:
-        the gradient of each stored value is the dense gradient at its position, nothing else."""
+        """The dense (M, K) matrix of the pattern holding `values`, differentiable in them: the
+        gradient of each stored value is the dense gradient at its position, nothing else."""
         M, K = self.out_features, self.in_features
-        crow, col = self.weight_crow_indices, self.weight_col_indices
-        rows = torch.repeat_interleave(torch.arange(M, device=col.device), crow.diff().long(), output_size=col.numel())
         flat = torch.zeros(M * K, dtype=values.dtype, device=values.device)
-        return flat.index_put((rows * K + col.long(),), values).view(M, K)
+        return flat.index_put((self._positions(),), values.reshape(-1)).view(M, K)
+
+    def _positions(self) -> torch.Tensor:
+        """Flat indices (row * K + col) of the stored values in their storage order, remembered
+        per index tensors (pysparse.autograd's memo)."""
+        K = self.in_features
+        if self.kind == "nm":
+            return memoized((self.weight_mask,), ("positions", K),
+                             lambda: (self.weight.kept_mask().reshape(-1).nonzero().squeeze(1),))[0]
+        crow, col = self.weight_crow_indices, self.weight_col_indices
+        shape = tuple(self.weight_values.shape[1:])
+
+        def build():
+            rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=col.device), crow.diff().long(),
+                                           output_size=col.numel())
+            if self.kind == "csr":
+                return (rows * K + col.long(),)
+            bh, bw = shape
+            a = torch.arange(bh, device=col.device).view(1, bh, 1)
+            c = torch.arange(bw, device=col.device).view(1, 1, bw)
+            return (((rows.view(-1, 1, 1) * bh + a) * K + col.long().view(-1, 1, 1) * bw + c).reshape(-1),)
+        return memoized((crow, col), ("positions", K, shape), build)[0]
 
     def _trains_dense(self, x: torch.Tensor) -> bool:
         if self._train_kernel != "auto":
@@ -141,12 +161,13 @@ class SparseLinear(torch.nn.Module):
         g = torch.randn(tokens, M, dtype=dt, device=dev)
         v = self.weight_values.detach().clone().requires_grad_()
         b = None if self.bias is None else self.bias.detach().clone().requires_grad_()
-        crow, col = self.weight_crow_indices, self.weight_col_indices
+        tensors = [v if f == "values" else getattr(self, "weight_" + f) for f in self._fields()]
         cands = {
-            "sparse": lambda: torch.ops.pysparse.csr_linear(x, crow, col, v, [M, K], b).backward(g),
+            "sparse": lambda: linear_tensors(self.kind, tensors, (M, K), self.nm, x, b).backward(g),
             "dense": lambda: torch.nn.functional.linear(x, self._scattered(v), b).backward(g),
         }
-        key = f"train|{M}x{K}|csr|{self.weight.density:.2f}|{dt}|{dev}|b{tokens}"
+        blocks = "x".join(map(str, v.shape[1:])) if self.kind == "bsr" else ""
+        key = f"train|{M}x{K}|{self.format_name}{blocks}|{self.weight.density:.2f}|{dt}|{dev}|b{tokens}"
         times, _ = kernel_choice.time_candidates(key, cands, reps=3)
         return "dense" if times["dense"] < times["sparse"] else "sparse"
 

@@ -6,8 +6,9 @@
     attn = MaskedAttention("sliding_window", window=256)                  # for F.scaled_dot_product_attention
     out = attn(q, k, v)
 
-Both are inference modules: they hold their tensors as buffers (``state_dict``, ``.to()`` and
-``torch.compile`` work as for any module) and have no parameters (the ops have no autograd formula).
+SparseFFN trains (its weights' values, dense weights and biases are nn.Parameters, the patterns
+fixed: pruned_ffn's backward, pysparse.autograd); MaskedAttention holds its mask as buffers and
+has no backward yet. ``state_dict``, ``.to()`` and ``torch.compile`` work as for any module.
 """
 from __future__ import annotations
 
@@ -70,9 +71,10 @@ class SparseFFN(nn.Module):
     ``pysparse.pruned_ffn``; each weight dense or CSR / BSR / SparseNM.
 
     A sparse weight is held by a ``SparseLinear`` submodule (``fc1``, ``fc2``, ``fc3``), a dense one
-    by a buffer (``w1``, ``w2``, ``w3``); with ReLU a dense W2 is stored transposed as ``w2t``
+    by a parameter (``w1``, ``w2``, ``w3``); with ReLU a dense W2 is stored transposed as ``w2t``
     (hidden, d), the layout in which the op reads only the rows of W2^T at nonzero activations.
-    The biases are buffers ``b1`` and ``b2`` (or None). Inference only.
+    The biases are parameters ``b1`` and ``b2`` (or None). Everything trains with the patterns
+    fixed (the sparse weights' stored values, the dense weights, the biases).
 
     Build one with ``from_linears`` or ``from_module``, or directly from weights in nn.Linear
     layout: w1 and w3 (hidden, d), w2 (d, hidden).
@@ -112,17 +114,24 @@ class SparseFFN(nn.Module):
                 self.add_module(f"fc{i}", SparseLinear(w))
                 store.append("module")
             elif i == 2 and activation == "relu":
-                self.register_buffer("w2t", w.t().contiguous())
+                self._keep("w2t", w.t().contiguous())
                 store.append("dense_t")
             else:
-                self.register_buffer(f"w{i}", w)
+                self._keep(f"w{i}", w)
                 store.append("dense")
         self._store: Tuple[Optional[str], ...] = tuple(store)
         self.formats: Tuple[Optional[str], ...] = tuple(
             None if w is None else ("dense_t" if s == "dense_t" else w.format_name if isinstance(w, Format) else "dense")
             for w, s in zip((w1, w2, w3), store))
-        self.register_buffer("b1", b1)
-        self.register_buffer("b2", b2)
+        self._keep("b1", b1)
+        self._keep("b2", b2)
+
+    def _keep(self, name: str, t: Optional[torch.Tensor]) -> None:
+        """A floating-point tensor as a trainable parameter (None as a None buffer)."""
+        if t is not None and t.is_floating_point():
+            self.register_parameter(name, nn.Parameter(t, requires_grad=True))
+        else:
+            self.register_buffer(name, t)
 
     def _weight(self, i: int):
         kind = self._store[i - 1]
