@@ -47,6 +47,17 @@ _ops = torch.ops.pysparse
 _aten = torch.ops.aten
 
 
+def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:
+    """t (..., cols) as (tokens, cols): reshape(-1, cols) is ambiguous when cols is 0."""
+    return t.reshape(t.shape[:-1].numel(), cols)
+
+
+def _side_by_side(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """A batch (..., rows, n) as (rows, batch * n): every batch entry's tokens side by side."""
+    t = t.movedim(-2, 0)
+    return t.reshape(rows, t.shape[1:].numel())
+
+
 def _traced(*tensors: torch.Tensor) -> bool:
     """Whether these are fake/functional tensors of a trace (no storage to key a memo on)."""
     if torch.compiler.is_compiling():
@@ -171,9 +182,9 @@ def _linear_backward(kind: str):
     def backward(ctx, grad):
         x, crow, col, values = ctx.saved_tensors
         M, K = ctx.shape
-        g = grad.reshape(-1, M)
+        g = _rows(grad, M)
         need = ctx.needs_input_grad
-        dx, dvalues = _compressed_linear_grads(kind, crow, col, values, M, K, x.reshape(-1, K), g, need[0], need[3])
+        dx, dvalues = _compressed_linear_grads(kind, crow, col, values, M, K, _rows(x, K), g, need[0], need[3])
         dbias = g.sum(0, dtype=torch.float32).to(grad.dtype) if ctx.has_bias and need[5] else None
         return None if dx is None else dx.reshape(x.shape), None, None, dvalues, None, dbias
     return backward
@@ -195,8 +206,8 @@ def _spmm_backward(kind: str):
             ddense = spmm(*transposed(crow, col, values, M, K), [K, M], grad)
         if ctx.needs_input_grad[2]:
             # Every batch entry's tokens side by side: a (M, batch * n), b (K, batch * n).
-            dvalues = dvalues_of(crow, col, values, grad.movedim(-2, 0).reshape(M, -1),
-                                 dense.movedim(-2, 0).reshape(K, -1))
+            dvalues = dvalues_of(crow, col, values, _side_by_side(grad, M),
+                                 _side_by_side(dense, K))
         return None, None, dvalues, None, ddense
     return backward
 
@@ -261,8 +272,8 @@ def _nm_linear_backward(ctx, grad):
     x, values, mask, bias, out = ctx.saved_tensors
     (M, K), n, m = ctx.shape, ctx.n, ctx.m
     gz = _activation_grad(ctx.activation, grad, x, values, mask, (M, K), n, m, bias, out)
-    g = gz.reshape(-1, M)
-    dx, dvalues = _nm_grads(values, mask, M, K, n, m, g.t(), x.reshape(-1, K).t(),
+    g = _rows(gz, M)
+    dx, dvalues = _nm_grads(values, mask, M, K, n, m, g.t(), _rows(x, K).t(),
                             ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                             lambda crow_t, col_t, vt: _ops.csr_linear(g, crow_t, col_t, vt, [K, M], None))
     if dx is not None:
@@ -281,8 +292,8 @@ def _nm_spmm_backward(ctx, grad):
     values, mask, dense = ctx.saved_tensors
     (M, K), n, m = ctx.shape, ctx.n, ctx.m
     need_v = ctx.needs_input_grad[0]
-    a = grad.movedim(-2, 0).reshape(M, -1) if need_v else None
-    b = dense.movedim(-2, 0).reshape(K, -1) if need_v else None
+    a = _side_by_side(grad, M) if need_v else None
+    b = _side_by_side(dense, K) if need_v else None
     ddense, dvalues = _nm_grads(values, mask, M, K, n, m, a, b, ctx.needs_input_grad[5], need_v,
                                 lambda crow_t, col_t, vt: _ops.csr_spmm(crow_t, col_t, vt, [K, M], grad))
     return dvalues, None, None, None, None, ddense
@@ -345,8 +356,8 @@ def _pruned_ffn_backward(ctx, grad):
     (f1, f2, f3), H, act = ctx.tags, ctx.hidden, ctx.activation
     need = ctx.needs_input_grad
     d = x.shape[-1]
-    x2 = x.reshape(-1, d)
-    gy = grad.reshape(-1, d)
+    x2 = _rows(x, d)
+    gy = _rows(grad, d)
     # the intermediate, recomputed as the op computes it (rounded to x's dtype)
     z = _ffn_linear(f1, w1, x2, b1, H, d)
     a = activations.apply(act, z)

@@ -111,6 +111,99 @@ def spmm(fmt, M, K, n, batch, dtype, layout, view, bias, act, isa, threads, dens
     close(out, ref, absref, dt, f"{fmt} {layout} {dtype}")
 
 
+def grad(fmt, M, K, n, batch, dtype, layout, view, bias, act, isa, threads, density, bh, bw, nm, seed, index_dtype):
+    """The backward of the same products (spmm's arguments): gradients w.r.t. the dense operand,
+    the stored values and the bias against fp64 dense math on the same pattern."""
+    gen = torch.Generator().manual_seed(seed)
+    dt = DTYPES[dtype]
+    W = torch.randn(M, K, generator=gen).to(dt)
+    if fmt == "nm":
+        A = pysparse.SparseNM.from_dense(W, *nm, prune=True)
+    else:
+        keep = torch.rand(M // bh, K // bw, generator=gen) < density
+        W = W * keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1).to(dt) if fmt == "bsr" else \
+            W * (torch.rand(M, K, generator=gen) < density).to(dt)
+        A = pysparse.CSR.from_dense(W, index_dtype=getattr(torch, index_dtype) if index_dtype else None) \
+            if fmt == "csr" else pysparse.BSR.from_dense(W, (bh, bw))
+    W = A.to_dense()
+    shape = (*batch, n, K) if layout == "linear" else (*batch, K, n)
+    x = operand(shape, dt, view, gen).requires_grad_()
+    b = torch.randn(M, generator=gen).to(dt).requires_grad_() if bias and layout == "linear" else None
+    act = act if fmt == "nm" and layout == "linear" else "none"
+    A.values.requires_grad_()
+    with machine(isa, threads), must_work(f"{fmt} {layout} backward"):
+        out = pysparse.linear(x, A, b, activation=act) if layout == "linear" else pysparse.spmm(A, x)
+        g = torch.randn(out.shape, generator=gen).to(dt)
+        out.backward(g)
+    Wd = W.double().requires_grad_()
+    xd = x.detach().double().requires_grad_()
+    bd = None if b is None else b.detach().double().requires_grad_()
+    ref = F.linear(xd, Wd, bd) if layout == "linear" else Wd @ xd
+    pysparse.activations.apply(act, ref).backward(g.double())
+    gs, rounding = g.double().abs(), 1.0
+    if act not in ("none", "relu"):  # z and act'(z) g rounded to the dtype (see test_backward_bsr_nm)
+        gs = gs * (1 + F.linear(xd.detach().abs(), Wd.detach().abs(), None if bd is None else bd.detach().abs()))
+        rounding = max(1.0, 2 * TOL[dt].out / TOL[dt].acc)
+    Wa, xa = W.double().abs(), x.detach().double().abs()
+    T = math.prod(x.shape[:-1]) if layout == "linear" else math.prod(x.shape[:-2])
+    if layout == "linear":
+        adx, adW = (gs.reshape(T, M) @ Wa).reshape(x.shape), gs.reshape(T, M).t() @ xa.reshape(T, K)
+    else:
+        adx, adW = Wa.t() @ gs, (gs @ xa.transpose(-1, -2)).reshape(T, M, K).sum(0)
+    close(x.grad, xd.grad, adx * rounding, dt, f"{fmt} {layout} {dtype} dx")
+    if fmt == "nm":
+        pick = A.kept_mask()
+        got = A.values.grad.reshape(-1)
+    elif fmt == "bsr":
+        # the dense gradient at each stored block, in the blocks' order
+        rows = torch.repeat_interleave(torch.arange(M // bh), A.crow_indices.diff().long())
+
+        def pick_blocks(t):
+            return t.reshape(M // bh, bh, K // bw, bw).transpose(1, 2)[rows, A.col_indices.long()].reshape(-1)
+        got = A.values.grad.reshape(-1)
+        close(got, pick_blocks(Wd.grad), pick_blocks(adW) * rounding, dt, f"{fmt} {layout} {dtype} dvalues")
+        pick = None
+    else:
+        rows = torch.repeat_interleave(torch.arange(M), A.crow_indices.diff().long())
+        got = A.values.grad
+        pick = (rows, A.col_indices.long())
+    if pick is not None:
+        close(got, Wd.grad[pick], adW[pick] * rounding, dt, f"{fmt} {layout} {dtype} dvalues")
+    if b is not None:
+        close(b.grad, bd.grad, gs.reshape(T, M).sum(0) * rounding, dt, f"{fmt} {dtype} dbias")
+
+
+def sddmm_raw(M, K, crow, col, col16, ta, tb, n, transposed, isa, threads, seed):
+    """csr_sddmm on raw indices and operands of any shape: refused, or <a row, b row> at each
+    stored (row, col)."""
+    gen = torch.Generator().manual_seed(seed)
+    if col16:
+        crow = [max(-2 ** 31, min(2 ** 31 - 1, c)) for c in crow]
+    crow_t = torch.tensor(crow, dtype=torch.int32 if col16 else torch.int64)
+    col_t = torch.tensor(col, dtype=torch.int64)
+    if col16:
+        col_t = col_t.clamp(-2 ** 15, 2 ** 15 - 1).to(torch.int16)
+    a = torch.randn((n, ta) if transposed else (ta, n), generator=gen)
+    b = torch.randn((n, tb) if transposed else (tb, n), generator=gen)
+    if transposed:
+        a, b = a.t(), b.t()
+    valid = (len(crow) == M + 1 and crow[0] == 0 and crow[-1] == len(col)
+             and all(p <= q for p, q in zip(crow, crow[1:])) and all(0 <= c < K for c in col_t.tolist())
+             and ta == M and tb == K)
+    with machine(isa, threads):
+        if valid:
+            with must_work("csr_sddmm"):
+                out = torch.ops.pysparse.csr_sddmm(crow_t, col_t, [M, K], a, b)
+        else:
+            torch.ops.pysparse.csr_sddmm(crow_t, col_t, [M, K], a, b)
+            raise AssertionError(f"csr_sddmm: invalid input accepted (crow {crow}, col {col}, a {ta}, b {tb})")
+    rows = torch.repeat_interleave(torch.arange(M), torch.diff(torch.tensor(crow, dtype=torch.int64)))
+    ad, bd = a.double(), b.double()
+    ref = (ad[rows] * bd[col_t.long()]).sum(1)
+    absref = (ad[rows].abs() * bd[col_t.long()].abs()).sum(1)
+    close(out, ref, absref, torch.float32, "csr_sddmm")
+
+
 # ---------------------------------------------------------------------------------------------
 # Declared shapes far larger than memory over stride-0 operands: a clear error or the right answer
 
@@ -450,8 +543,8 @@ def safetensors_file(blob_hex, reference):
         os.unlink(path)
 
 
-CASES = {f.__name__: f for f in (spmm, huge, raw_compressed, raw_nm, attention, blockmask, attention_raw, ffn,
-                                 ffn_raw, nm_compress, construct, safetensors_file)}
+CASES = {f.__name__: f for f in (spmm, grad, huge, raw_compressed, sddmm_raw, raw_nm, attention, blockmask,
+                                 attention_raw, ffn, ffn_raw, nm_compress, construct, safetensors_file)}
 
 
 def _limit_memory(extra_gib: float) -> None:

@@ -177,6 +177,34 @@ def raw_compressed_args(draw):
 
 
 @st.composite
+def sddmm_raw_args(draw):
+    """csr_sddmm's pattern as raw_compressed_args breaks it, and operands whose row counts may
+    not match the matrix's."""
+    rows, cols = draw(st.integers(0, 5)), draw(st.integers(0, 6))
+    counts = draw(st.lists(st.integers(0, 3), min_size=rows, max_size=rows))
+    crow = [0]
+    for c in counts:
+        crow.append(crow[-1] + c)
+    col = [draw(st.integers(0, max(cols - 1, 0))) for _ in range(crow[-1])]
+    anything = st.one_of(st.integers(-3, 12), st.sampled_from(INT64))
+    what = draw(st.sampled_from(["nothing", "nothing", "crow", "col", "length", "a", "b"]))
+    ta, tb = rows, cols
+    if what == "crow" and crow:
+        crow[draw(st.integers(0, len(crow) - 1))] = draw(anything)
+    elif what == "col" and col:
+        col[draw(st.integers(0, len(col) - 1))] = draw(anything)
+    elif what == "length":
+        crow = crow + [crow[-1]] if draw(st.booleans()) else crow[:-1] or [0]
+    elif what == "a":
+        ta = draw(st.integers(0, 7))
+    elif what == "b":
+        tb = draw(st.integers(0, 7))
+    return dict(M=rows, K=cols, crow=crow, col=col, col16=draw(st.booleans()), ta=ta, tb=tb,
+                n=draw(st.sampled_from([0, 1, 3, 16, 17, 40])), transposed=draw(st.booleans()), isa=draw(ISA),
+                threads=draw(THREADS), seed=draw(SEED))
+
+
+@st.composite
 def raw_nm_args(draw):
     n, m = draw(st.sampled_from([(2, 4), (1, 4), (2, 8), (4, 16)]))
     R, K = draw(st.integers(0, 5)), m * draw(st.integers(0, 6))
@@ -336,6 +364,8 @@ SAFETENSORS = safetensors_blobs().map(lambda blob: dict(blob_hex=blob, reference
 # error fails; otherwise an error must be an acceptable one)
 GENERATORS = {
     "spmm": (spmm_args(), 300, True),
+    "grad": (spmm_args(), 200, True),
+    "sddmm_raw": (sddmm_raw_args(), 300, False),
     "huge": (huge_args(), 200, False),
     "raw_compressed": (raw_compressed_args(), 400, False),
     "raw_nm": (raw_nm_args(), 300, False),

@@ -29,7 +29,13 @@ static at::Tensor csr_sddmm(const at::Tensor& crow, const at::Tensor& col, c10::
   const int64_t nnz = col.numel(), n = a.size(1);
   checked_numel({nnz}, 4, "the SDDMM output");
   at::Tensor out = at::zeros({nnz}, a.options().dtype(at::kFloat));
-  if (nnz == 0 || n == 0) return out.to(a.scalar_type());
+  if (nnz == 0) return out.to(a.scalar_type());
+  if (n == 0) {  // nothing to multiply, but the pattern must still be one of this matrix
+    const at::Tensor c = A.col.to(at::kLong);
+    TORCH_CHECK(!(c.lt(0) | c.ge(A.K)).any().item<bool>(), "pysparse: a column index is out of range for a matrix with ",
+                A.K, " columns");
+    return out.to(a.scalar_type());
+  }
   const KernelTable& kt = active_kernels();
   const IType it = index_dtype(A.crow, A.col);
   const DType dt = value_dtype(a, "a");
