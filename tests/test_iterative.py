@@ -376,3 +376,78 @@ def test_tied_and_frozen_weights():
     _train(model, p, torch.optim.SGD(params, lr=0.1, momentum=0.9), 3)
     assert _pruned_count(model.tied.weight) == round(0.5 * 2304)
     assert _pruned_count(model.net.body[0].weight) == round(0.5 * 1152)
+
+
+# ---- hand-over to sparse layers ------------------------------------------------------------
+
+def _dense_of(mod: nn.Module) -> torch.Tensor:
+    return mod.dense_weight() if hasattr(mod, "dense_weight") else (
+        mod.weight.to_dense() if hasattr(mod.weight, "to_dense") else mod.weight)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-2),
+    lambda ps: torch.optim.Adam(ps, lr=1e-2),
+], ids=["sgd-momentum-wd", "adam"])
+@pytest.mark.parametrize("pattern,fmt", [("unstructured", "csr"), ("nm", "2:4"), ("block", "bsr")])
+def test_handover_continues_the_same_training_on_sparse_layers(make_opt, pattern, fmt, tmp_path, monkeypatch):
+    """At the end of the ramp the pruned layers become sparse layers in the pattern's format,
+    the optimizer trains their values with its state carried over, and training follows the
+    dense masked run's trajectory."""
+    monkeypatch.setenv("PYSPARSE_CACHE_DIR", str(tmp_path))  # SparseLinear's timed train kernel
+    target = None if pattern == "nm" else 0.75
+    plain, sparse = _model(), _model()
+    opt_a, opt_b = make_opt(plain.parameters()), make_opt(sparse.parameters())
+    pa = Iterative(plain, target, steps=5, pattern=pattern)
+    pb = Iterative(sparse, target, steps=5, pattern=pattern, handover=True, optimizer=opt_b)
+    _train(plain, pa, opt_a, 4)
+    _train(sparse, pb, opt_b, 4)
+    assert pb.handed_over == {}
+    _train(plain, pa, opt_a, 1, seed=1)
+    _train(sparse, pb, opt_b, 1, seed=1)  # the ramp ends: hand-over
+    assert set(pb.handed_over) == set(PRUNED) and {sparse.get_submodule(n).format_name for n in PRUNED} == {fmt}
+    for name in PRUNED:
+        torch.testing.assert_close(_dense_of(sparse.get_submodule(name)), plain.get_submodule(name).weight)
+    n_params = sum(p.numel() for g in opt_b.param_groups for p in g["params"])
+    assert n_params < sum(p.numel() for p in plain.parameters())  # the pruned weights left the optimizer
+    _train(plain, pa, opt_a, 6, seed=2)
+    _train(sparse, pb, opt_b, 6, seed=2)
+    for name in PRUNED:
+        torch.testing.assert_close(_dense_of(sparse.get_submodule(name)), plain.get_submodule(name).weight,
+                                   rtol=1e-4, atol=1e-5)
+    assert pb.sparsity() == pytest.approx(pa.sparsity())
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(sparse(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+def test_handover_resumes_from_state_dict_and_needs_the_optimizer(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYSPARSE_CACHE_DIR", str(tmp_path))
+    a = _model()
+    opt = torch.optim.Adam(a.parameters(), lr=1e-2)
+    pa = Iterative(a, 0.8, steps=3, handover=True, optimizer=opt)
+    _train(a, pa, opt, 4)
+    assert set(pa.handed_over) == set(PRUNED)
+    b = _model()  # resume: a fresh dense model, the saved masks, the weights of a as dense tensors
+    opt_b = torch.optim.Adam(b.parameters(), lr=1e-2)
+    pb = Iterative(b, 0.8, steps=3, handover=True, optimizer=opt_b)
+    with torch.no_grad():
+        for name in PRUNED:
+            b.get_submodule(name).weight.copy_(_dense_of(a.get_submodule(name)))
+    pb.load_state_dict(pa.state_dict())
+    assert set(pb.handed_over) == set(PRUNED)
+    for name in PRUNED:
+        torch.testing.assert_close(_dense_of(b.get_submodule(name)), _dense_of(a.get_submodule(name)))
+    with pytest.raises(ValueError, match="handover=True needs optimizer="):
+        Iterative(_model(), 0.8, steps=3, handover=True)
+    with pytest.raises(ValueError, match="handover must be True or False"):
+        Iterative(_model(), 0.8, steps=3, handover="csr", optimizer=opt)
+
+
+def test_handover_leaves_tied_weights_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4))
+    model[2].weight = model[1].weight
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    p = Iterative(model, 0.5, steps=1, handover=True, optimizer=opt)
+    p.step()
+    assert p.handed_over == {} and isinstance(model[1], nn.Linear)

@@ -109,3 +109,9 @@ class Format:
         included)."""
         return self.values.numel()
 
+    def positions(self) -> torch.Tensor:
+        """int64 (nnz,): the flat index (row * cols + col) in the dense matrix of each stored
+        value, in the order of ``values.reshape(-1)``: ``dense.view(-1)[A.positions()]`` are the
+        entries A stores, e.g. to carry a dense layer's optimizer state over to A's values."""
+        raise NotImplementedError
+

@@ -115,6 +115,18 @@ class _Compressed(Format):
         total = self.shape[0] * self.shape[1]
         return self.nnz / total if total else 0.0
 
+    def positions(self) -> torch.Tensor:
+        M, K = self.shape
+        crow, col = self.crow_indices, self.col_indices
+        bh, bw = (self.values.shape[1], self.values.shape[2]) if self.values.dim() == 3 else (1, 1)
+        rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=col.device), crow.diff().long(),
+                                       output_size=col.numel())
+        if bh == bw == 1 and self.values.dim() == 1:
+            return rows * K + col.long()
+        a = torch.arange(bh, device=col.device).view(1, bh, 1)
+        c = torch.arange(bw, device=col.device).view(1, 1, bw)
+        return ((rows.view(-1, 1, 1) * bh + a) * K + col.long().view(-1, 1, 1) * bw + c).reshape(-1)
+
     def _replace(self, crow, col, values):
         out = object.__new__(type(self))
         out.__dict__.update(self.__dict__)

@@ -140,6 +140,9 @@ class SparseNM(Format):
         values = groups[kept].reshape(R, K // m * n)
         return cls(values, pack_bits(kept.reshape(R, K)), (R, K), n, m, check=False)
 
+    def positions(self) -> torch.Tensor:
+        return self.kept_mask().reshape(-1).nonzero().squeeze(1)
+
     def kept_mask(self) -> torch.Tensor:
         """(rows, cols) bool: the kept positions."""
         return unpack_bits(self.mask, self.shape[1])

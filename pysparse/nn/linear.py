@@ -120,25 +120,10 @@ class SparseLinear(torch.nn.Module):
         return flat.index_put((self._positions(),), values.reshape(-1)).view(M, K)
 
     def _positions(self) -> torch.Tensor:
-        """Flat indices (row * K + col) of the stored values in their storage order, remembered
-        per index tensors (pysparse.autograd's memo)."""
-        K = self.in_features
-        if self.kind == "nm":
-            return memoized((self.weight_mask,), ("positions", K),
-                             lambda: (self.weight.kept_mask().reshape(-1).nonzero().squeeze(1),))[0]
-        crow, col = self.weight_crow_indices, self.weight_col_indices
-        shape = tuple(self.weight_values.shape[1:])
-
-        def build():
-            rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=col.device), crow.diff().long(),
-                                           output_size=col.numel())
-            if self.kind == "csr":
-                return (rows * K + col.long(),)
-            bh, bw = shape
-            a = torch.arange(bh, device=col.device).view(1, bh, 1)
-            c = torch.arange(bw, device=col.device).view(1, 1, bw)
-            return (((rows.view(-1, 1, 1) * bh + a) * K + col.long().view(-1, 1, 1) * bw + c).reshape(-1),)
-        return memoized((crow, col), ("positions", K, shape), build)[0]
+        """The weight's positions(), remembered per index tensors (pysparse.autograd's memo)."""
+        keys = (self.weight_mask,) if self.kind == "nm" else (self.weight_crow_indices, self.weight_col_indices)
+        return memoized(keys, ("positions", self.in_features, tuple(self.weight_values.shape[1:])),
+                        lambda: (self.weight.positions(),))[0]
 
     def _trains_dense(self, x: torch.Tensor) -> bool:
         if self._train_kernel != "auto":

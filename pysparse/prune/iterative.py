@@ -9,6 +9,12 @@ sparsity at once (Zhu & Gupta 2017, "To prune, or not to prune").
         opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
         pruner.step()
     model = pruner.finalize()          # plain model with zeros, ready for pysparse.nn.sparsify
+
+With ``handover=True`` (and the optimizer), the pruned layers become sparse layers the moment
+the ramp ends: their pattern is frozen and the rest of training runs through the sparse
+formats' backward (only the kept values train, at the sparse kernels' cost):
+
+    pruner = Iterative(model, 0.9, steps=3000, handover=True, optimizer=opt)
 """
 from __future__ import annotations
 
@@ -60,6 +66,15 @@ class Iterative:
       A Conv2d weight is ranked as its (out, in * kh * kw) view; a weight shared by several
       modules is pruned once, under its first name.
 
+    ``handover``: at the step the ramp ends, swap every pruned layer for a ``SparseLinear`` /
+    ``SparseConv2d`` in the pattern's format (unstructured: CSR, block: BSR of ``blocksize``, nm:
+    N:M) holding its kept weights, in the model (in its train/eval mode), and rewire
+    ``optimizer`` (required): the dense weight and bias in its parameter groups are replaced by
+    the sparse layer's values and bias, with their state (momentum, Adam's moments) carried over
+    at the kept positions, so training continues on the same trajectory. A layer that cannot be
+    swapped (a weight tied to another module, a block size that does not tile a grouped conv's
+    matrices) stays dense and masked, and :attr:`handed_over` says which were swapped.
+
     Masks are monotone: a pruned weight stays pruned to the end (it is never regrown). They are
     kept here, not in the model, so the model's state_dict is unchanged; :meth:`state_dict`
     saves them for resuming. Pruned weights stay zero through fine-tuning twice over: gradient
@@ -73,7 +88,8 @@ class Iterative:
                  schedule: str = "cubic", pattern: str = "unstructured", criterion: str = "magnitude",
                  n: int = 2, m: int = 4, blocksize: Tuple[int, int] = (4, 4),
                  layers: Union[None, str, Sequence[str]] = None, skip_ends: bool = True,
-                 start: int = 0, every: int = 1, scope: str = "local"):
+                 start: int = 0, every: int = 1, scope: str = "local", handover: bool = False,
+                 optimizer: Optional[torch.optim.Optimizer] = None):
         if not isinstance(model, torch.nn.Module):
             raise _error(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(criterion, str) and criterion in _DEPRECATED_CRITERIA:
@@ -106,6 +122,12 @@ class Iterative:
                     or not all(isinstance(b, int) and b > 0 for b in blocksize)):
                 raise _error(f"blocksize must be two positive integers, got {blocksize!r}")
             blocksize = (int(blocksize[0]), int(blocksize[1]))
+        if not isinstance(handover, bool):
+            raise _error(f"handover must be True or False, got {handover!r}")
+        if handover and not isinstance(optimizer, torch.optim.Optimizer):
+            raise _error("handover=True needs optimizer= (the torch optimizer training the model): the hand-over "
+                         "replaces the dense weights it holds with the sparse layers' values, got "
+                         f"{type(optimizer).__name__}")
         patterns = [layers] if isinstance(layers, str) else (["*"] if layers is None else list(layers))
         if not patterns or not all(isinstance(p, str) for p in patterns):
             raise _error(f"layers must be None, a pattern or a list of patterns, got {layers!r}")
@@ -152,8 +174,12 @@ class Iterative:
         self._fisher: Dict[str, torch.Tensor] = {}
         self._t = 0
         self._frac = 0.0  # ramp position of the current masks, in [0, 1]
-        self._hooks = [w.register_hook(self._grad_hook(name)) for name, w in self._weights.items() if w.requires_grad]
+        self._hooks = {name: w.register_hook(self._grad_hook(name)) for name, w in self._weights.items()
+                       if w.requires_grad}
         self._finalized = False
+        self._handover, self._optimizer = handover, optimizer
+        self._handed: Dict[str, str] = {}  # layer -> format it was swapped to
+        self._handover_done = False
 
     # ---- schedule -------------------------------------------------------------------------
 
@@ -199,26 +225,41 @@ class Iterative:
             self._update(frac)
             self._frac = frac
         self._apply()
+        if self._handover and frac >= 1.0 and not self._handover_done:
+            self._hand_over()
         return self.target * frac
 
+    @property
+    def handed_over(self) -> Dict[str, str]:
+        """Layers swapped for sparse layers by the hand-over, with their format."""
+        return dict(self._handed)
+
     def sparsity(self) -> Dict[str, float]:
-        """Measured fraction of zero weights in each pruned layer."""
-        return {name: float((w == 0).sum()) / w.numel() for name, w in self._weights.items()}
+        """Measured fraction of zero weights in each pruned layer (a handed-over layer: of its
+        dense form)."""
+        out = {}
+        for name, w in self._weights.items():
+            if name in self._handed:
+                mod = self.model.get_submodule(name)
+                w = mod.dense_weight() if hasattr(mod, "dense_weight") else mod.weight.to_dense()
+            out[name] = float((w == 0).sum()) / w.numel()
+        return out
 
     def finalize(self) -> torch.nn.Module:
         """Remove the gradient hooks, leave the pruned weights at zero, and return the model."""
         if not self._finalized:
             self._apply()
-            for h in self._hooks:
+            for h in self._hooks.values():
                 h.remove()
-            self._hooks = []
+            self._hooks = {}
             self._fisher = {}
             self._finalized = True
         return self.model
 
     def state_dict(self) -> dict:
         """The step count and masks (Fisher scores are not saved: they restart after a resume)."""
-        return {"t": self._t, "frac": self._frac, "units": {k: u.clone() for k, u in self._units.items()}}
+        return {"t": self._t, "frac": self._frac, "units": {k: u.clone() for k, u in self._units.items()},
+                "handed_over": self._handover_done}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` into a pruner built with the same arguments on the same model."""
@@ -230,6 +271,8 @@ class Iterative:
             self._units[name] = u.to(dtype=torch.bool, device=self._weights[name].device)
             self._masks[name] = self._expand(name, self._units[name])
         self._apply()
+        if self._handover and state.get("handed_over") and not self._handover_done:
+            self._hand_over()  # a resumed run continues on sparse layers, as the saved one did
 
     # ---- internals ------------------------------------------------------------------------
 
@@ -254,6 +297,8 @@ class Iterative:
     @torch.no_grad()
     def _apply(self) -> None:
         for name, w in self._weights.items():
+            if name in self._handed:
+                continue  # the sparse layer holds the kept values only
             mask = self._masks[name]
             if mask.device != w.device:
                 self._masks[name] = mask = mask.to(w.device)
@@ -262,7 +307,7 @@ class Iterative:
     @torch.no_grad()
     def _accumulate_fisher(self) -> None:
         for name, w in self._weights.items():
-            if w.grad is not None:
+            if w.grad is not None and name not in self._handed:
                 s = (w.detach().float() * w.grad.float()).square()
                 self._fisher[name] = self._fisher[name] + s if name in self._fisher else s
 
@@ -325,3 +370,62 @@ class Iterative:
                 offset += u.numel()
                 self._masks[k] = self._expand(k, u)
         self._fisher = {}
+
+    # ---- hand-over to sparse layers ---------------------------------------------------------
+
+    @torch.no_grad()
+    def _hand_over(self) -> None:
+        from ..nn import SparseConv2d, SparseLinear  # the modules import pysparse.prune
+        fmt = {"unstructured": "csr", "block": "bsr", "nm": "nm"}[self.pattern]
+        for name, w in self._weights.items():
+            mod = self.model.get_submodule(name)
+            tied = sum(1 for m in self.model.modules() if getattr(m, "weight", None) is w) > 1
+            if tied or not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+                continue
+            kw = {"blocksize": self.blocksize} if fmt == "bsr" else {"n": self.n, "m": self.m} if fmt == "nm" else {}
+            try:
+                new = (SparseLinear.from_linear(mod, fmt, **kw) if isinstance(mod, torch.nn.Linear)
+                       else SparseConv2d.from_conv(mod, fmt, **kw))
+            except ValueError:
+                continue  # e.g. a block size that does not tile a grouped conv's matrices: stays dense
+            new.train(mod.training)
+            self._rewire(mod, new)
+            self.model.set_submodule(name, new)
+            hook = self._hooks.pop(name, None)
+            if hook is not None:
+                hook.remove()
+            self._handed[name] = fmt
+        self._handover_done = True
+
+    def _rewire(self, old: torch.nn.Module, new: torch.nn.Module) -> None:
+        """Put `new`'s parameters in place of `old`'s in the optimizer, state carried over: the
+        weight's state at each stored value's position, the bias's as it is."""
+        opt = self._optimizer
+        if getattr(new, "depthwise", False):  # a depthwise SparseConv2d keeps the dense weight
+            targets = [(new.weight, None)]
+        elif hasattr(new, "sparse_weights"):  # SparseConv2d: one matrix per group, rows g*Cg...
+            per_group = old.weight[0].numel() * (old.out_channels // old.groups)
+            targets = [(A.values, g * per_group + A.positions()) for g, A in enumerate(new.sparse_weights)]
+        else:
+            targets = [(new.weight_values, new.weight.positions())]
+        pairs = [(old.weight, targets)] + ([(old.bias, [(new.bias, None)])] if old.bias is not None else [])
+        for p_old, targets in pairs:
+            state = opt.state.pop(p_old, None)
+            if state is not None:
+                for p_new, pos in targets:
+                    opt.state[p_new] = {k: self._carry(v, p_old, p_new, pos) for k, v in state.items()}
+            for group in opt.param_groups:
+                params = group["params"]
+                for i, p in enumerate(params):
+                    if p is p_old:
+                        params[i:i + 1] = [p_new for p_new, _ in targets]
+                        break
+
+    @staticmethod
+    def _carry(v, p_old: torch.Tensor, p_new: torch.Tensor, pos: Optional[torch.Tensor]):
+        """One optimizer state entry for the new parameter."""
+        if not isinstance(v, torch.Tensor) or v.shape != p_old.shape:
+            return v.clone() if isinstance(v, torch.Tensor) else v  # a step count, a scalar
+        if pos is None:
+            return v.clone().reshape(p_new.shape)
+        return v.reshape(-1)[pos.to(v.device)].reshape(p_new.shape).clone()
