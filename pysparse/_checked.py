@@ -30,6 +30,18 @@ def _state(t: torch.Tensor) -> tuple:
     return (t._version, t.data_ptr(), t.numel(), t.dtype)
 
 
+def traced(*tensors: torch.Tensor) -> bool:
+    """Whether these are fake/functional tensors of a trace (no storage to key a memo on)."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        for t in tensors:
+            t.data_ptr()
+    except RuntimeError:
+        return True
+    return False
+
+
 def recalled(tensors: Tuple[torch.Tensor, ...], param) -> Optional[tuple]:
     """The entry remembered for `tensors` under `param` ((refs, states, value)), or None when
     there is none or a tensor was replaced or written since."""

@@ -32,7 +32,10 @@ pruned_ffn: the intermediate is recomputed with the per-format ops (like activat
 checkpointing), then each product's backward above runs; the activation, the gate and the
 threshold (a fixed mask: zeroed entries get no gradient) are differentiated in torch.
 
-masked_attention has no backward yet (torch then warns that no autograd kernel is registered).
+masked_attention: over the active tiles only, as batched GEMMs on gathered tiles with the
+softmax statistics recomputed (pysparse/_attention_grad.py); gradients for q, k and v (the
+block and element masks, the band, key lengths and head_mask are constants; so is the additive
+bias: asking for its gradient is refused).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from typing import Callable, Tuple
 import torch
 
 from . import _checked, activations
+from ._attention_grad import masked_attention_backward
 from .formats.nm import unpack_bits
 
 _ops = torch.ops.pysparse
@@ -58,23 +62,11 @@ def _side_by_side(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t.reshape(rows, t.shape[1:].numel())
 
 
-def _traced(*tensors: torch.Tensor) -> bool:
-    """Whether these are fake/functional tensors of a trace (no storage to key a memo on)."""
-    if torch.compiler.is_compiling():
-        return True
-    try:
-        for t in tensors:
-            t.data_ptr()
-    except RuntimeError:
-        return True
-    return False
-
-
 def memoized(tensors: Tuple[torch.Tensor, ...], param, build: Callable[[], tuple]) -> tuple:
     """build()'s result, remembered in pysparse._checked's memo per (tensors, param) until one of
     the tensors is written in place or freed; under tracing computed each time, as a traced graph
     would."""
-    if _traced(*tensors):
+    if _checked.traced(*tensors):
         return build()
     hit = _checked.recalled(tensors, param)
     if hit is not None:
@@ -87,15 +79,16 @@ def memoized(tensors: Tuple[torch.Tensor, ...], param, build: Callable[[], tuple
 def _transpose_now(crow: torch.Tensor, col: torch.Tensor, M: int, K: int):
     nnz = col.numel()
     dev = col.device
-    counts = crow.diff().long()
-    rows = torch.repeat_interleave(torch.arange(M, device=dev), counts, output_size=nnz)
-    c = col.long()
-    perm = torch.argsort(c, stable=True)  # row-major order kept within each column: rows ascend
-    per_col = torch.zeros(K, dtype=torch.int64, device=dev).scatter_add_(0, c, torch.ones_like(c))
+    # Index tensors as narrow as the sizes allow (the result is remembered for the layer's life).
+    small = crow.dtype == torch.int32
+    idx = torch.int32 if small else torch.int64
+    rows = torch.repeat_interleave(torch.arange(M, device=dev, dtype=idx), crow.diff().to(idx), output_size=nnz)
+    perm = torch.argsort(col, stable=True)  # row-major order kept within each column: rows ascend
+    per_col = torch.bincount(col.long(), minlength=K) if nnz else torch.zeros(K, dtype=torch.int64, device=dev)
     crow_t = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), per_col.cumsum(0)])
-    if crow.dtype == torch.int32:  # int32 row pointers; int16 columns only while M fits them
+    if small:  # int32 row pointers; int16 columns only while M fits them
         col_dtype = torch.int16 if col.dtype == torch.int16 and M <= 2**15 else torch.int32
-        return crow_t.to(torch.int32), rows[perm].to(col_dtype), perm
+        return crow_t.to(torch.int32), rows[perm].to(col_dtype), perm.to(torch.int32)
     return crow_t, rows[perm], perm
 
 
@@ -217,7 +210,7 @@ def _spmm_backward(kind: str):
 
 def _nm_pattern_now(mask: torch.Tensor, M: int, K: int, per_row: int):
     kept = unpack_bits(mask, K)
-    if not _traced(mask) and int(kept.sum()) != M * per_row:
+    if not _checked.traced(mask) and int(kept.sum()) != M * per_row:
         raise ValueError(f"pysparse: the N:M mask marks {int(kept.sum())} positions but the values hold "
                          f"{M * per_row}; the mask was changed after the forward")
     # The kept columns of each row in ascending order, with static shapes (traceable): a stable
@@ -393,6 +386,30 @@ def _pruned_ffn_backward(ctx, grad):
             keep_only(dw3, need[8]), None, None, None)
 
 
+# ---------------------------------------------------------------------------------------------
+# masked_attention
+
+def _masked_attention_setup(ctx, inputs, output):
+    q, k, v, kind, block_q, block_k, elem_mask, bias, band_lo, band_hi, kv_len, scale, head_mask = inputs
+    ctx.ints = (block_q, block_k, band_lo, band_hi, scale)
+    ctx.save_for_backward(q, k, v, kind, elem_mask, bias, kv_len, head_mask, output)
+
+
+def _masked_attention_backward(ctx, grad):
+    q, k, v, kind, elem_mask, bias, kv_len, head_mask, out = ctx.saved_tensors
+    block_q, block_k, band_lo, band_hi, scale = ctx.ints
+    need = ctx.needs_input_grad
+    if need[7]:
+        raise RuntimeError("pysparse.masked_attention: no gradient for a float attn_mask (the additive bias); "
+                           "pass it detached (requires_grad=False)")
+    dq, dk, dv = masked_attention_backward(grad, out, q, k, v, kind, block_q, block_k, elem_mask, bias, band_lo,
+                                           band_hi, kv_len, scale, head_mask, (need[0], need[1], need[2]))
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+            None, None, None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("pysparse::masked_attention", _masked_attention_backward,
+                                setup_context=_masked_attention_setup)
 for _kind in _COMPRESSED:
     torch.library.register_autograd(f"pysparse::{_kind}_linear", _linear_backward(_kind), setup_context=_linear_setup)
     torch.library.register_autograd(f"pysparse::{_kind}_spmm", _spmm_backward(_kind), setup_context=_spmm_setup)

@@ -3,7 +3,7 @@ table of ``python -m pysparse layers`` and the benchmarks all time through these
 
 - ``median_time(fn, reps)``: seconds, median of plain ``perf_counter`` calls after one warm-up;
   cheap enough to run inside ``sparsify`` for every candidate kernel of every layer.
-- ``alternating(fa, fb, rounds, reps)``: the two sides of a speedup timed in alternating rounds,
+- ``alternating(fa, fb, ..., rounds=, reps=)``: the sides of a speedup timed in alternating rounds,
   so that machine noise (another tenant, a frequency change) hits both alike.
 - ``median_us(fn, min_run_time)``: microseconds, median of
   ``torch.utils.benchmark.Timer.blocked_autorange`` on all of torch's threads (the Timer's default
@@ -47,15 +47,14 @@ def median_time(fn: Callable[[], object], reps: int = 15) -> float:
     return max(sorted(times)[len(times) // 2], TICK)
 
 
-def alternating(fa: Callable[[], object], fb: Callable[[], object], rounds: int = 5,
-                reps: int = 7) -> Tuple[float, float]:
-    """Median seconds of fa and fb over `rounds` alternating rounds (each the `median_time` of
-    `reps` calls), so that machine noise hits both sides of a ratio alike."""
-    ta, tb = [], []
+def alternating(*fns: Callable[[], object], rounds: int = 5, reps: int = 7) -> Tuple[float, ...]:
+    """Median seconds of each of `fns` over `rounds` alternating rounds (each the `median_time`
+    of `reps` calls), so that machine noise hits every side of a ratio alike."""
+    times = [[] for _ in fns]
     for _ in range(rounds):
-        ta.append(median_time(fa, reps))
-        tb.append(median_time(fb, reps))
-    return sorted(ta)[rounds // 2], sorted(tb)[rounds // 2]
+        for fn, t in zip(fns, times):
+            t.append(median_time(fn, reps))
+    return tuple(sorted(t)[rounds // 2] for t in times)
 
 
 def median_us(fn: Callable, min_run_time: float = 0.2, *, operands: Optional[Iterator] = None,

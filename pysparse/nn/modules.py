@@ -8,7 +8,8 @@
 
 SparseFFN trains (its weights' values, dense weights and biases are nn.Parameters, the patterns
 fixed: pruned_ffn's backward, pysparse.autograd); MaskedAttention holds its mask as buffers and
-has no backward yet. ``state_dict``, ``.to()`` and ``torch.compile`` work as for any module.
+passes gradients to q, k and v. ``state_dict``, ``.to()`` and ``torch.compile`` work as for any
+module.
 """
 from __future__ import annotations
 
@@ -317,7 +318,7 @@ class MaskedAttention(nn.Module):
                 attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0, is_causal: bool = False,
                 scale: Optional[float] = None, enable_gqa: bool = False) -> torch.Tensor:
         if dropout_p:
-            raise ValueError(f"MaskedAttention: dropout_p must be 0 (inference only), got {dropout_p}")
+            raise ValueError(f"MaskedAttention: dropout_p must be 0 (attention dropout is not supported), got {dropout_p}")
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 raise ValueError(f"MaskedAttention: {name} must be a 4-D tensor (B, H, L, E), got "
