@@ -1,7 +1,8 @@
 """Pruning utilities: they return dense tensors with zeros, ready for a sparse format, or smaller
 dense weights and models (FFN neurons, attention heads, CNN filters).
 
-Tensors in, tensors out: `magnitude`, `blocks`, `nm`, `ffn_neurons` (chooses and slices FFN
+Tensors in, tensors out: `magnitude`, `blocks`, `nm`, `sparsegpt` (prunes and updates the kept
+weights from the layer's input Hessian, `hessian`), `ffn_neurons` (chooses and slices FFN
 weights). Modules changed in place: `shrink_attention` / `shrink_ffn` (to the heads / neurons
 given). Models: `filters` (a smaller copy of a CNN), `Iterative` (gradually, while training).
 """
@@ -10,9 +11,10 @@ from .filters import filter_groups, filters
 from .iterative import Iterative
 from .magnitude import blocks, magnitude
 from .nm import nm
+from .sparsegpt import hessian, sparsegpt
 from .structured import (Passthrough, attention_parts, ffn_parts, prune_heads, prune_neurons, shrink_attention,
                          shrink_ffn)
 
-__all__ = ["magnitude", "blocks", "nm", "ffn_neurons", "PrunedFFN", "shrink_attention", "shrink_ffn",
+__all__ = ["magnitude", "blocks", "nm", "sparsegpt", "hessian", "ffn_neurons", "PrunedFFN", "shrink_attention", "shrink_ffn",
            "attention_parts", "ffn_parts", "Passthrough", "filters", "filter_groups", "Iterative",
            "prune_heads", "prune_neurons"]  # the last two: deprecated names of shrink_attention / shrink_ffn

@@ -21,7 +21,9 @@ output on the calibration inputs).
 Weight rules (on nn.Linear and nn.Conv2d, a conv's weight pruned as its (Cout, Cin*kh*kw)
 matrix and swapped for ``SparseConv2d``): ``format`` ("csr" | "bsr" | "nm"), ``sparsity``, ``n``/``m``,
 ``blocksize``, ``criterion`` ("magnitude": |W| | "wanda": |W| * ||x|| | "fisher": (w dL/dw)^2 summed
-over calibration batches), ``scope`` ("local" | "global": csr only, one threshold over every
+over calibration batches | "sparsegpt": ``pysparse.prune.sparsegpt`` with the Hessian of the
+layer's inputs, recorded on the model as pruned so far (one calibration pass per layer, in model
+order), which also updates the kept weights; nn.Linear only), ``scope`` ("local" | "global": csr only, one threshold over every
 linear the rule matches), ``kernel`` ("auto" | "sparse" | "dense"), ``min_speedup`` (default 1.0).
 "fisher" is the squared (Fisher) form of the first-order Taylor estimate of the loss change; its
 old name "taylor" is still accepted, with a DeprecationWarning.

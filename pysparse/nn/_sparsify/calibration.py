@@ -7,6 +7,7 @@ from typing import Dict
 
 import torch
 
+from ... import prune
 from ...prune import structured as st
 from .recipe import Calibration
 
@@ -99,6 +100,19 @@ def run(model, calibration: Calibration, hooks: list) -> None:
     finally:
         for h in hooks:
             h.remove()
+
+
+def input_hessian(model, name: str, calibration: Calibration):
+    """X^T X (fp64) of the inputs module `name` receives over the calibration calls, run on the
+    model as it is now (one no-grad pass); None if no call reaches the module."""
+    mod = model.get_submodule(name)
+    H = None
+
+    def hook(m, args):
+        nonlocal H
+        H = prune.hessian(args[0]) if H is None else prune.hessian(args[0], out=H)
+    run(model, calibration, [mod.register_forward_pre_hook(hook)])
+    return H
 
 
 def fisher_scores(model, calibration, units: Dict[str, tuple], weights: Dict[str, torch.nn.Module]):

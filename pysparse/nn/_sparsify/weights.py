@@ -1,6 +1,7 @@
 """sparsify's weight stage: every nn.Linear / nn.Conv2d a weight rule matches is pruned (csr, bsr
-or nm, by magnitude, Wanda or Fisher scores), then timed as its format, as CSR and as the dense
-pruned layer; the fastest that beats dense at every tuned shape replaces it."""
+or nm, by magnitude, Wanda or Fisher scores, or by SparseGPT, which also updates the kept
+weights), then timed as its format, as CSR and as the dense pruned layer; the fastest that beats
+dense at every tuned shape replaces it."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
@@ -18,6 +19,8 @@ WEIGHT_CRITERIA = {
     "magnitude": "|W|",
     "wanda": "|W| * ||x||, x the layer's calibration inputs",
     "fisher": "(w dL/dw)^2 summed over calibration batches",
+    "sparsegpt": "SparseGPT: OBS saliency from the layer's input Hessian, the kept weights updated "
+                 "(nn.Linear; layers in model order, each calibrated on the already pruned ones)",
 }
 
 
@@ -33,12 +36,15 @@ def apply_weights(model, recipe, calibration, *, skip_ends: bool, time_layers: b
     todo = [(n, m, r) for n, m, r in todo if r is not None and n not in ends]
     stats = cal.record(model, linears, {}, calibration) if calibration is not None else cal.Stats()
     wf = {n: m for n, m, r in todo if criterion_of(r) == "fisher"}
-    if wf and calibration is None:
-        raise ValueError(f"sparsify: criterion 'fisher' for {next(iter(wf))!r} needs calibration inputs")
+    for crit in ("fisher", "sparsegpt"):
+        needs = [n for n, m, r in todo if criterion_of(r) == crit]
+        if needs and calibration is None:
+            raise ValueError(f"sparsify: criterion {crit!r} for {needs[0]!r} needs calibration inputs")
     fisher = cal.fisher_scores(model, calibration, {}, wf)[1] if wf else {}
     scores = {name: _weight_scores(name, lin, rule, stats, fisher) for name, lin, rule in todo}
     sparsity = _global_sparsity(todo, scores)
     for name, lin, rule in progress(todo, "sparsify: layers", show_progress):
+        crit = criterion_of(rule)
         rule = dict(rule)
         fmt = rule.pop("format", "csr")
         rule.pop("criterion", None)
@@ -49,6 +55,8 @@ def apply_weights(model, recipe, calibration, *, skip_ends: bool, time_layers: b
             raise ValueError(f"sparsify: kernel must be 'auto', 'sparse' or 'dense', got {kernel!r}")
         if name in sparsity:
             rule["sparsity"] = sparsity[name]
+        if crit == "sparsegpt":
+            rule = _sparsegpt(model, name, lin, fmt, rule, calibration)
         if scores[name] is not None:
             rule["scores"] = scores[name]
             if fmt != "nm":
@@ -89,10 +97,31 @@ def _weight_scores(name, lin, rule, stats, fisher) -> Optional[torch.Tensor]:
         return lin.weight.detach().abs() * norms[None, :]
     if criterion == "fisher":
         return fisher[name]
+    if criterion == "sparsegpt":
+        if isinstance(lin, torch.nn.Conv2d):
+            raise ValueError(f"sparsify: criterion 'sparsegpt' is for nn.Linear layers; {name!r} is an nn.Conv2d")
+        return None  # the mask comes with the weight update, layer by layer (_sparsegpt)
     if criterion != "magnitude":
-        raise ValueError("sparsify: criterion must be 'magnitude', 'wanda' or 'fisher' ("
+        raise ValueError("sparsify: criterion must be 'magnitude', 'wanda', 'fisher' or 'sparsegpt' ("
                          + "; ".join(f"{c}: {f}" for c, f in WEIGHT_CRITERIA.items()) + f"), got {criterion!r}")
     return None
+
+
+def _sparsegpt(model, name: str, lin: torch.nn.Linear, fmt: str, rule: dict, calibration) -> dict:
+    """Prune `lin` in place by SparseGPT with the Hessian of the inputs it receives in the model
+    as pruned so far; the rule, left to store the zeros as they are."""
+    H = cal.input_hessian(model, name, calibration)
+    if H is None:
+        raise ValueError(f"sparsify: criterion 'sparsegpt' for {name!r} needs calibration inputs that reach it")
+    if fmt == "nm":
+        kw = {"n": int(rule.get("n", 2)), "m": int(rule.get("m", 4))}
+    else:
+        kw = {"sparsity": float(rule.pop("sparsity", 0.0))}
+        if fmt == "bsr":
+            kw["blocksize"] = tuple(rule.get("blocksize", (32, 32)))
+    with torch.no_grad():
+        lin.weight.copy_(prune.sparsegpt(lin.weight, H, **kw))
+    return rule
 
 
 def _global_sparsity(todo, scores) -> Dict[str, float]:
