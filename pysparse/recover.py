@@ -1,0 +1,175 @@
+"""``pysparse.recover``: get a pruned model's quality back by distilling it towards the dense one.
+
+    report = pysparse.recover(student, teacher, batches, time_budget=600, lr=1e-4, loss="cosine")
+
+The student (the sparsified model) learns to reproduce the teacher's (the dense model's) outputs
+on unlabeled inputs. Only the kept values of its sparse layers train by default (``train=
+"sparse"``: SparseLinear / SparseConv2d / SparseFFN parameters, their patterns fixed through the
+sparse formats' backward), or every parameter that requires grad (``train="all"``).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+import time
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("cosine", "mse", "kl")
+TRAIN = ("sparse", "all")
+
+
+def _output(out) -> torch.Tensor:
+    """The tensor a model's output is compared by: the output itself, the first tensor of a
+    tuple / list, or a mapping's (or Hugging Face ModelOutput's) first tensor entry."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) or hasattr(out, "values"):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            if isinstance(o, torch.Tensor):
+                return o
+    raise TypeError(f"pysparse.recover: the model returned {type(out).__name__}, which holds no tensor to compare")
+
+
+def _call(model, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _distance(loss: str, s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    s, t = s.float(), t.float()
+    if loss == "cosine":
+        return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
+    if loss == "mse":
+        return F.mse_loss(s, t)
+    # kl: the teacher's softened distribution against the student's (logits on the last dim)
+    return F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
+                    reduction="batchmean") * temperature ** 2
+
+
+def _sparse_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
+    from .nn import SparseConv2d, SparseFFN, SparseLinear
+    seen, out = set(), []
+    for mod in model.modules():
+        if isinstance(mod, (SparseLinear, SparseConv2d, SparseFFN)):
+            for p in mod.parameters():
+                if id(p) not in seen and p.requires_grad:
+                    seen.add(id(p))
+                    out.append(p)
+    return out
+
+
+def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterable, *, steps: Optional[int] = None,
+            time_budget: Optional[float] = None, lr: float = 1e-4, loss: str = "cosine", train: str = "sparse",
+            eval_batches: Optional[Iterable] = None, temperature: float = 1.0, weight_decay: float = 0.0,
+            progress: Optional[bool] = None) -> Dict:
+    """Distil ``student`` towards ``teacher`` on ``batches`` (each a tensor, a tuple of positional
+    inputs or a dict of keyword inputs, cycled), with AdamW at ``lr``, until ``steps`` steps or
+    ``time_budget`` seconds (whichever comes first; at least one of them).
+
+    loss: "cosine" (1 - cosine similarity along the last dim: embeddings), "mse", or "kl" (logits,
+    softened by ``temperature``). train: "sparse" (the sparse layers' values and biases) or "all".
+    The teacher runs without grad; the student in eval mode (no dropout) except its pysparse
+    layers, which train (so SparseLinear's train kernel choice applies); modes are restored
+    after. Returns {"steps", "seconds", "losses" (one per step), "eval_before", "eval_after" (mean
+    loss on ``eval_batches``, None without them), "trained_parameters"}.
+    """
+    if not isinstance(student, torch.nn.Module) or not isinstance(teacher, torch.nn.Module):
+        raise TypeError("pysparse.recover: student and teacher must be torch.nn.Modules")
+    if loss not in LOSSES:
+        raise ValueError(f"pysparse.recover: loss must be one of {LOSSES}, got {loss!r}")
+    if train not in TRAIN:
+        raise ValueError(f"pysparse.recover: train must be one of {TRAIN}, got {train!r}")
+    if steps is None and time_budget is None:
+        raise ValueError("pysparse.recover: give steps, time_budget or both")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"pysparse.recover: steps must be a positive integer, got {steps!r}")
+    if time_budget is not None and (not isinstance(time_budget, (int, float)) or not time_budget > 0):
+        raise ValueError(f"pysparse.recover: time_budget must be a positive number of seconds, got {time_budget!r}")
+    if not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
+        raise ValueError(f"pysparse.recover: lr must be a positive number, got {lr!r}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("pysparse.recover: batches is empty")
+    params = _sparse_parameters(student) if train == "sparse" else [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("pysparse.recover: the student has no trainable parameters "
+                         + ("in pysparse layers (sparsify it first, or train='all')" if train == "sparse" else ""))
+    from .nn import SparseConv2d, SparseFFN, SparseLinear
+    modes = {m: m.training for m in student.modules()}
+    teacher_mode = teacher.training
+    teacher.eval()
+    student.eval()
+    for m in student.modules():
+        if isinstance(m, (SparseLinear, SparseConv2d, SparseFFN)):
+            m.train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def evaluate() -> Optional[float]:
+        if eval_batches is None:
+            return None
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for b in eval_batches:
+                total += float(_distance(loss, _output(_call(student, b)), _output(_call(teacher, b)), temperature))
+                count += 1
+        return total / max(count, 1)
+
+    report: Dict = {"eval_before": evaluate(), "losses": [], "trained_parameters": sum(p.numel() for p in params)}
+    bar = _progress(steps, progress)
+    start = time.perf_counter()
+    try:
+        for step, batch in enumerate(itertools.cycle(batches)):
+            if steps is not None and step >= steps:
+                break
+            if time_budget is not None and time.perf_counter() - start >= time_budget:
+                break
+            with torch.no_grad():
+                target = _output(_call(teacher, batch))
+            value = _distance(loss, _output(_call(student, batch)), target, temperature)
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            report["losses"].append(float(value.detach()))
+            bar(report["losses"][-1])
+    finally:
+        bar(None)
+        for m, was in modes.items():
+            m.train(was)
+        teacher.train(teacher_mode)
+    report["steps"] = len(report["losses"])
+    report["seconds"] = time.perf_counter() - start
+    report["eval_after"] = evaluate()
+    return report
+
+
+def _progress(total: Optional[int], enabled: Optional[bool]) -> Callable[[Optional[float]], None]:
+    """A callback taking each step's loss (None closes): tqdm where installed, else nothing."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return lambda value: None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency of the package; a bare checkout may lack it
+        return lambda value: None
+    bar = tqdm(total=total, desc="pysparse.recover", unit="step")
+
+    def update(value: Optional[float]) -> None:
+        if value is None:
+            bar.close()
+        else:
+            bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+            bar.update(1)
+    return update
+
+
+__all__: List[str] = ["recover"]

@@ -1,0 +1,87 @@
+"""pysparse.recover: distillation of a sparsified model towards the dense one lowers the
+distance on held-out inputs, trains only what it should (patterns fixed), stops at steps or a
+time budget, restores modes, and refuses bad arguments with one sentence."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import pysparse
+from conftest import gen
+
+
+def _pair(fmt_rule):
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 64), torch.nn.GELU(),
+                                  torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).eval()
+    student = copy.deepcopy(teacher)
+    pysparse.sparsify(student, {"*": fmt_rule}, time_layers=False)
+    return teacher, student
+
+
+def _data(seed):
+    g = gen(seed)
+    return [torch.randn(32, 16, generator=g) for _ in range(8)]
+
+
+@pytest.mark.parametrize("rule", [{"format": "csr", "sparsity": 0.8}, {"format": "nm", "n": 2, "m": 4},
+                                  {"format": "bsr", "sparsity": 0.5, "blocksize": (8, 8)}])
+def test_recovery_lowers_the_held_out_distance_and_keeps_the_patterns(rule, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYSPARSE_CACHE_DIR", str(tmp_path))
+    teacher, student = _pair(rule)
+    patterns = {n: (m.weight.to_dense() != 0) for n, m in student.named_modules() if hasattr(m, "weight_values")}
+    dense_before = [p.clone() for n, p in student.named_parameters() if "weight_values" not in n and n != "2.bias"
+                    and n != "4.bias"]
+    report = pysparse.recover(student, teacher, _data(1), steps=150, lr=3e-3, loss="mse", eval_batches=_data(2),
+                              progress=False)
+    assert report["steps"] == 150 and len(report["losses"]) == 150
+    assert report["eval_after"] < 0.5 * report["eval_before"], report
+    for n, m in student.named_modules():  # nothing grew outside the pattern
+        if hasattr(m, "weight_values"):
+            assert not (m.weight.to_dense() != 0)[~patterns[n]].any()
+    # train="sparse": the dense first and last layers did not move
+    after = [p for n, p in student.named_parameters() if "weight_values" not in n and n != "2.bias" and n != "4.bias"]
+    assert all(torch.equal(a, b) for a, b in zip(after, dense_before))
+    assert not student.training and all(not m.training for m in student.modules())
+
+
+def test_time_budget_train_all_and_output_kinds():
+    teacher, student = _pair({"format": "csr", "sparsity": 0.8})
+    report = pysparse.recover(student, teacher, _data(3), time_budget=0.3, loss="cosine", train="all", progress=False)
+    assert report["steps"] >= 1 and report["seconds"] < 5 and report["eval_before"] is None
+    assert report["trained_parameters"] == sum(p.numel() for p in student.parameters())
+
+    class Tupled(torch.nn.Module):  # (logits, extra) outputs and keyword inputs
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return {"logits": self.net(x), "n": 1}
+    batches = [{"x": b} for b in _data(4)]
+    r = pysparse.recover(Tupled(student), Tupled(teacher), batches, steps=5, loss="kl", temperature=2.0, progress=False)
+    assert r["steps"] == 5 and all(v == v for v in r["losses"])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(), r"give steps, time_budget or both"),
+    (dict(steps=0), r"steps must be a positive integer"),
+    (dict(steps=3, loss="l1"), r"loss must be one of"),
+    (dict(steps=3, train="dense"), r"train must be one of"),
+    (dict(steps=3, lr=-1.0), r"lr must be a positive number"),
+    (dict(time_budget=0), r"time_budget must be a positive number"),
+])
+def test_bad_arguments(kwargs, message):
+    teacher, student = _pair({"format": "csr", "sparsity": 0.5})
+    with pytest.raises(ValueError, match=r"^pysparse.recover: " + message):
+        pysparse.recover(student, teacher, _data(5), **kwargs)
+
+
+def test_nothing_to_train_and_empty_batches():
+    teacher = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="no trainable parameters in pysparse layers"):
+        pysparse.recover(copy.deepcopy(teacher), teacher, [torch.randn(2, 4)], steps=1)
+    with pytest.raises(ValueError, match="batches is empty"):
+        pysparse.recover(copy.deepcopy(teacher), teacher, [], steps=1)
