@@ -83,8 +83,9 @@ def test_wanda_keeps_the_weights_on_loud_inputs():
 def test_bad_recipes():
     with pytest.raises(ValueError, match=r"criterion 'wanda' for '2' needs calibration inputs"):
         pysparse.sparsify(mlp(), {"*": {"format": "nm", "criterion": "wanda"}})
-    with pytest.raises(ValueError, match=r"criterion must be 'magnitude', 'wanda' or 'fisher' \(magnitude: \|W\|; "
-                                         r"wanda: \|W\| \* \|\|x\|\|.*; fisher: \(w dL/dw\)\^2 .*\), got 'obd'"):
+    with pytest.raises(ValueError, match=r"criterion must be 'magnitude', 'wanda', 'fisher' or 'sparsegpt' "
+                                         r"\(magnitude: \|W\|; wanda: \|W\| \* \|\|x\|\|.*; fisher: \(w dL/dw\)\^2 .*; "
+                                         r"sparsegpt: SparseGPT: .*\), got 'obd'"):
         pysparse.sparsify(mlp(), {"*": {"format": "nm", "criterion": "obd"}})
     with pytest.raises(ValueError, match=r"criterion 'fisher' for '2' needs calibration inputs"):
         pysparse.sparsify(mlp(), {"*": {"format": "nm", "criterion": "fisher"}})
