@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=1000)
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--recover", type=float, default=0.0)
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "sparsegpt.json"))
     args = ap.parse_args()
     torch.manual_seed(0)

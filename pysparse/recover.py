@@ -68,12 +68,14 @@ def _sparse_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
 
 
 def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterable, *, steps: Optional[int] = None,
-            time_budget: Optional[float] = None, lr: float = 1e-4, loss: str = "cosine", train: str = "sparse",
+            time_budget: Optional[float] = None, lr: float = 5e-5, loss: str = "cosine", train: str = "sparse",
             eval_batches: Optional[Iterable] = None, temperature: float = 1.0, weight_decay: float = 0.0,
             progress: Optional[bool] = None) -> Dict:
     """Distil ``student`` towards ``teacher`` on ``batches`` (each a tensor, a tuple of positional
     inputs or a dict of keyword inputs, cycled), with AdamW at ``lr``, until ``steps`` steps or
-    ``time_budget`` seconds (whichever comes first; at least one of them).
+    ``time_budget`` seconds (whichever comes first; at least one of them). The default lr is the
+    best of a sweep on MiniLM 2:4 after SparseGPT (2e-5 and 5e-5 best, 2e-4 worse, 1e-3 made it
+    worse than before recovery: benchmarks/RESULTS.md).
 
     loss: "cosine" (1 - cosine similarity along the last dim: embeddings), "mse", or "kl" (logits,
     softened by ``temperature``). train: "sparse" (the sparse layers' values and biases) or "all".
