@@ -46,6 +46,7 @@ import torch
 from . import _checked, activations
 from ._attention_grad import masked_attention_backward
 from .formats.nm import unpack_bits
+from .ops import linear_tensors
 
 _ops = torch.ops.pysparse
 _aten = torch.ops.aten
@@ -210,9 +211,11 @@ def _spmm_backward(kind: str):
 
 def _nm_pattern_now(mask: torch.Tensor, M: int, K: int, per_row: int):
     kept = unpack_bits(mask, K)
-    if not _checked.traced(mask) and int(kept.sum()) != M * per_row:
-        raise ValueError(f"pysparse: the N:M mask marks {int(kept.sum())} positions but the values hold "
-                         f"{M * per_row}; the mask was changed after the forward")
+    if not _checked.traced(mask):
+        marked = int(kept.sum())
+        if marked != M * per_row:
+            raise ValueError(f"pysparse: the N:M mask marks {marked} positions but the values hold {M * per_row}; "
+                             f"the mask was changed after the forward")
     # The kept columns of each row in ascending order, with static shapes (traceable): a stable
     # sort puts the row's kept positions first.
     col = torch.argsort((~kept).to(torch.uint8), dim=1, stable=True)[:, :per_row].reshape(-1)
@@ -241,16 +244,16 @@ def _nm_grads(values, mask, M, K, n, m, g_rows, x_rows, need_x, need_v, dx_op):
     return dx, dvalues
 
 
-def _activation_grad(activation: str, grad, x, values, mask, shape, n, m, bias, out):
-    """The gradient at the pre-activation z = x A^T + b of y = act(z)."""
+def _activation_backward(activation: str, grad, out, pre: Callable[[], torch.Tensor]):
+    """The gradient at the pre-activation z of out = act(z): relu reads it off the output; gelu,
+    gelu_tanh and silu need z, which pre() gives (recomputed only for them)."""
     if activation == "none":
         return grad
     if activation == "relu":
         return _aten.threshold_backward(grad, out, 0)
-    z = _ops.nm_linear(x, values, mask, list(shape), n, m, bias, "none")  # recomputed
     if activation == "silu":
-        return _aten.silu_backward(grad, z)
-    return _aten.gelu_backward(grad, z, approximate="tanh" if activation == "gelu_tanh" else "none")
+        return _aten.silu_backward(grad, pre())
+    return _aten.gelu_backward(grad, pre(), approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
 def _nm_linear_setup(ctx, inputs, output):
@@ -264,7 +267,8 @@ def _nm_linear_setup(ctx, inputs, output):
 def _nm_linear_backward(ctx, grad):
     x, values, mask, bias, out = ctx.saved_tensors
     (M, K), n, m = ctx.shape, ctx.n, ctx.m
-    gz = _activation_grad(ctx.activation, grad, x, values, mask, (M, K), n, m, bias, out)
+    gz = _activation_backward(ctx.activation, grad, out,
+                              lambda: _ops.nm_linear(x, values, mask, [M, K], n, m, bias, "none"))
     g = _rows(gz, M)
     dx, dvalues = _nm_grads(values, mask, M, K, n, m, g.t(), _rows(x, K).t(),
                             ctx.needs_input_grad[0], ctx.needs_input_grad[1],
@@ -305,12 +309,8 @@ def _ffn_linear(tag: str, w, x, bias, rows: int, cols: int):
     if tag == "dense_t":  # W^T stored (cols, rows)
         y = x @ w[0]
         return y if bias is None else y + bias
-    if tag == "csr":
-        return _ops.csr_linear(x, w[0], w[1], w[2], [rows, cols], bias)
-    if tag == "bsr":
-        return _ops.bsr_linear(x, w[0], w[1], w[2], [rows, cols], bias)
-    n, m = (int(v) for v in tag.split(":")[1:])
-    return _ops.nm_linear(x, w[0], w[1], [rows, cols], n, m, bias, "none")
+    nm = tuple(int(v) for v in tag.split(":")[1:]) if tag.startswith("nm:") else (0, 0)
+    return linear_tensors("nm" if nm != (0, 0) else tag, list(w), (rows, cols), nm, x, bias)
 
 
 def _ffn_linear_grads(tag: str, w, x, g, rows: int, cols: int, need, need_x: bool = True):
@@ -365,14 +365,7 @@ def _pruned_ffn_backward(ctx, grad):
         dh = dh * keep
     du = None if u is None else dh * a
     da = dh if u is None else dh * u
-    if act == "none":
-        dz = da
-    elif act == "relu":
-        dz = _aten.threshold_backward(da, a, 0)
-    elif act == "silu":
-        dz = _aten.silu_backward(da, z)
-    else:
-        dz = _aten.gelu_backward(da, z, approximate="tanh" if act == "gelu_tanh" else "none")
+    dz = _activation_backward(act, da, a, lambda: z)
     dx, dw1 = _ffn_linear_grads(f1, w1, x2, dz, H, d, need[2], need[0])
     dw3 = [None] * len(w3)
     if u is not None:

@@ -76,19 +76,25 @@ def operand(shape, dtype, view: str, gen) -> torch.Tensor:
 # Sparse products on valid inputs: every format, dtype, layout, ISA and thread count
 
 
-def spmm(fmt, M, K, n, batch, dtype, layout, view, bias, act, isa, threads, density, bh, bw, nm, seed, index_dtype):
-    gen = torch.Generator().manual_seed(seed)
-    dt = DTYPES[dtype]
+def sparse_matrix(fmt, M, K, dt, density, bh, bw, nm, index_dtype, gen):
+    """(W dense with its zeros, A in format fmt holding W): random, about `density` kept (blocks
+    for BSR), or n:m."""
     W = torch.randn(M, K, generator=gen).to(dt)
     if fmt == "nm":
         W = pysparse.prune.nm(W, *nm)
-        A = pysparse.SparseNM.from_dense(W, *nm)
-    else:
-        keep = torch.rand(M // bh, K // bw, generator=gen) < density
-        W = W * keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1).to(dt) if fmt == "bsr" else \
-            W * (torch.rand(M, K, generator=gen) < density).to(dt)
-        A = pysparse.CSR.from_dense(W, index_dtype=getattr(torch, index_dtype) if index_dtype else None) \
-            if fmt == "csr" else pysparse.BSR.from_dense(W, (bh, bw))
+        return W, pysparse.SparseNM.from_dense(W, *nm)
+    keep = torch.rand(M // bh, K // bw, generator=gen) < density
+    W = W * keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1).to(dt) if fmt == "bsr" else \
+        W * (torch.rand(M, K, generator=gen) < density).to(dt)
+    A = pysparse.CSR.from_dense(W, index_dtype=getattr(torch, index_dtype) if index_dtype else None) \
+        if fmt == "csr" else pysparse.BSR.from_dense(W, (bh, bw))
+    return W, A
+
+
+def spmm(fmt, M, K, n, batch, dtype, layout, view, bias, act, isa, threads, density, bh, bw, nm, seed, index_dtype):
+    gen = torch.Generator().manual_seed(seed)
+    dt = DTYPES[dtype]
+    W, A = sparse_matrix(fmt, M, K, dt, density, bh, bw, nm, index_dtype, gen)
     shape = (*batch, n, K) if layout == "linear" else (*batch, K, n)
     x = operand(shape, dt, view, gen)
     b = torch.randn(M, generator=gen).to(dt) if bias and layout == "linear" else None
@@ -116,16 +122,7 @@ def grad(fmt, M, K, n, batch, dtype, layout, view, bias, act, isa, threads, dens
     the stored values and the bias against fp64 dense math on the same pattern."""
     gen = torch.Generator().manual_seed(seed)
     dt = DTYPES[dtype]
-    W = torch.randn(M, K, generator=gen).to(dt)
-    if fmt == "nm":
-        A = pysparse.SparseNM.from_dense(W, *nm, prune=True)
-    else:
-        keep = torch.rand(M // bh, K // bw, generator=gen) < density
-        W = W * keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1).to(dt) if fmt == "bsr" else \
-            W * (torch.rand(M, K, generator=gen) < density).to(dt)
-        A = pysparse.CSR.from_dense(W, index_dtype=getattr(torch, index_dtype) if index_dtype else None) \
-            if fmt == "csr" else pysparse.BSR.from_dense(W, (bh, bw))
-    W = A.to_dense()
+    W, A = sparse_matrix(fmt, M, K, dt, density, bh, bw, nm, index_dtype, gen)
     shape = (*batch, n, K) if layout == "linear" else (*batch, K, n)
     x = operand(shape, dt, view, gen).requires_grad_()
     b = torch.randn(M, generator=gen).to(dt).requires_grad_() if bias and layout == "linear" else None

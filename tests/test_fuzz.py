@@ -150,25 +150,32 @@ def huge_args(draw):
 # Raw indices and masks
 
 
-@st.composite
-def raw_compressed_args(draw):
-    fmt = draw(st.sampled_from(["csr", "bsr"]))
-    bh, bw = (1, 1) if fmt == "csr" else (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    rows, cols = draw(st.integers(0, 5)), draw(st.integers(0, 6))
+def raw_pattern(draw, rows: int, cols: int, what):
+    """A valid (crow, col) pattern of rows x cols with 0-3 entries per row, then broken as `what`
+    says: "crow" / "col" (one entry set to anything), "length" (a row pointer added or dropped);
+    any other value leaves it valid."""
     counts = draw(st.lists(st.integers(0, 3), min_size=rows, max_size=rows))
     crow = [0]
     for c in counts:
         crow.append(crow[-1] + c)
     col = [draw(st.integers(0, max(cols - 1, 0))) for _ in range(crow[-1])]
     anything = st.one_of(st.integers(-3, 12), st.sampled_from(INT64))
-    if draw(st.booleans()):  # break something
-        what = draw(st.sampled_from(["crow", "col", "length"]))
-        if what == "crow" and crow:
-            crow[draw(st.integers(0, len(crow) - 1))] = draw(anything)
-        elif what == "col" and col:
-            col[draw(st.integers(0, len(col) - 1))] = draw(anything)
-        else:
-            crow = crow + [crow[-1]] if draw(st.booleans()) else crow[:-1] or [0]
+    if what == "crow" and crow:
+        crow[draw(st.integers(0, len(crow) - 1))] = draw(anything)
+    elif what == "col" and col:
+        col[draw(st.integers(0, len(col) - 1))] = draw(anything)
+    elif what == "length" or what in ("crow", "col"):  # crow/col with nothing to break: the length
+        crow = crow + [crow[-1]] if draw(st.booleans()) else crow[:-1] or [0]
+    return crow, col
+
+
+@st.composite
+def raw_compressed_args(draw):
+    fmt = draw(st.sampled_from(["csr", "bsr"]))
+    bh, bw = (1, 1) if fmt == "csr" else (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    rows, cols = draw(st.integers(0, 5)), draw(st.integers(0, 6))
+    what = draw(st.sampled_from(["crow", "col", "length"])) if draw(st.booleans()) else None  # break something
+    crow, col = raw_pattern(draw, rows, cols, what)
     col16 = fmt == "csr" and draw(st.booleans())
     return dict(fmt=fmt, M=rows * bh, K=cols * bw, n=draw(st.sampled_from([1, 3, 8, 17, 40])), crow=crow, col=col,
                 bh=bh, bw=bw, layout=draw(st.sampled_from(["linear", "spmm"])), col16=col16, isa=draw(ISA),
@@ -181,21 +188,10 @@ def sddmm_raw_args(draw):
     """csr_sddmm's pattern as raw_compressed_args breaks it, and operands whose row counts may
     not match the matrix's."""
     rows, cols = draw(st.integers(0, 5)), draw(st.integers(0, 6))
-    counts = draw(st.lists(st.integers(0, 3), min_size=rows, max_size=rows))
-    crow = [0]
-    for c in counts:
-        crow.append(crow[-1] + c)
-    col = [draw(st.integers(0, max(cols - 1, 0))) for _ in range(crow[-1])]
-    anything = st.one_of(st.integers(-3, 12), st.sampled_from(INT64))
     what = draw(st.sampled_from(["nothing", "nothing", "crow", "col", "length", "a", "b"]))
+    crow, col = raw_pattern(draw, rows, cols, what)
     ta, tb = rows, cols
-    if what == "crow" and crow:
-        crow[draw(st.integers(0, len(crow) - 1))] = draw(anything)
-    elif what == "col" and col:
-        col[draw(st.integers(0, len(col) - 1))] = draw(anything)
-    elif what == "length":
-        crow = crow + [crow[-1]] if draw(st.booleans()) else crow[:-1] or [0]
-    elif what == "a":
+    if what == "a":
         ta = draw(st.integers(0, 7))
     elif what == "b":
         tb = draw(st.integers(0, 7))
