@@ -59,6 +59,8 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("cpu_isa_supported", &pysparse::cpu::supported_isas);
   mod.def("cpu_isa", [] { return std::string(pysparse::cpu::active_kernels().name); });
   mod.def("set_cpu_isa", &pysparse::cpu::set_cpu_isa);
+  mod.def("csr_plans_made", &pysparse::cpu::csr_plans_made);
+  mod.def("set_csr_plan", &pysparse::cpu::set_csr_plan);
   // The roofline probes of pysparse.bench.roofline (invalid_argument -> ValueError).
   mod.def("probe_flops", &pysparse::cpu::probe_flops,
           pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -63,6 +63,97 @@ static void csr_panel_kernel(const CsrArgs& a, int64_t r0, int64_t r1, int64_t p
   if (bad) *a.bad_index = 1;
 }
 
+#if PYSPARSE_ISA_LEVEL == 2
+// ---------------------------------------------------------------------------------------------
+// CSR, n > 1, following a slice plan (kernels.h), AVX-512 at 64 tokens per panel. The row-axpy
+// kernel above reads 4 panel lines per nonzero, and a BERT-sized panel (K x 64 fp32) lives in L2,
+// which delivers under one line per cycle: 20-40% of the FMA peak. Here the rows of a chunk walk
+// the panel a 128-column slice at a time, so the slice (32 KiB) stays in L1 and only the
+// accumulators (4 lines per segment, not per nonzero) come from L2. Segments of one length run
+// back to back with the loop fully unrolled for that length: segment loops of varying length,
+// one misprediction per segment, made an earlier K-blocked kernel lose to the row-axpy.
+
+// acc rows += the segments seg[0, nseg) of L nonzeros each (L = 0: the length is len), their
+// columns pos[0, nseg * L), their values in place.
+template <typename T, int L>
+static void plan_segments(const int64_t* seg, int64_t nseg, int len, const uint16_t* pos, const T* val,
+                          const float* bp, float* acc) {
+  constexpr int W = Vec::W, NV = 4, NB = NV * W;
+  const int n = L > 0 ? L : len;
+  for (int64_t g = 0; g < nseg; ++g, pos += n) {
+    float* o = acc + (seg[g] & 0xff) * NB;
+    const T* v = val + (seg[g] >> 8);
+    typename Vec::V a[2][NV];
+    for (int q = 0; q < NV; ++q) a[0][q] = Vec::load(o + q * W), a[1][q] = Vec::zero();
+#pragma GCC unroll 32
+    for (int t = 0; t < n; ++t) {
+      const typename Vec::V w = Vec::set1(to_f32(v[t]));
+      const float* b = bp + int64_t(pos[t]) * NB;
+      for (int q = 0; q < NV; ++q) a[t & 1][q] = Vec::fma(w, Vec::load(b + q * W), a[t & 1][q]);
+    }
+    for (int q = 0; q < NV; ++q) Vec::store(o + q * W, Vec::add(a[0][q], a[1][q]));
+  }
+}
+
+template <typename T>
+using PlanSegmentsFn = void (*)(const int64_t*, int64_t, int, const uint16_t*, const T*, const float*, float*);
+constexpr int kPlanUnrolled = 32;  // segments up to this length run unrolled; longer ones loop
+template <typename T, int... Ls>
+static const PlanSegmentsFn<T>* plan_table(std::integer_sequence<int, Ls...>) {
+  static const PlanSegmentsFn<T> table[] = {plan_segments<T, Ls>...};
+  return table;
+}
+
+template <typename T, typename RT, typename CT>
+static void csr_plan_kernel(const CsrArgs& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+  constexpr int NB = 4 * Vec::W;
+  constexpr int64_t kSuper = 4;  // chunks whose rows walk a slice together: 256 rows per slice visit
+  const int64_t* h = a.plan;
+  const int64_t nchunks = h[0], nslices = h[1], ngroups = h[2];
+  const int64_t* cs = h + 4;
+  const int64_t* glen = cs + nchunks * nslices + 1;
+  const int64_t* gseg = glen + ngroups;
+  const int64_t* gpos = gseg + ngroups + 1;
+  const int64_t* seg = gpos + ngroups;
+  // Whole chunks inside [r0, r1) follow the plan; rows of a chunk cut by a task bound (the
+  // launcher aligns bounds to chunks, so only where it could not) take the row-axpy kernel.
+  const int64_t c0 = (r0 + kPlanRows - 1) / kPlanRows;
+  const int64_t c1 = r1 >= a.M ? nchunks : r1 / kPlanRows;
+  if (c0 >= c1) return csr_panel_kernel<Vec, T, RT, CT, 4>(a, r0, r1, p0, p1);
+  if (r0 < c0 * kPlanRows) csr_panel_kernel<Vec, T, RT, CT, 4>(a, r0, c0 * kPlanRows, p0, p1);
+  if (c1 < nchunks && c1 * kPlanRows < r1) csr_panel_kernel<Vec, T, RT, CT, 4>(a, c1 * kPlanRows, r1, p0, p1);
+
+  static const PlanSegmentsFn<T>* unrolled = plan_table<T>(std::make_integer_sequence<int, kPlanUnrolled + 1>{});
+  const uint16_t* pos = reinterpret_cast<const uint16_t*>(seg + h[3]);
+  const T* val = static_cast<const T*>(a.val);
+  std::vector<float> acc_buf(size_t(kSuper * kPlanRows * NB));
+  float* acc = acc_buf.data();
+  for (int64_t sc = c0; sc < c1; sc += kSuper) {
+    const int64_t se = sc + kSuper < c1 ? sc + kSuper : c1;
+    const int64_t m0 = sc * kPlanRows;
+    const int64_t rows = (se * kPlanRows < a.M ? se * kPlanRows : a.M) - m0;
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* bp = a.B.b + p * a.B.panel_stride;
+      const int64_t j0 = p * NB;
+      const int cols = int(a.B.n - j0 < NB ? a.B.n - j0 : NB);
+      std::memset(acc, 0, size_t(rows * NB) * sizeof(float));
+      for (int64_t s = 0; s < nslices; ++s) {
+        for (int64_t c = sc; c < se; ++c) {
+          float* acc_c = acc + (c - sc) * kPlanRows * NB;
+          for (int64_t g = cs[c * nslices + s], ge = cs[c * nslices + s + 1]; g < ge; ++g) {
+            const int64_t L = glen[g];
+            const PlanSegmentsFn<T> fn = L <= kPlanUnrolled ? unrolled[L] : plan_segments<T, 0>;
+            fn(seg + gseg[g], gseg[g + 1] - gseg[g], int(L), pos + gpos[g], val, bp, acc_c);
+          }
+        }
+      }
+      for (int64_t i = 0; i < rows; i += 16)
+        store_tile<T>(a.O, acc + i * NB, NB, m0 + i, int(rows - i < 16 ? rows - i : 16), j0, cols);
+    }
+  }
+}
+#endif
+
 // CSR, n == 1 (decode). Memory-bound when cold: stream values and indices once; x stays in
 // cache. The ceiling when warm is the loads: one per value, index and x element, about one
 // nonzero per cycle per core.

@@ -37,6 +37,10 @@ static int bsr_panel_width(int64_t n, int64_t) {
 
 template <typename T, typename RT, typename CT>
 static void csr_dispatch_nv(const CsrArgs& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+#if PYSPARSE_ISA_LEVEL == 2
+  if constexpr (sizeof(CT) <= 4)
+    if (a.plan && a.B.nb == 4 * Vec::W) return csr_plan_kernel<T, RT, CT>(a, r0, r1, p0, p1);
+#endif
   if (a.B.nb == VecNarrow::W) return csr_panel_kernel<VecNarrow, T, RT, CT, 1>(a, r0, r1, p0, p1);
   switch (a.B.nb / Vec::W) {
     case 1: return csr_panel_kernel<Vec, T, RT, CT, 1>(a, r0, r1, p0, p1);
@@ -56,6 +60,7 @@ static KernelTable make_table(const char* name) {
   t.name = name;
   t.csr_panel_width = csr_panel_width;
   t.bsr_panel_width = bsr_panel_width;
+  t.csr_plan = PYSPARSE_ISA_LEVEL == 2;
   t.nm_bad_row = nm_bad_row;
   t.pack[kF32] = pack_panels<float>;
   t.pack[kBF16] = pack_panels<bf16_t>;

@@ -127,6 +127,7 @@ SparseOperand check_csr_pattern(const at::Tensor& crow, const at::Tensor& col, c
               " entries, got ", crow.numel());
   A.crow = contiguous_checked(crow, "crow_indices");
   A.col = contiguous_checked(col, "col_indices");
+  A.stable = crow.is_contiguous() && col.is_contiguous();
   TORCH_CHECK(col.scalar_type() != at::kShort || A.K <= 32768,
               "pysparse: int16 column indices need at most 32768 columns, the matrix has ", A.K);
   if (A.crow.scalar_type() == at::kInt) check_row_pointers<int32_t>(A.crow, col.numel(), "nonzeros");
@@ -272,7 +273,19 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   // In the linear layout these are the input rows as they are; spmm's B (K, n) is transposed.
   const bool token_row = A.nm() && A.n == 2 && A.m == 4 && n > 1 && n <= kt.nm_token_row_max_n && K % 32 == 0 &&
                          kt.nm_token_row[dt] != nullptr;
-  const int nb = gemv ? 1 : token_row ? int(n) : (A.blocked ? kt.bsr_panel_width(n, K) : kt.csr_panel_width(n, K));
+  // CSR at 64-token panels through its slice plan (csr_impl.h: csr_plan_kernel) where a panel
+  // outgrows L1 (K > 2 slices) but stays in L2 (K <= 8192), at densities of 12.5-25%, or from
+  // 6.25% where K >= 2048 (the row-axpy's panel, >= 512 KiB, then spills furthest). Measured
+  // (bench_csr_plan.py): 80% sparsity 1.12-1.40x the row-axpy; 90% 1.14-1.28x at K = 3072 but
+  // 0.95-1.04x at K = 768; 95% 0.87-1.0x (too few nonzeros per slice to pay for reloading the
+  // accumulators); 70% 0.94-1.0x (segments past the unrolled lengths).
+  const int64_t MK = saturating_mul(M, K), nnz = A.values.numel();
+  const bool plannable = kt.csr_plan && !A.nm() && !A.blocked && it != kI64 && A.stable && !gemv && n > 32 &&
+                         K >= 2 * kPlanCols && K <= 8192 && nnz <= MK / 4 &&
+                         (nnz >= MK / 8 || (K >= 2048 && nnz >= MK / 16));
+  const at::Tensor plan = plannable ? csr_plan(A) : at::Tensor();
+  const int nb = gemv ? 1 : token_row ? int(n) : plan.defined() ? 64
+               : (A.blocked ? kt.bsr_panel_width(n, K) : kt.csr_panel_width(n, K));
   const int64_t npanels = (n + nb - 1) / nb;
   const int64_t esize = A.values.element_size();
   const int64_t rows = A.blocked ? M / A.bh : M;
@@ -329,7 +342,8 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
                 P, O, bad, scratch.data()};
       (gemv ? kt.bsr_gemv[dt][it] : kt.bsr[dt][it])(a, r0, r1, p0, p1);
     } else {
-      CsrArgs a{A.crow.data_ptr(), A.col.data_ptr(), A.values.data_ptr(), M, K, P, O, bad};
+      CsrArgs a{A.crow.data_ptr(), A.col.data_ptr(), A.values.data_ptr(), M, K, P, O, bad,
+                plan.defined() ? plan.data_ptr<int64_t>() : nullptr};
       (gemv ? kt.csr_gemv[dt][it] : kt.csr[dt][it])(a, r0, r1, p0, p1);
     }
   };
@@ -458,7 +472,7 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
       bounds.push_back(rows);
       bounds.erase(std::unique(bounds.begin(), bounds.end()), bounds.end());
     } else {
-      const int64_t row_cost = A.blocked ? 8 : 2, align = A.blocked ? 1 : 8;
+      const int64_t row_cost = A.blocked ? 8 : 2, align = A.blocked ? 1 : plan.defined() ? kPlanRows : 8;
       bounds = it != kI64 ? balanced_rows<int32_t>(A.crow, rows, want_parts, row_cost, align)
                           : balanced_rows<int64_t>(A.crow, rows, want_parts, row_cost, align);
     }

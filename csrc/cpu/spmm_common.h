@@ -28,6 +28,7 @@ struct SparseOperand {
   int64_t M, K;                  // dense shape of A
   int bh = 1, bw = 1;            // block size (1 x 1 for CSR)
   bool blocked = false;
+  bool stable = false;           // crow/col are the caller's tensors (not contiguous copies)
   at::Tensor mask;               // N:M only: (M, (K + 7) / 8) uint8 bitmap
   int n = 0, m = 0;              // N:M only
   bool nm() const { return m != 0; }
@@ -47,6 +48,11 @@ SparseOperand check_csr(const at::Tensor& crow, const at::Tensor& col, const at:
 // the shared checks already (check_csr).
 SparseOperand check_csr_pattern(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& like,
                                 c10::SymIntArrayRef shape, bool checked = false);
+// The slice plan of a CSR operand's pattern (csr_plan.cpp; layout: kernels.h), made on first
+// use and remembered; undefined where the pattern cannot have one.
+at::Tensor csr_plan(const SparseOperand& A);
+int64_t csr_plans_made();  // how many plans this process made (tests see which kernel ran)
+bool set_csr_plan(bool enabled);  // plans off: the row-axpy kernel everywhere (benchmarks); returns the old state
 SparseOperand check_nm(const at::Tensor& values, const at::Tensor& mask, c10::SymIntArrayRef shape,
                        int64_t n, int64_t m);
 SparseOperand check_bsr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,

@@ -40,6 +40,22 @@ struct Output {
   int act = kActNone;
 };
 
+// The slice plan of a CSR pattern (csrc/cpu/csr_plan.cpp builds it once per pattern): rows in
+// chunks of kPlanRows, columns in slices of kPlanCols. A row's nonzeros in one slice are a
+// segment (contiguous in the CSR arrays: columns sorted). The segments of chunk c in slice s are
+// grouped by length, so a kernel runs each group with one fixed trip count. One int64 array:
+//   [0] nchunks, [1] nslices, [2] ngroups, [3] nsegs, then
+//   cs    nchunks * nslices + 1  group offsets, chunk-major ((c, s) -> groups [cs[i], cs[i + 1]))
+//   glen  ngroups                segment length of each group
+//   gseg  ngroups + 1            segment offsets of each group
+//   gpos  ngroups                offset of each group's first column in pos
+//   seg   nsegs                  (first nonzero << 8) | row within its chunk
+//   pos   nnz uint16             the columns, segment after segment in group order (validated
+//                                when the plan is made: the kernel reads them unchecked, and
+//                                reads the values in place, so a plan outlives value updates)
+constexpr int64_t kPlanRows = 64;
+constexpr int64_t kPlanCols = 128;  // x 64 tokens x 4 B = 32 KiB: a slice of the panel stays in L1
+
 struct CsrArgs {
   const void* crow;   // (M + 1)
   const void* col;    // (nnz)
@@ -50,6 +66,9 @@ struct CsrArgs {
   // Set to nonzero when an out-of-range column index was seen. The kernel never reads
   // outside B for such an index (it is clamped); the caller turns the flag into an error.
   int* bad_index;
+  // The slice plan (layout above) or null. Only where the table's csr_plan is true, for panels
+  // of 64 columns.
+  const int64_t* plan = nullptr;
 };
 
 struct BsrArgs {
@@ -158,6 +177,7 @@ struct KernelTable {
   const char* name;
   int (*csr_panel_width)(int64_t n, int64_t K);
   int (*bsr_panel_width)(int64_t n, int64_t K);
+  bool csr_plan;  // the CSR panel kernel follows a slice plan (CsrArgs::plan) at nb = 64
   PackFn pack[kNumDTypes];
   CsrFn csr[kNumDTypes][kNumITypes];
   CsrFn csr_gemv[kNumDTypes][kNumITypes];

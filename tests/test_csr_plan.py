@@ -1,0 +1,165 @@
+"""The CSR slice plan (csrc/cpu/csr_plan.cpp, csr_impl.h: csr_plan_kernel).
+
+The AVX-512 CSR products at n > 32, K in [256, 8192] and 6.25-25% density follow a plan made
+once per pattern. These tests put shapes on that path (rows not a multiple of the 64-row chunks,
+tokens not a multiple of the 64-token panels, segments longer than the unrolled lengths, empty
+rows and slices) and check it against the fp64 reference, against the row-axpy kernel (the same
+call on a non-contiguous copy of the indices, which never takes a plan), across thread counts,
+and after the pattern changes: in place (a new plan) and behind the version counter's back (a
+stale plan may give stale numbers, never an out-of-bounds read).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pysparse
+from conftest import DTYPES, assert_close, gen, num_threads, random_sparse
+
+from references import reference_linear, reference_spmm
+
+ops = torch.ops.pysparse
+
+pytestmark = pytest.mark.skipif("avx512" not in pysparse._C.cpu_isa_supported(),
+                                reason="the slice plan is an AVX-512 kernel")
+
+# (M, K, density; every 5th row is empty): chunks cut by M, slices cut by K, long segments (0.3 x 128
+# columns ~ 38 per slice, past the 32 unrolled), the density window's edges (12.5-25%, and from
+# 6.25% at K >= 2048).
+SHAPES = [(200, 300, 0.2), (64, 256, 0.2), (130, 1000, 0.3), (777, 768, 0.2), (96, 8192, 0.1)]
+
+
+def _pattern(M, K, density, dtype, idx, seed):
+    W = random_sparse(M, K, density, dtype, gen(seed))
+    A = W.to_sparse_csr()
+    crow = A.crow_indices().to(torch.int32)
+    col = A.col_indices().to(idx)
+    return W, crow, col, A.values().to(dtype)
+
+
+def _noncontig(t):
+    return torch.stack([t, t], 1)[:, 0]
+
+
+def _plans():
+    return pysparse._C.csr_plans_made()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("idx", [torch.int16, torch.int32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("n", [33, 64, 130])
+def test_plan_matches_reference_and_row_axpy(dtype, idx, shape, n):
+    M, K, d = shape
+    W, crow, col, val = _pattern(M, K, d, dtype, idx, seed=M + K + n)
+    x = torch.randn(n, K, generator=gen(n)).to(dtype)
+    bias = torch.randn(M, generator=gen(1)).to(dtype)
+    B = torch.randn(K, n, generator=gen(2)).to(dtype)
+    pysparse.set_cpu_isa("avx512")
+    try:
+        made = _plans()
+        y = ops.csr_linear(x, crow, col, val, [M, K], bias)
+        assert _plans() == made + 1, "the product did not take the slice plan"
+        ref = reference_linear(x, W, bias)
+        absref = reference_linear(x.abs(), W.abs(), bias.abs())
+        assert_close(y, ref, absref, dtype, what="linear")
+        y = ops.csr_spmm(crow, col, val, [M, K], B)
+        absref = reference_spmm(W.abs(), B.abs())
+        assert_close(y, reference_spmm(W, B), absref, dtype, what="spmm")
+        axpy = ops.csr_spmm(_noncontig(crow), _noncontig(col), val, [M, K], B)
+        assert _plans() == made + 1, "spmm made a second plan, or the copy took one"
+        assert_close(y, axpy.double(), absref, dtype, factor=2.0, what="plan vs row-axpy")
+    finally:
+        pysparse.set_cpu_isa("auto")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_plan_thread_counts(threads):
+    """Row parts are aligned to the plan's chunks; any thread count gives the 1-thread result."""
+    M, K = 1000, 768
+    W, crow, col, val = _pattern(M, K, 0.2, torch.float32, torch.int16, seed=3)
+    x = torch.randn(300, K, generator=gen(4))
+    with num_threads(1):
+        one = ops.csr_linear(x, crow, col, val, [M, K], None)
+    with num_threads(threads):
+        many = ops.csr_linear(x, crow, col, val, [M, K], None)
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_operand_takes_the_plan():
+    M, K = 300, 512
+    W, crow, col, val = _pattern(M, K, 0.2, torch.float32, torch.int32, seed=5)
+    B = torch.randn(3, K, 96, generator=gen(6))
+    y = ops.csr_spmm(crow, col, val, [M, K], B)
+    ref = torch.stack([W.double() @ b.double() for b in B])
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_unsorted_columns_fall_back():
+    """A row whose columns are not sorted cannot have a plan; the row-axpy kernel serves it."""
+    M, K = 128, 512
+    W, crow, col, val = _pattern(M, K, 0.2, torch.float32, torch.int32, seed=7)
+    r0, r1 = int(crow[1]), int(crow[2])
+    col, val = col.clone(), val.clone()
+    col[r0:r1] = col[r0:r1].flip(0)
+    val[r0:r1] = val[r0:r1].flip(0)
+    x = torch.randn(64, K, generator=gen(8))
+    made = _plans()
+    y = ops.csr_linear(x, crow, col, val, [M, K], None)
+    assert _plans() == made
+    torch.testing.assert_close(y.double(), x.double() @ W.double().t(), rtol=1e-4, atol=1e-4)
+
+
+def test_values_trained_in_place_keep_the_plan_correct():
+    """The plan holds the pattern only: values updated in place (an optimizer step) are read."""
+    M, K = 256, 512
+    W, crow, col, val = _pattern(M, K, 0.2, torch.float32, torch.int16, seed=9)
+    x = torch.randn(128, K, generator=gen(10))
+    ops.csr_linear(x, crow, col, val, [M, K], None)
+    val.mul_(-2.0).add_(0.5)
+    dense = torch.sparse_csr_tensor(crow.long(), col.long(), val, (M, K)).to_dense()
+    y = ops.csr_linear(x, crow, col, val, [M, K], None)
+    torch.testing.assert_close(y.double(), x.double() @ dense.double().t(), rtol=1e-4, atol=1e-4)
+
+
+def test_pattern_written_in_place_gets_a_new_plan():
+    M, K = 256, 512
+    W, crow, col, val = _pattern(M, K, 0.2, torch.float32, torch.int32, seed=11)
+    x = torch.randn(128, K, generator=gen(12))
+    made = _plans()
+    ops.csr_linear(x, crow, col, val, [M, K], None)
+    # Move every column by one slice-sized step, kept sorted and in range: a different matrix.
+    col.copy_((col + 128) % K)
+    rows = torch.repeat_interleave(torch.arange(M), (crow[1:] - crow[:-1]).long())
+    order = torch.argsort(rows * K + col.long())
+    col.copy_(col[order])
+    val.copy_(val[order])
+    dense = torch.sparse_csr_tensor(crow.long(), col.long(), val, (M, K)).to_dense()
+    y = ops.csr_linear(x, crow, col, val, [M, K], None)
+    assert _plans() == made + 2
+    torch.testing.assert_close(y.double(), x.double() @ dense.double().t(), rtol=1e-4, atol=1e-4)
+
+
+def test_pattern_written_behind_the_version_counter_never_reads_out_of_bounds():
+    """A write through .data is not seen: the stale plan keeps its own validated columns, so the
+    product stays in bounds (it may use the old pattern); a new call with fresh tensors is right."""
+    M, K = 256, 512
+    W, crow, col, val = _pattern(M, K, 0.2, torch.float32, torch.int32, seed=13)
+    x = torch.randn(128, K, generator=gen(14))
+    before = ops.csr_linear(x, crow, col, val, [M, K], None)
+    col.data.fill_(10**6)  # out of range, not seen by the version counter
+    again = ops.csr_linear(x, crow, col, val, [M, K], None)
+    assert again.shape == before.shape and torch.isfinite(again).all()
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.csr_linear(x, crow.clone(), col.clone(), val, [M, K], None)
+
+
+def test_inference_tensors_take_the_row_axpy_kernel():
+    M, K = 256, 512
+    with torch.inference_mode():
+        W, crow, col, val = _pattern(M, K, 0.2, torch.float32, torch.int16, seed=15)
+        x = torch.randn(100, K, generator=gen(16))
+        made = _plans()
+        y = ops.csr_linear(x, crow, col, val, [M, K], None)
+        assert _plans() == made
+    torch.testing.assert_close(y.double(), x.double() @ W.double().t(), rtol=1e-4, atol=1e-4)
