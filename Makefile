@@ -57,6 +57,7 @@ demo: build
 
 bench: build
 	PYTHONPATH=. $(PY) benchmarks/bench_spmm.py
+	PYTHONPATH=. $(PY) benchmarks/bench_csr_plan.py
 	PYTHONPATH=. $(PY) benchmarks/bench_nm_spmm.py
 	PYTHONPATH=. $(PY) benchmarks/bench_masked_attention.py
 	PYTHONPATH=. $(PY) benchmarks/bench_pruned_ffn.py

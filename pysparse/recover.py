@@ -5,7 +5,9 @@
 The student (the sparsified model) learns to reproduce the teacher's (the dense model's) outputs
 on unlabeled inputs. Only the kept values of its sparse layers train by default (``train=
 "sparse"``: SparseLinear / SparseConv2d / SparseFFN parameters, their patterns fixed through the
-sparse formats' backward), or every parameter that requires grad (``train="all"``).
+sparse formats' backward; layers ``sparsify`` pruned but kept dense because dense was faster train
+their kept weights, the zeros held by a gradient mask), or every parameter that requires grad
+(``train="all"``).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import itertools
 import math
 import sys
 import time
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,16 +57,21 @@ def _distance(loss: str, s: torch.Tensor, t: torch.Tensor, temperature: float) -
                     reduction="batchmean") * temperature ** 2
 
 
-def _sparse_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
+def _sparse_parameters(model: torch.nn.Module) -> Tuple[List[torch.nn.Parameter], List[Tuple[torch.nn.Parameter, torch.Tensor]]]:
+    """The parameters of pysparse layers, and (weight, mask of its nonzeros) of the layers sparsify
+    pruned but kept dense (its kernel choice marks them), whose zeros must stay zero."""
     from .nn import SparseConv2d, SparseFFN, SparseLinear
-    seen, out = set(), []
+    seen, out, masked = set(), [], []
     for mod in model.modules():
-        if isinstance(mod, (SparseLinear, SparseConv2d, SparseFFN)):
-            for p in mod.parameters():
+        pruned_dense = getattr(mod, "_pysparse_pruned", False) and isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))
+        if isinstance(mod, (SparseLinear, SparseConv2d, SparseFFN)) or pruned_dense:
+            for name, p in mod.named_parameters(recurse=False) if pruned_dense else mod.named_parameters():
                 if id(p) not in seen and p.requires_grad:
                     seen.add(id(p))
                     out.append(p)
-    return out
+                    if pruned_dense and name == "weight":
+                        masked.append((p, (p.detach() != 0).to(p.dtype)))
+    return out, masked
 
 
 def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterable, *, steps: Optional[int] = None,
@@ -101,7 +108,8 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
     batches = list(batches)
     if not batches:
         raise ValueError("pysparse.recover: batches is empty")
-    params = _sparse_parameters(student) if train == "sparse" else [p for p in student.parameters() if p.requires_grad]
+    params, masked = _sparse_parameters(student) if train == "sparse" else \
+        ([p for p in student.parameters() if p.requires_grad], [])
     if not params:
         raise ValueError("pysparse.recover: the student has no trainable parameters "
                          + ("in pysparse layers (sparsify it first, or train='all')" if train == "sparse" else ""))
@@ -114,6 +122,9 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
         if isinstance(m, (SparseLinear, SparseConv2d, SparseFFN)):
             m.train()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # A pruned layer kept dense: its zeros get no gradient, so AdamW's moments and step stay 0 there
+    # (and decoupled weight decay scales a zero to zero).
+    hooks = [p.register_hook(lambda g, m=m: g * m) for p, m in masked]
 
     def evaluate() -> Optional[float]:
         if eval_batches is None:
@@ -143,6 +154,8 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
             report["losses"].append(float(value.detach()))
             bar(report["losses"][-1])
     finally:
+        for h in hooks:
+            h.remove()
         bar(None)
         for m, was in modes.items():
             m.train(was)

@@ -85,3 +85,28 @@ def test_nothing_to_train_and_empty_batches():
         pysparse.recover(copy.deepcopy(teacher), teacher, [torch.randn(2, 4)], steps=1)
     with pytest.raises(ValueError, match="batches is empty"):
         pysparse.recover(copy.deepcopy(teacher), teacher, [], steps=1)
+
+
+def test_layers_kept_dense_by_the_kernel_choice_train_with_their_zeros_held():
+    """sparsify keeps a pruned layer as nn.Linear where dense is faster; recover still trains its
+    kept weights (train="sparse"), and its zeros stay exactly zero."""
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 64), torch.nn.GELU(),
+                                  torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).eval()
+    student = copy.deepcopy(teacher)
+    report = pysparse.sparsify(student, {"*": {"format": "csr", "sparsity": 0.8, "kernel": "dense"}}, time_layers=False)
+    assert {r["kernel"] for r in report} == {"dense"}
+    pruned = {n: m.weight.detach().clone() for n, m in student.named_modules()
+              if isinstance(m, torch.nn.Linear) and (m.weight == 0).any()}
+    assert set(pruned) == {"2", "4"}  # sparsify skips the first and last linear
+    rep = pysparse.recover(student, teacher, _data(1), steps=100, lr=3e-3, loss="mse", weight_decay=0.01,
+                           eval_batches=_data(2), progress=False)
+    assert rep["eval_after"] < 0.5 * rep["eval_before"], rep
+    for n, before in pruned.items():
+        w = student.get_submodule(n).weight.detach()
+        assert torch.equal(w[before == 0], torch.zeros_like(w[before == 0]))  # zeros held
+        assert not torch.equal(w[before != 0], before[before != 0])  # kept weights trained
+    assert torch.equal(student[0].weight, teacher[0].weight)  # unpruned layers untouched
+    # the hooks are gone: a plain backward afterwards sees the full gradient
+    student(_data(3)[0]).sum().backward()
+    assert (student[2].weight.grad[pruned["2"] == 0] != 0).any()

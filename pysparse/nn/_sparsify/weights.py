@@ -78,7 +78,10 @@ def apply_weights(model, recipe, calibration, *, skip_ends: bool, time_layers: b
         elif time_layers and kernel == "auto":
             choice = _choose(name, sparse, dense, stats, shapes, min_speedup, cache, row)
         row["kernel"] = "dense" if choice is dense else choice.format_name
-        # A layer kept dense still carries the pruning (its zeros), so quality is the recipe's.
+        # A layer kept dense still carries the pruning (its zeros), so quality is the recipe's; the
+        # mark lets pysparse.recover train its kept weights with the zeros held.
+        if choice is dense:
+            dense._pysparse_pruned = True
         model.set_submodule(name, choice)
         report.append(row)
 
