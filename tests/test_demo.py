@@ -1,4 +1,4 @@
-"""The main job end to end (quick mode): MiniLM, three recipes, fidelity, plots."""
+"""The main job end to end (quick mode): MiniLM, four recipes and a recovery, fidelity, plots."""
 from __future__ import annotations
 
 import pytest

@@ -99,10 +99,46 @@ def test_bad_recipes():
         pysparse.sparsify(mlp(), {"*": {"format": "nm", "heads": 0.5}})
     with pytest.raises(ValueError, match=r"prunes heads but no module matching its pattern is a recognised attention"):
         pysparse.sparsify(mlp(), {"*": {"heads": 0.5}})
-    with pytest.raises(ValueError, match=r"kernel must be 'auto', 'sparse' or 'dense', got 'fast'"):
+    with pytest.raises(ValueError, match=r"the rule for '\*': 'kernel' must be 'auto', 'sparse' or 'dense', got 'fast'"):
         pysparse.sparsify(mlp(), {"*": {"format": "nm", "kernel": "fast"}})
     with pytest.raises(ValueError, match=r"has no nn.Linear or nn.Conv2d layers"):
-        pysparse.sparsify(torch.nn.ReLU(), {"*": {}})
+        pysparse.sparsify(torch.nn.ReLU(), {"*": {"sparsity": 0.5}})
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"*": {"sparsty": 0.9}}, r"the rule for '\*' has unknown key\(s\) \['sparsty'\] \('sparsty': did you mean 'sparsity'\?\)"),
+    ({"*": {"format": "csr"}}, r"the rule for '\*' \(format 'csr'\) needs a 'sparsity'"),
+    ({"*": {"format": "bsr", "blocksize": (8, 8)}}, r"the rule for '\*' \(format 'bsr'\) needs a 'sparsity'"),
+    ({"*": {"format": "nm", "sparsity": 0.9}}, r"'sparsity' does not apply to format 'nm'"),
+    ({"*": {"format": "csr", "sparsity": 0.5, "n": 2}}, r"'n' and 'm' apply to format 'nm', not 'csr'"),
+    ({"*": {"format": "2:4", "m": 8}}, r"says format '2:4' but 'm' = 8"),
+    ({"*": {"format": "coo", "sparsity": 0.5}}, r"'format' must be one of \['csr', 'bsr', 'nm'\] or 'N:M'"),
+    ({"*": {"sparsity": 1.5}}, r"'sparsity' must be a fraction in \[0, 1\), got 1.5"),
+    ({"*": {"sparsity": "0.5"}}, r"'sparsity' must be a fraction in \[0, 1\), got '0.5'"),
+    ({"encoder.*": {"sparsity": 0.5}}, r"the pattern 'encoder.\*' matches no module of the model \(names look like \['0', '1', '2'\]"),
+    ({"*": {"neurons": 0.5, "drop": "yes"}}, r"'drop' must be True or False, got 'yes'"),
+    ({"*": {"sparsity": 0.5, "scope": "everywhere"}}, r"'scope' must be 'local' or 'global', got 'everywhere'"),
+    ({3: {"sparsity": 0.5}}, r"recipe patterns must be strings"),
+    ([("*", {"sparsity": 0.5})], r"the recipe must be a dict of module-name patterns to rules, got list"),
+])
+def test_recipe_mistakes_raise_one_sentence_naming_the_rule(recipe, message):
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        pysparse.sparsify(model, recipe, time_layers=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was done
+
+
+def test_nm_format_spelled_n_colon_m():
+    a, b = mlp(3), mlp(3)
+    ra = pysparse.sparsify(a, {"*": {"format": "2:4"}}, time_layers=False)
+    rb = pysparse.sparsify(b, {"*": {"format": "nm", "n": 2, "m": 4}}, time_layers=False)
+    assert [r["format"] for r in ra] == [r["format"] for r in rb] == ["2:4"] * len(ra) and ra
+    x = torch.randn(4, 64, generator=gen(3))
+    assert torch.equal(a(x), b(x))
+    c = mlp(3)
+    rc = pysparse.sparsify(c, {"*": {"format": "4:8"}}, time_layers=False)
+    assert [r["format"] for r in rc] == ["4:8"] * len(rc) and rc
 
 
 def _with_bad_index(path, out, key: str, pos: int, value: int):

@@ -19,7 +19,8 @@ tokens, x the output projection's input | "entropy": mean attention entropy, hea
 (refit the output projection by least squares so the pruned block reproduces the dense block's
 output on the calibration inputs).
 Weight rules (on nn.Linear and nn.Conv2d, a conv's weight pruned as its (Cout, Cin*kh*kw)
-matrix and swapped for ``SparseConv2d``): ``format`` ("csr" | "bsr" | "nm"), ``sparsity``, ``n``/``m``,
+matrix and swapped for ``SparseConv2d``): ``format`` ("csr" | "bsr" | "nm" | "N:M" such as "2:4"),
+``sparsity`` (required for csr and bsr; not for nm), ``n``/``m``,
 ``blocksize``, ``criterion`` ("magnitude": |W| | "wanda": |W| * ||x|| | "fisher": (w dL/dw)^2 summed
 over calibration batches | "sparsegpt": ``pysparse.prune.sparsegpt`` with the Hessian of the
 layer's inputs, recorded on the model as pruned so far (one calibration pass per layer, in model
@@ -27,6 +28,9 @@ order), which also updates the kept weights; nn.Linear only), ``scope`` ("local"
 linear the rule matches), ``kernel`` ("auto" | "sparse" | "dense"), ``min_speedup`` (default 1.0).
 "fisher" is the squared (Fisher) form of the first-order Taylor estimate of the loss change; its
 old name "taylor" is still accepted, with a DeprecationWarning.
+The recipe is validated before any work: an unknown key, a value of the wrong kind, a rule that
+would do nothing (csr without a sparsity, a sparsity with nm) or a pattern that matches no module
+raises a ValueError naming the pattern and the key.
 For each module, the last matching pattern wins among the rules that apply to it (weight rules
 for linears; for heads, the rules that set ``heads``; for neurons, those that set ``neurons``).
 By default the first and last nn.Linear / nn.Conv2d of the model are skipped (the most
@@ -77,7 +81,7 @@ def sparsify(model: torch.nn.Module, recipe: Dict[str, Optional[dict]], calibrat
     """
     if progress is None:
         progress = sys.stderr.isatty()
-    _recipe.check(recipe)
+    recipe = _recipe.check(recipe, model)
     report: List[dict] = []
     if any(_recipe.kind(r) == "struct" for r in recipe.values()):
         apply_structure(model, recipe, calibration, progress, report)

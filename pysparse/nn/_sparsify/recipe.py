@@ -2,7 +2,9 @@
 names; and the progress line the stages print while they walk it."""
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import re
 import sys
 import warnings
 from typing import Callable, Dict, Optional, Sequence, Union
@@ -43,13 +45,82 @@ def criterion_of(rule: dict) -> str:
     return DEPRECATED_CRITERIA.get(crit, crit) if isinstance(crit, str) else crit
 
 
-def check(recipe: Dict[str, Optional[dict]]) -> None:
-    """Every rule is a dict or None of one kind; a deprecated criterion name warns (once per name)."""
-    old = set()
+KEYS = STRUCT_KEYS | WEIGHT_KEYS | {"scope", "criterion", "index_dtype"}
+FORMATS = ("csr", "bsr", "nm")
+
+
+def _fraction(pattern: str, key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"sparsify: the rule for {pattern!r}: {key!r} must be a fraction in [0, 1), got {value!r}")
+
+
+def _normalized(pattern: str, rule: dict) -> dict:
+    """The rule with "N:M" formats spelled out; ValueError naming the pattern and the key for an
+    unknown key, a value of the wrong kind, or a combination that would do nothing."""
+    unknown = sorted(set(rule) - KEYS, key=str)
+    if unknown:
+        near = [difflib.get_close_matches(str(k), sorted(KEYS), n=1) for k in unknown]
+        hint = "; ".join(f"{k!r}: did you mean {n[0]!r}?" for k, n in zip(unknown, near) if n)
+        raise ValueError(f"sparsify: the rule for {pattern!r} has unknown key(s) {unknown}" + (f" ({hint})" if hint else "")
+                         + f"; the keys are {sorted(KEYS)}")
+    rule = dict(rule)
+    fmt = rule.get("format")
+    nm = re.fullmatch(r"(\d+):(\d+)", fmt) if isinstance(fmt, str) else None
+    if nm:
+        n, m = int(nm.group(1)), int(nm.group(2))
+        for key, value in (("n", n), ("m", m)):
+            if key in rule and rule[key] != value:
+                raise ValueError(f"sparsify: the rule for {pattern!r} says format {fmt!r} but {key!r} = {rule[key]!r}")
+        rule.update(format="nm", n=n, m=m)
+    if kind(rule) == "weight":
+        fmt = rule.get("format", "csr")
+        if fmt not in FORMATS:
+            raise ValueError(f"sparsify: the rule for {pattern!r}: 'format' must be one of {list(FORMATS)} or 'N:M' "
+                             f"(e.g. '2:4'), got {fmt!r}")
+        if fmt == "nm" and "sparsity" in rule:
+            raise ValueError(f"sparsify: the rule for {pattern!r}: 'sparsity' does not apply to format 'nm' (it keeps n "
+                             f"of every m weights: give 'n' and 'm', or format '2:4')")
+        if fmt != "nm" and ("n" in rule or "m" in rule):
+            raise ValueError(f"sparsify: the rule for {pattern!r}: 'n' and 'm' apply to format 'nm', not {fmt!r}")
+        if fmt != "nm" and "sparsity" not in rule:
+            raise ValueError(f"sparsify: the rule for {pattern!r} (format {fmt!r}) needs a 'sparsity' (the fraction of "
+                             f"weights{' in blocks' if fmt == 'bsr' else ''} to prune; 0 keeps only the zeros already there)")
+        if "sparsity" in rule:
+            _fraction(pattern, "sparsity", rule["sparsity"])
+        if rule.get("kernel", "auto") not in ("auto", "sparse", "dense"):
+            raise ValueError(f"sparsify: the rule for {pattern!r}: 'kernel' must be 'auto', 'sparse' or 'dense', "
+                             f"got {rule['kernel']!r}")
+    else:
+        for key in ("heads", "neurons"):
+            if key in rule:
+                _fraction(pattern, key, rule[key])
+        for key in ("drop", "reconstruct"):
+            if key in rule and not isinstance(rule[key], bool):
+                raise ValueError(f"sparsify: the rule for {pattern!r}: {key!r} must be True or False, got {rule[key]!r}")
+    if rule.get("scope", "local") not in ("local", "global"):
+        raise ValueError(f"sparsify: the rule for {pattern!r}: 'scope' must be 'local' or 'global', got {rule['scope']!r}")
+    return rule
+
+
+def check(recipe: Dict[str, Optional[dict]], model: Optional[torch.nn.Module] = None) -> Dict[str, Optional[dict]]:
+    """The recipe, validated before any work and with "N:M" formats spelled out (format "nm", n,
+    m): every pattern a string that matches a module of `model`, every rule a dict or None of one
+    kind with known keys and values (ValueError naming the pattern and the key); a deprecated
+    criterion name warns (once per name)."""
+    if not isinstance(recipe, dict):
+        raise ValueError(f"sparsify: the recipe must be a dict of module-name patterns to rules, got "
+                         f"{type(recipe).__name__}")
+    names = [n for n, _ in model.named_modules()] if model is not None else None
+    out, old = {}, set()
     for pattern, rule in recipe.items():
+        if not isinstance(pattern, str):
+            raise ValueError(f"sparsify: recipe patterns must be strings (module names, fnmatch), got {pattern!r}")
         if rule is not None and not isinstance(rule, dict):
             raise ValueError(f"sparsify: the rule for {pattern!r} must be a dict or None, got {type(rule).__name__}")
-        kind(rule)
+        if names is not None and not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ValueError(f"sparsify: the pattern {pattern!r} matches no module of the model (names look like "
+                             f"{[n for n in names if n][:3]}; '*' matches across dots)")
+        out[pattern] = None if rule is None else _normalized(pattern, rule)
         crit = None if rule is None else rule.get("criterion")
         if isinstance(crit, str) and crit in DEPRECATED_CRITERIA:
             old.add(crit)
@@ -58,6 +129,7 @@ def check(recipe: Dict[str, Optional[dict]]) -> None:
         warnings.warn(f"sparsify: criterion {name!r} is deprecated, use {DEPRECATED_CRITERIA[name]!r}: the same "
                       f"formula, squared first-order Taylor terms summed over the calibration data (Fisher form); "
                       f"{name!r} will be removed", DeprecationWarning, stacklevel=4)
+    return out
 
 
 def progress(items: list, desc: str, enabled: bool):
