@@ -126,16 +126,36 @@ def test_blocks_default_blocksize_and_dtypes():
 @pytest.mark.parametrize("sparsity", [-0.1, 1.5, float("nan")])
 def test_bad_sparsity(fn, sparsity):
     f = getattr(pysparse.prune, fn)
-    with pytest.raises(ValueError, match=rf"pysparse\.prune\.{fn}: sparsity must be in \[0, 1\], got {re.escape(str(sparsity))}"):
+    with pytest.raises(ValueError, match=rf"pysparse\.prune\.{fn}: sparsity must be a number in \[0, 1\], got {re.escape(repr(sparsity))}"):
         f(torch.ones(4, 4), sparsity) if fn == "magnitude" else f(torch.ones(4, 4), sparsity, (2, 2))
 
 
 @pytest.mark.parametrize("fn", ["magnitude", "blocks"])
-@pytest.mark.parametrize("W", [torch.ones(4), torch.ones(2, 2, 2), torch.ones(4, 4, dtype=torch.int64), [[1.0]]],
-                         ids=["1-D", "3-D", "int", "list"])
+@pytest.mark.parametrize("W", [torch.ones(4, 4, dtype=torch.int64), [[1.0]], torch.tensor(1.0)], ids=["int", "list", "0-D"])
 def test_bad_weight(fn, W):
-    with pytest.raises(ValueError, match=rf"pysparse\.prune\.{fn} needs a 2-D floating-point tensor"):
+    dims = "1 dimension" if fn == "magnitude" else "2 dimensions"
+    with pytest.raises(ValueError, match=rf"pysparse\.prune\.{fn} needs a floating-point tensor with at least {dims}"):
         getattr(pysparse.prune, fn)(W, 0.5)
+    with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\], got '0.5'"):
+        getattr(pysparse.prune, fn)(torch.ones(4, 4), "0.5")
+
+
+def test_any_weight_shape_as_torch_prunes_it():
+    """A conv weight (Cout, Cin, kh, kw) or a 1-D tensor prunes like torch.nn.utils.prune: globally
+    over its entries, per output channel with per_row, blocked as its (Cout, Cin * kh * kw) matrix."""
+    g = gen(21)
+    W = torch.randn(8, 4, 3, 3, generator=g)
+    out = pysparse.prune.magnitude(W, 0.75)
+    assert out.shape == W.shape and int((out == 0).sum()) == round(0.75 * W.numel())
+    assert torch.equal(out, pysparse.prune.magnitude(W.reshape(8, -1), 0.75).view_as(W))
+    rows = pysparse.prune.magnitude(W, 0.5, per_row=True)
+    assert ((rows.reshape(8, -1) == 0).sum(1) == 18).all()
+    C = torch.randn(8, 4, 2, 2, generator=g)  # blocked as its (8, 16) matrix: 2 x 4 blocks of 4 x 4
+    b = pysparse.prune.blocks(C, 0.5, 4)
+    assert b.shape == C.shape and torch.equal(b, pysparse.prune.blocks(C.reshape(8, 16), 0.5, (4, 4)).view_as(C))
+    assert int((b == 0).sum()) == 4 * 16
+    v = torch.randn(10, generator=g)
+    assert int((pysparse.prune.magnitude(v, 0.3) == 0).sum()) == 3
 
 
 @pytest.mark.parametrize("bs", [(4, 4), (4, 5), (0, 1), (1, -1)])
