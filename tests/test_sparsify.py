@@ -158,9 +158,12 @@ def test_save_and_load_bit_identical_and_tamper_refused(tmp_path):
                               "4": {"format": "nm", "min_speedup": 0.0}}, time_layers=False)
     path = tmp_path / "m.safetensors"
     pysparse.nn.save_sparse(model, path)
-    back = pysparse.nn.load_sparse(mlp(99), path)  # a fresh dense model of the same architecture
+    fresh = mlp(99)  # a fresh dense model of the same architecture, in train mode as built
+    assert fresh.training
+    back = pysparse.nn.load_sparse(fresh, path)
+    assert not any(m.training for m in back.modules())  # eval mode, swapped-in layers too
     assert isinstance(back[2], SparseLinear) and back[2].format_name == "csr" and back[4].format_name == "2:4"
-    assert torch.equal(back(x), model(x))
+    assert torch.equal(back(x), model.eval()(x))  # inference, both in eval mode
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
 
@@ -274,7 +277,7 @@ def test_save_and_load_0d_tensors_and_every_dtype(tmp_path):
     for k, v in model.state_dict().items():
         assert _bytes_equal(back.state_dict()[k], v), k
     x = torch.randn(3, 32, generator=gen(3))
-    assert torch.equal(back(x), model(x))
+    assert torch.equal(back(x), model.eval()(x))  # load_sparse returns eval mode: compare inference
 
 
 def test_a_malformed_file_is_a_value_error_naming_it(tmp_path):

@@ -71,7 +71,9 @@ def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
     another shape in the file (pruned heads or neurons) are resized, the recorded layers are
     swapped for SparseLinear modules built from the file, with the formats' full index checks (a
     tampered file is refused with a ValueError naming the problem), attention head counts follow
-    the new projection sizes, then every tensor is loaded strictly. Returns model."""
+    the new projection sizes, then every tensor is loaded strictly. Returns model, in eval mode
+    (as Hugging Face's from_pretrained returns one: a freshly built model is in train mode, with
+    dropout on, and the swapped-in layers would be too); call .train() to fine-tune it."""
     tensors, meta = load_file(path)
     if _KEY not in meta:
         raise ValueError(f"{path}: not a pysparse model file (no {_KEY!r} entry in its metadata)")
@@ -105,4 +107,4 @@ def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
         if p is not None:
             p.set_heads(p.q.out_features // hd, p.k.out_features // hd)
     model.load_state_dict(tensors, strict=True)
-    return model
+    return model.eval()
