@@ -31,20 +31,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout: the pysparse package is at the root
 
 import pysparse  # noqa: E402  (after the path line above)
-from pysparse._demo import _fidelity  # noqa: E402
+from pysparse._demo import _batches as batches, _fidelity  # noqa: E402
 from pysparse.models.corpus import stdlib_sentences  # noqa: E402
 from pysparse.models.minilm import encode, load_minilm  # noqa: E402
 from pysparse.prune import hessian, sparsegpt  # noqa: E402
 
 PATTERNS = {"2:4": {"format": "nm", "n": 2, "m": 4}, "70%": {"format": "csr", "sparsity": 0.7}}
-
-
-def batches(tok, sentences):
-    """Batches of 32 sentences of equal token length (no padding rows)."""
-    by_len = {}
-    for s in sentences:
-        by_len.setdefault(len(tok.encode(s)), []).append(s)
-    return [tok(v[i:i + 32]) for _, v in sorted(by_len.items()) for i in range(0, len(v), 32)]
 
 
 def layer_inputs(model, names, bs):

@@ -83,7 +83,6 @@ static void plan_segments(const int64_t* seg, int64_t nseg, int len, const uint1
   for (int64_t g = 0; g < nseg; ++g, pos += n) {
     float* o = acc + (seg[g] & 0xff) * NB;
     const T* v = val + (seg[g] >> 8);
-
     typename Vec::V a[2][NV];
     for (int q = 0; q < NV; ++q) a[0][q] = Vec::load(o + q * W), a[1][q] = Vec::zero();
 #pragma GCC unroll 32
@@ -136,17 +135,18 @@ static void csr_plan_kernel(const CsrArgs& a, int64_t r0, int64_t r1, int64_t p0
   std::vector<float> acc_buf(size_t(kSuper * kPlanRows * NB));
   float* acc = acc_buf.data();
   const RT* crow = static_cast<const RT*>(a.crow);
+  auto first_row = [&](int64_t c) { return c * kPlanRows < a.M ? c * kPlanRows : a.M; };  // of chunk c
   for (int64_t sc = c0; sc < c1; sc += kSuper) {
     const int64_t se = sc + kSuper < c1 ? sc + kSuper : c1;
     const int64_t m0 = sc * kPlanRows;
-    const int64_t rows = (se * kPlanRows < a.M ? se * kPlanRows : a.M) - m0;
+    const int64_t rows = first_row(se) - m0;
     // The segments read the values in plan order, which no hardware prefetcher follows: cold
     // weights (a model's layers, each read once or twice per call) were demand misses, and the
     // plan lost to the row-axpy (0.8-0.95x). So the next chunks' values are fetched ahead, a few
     // lines per group, as fast as this chunk's values are used.
     const int64_t se_next = se + kSuper < c1 ? se + kSuper : c1;
-    const char* ahead = reinterpret_cast<const char*>(val + crow[se * kPlanRows < a.M ? se * kPlanRows : a.M]);
-    const char* ahead_end = reinterpret_cast<const char*>(val + crow[se_next * kPlanRows < a.M ? se_next * kPlanRows : a.M]);
+    const char* ahead = reinterpret_cast<const char*>(val + crow[first_row(se)]);
+    const char* ahead_end = reinterpret_cast<const char*>(val + crow[first_row(se_next)]);
     for (int64_t p = p0; p < p1; ++p) {
       const float* bp = a.B.b + p * a.B.panel_stride;
       const int64_t j0 = p * NB;
@@ -157,8 +157,8 @@ static void csr_plan_kernel(const CsrArgs& a, int64_t r0, int64_t r1, int64_t p0
           float* acc_c = acc + (c - sc) * kPlanRows * NB;
           for (int64_t g = cs[c * nslices + s], ge = cs[c * nslices + s + 1]; g < ge; ++g) {
             const int64_t L = glen[g];
-            for (int64_t b = 0, nb = ((gseg[g + 1] - gseg[g]) * L * int64_t(sizeof(T)) + 63) / 64;
-                 b < nb && ahead < ahead_end; ++b, ahead += 64)
+            for (int64_t b = 0, lines = ((gseg[g + 1] - gseg[g]) * L * int64_t(sizeof(T)) + 63) / 64;
+                 b < lines && ahead < ahead_end; ++b, ahead += 64)
               __builtin_prefetch(ahead);
             const PlanSegmentsFn<T> fn = L <= kPlanUnrolled ? unrolled[L] : plan_segments<T, 0>;
             fn(seg + gseg[g], gseg[g + 1] - gseg[g], int(L), pos + gpos[g], val, bp, acc_c);

@@ -16,7 +16,7 @@ namespace cpu {
 
 // The plan of (crow, col), or an undefined tensor where the pattern has a row whose columns are
 // not sorted, or an index out of [0, K) (the row-axpy kernel then reads it and reports it).
-// K <= 65536: columns are kept as uint16.
+// K <= 65536 (csr_plan checks): columns are kept as uint16.
 template <typename RT, typename CT>
 static at::Tensor build_plan(const RT* crow, const CT* col, int64_t M, int64_t K) {
   const int64_t nchunks = (M + kPlanRows - 1) / kPlanRows, nslices = (K + kPlanCols - 1) / kPlanCols;
@@ -73,7 +73,7 @@ bool set_csr_plan(bool enabled) { return g_enabled.exchange(enabled); }
 
 at::Tensor csr_plan(const SparseOperand& A) {
   static auto* memo = new CheckedIndices(1024);
-  if (!g_enabled.load() || A.crow.is_inference() || A.col.is_inference()) return at::Tensor();
+  if (!g_enabled.load() || A.K > 65536 || A.crow.is_inference() || A.col.is_inference()) return at::Tensor();
   if (auto seen = memo->find(A.crow, A.col, A.K)) return *seen;
   at::Tensor plan;
   if (A.crow.scalar_type() == at::kInt && A.col.scalar_type() == at::kInt)

@@ -276,13 +276,14 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   // CSR at 64-token panels through its slice plan (csr_impl.h: csr_plan_kernel) where a panel
   // outgrows L1 (K > 2 slices) but stays in L2 (K <= 8192), at densities of 12.5-25%, or from
   // 6.25% where K >= 2048 (the row-axpy's panel, >= 512 KiB, then spills furthest). Measured
-  // (bench_csr_plan.py): 80% sparsity 1.12-1.40x the row-axpy; 90% 1.14-1.28x at K = 3072 but
+  // (bench_csr_plan.py): 80% sparsity 1.13-1.62x the row-axpy; 90% 1.10-1.76x at K >= 3072 but
   // 0.95-1.04x at K = 768; 95% 0.87-1.0x (too few nonzeros per slice to pay for reloading the
   // accumulators); 70% 0.94-1.0x (segments past the unrolled lengths).
-  const int64_t MK = saturating_mul(M, K), nnz = A.values.numel();
+  const int64_t nnz_elems = A.values.numel();
+  const int64_t MK = saturating_mul(M, K);
   const bool plannable = kt.csr_plan && !A.nm() && !A.blocked && it != kI64 && A.stable && !gemv && n > 32 &&
-                         K >= 2 * kPlanCols && K <= 8192 && nnz <= MK / 4 &&
-                         (nnz >= MK / 8 || (K >= 2048 && nnz >= MK / 16));
+                         K >= 2 * kPlanCols && K <= 8192 && nnz_elems <= MK / 4 &&
+                         (nnz_elems >= MK / 8 || (K >= 2048 && nnz_elems >= MK / 16));
   const at::Tensor plan = plannable ? csr_plan(A) : at::Tensor();
   const int nb = gemv ? 1 : token_row ? int(n) : plan.defined() ? 64
                : (A.blocked ? kt.bsr_panel_width(n, K) : kt.csr_panel_width(n, K));
@@ -290,7 +291,6 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   const int64_t esize = A.values.element_size();
   const int64_t rows = A.blocked ? M / A.bh : M;
   const int64_t nthreads = at::get_num_threads();
-  const int64_t nnz_elems = A.values.numel();
   // B used as it is: one contiguous fp32 panel of the right width (a row stride other than nb
   // would make panel rows alias in L1 for n a multiple of 512 B), or the vector of a gemv.
   const bool direct = dt == kF32 && (gemv ? sk == 1 : (sn == 1 && n == nb && sk == nb));

@@ -11,6 +11,8 @@ from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 
+from ...formats import FORMATS
+
 STRUCT_KEYS = {"heads", "neurons", "drop", "reconstruct"}  # "scope" and "criterion" belong to both kinds
 WEIGHT_KEYS = {"format", "sparsity", "n", "m", "blocksize", "kernel", "min_speedup"}
 Calibration = Union[Callable[[torch.nn.Module], object], Sequence[Callable[[torch.nn.Module], object]]]
@@ -46,7 +48,6 @@ def criterion_of(rule: dict) -> str:
 
 
 KEYS = STRUCT_KEYS | WEIGHT_KEYS | {"scope", "criterion", "index_dtype"}
-FORMATS = ("csr", "bsr", "nm")
 
 
 def _fraction(pattern: str, key: str, value) -> None:

@@ -104,8 +104,6 @@ def _structs(model, recipe, calibration):
             raise ValueError(f"sparsify: the recipe prunes {w} but no module matching its pattern is a recognised "
                              f"{'attention' if w == 'heads' else 'feed-forward'} module")
     for key, (what, parts, rule) in structs.items():
-        if not 0.0 <= float(rule[what]) < 1.0:
-            raise ValueError(f"sparsify: {what} for {key.split(':')[0]!r} must be a fraction in [0, 1), got {rule[what]}")
         crit = criterion_of(rule)
         allowed = tuple(c for c in UNIT_CRITERIA if what == "heads" or c != "entropy")
         if crit not in allowed:
@@ -125,9 +123,6 @@ def apply_structure(model, recipe, calibration, show_progress: bool, report: Lis
     structs, drops = _structs(model, recipe, calibration)
     ref = copy.deepcopy(model) if any(r.get("reconstruct") for _, _, r in structs.values()) else None
 
-    for key, (what, p, rule) in structs.items():
-        if rule.get("scope", "local") not in ("local", "global"):
-            raise ValueError(f"sparsify: scope must be 'local' or 'global', got {rule['scope']!r}")
     # Global scope ranks the units of every module a rule matches together, so their scores come
     # from one pass over the unpruned model. Local scores are taken just before each module is
     # pruned, on the model as pruned (and reconstructed) so far, so later layers adapt to earlier ones.

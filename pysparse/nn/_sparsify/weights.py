@@ -50,9 +50,7 @@ def apply_weights(model, recipe, calibration, *, skip_ends: bool, time_layers: b
         rule.pop("criterion", None)
         rule.pop("scope", None)
         min_speedup = float(rule.pop("min_speedup", 1.0))
-        kernel = rule.pop("kernel", "auto")
-        if kernel not in ("auto", "sparse", "dense"):
-            raise ValueError(f"sparsify: kernel must be 'auto', 'sparse' or 'dense', got {kernel!r}")
+        kernel = rule.pop("kernel", "auto")  # checked with the recipe (recipe.check)
         if name in sparsity:
             rule["sparsity"] = sparsity[name]
         if crit == "sparsegpt":
@@ -134,10 +132,7 @@ def _global_sparsity(todo, scores) -> Dict[str, float]:
     scales are; Wanda and Fisher scores are in loss/output units)."""
     groups: Dict[int, list] = {}
     for name, lin, rule in todo:
-        scope = rule.get("scope", "local")
-        if scope not in ("local", "global"):
-            raise ValueError(f"sparsify: scope must be 'local' or 'global', got {scope!r}")
-        if scope == "global":
+        if rule.get("scope") == "global":
             if rule.get("format", "csr") != "csr":
                 raise ValueError(f"sparsify: scope 'global' for {name!r} needs format 'csr' (N:M and blocks are "
                                  f"ranked within their groups and blocks)")
