@@ -37,8 +37,11 @@ $(CUDA_VENV)/.deps:
 	$(CUDA_VENV)/bin/python -m pip install -q --disable-pip-version-check $(CUDA_TORCH) numpy ninja setuptools wheel
 	touch $@
 
+# Quiet unless the compile fails: then its errors, and the target fails (else the stale
+# pysparse._C of the last good build would be imported and tested).
 build: venv
-	$(PY) setup.py -q build_ext --inplace 2>&1 | grep -E "error|Error" || true
+	@mkdir -p build && $(PY) setup.py -q build_ext --inplace > build/build.log 2>&1 \
+		|| { grep -E -A3 "error" build/build.log | head -60; echo "build failed: build/build.log"; exit 1; }
 	$(PY) -c "import pysparse; print('built:', pysparse.info()['cpu_isa_supported'])"
 
 test: build

@@ -1,5 +1,6 @@
-"""The CSR slice plan against the row-axpy kernel it replaces, torch's dense F.linear and the FMA
-peak, side by side in one process (issue 18).
+"""The CSR plans against the kernels they replace, torch's dense F.linear and the machine's
+ceilings, side by side in one process (issue 18): the slice plan against the row-axpy kernel
+(n = 128..1024 tokens), and the gemv's column bitmap against the gathering gemv (decode, n = 1).
 
     cd /work/main && PYTHONPATH=. .venv/bin/python benchmarks/bench_csr_plan.py [--threads 2]
 
@@ -10,7 +11,11 @@ plan (the default), the row-axpy kernel (`_C.set_csr_plan(False)`) and dense fp3
 warm (the same weights every call) and cold (a rotation through copies of the weights totalling
 more than 64 MiB, as a model's layers are: each call reads its weights from L3/DRAM). Rates are
 useful FLOP/s (2 * nnz * n / t) over the fp32 FMA peak measured at the start
-(pysparse.bench.roofline). Writes benchmarks/results/csr_plan.json.
+(pysparse.bench.roofline). Decode rows (LLaMA-style and BERT-base layer shapes at 60-90%
+sparsity, one token): the bitmap (the default), the gathering gemv (plans off) and dense, warm and
+cold (a 512 MiB rotation: more than this host's L3); their rate is the bytes each streams (bitmap: 4 B per value + 1 bit per weight; gather:
+4 + 2 B per value) over the DRAM read bandwidth measured at the start.
+Writes benchmarks/results/csr_plan.json.
 """
 from __future__ import annotations
 
@@ -30,6 +35,58 @@ from pysparse.bench import alternating, cold_copies, roofline, rotating
 SHAPES = [(768, 768), (3072, 768), (768, 3072), (4096, 4096)]
 SPARSITIES = [0.8, 0.9]
 TOKENS = [128, 512, 1024]
+DECODE_SHAPES = [(5632, 2048), (2048, 5632), (2048, 2048), (3072, 768), (768, 3072)]
+DECODE_SPARSITIES = [0.6, 0.7, 0.8]  # 80%: no bitmap (both sides gather: the noise floor)
+DECODE_COLD_MB = 512  # > this host's 300 MiB L3: a decode reads its weights from DRAM
+
+
+def plans_off(fn):
+    """fn run with the plans off: the row-axpy kernel and the gathering gemv."""
+    def run():
+        old = _C.set_csr_plan(False)
+        try:
+            return fn()
+        finally:
+            _C.set_csr_plan(old)
+    return run
+
+
+def decode_rows(args, roof, g):
+    """The column bitmap against the gathering gemv and dense, at one token."""
+    dram = roof.read_gbps.get("DRAM", float("nan"))
+    print(f"\nDecode (n = 1); DRAM read {dram:.1f} GB/s on {args.threads} threads")
+    print("| layer | sparsity | bitmap | default vs gather, warm | cold | default vs dense, warm | cold "
+          "| default GB/s cold (of DRAM) | gather GB/s cold |")
+    print("|---|---:|:-:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for (M, K), s in ((shape, s) for shape in DECODE_SHAPES for s in DECODE_SPARSITIES):
+        W = pysparse.prune.magnitude(torch.randn(M, K, generator=g), s)
+        A = pysparse.CSR.from_dense(W)
+        x = torch.randn(1, K, generator=g)
+        nnz = A.values.numel()
+        bitmap_bytes, gather_bytes = nnz * 4 + M * K / 8, nnz * 6
+        cold_A = rotating(lambda: pysparse.CSR.from_dense(W), gather_bytes, cold=True, mb=DECODE_COLD_MB)
+        cold_W = rotating(lambda: W.clone(), W.numel() * 4, cold=True, mb=DECODE_COLD_MB)
+        made = _C.csr_plans_made()
+        torch.testing.assert_close(pysparse.linear(x, A), F.linear(x, W), rtol=1e-4, atol=1e-3)
+        bitmapped = _C.csr_plans_made() > made
+        for _ in range(cold_copies(gather_bytes, DECODE_COLD_MB << 20)):  # every copy's bitmap made first
+            pysparse.linear(x, cold_A())
+        sides = dict(bitmap=lambda: pysparse.linear(x, A), gather=plans_off(lambda: pysparse.linear(x, A)),
+                     dense=lambda: F.linear(x, W), bitmap_cold=lambda: pysparse.linear(x, cold_A()),
+                     gather_cold=plans_off(lambda: pysparse.linear(x, cold_A())),
+                     dense_cold=lambda: F.linear(x, cold_W()))
+        t = dict(zip(sides, alternating(*sides.values(), rounds=args.rounds, reps=4 * args.reps)))
+        # what the default side streams: the bitmap's bytes where it has one, else the gather's
+        gbps = dict(bitmap=(bitmap_bytes if bitmapped else gather_bytes) / t["bitmap_cold"] / 1e9,
+                    gather=gather_bytes / t["gather_cold"] / 1e9)
+        rows.append(dict(M=M, K=K, sparsity=s, n=1, bitmap=bitmapped, dram_gbps=dram,
+                         **{f"{k}_ms": v * 1e3 for k, v in t.items()}, **{f"{k}_cold_gbps": v for k, v in gbps.items()}))
+        print(f"| {M}x{K} | {s:.0%} | {'yes' if bitmapped else 'no'} | {t['gather'] / t['bitmap']:.2f}x "
+              f"| {t['gather_cold'] / t['bitmap_cold']:.2f}x | {t['dense'] / t['bitmap']:.2f}x "
+              f"| {t['dense_cold'] / t['bitmap_cold']:.2f}x | {gbps['bitmap']:.1f} ({gbps['bitmap'] / dram:.0%}) "
+              f"| {gbps['gather']:.1f} |", flush=True)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -37,6 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--decode-only", action="store_true", help="only the decode (n = 1) rows")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "csr_plan.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -47,7 +105,8 @@ def main(argv=None) -> int:
     print("| layer | sparsity | n | first call ms (makes the plan) | later calls, cold | plan vs row-axpy, warm | cold "
           "| plan vs dense, warm | cold | plan GFLOP/s warm (of peak) | cold | row-axpy GFLOP/s warm (of peak) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for (M, K), s, n in ((shape, s, n) for shape in SHAPES for s in SPARSITIES for n in TOKENS):
+    for (M, K), s, n in ((shape, s, n) for shape in SHAPES for s in SPARSITIES for n in TOKENS
+                         if not args.decode_only):
         W = pysparse.prune.magnitude(torch.randn(M, K, generator=g), s)
         A = pysparse.CSR.from_dense(W)
         x = torch.randn(n, K, generator=g)
@@ -55,15 +114,7 @@ def main(argv=None) -> int:
         cold_A = rotating(lambda: pysparse.CSR.from_dense(W), nbytes, cold=True)
         cold_W = rotating(lambda: W.clone(), W.numel() * 4, cold=True)
 
-        def axpy(fn):
-            def run():
-                old = _C.set_csr_plan(False)
-                try:
-                    return fn()
-                finally:
-                    _C.set_csr_plan(old)
-            return run
-
+        axpy = plans_off
         made = _C.csr_plans_made()
         torch.testing.assert_close(pysparse.linear(x, A), F.linear(x, W), rtol=1e-4, atol=1e-3)
         planned = _C.csr_plans_made() > made
@@ -87,9 +138,11 @@ def main(argv=None) -> int:
               f"| {t['dense_cold'] / t['plan_cold']:.2f}x | {rate['plan']:.0f} ({roof.fraction(rate['plan']):.0%}) "
               f"| {rate['plan_cold']:.0f} ({roof.fraction(rate['plan_cold']):.0%}) "
               f"| {rate['axpy']:.0f} ({roof.fraction(rate['axpy']):.0%}) |", flush=True)
+    decode = decode_rows(args, roof, g)
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump(dict(threads=args.threads, fp32_peak_gflops=roof.fp32_gflops, rows=rows), f, indent=1)
+        json.dump(dict(threads=args.threads, fp32_peak_gflops=roof.fp32_gflops, roofline=roof.as_dict(), rows=rows,
+                       decode=decode), f, indent=1)
     return 0
 
 

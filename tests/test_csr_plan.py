@@ -1,4 +1,5 @@
-"""The CSR slice plan (csrc/cpu/csr_plan.cpp, csr_impl.h: csr_plan_kernel).
+"""The CSR plans (csrc/cpu/csr_plan.cpp): the slice plan (csr_impl.h: csr_plan_kernel) and, at
+the end of this file, the gemv's column bitmap (csr_bitmap_gemv).
 
 The AVX-512 CSR products at n > 32, K in [256, 8192] and 6.25-25% density follow a plan made
 once per pattern. These tests put shapes on that path (rows not a multiple of the 64-row chunks,
@@ -73,17 +74,24 @@ def test_plan_matches_reference_and_row_axpy(dtype, idx, shape, n):
         pysparse.set_cpu_isa("auto")
 
 
+# The two plans, each on its path: (tokens, density).
+KINDS = {"slice plan": (300, 0.2), "bitmap": (1, 0.4)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_plan_thread_counts(threads):
-    """Row parts are aligned to the plan's chunks; any thread count gives the 1-thread result."""
-    M, K = 1000, 768
-    W, crow, col, val = _pattern(M, K, 0.2, torch.float32, torch.int16, seed=3)
-    x = torch.randn(300, K, generator=gen(4))
+def test_plan_thread_counts(kind, threads):
+    """Row parts are aligned to the slice plan's chunks; any thread count gives the 1-thread
+    result, and that is the product."""
+    (n, density), M, K = KINDS[kind], 1000, 768
+    W, crow, col, val = _pattern(M, K, density, torch.float32, torch.int16, seed=3)
+    x = torch.randn(n, K, generator=gen(4))
     with num_threads(1):
         one = ops.csr_linear(x, crow, col, val, [M, K], None)
     with num_threads(threads):
         many = ops.csr_linear(x, crow, col, val, [M, K], None)
     torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one.double(), x.double() @ W.double().t(), rtol=1e-4, atol=1e-4)
 
 
 def test_batched_operand_takes_the_plan():
@@ -110,11 +118,12 @@ def test_unsorted_columns_fall_back():
     torch.testing.assert_close(y.double(), x.double() @ W.double().t(), rtol=1e-4, atol=1e-4)
 
 
-def test_values_trained_in_place_keep_the_plan_correct():
-    """The plan holds the pattern only: values updated in place (an optimizer step) are read."""
-    M, K = 256, 512
-    W, crow, col, val = _pattern(M, K, 0.2, torch.float32, torch.int16, seed=9)
-    x = torch.randn(128, K, generator=gen(10))
+@pytest.mark.parametrize("kind", KINDS)
+def test_values_trained_in_place_keep_the_plan_correct(kind):
+    """A plan holds the pattern only: values updated in place (an optimizer step) are read."""
+    (n, density), M, K = KINDS[kind], 256, 512
+    W, crow, col, val = _pattern(M, K, density, torch.float32, torch.int16, seed=9)
+    x = torch.randn(n, K, generator=gen(10))
     ops.csr_linear(x, crow, col, val, [M, K], None)
     val.mul_(-2.0).add_(0.5)
     dense = torch.sparse_csr_tensor(crow.long(), col.long(), val, (M, K)).to_dense()
@@ -122,10 +131,11 @@ def test_values_trained_in_place_keep_the_plan_correct():
     torch.testing.assert_close(y.double(), x.double() @ dense.double().t(), rtol=1e-4, atol=1e-4)
 
 
-def test_pattern_written_in_place_gets_a_new_plan():
-    M, K = 256, 512
-    W, crow, col, val = _pattern(M, K, 0.2, torch.float32, torch.int32, seed=11)
-    x = torch.randn(128, K, generator=gen(12))
+@pytest.mark.parametrize("kind", KINDS)
+def test_pattern_written_in_place_gets_a_new_plan(kind):
+    (n, density), M, K = KINDS[kind], 256, 512
+    W, crow, col, val = _pattern(M, K, density, torch.float32, torch.int32, seed=11)
+    x = torch.randn(n, K, generator=gen(12))
     made = _plans()
     ops.csr_linear(x, crow, col, val, [M, K], None)
     # Move every column by one slice-sized step, kept sorted and in range: a different matrix.
@@ -154,12 +164,119 @@ def test_pattern_written_behind_the_version_counter_never_reads_out_of_bounds():
         ops.csr_linear(x, crow.clone(), col.clone(), val, [M, K], None)
 
 
-def test_inference_tensors_take_the_row_axpy_kernel():
-    M, K = 256, 512
+@pytest.mark.parametrize("kind", KINDS)
+def test_inference_tensors_take_the_kernel_without_a_plan(kind):
+    (n, density), M, K = KINDS[kind], 256, 512
     with torch.inference_mode():
-        W, crow, col, val = _pattern(M, K, 0.2, torch.float32, torch.int16, seed=15)
-        x = torch.randn(100, K, generator=gen(16))
+        W, crow, col, val = _pattern(M, K, density, torch.float32, torch.int16, seed=15)
+        x = torch.randn(n, K, generator=gen(16))
         made = _plans()
         y = ops.csr_linear(x, crow, col, val, [M, K], None)
         assert _plans() == made
     torch.testing.assert_close(y.double(), x.double() @ W.double().t(), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The gemv's column bitmap (csr_plan.cpp: csr_bitmap, csr_impl.h: csr_bitmap_gemv): CSR at one
+# token, density >= 2/9, K <= 65536. (M, K): K below one 16-column step, K not a multiple of 16,
+# rows not a multiple of the 4-step unroll's 64 columns, the last rows (whose 16-value loads would
+# pass the end of the values: they take the masked loads).
+GEMV_SHAPES = [(200, 300), (64, 16), (33, 17), (130, 1000), (12, 4097), (300, 5), (3, 64)]
+
+
+def _pattern64(M, K, density, dtype, seed):
+    W, crow, col, val = _pattern(M, K, density, dtype, torch.int32, seed)
+    return W, crow.long(), col.long(), val
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("idx", [torch.int16, torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("shape", GEMV_SHAPES, ids=str)
+def test_bitmap_gemv_matches_reference_and_gather(dtype, idx, shape):
+    M, K = shape
+    if idx == torch.int64:
+        W, crow, col, val = _pattern64(M, K, 0.6, dtype, seed=M + K)
+    else:
+        W, crow, col, val = _pattern(M, K, 0.6, dtype, idx, seed=M + K)
+    x = torch.randn(1, K, generator=gen(K)).to(dtype)
+    bias = torch.randn(M, generator=gen(1)).to(dtype)
+    pysparse.set_cpu_isa("avx512")
+    try:
+        made = _plans()
+        y = ops.csr_linear(x, crow, col, val, [M, K], bias)
+        assert _plans() == made + 1, "the gemv did not take the column bitmap"
+        assert_close(y, reference_linear(x, W, bias), reference_linear(x.abs(), W.abs(), bias.abs()), dtype,
+                     what="bitmap gemv")
+        B = x.t().contiguous()
+        absref = reference_spmm(W.abs(), B.abs())
+        y = ops.csr_spmm(crow, col, val, [M, K], B)
+        gather = ops.csr_spmm(_noncontig(crow), _noncontig(col), val, [M, K], B)
+        assert _plans() == made + 1, "spmm made a second bitmap, or the copy took one"
+        assert_close(y, reference_spmm(W, B), absref, dtype, what="bitmap spmm")
+        assert_close(y, gather.double(), absref, dtype, factor=2.0, what="bitmap vs gather")
+    finally:
+        pysparse.set_cpu_isa("auto")
+
+
+def test_bitmap_gemv_skips_pruned_columns_of_x():
+    """An inf or nan in x where a row holds no value stays out of that row's sum, as in the
+    gather (a dense 0 * inf would be nan)."""
+    M, K = 96, 200
+    W, crow, col, val = _pattern(M, K, 0.5, torch.float32, torch.int32, seed=17)
+    x = torch.randn(1, K, generator=gen(18))
+    holds = W != 0
+    kinf, knan = 3, 7
+    x[0, kinf], x[0, knan] = float("inf"), float("nan")
+    made = _plans()
+    y = ops.csr_linear(x, crow, col, val, [M, K], None)
+    assert _plans() == made + 1
+    gather = ops.csr_linear(x, _noncontig(crow), _noncontig(col), val, [M, K], None)
+    clean = ~(holds[:, kinf] | holds[:, knan])
+    assert clean.any() and (~clean).any()
+    assert torch.isfinite(y[0, clean]).all()
+    torch.testing.assert_close(y[0, clean], gather[0, clean], rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.isnan(y), torch.isnan(gather))
+
+
+def test_bitmap_needs_the_density():
+    """Below 2/9 the gathering gemv runs (it is faster there): no bitmap is made."""
+    W, crow, col, val = _pattern(256, 512, 0.1, torch.float32, torch.int32, seed=21)
+    x = torch.randn(1, 512, generator=gen(22))
+    made = _plans()
+    y = ops.csr_linear(x, crow, col, val, [256, 512], None)
+    assert _plans() == made
+    torch.testing.assert_close(y.double(), x.double() @ W.double().t(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fault", ["unsorted", "duplicate"])
+def test_bitmap_gemv_unsorted_or_duplicate_columns_fall_back(fault):
+    """A bitmap cannot say which of two values a column holds, nor keep a row's order: the
+    gathering gemv serves such a pattern (and sums a duplicate's values, as torch does)."""
+    M, K = 128, 512
+    W, crow, col, val = _pattern(M, K, 0.5, torch.float32, torch.int32, seed=23)
+    r0, r1 = int(crow[1]), int(crow[2])
+    col, val = col.clone(), val.clone()
+    if fault == "unsorted":
+        col[r0:r1] = col[r0:r1].flip(0)
+        val[r0:r1] = val[r0:r1].flip(0)
+    else:
+        col[r0 + 1] = col[r0]
+    dense = torch.sparse_csr_tensor(crow.long(), col.long(), val.double(), (M, K)).to_dense()
+    x = torch.randn(1, K, generator=gen(24))
+    made = _plans()
+    y = ops.csr_linear(x, crow, col, val, [M, K], None)
+    assert _plans() == made
+    torch.testing.assert_close(y.double(), x.double() @ dense.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_bitmap_with_row_pointers_written_behind_the_version_counter_stays_in_bounds():
+    """New row bounds written through .data are not seen: the bitmap keeps the row starts it was
+    made with, so the product reads inside the values (old numbers, never out of bounds)."""
+    M, K = 256, 512
+    W, crow, col, val = _pattern(M, K, 0.4, torch.float32, torch.int32, seed=29)
+    x = torch.randn(1, K, generator=gen(30))
+    before = ops.csr_linear(x, crow, col, val, [M, K], None)
+    nnz = int(crow[-1])
+    crow.data[1:-1] = nnz  # all values in row 0 now, as far as the row pointers say
+    again = ops.csr_linear(x, crow, col, val, [M, K], None)
+    torch.testing.assert_close(again, before)

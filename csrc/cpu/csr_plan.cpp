@@ -1,7 +1,8 @@
-// The slice plan of a CSR pattern (layout: kernels.h), made once per pattern and remembered.
-// The AVX-512 CSR panel kernel follows it (csr_impl.h says why it is faster). The plan only
-// depends on the pattern (row pointers and columns), not on the values, so a layer whose values
-// train keeps its plan.
+// The plans of a CSR pattern (layouts: kernels.h), made once per pattern and remembered: the
+// slice plan, which the AVX-512 CSR panel kernel follows, and the column bitmap, which the
+// AVX-512 gemv reads instead of the column indices (csr_impl.h says why each is faster). A plan
+// only depends on the pattern (row pointers and columns), not on the values, so a layer whose
+// values train keeps its plans.
 #include "spmm_common.h"
 
 #include <algorithm>
@@ -63,6 +64,31 @@ static at::Tensor build_plan(const RT* crow, const CT* col, int64_t M, int64_t K
   return plan;
 }
 
+// The column bitmap of (crow, col) (layout: kernels.h). Undefined where a row's columns are not
+// strictly increasing (the bitmap cannot say which of two equal columns a value belongs to) or an
+// index is outside [0, K). The row starts are kept as they were: a write to crow behind its
+// version counter then gives stale numbers, never a read past the values (whose count is the
+// columns', which the memo's key fixes).
+template <typename RT, typename CT>
+static at::Tensor build_bitmap(const RT* crow, const CT* col, int64_t M, int64_t K) {
+  const int64_t words = (K + 15) / 16;
+  at::Tensor bitmap = at::zeros({M + 1 + (M * words + 3) / 4}, at::kLong);
+  int64_t* start = bitmap.data_ptr<int64_t>();
+  uint16_t* bits = reinterpret_cast<uint16_t*>(start + M + 1);
+  for (int64_t r = 0; r < M; ++r) {
+    int64_t prev = -1;
+    start[r] = crow[r];
+    for (int64_t j = crow[r], e = crow[r + 1]; j < e; ++j) {
+      const int64_t k = col[j];
+      if (k <= prev || k >= K) return at::Tensor();
+      bits[r * words + k / 16] |= uint16_t(1u << (k % 16));
+      prev = k;
+    }
+  }
+  start[M] = crow[M];
+  return bitmap;
+}
+
 // Remembered per pattern (the index tensors, weakly, and their versions: checked_indices.h), so
 // an in-place write to the pattern makes a new plan. Inference tensors carry no version counter:
 // their products take the row-axpy kernel rather than a plan made on every call.
@@ -83,6 +109,22 @@ at::Tensor csr_plan(const SparseOperand& A) {
   if (plan.defined()) ++g_made;
   memo->remember(A.crow, A.col, A.K, plan);
   return plan;
+}
+
+at::Tensor csr_bitmap(const SparseOperand& A) {
+  static auto* memo = new CheckedIndices(1024);
+  if (!g_enabled.load() || A.crow.is_inference() || A.col.is_inference()) return at::Tensor();
+  if (auto seen = memo->find(A.crow, A.col, A.K)) return *seen;
+  at::Tensor bitmap;
+  if (A.crow.scalar_type() == at::kLong)
+    bitmap = build_bitmap(A.crow.data_ptr<int64_t>(), A.col.data_ptr<int64_t>(), A.M, A.K);
+  else if (A.col.scalar_type() == at::kInt)
+    bitmap = build_bitmap(A.crow.data_ptr<int32_t>(), A.col.data_ptr<int32_t>(), A.M, A.K);
+  else
+    bitmap = build_bitmap(A.crow.data_ptr<int32_t>(), A.col.data_ptr<int16_t>(), A.M, A.K);
+  if (bitmap.defined()) ++g_made;
+  memo->remember(A.crow, A.col, A.K, bitmap);
+  return bitmap;
 }
 
 }  // namespace cpu

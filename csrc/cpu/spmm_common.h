@@ -51,8 +51,12 @@ SparseOperand check_csr_pattern(const at::Tensor& crow, const at::Tensor& col, c
 // The slice plan of a CSR operand's pattern (csr_plan.cpp; layout: kernels.h), made on first
 // use and remembered; undefined where the pattern cannot have one.
 at::Tensor csr_plan(const SparseOperand& A);
-int64_t csr_plans_made();  // how many plans this process made (tests see which kernel ran)
-bool set_csr_plan(bool enabled);  // plans off: the row-axpy kernel everywhere (benchmarks); returns the old state
+// The column bitmap of a CSR operand's pattern (csr_plan.cpp; layout: kernels.h), for the
+// AVX-512 gemv; made on first use and remembered; undefined where the pattern cannot have one.
+at::Tensor csr_bitmap(const SparseOperand& A);
+int64_t csr_plans_made();  // how many plans (either kind) this process made (tests see which kernel ran)
+// Plans off: the row-axpy kernel and the gathering gemv everywhere (benchmarks); returns the old state.
+bool set_csr_plan(bool enabled);
 SparseOperand check_nm(const at::Tensor& values, const at::Tensor& mask, c10::SymIntArrayRef shape,
                        int64_t n, int64_t m);
 SparseOperand check_bsr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,

@@ -69,6 +69,11 @@ struct CsrArgs {
   // The slice plan (layout above) or null. Only where the table's csr_plan is true, for panels
   // of 64 columns.
   const int64_t* plan = nullptr;
+  // The gemv's column bitmap or null (only where csr_plan is true): M + 1 int64 row starts (the
+  // row pointers when it was made), then M x (K + 15) / 16 uint16 words, row r's bit k (word
+  // k / 16, bit k % 16) set where the row holds column k. Validated when made (columns strictly
+  // increasing and in range), so the kernel follows it unchecked.
+  const int64_t* bitmap = nullptr;
 };
 
 struct BsrArgs {
