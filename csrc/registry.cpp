@@ -37,6 +37,10 @@ TORCH_LIBRARY(pysparse, m) {
   m.def("masked_attention(Tensor q, Tensor k, Tensor v, Tensor? block_kind, int block_q, int block_k, "
         "Tensor? elem_mask, Tensor? bias, int band_lo, int band_hi, Tensor? kv_len, float scale, "
         "Tensor? head_mask) -> Tensor");
+  // Its gradients (dq, dk, dv) for the output gradient grad, given its output out and inputs.
+  m.def("masked_attention_backward(Tensor grad, Tensor out, Tensor q, Tensor k, Tensor v, Tensor? block_kind, "
+        "int block_q, int block_k, Tensor? elem_mask, Tensor? bias, int band_lo, int band_hi, Tensor? kv_len, "
+        "float scale, Tensor? head_mask) -> (Tensor, Tensor, Tensor)");
   // Fused FFN: out = W2 g(x) + b2, g(x) = act(W1 x + b1) [* (W3 x)] [zeroed where |g| <= threshold].
   // Each weight is a format tag and its tensors: "dense" [W], "dense_t" [W^T] (w2 only: the
   // activation-sparse layout), "csr"/"bsr" [crow, col, values], "nm:N:M" [values, mask]; f3 "none"

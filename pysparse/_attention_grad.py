@@ -1,5 +1,7 @@
 """The backward of pysparse::masked_attention over the active tiles only (pysparse.autograd
-registers it).
+registers it). On CPU it is one fused kernel, pysparse::masked_attention_backward
+(csrc/cpu/attention_impl.h: FlashAttention-2's backward over the active tiles). Elsewhere (CUDA,
+until a GPU kernel exists) it runs the gathered-tile path below.
 
 Like the forward, it visits only the (batch, head, query block, key block) tiles the block mask
 does not skip. The tiles are gathered into batches and every product is a batched GEMM
@@ -15,8 +17,8 @@ does not skip. The tiles are gathered into batches and every product is a batche
 
 Everything is fp32 (16-bit inputs are widened per tile); gradients come back in the input dtype.
 A row with no allowed key has P = 0 and gets no gradient, as its output is 0; head_mask's False
-heads get none. What is not done here: a fused CPU kernel (this runs torch's GEMMs on gathered
-tiles), and a gradient for the additive bias (attn_mask as a float tensor is a constant).
+heads get none. What neither path gives: a gradient for the additive bias (attn_mask as a float
+tensor is a constant).
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ _CHUNK_BYTES = 48 * 2**20
 # one process in ten; exp2 is torch's own vectorised code.
 _LOG2E = 1.4426950408889634
 _KEEP_BYTES = 256 * 2**20
+# CPU tensors take the fused kernel; False sends them down the gathered-tile path too (the tests
+# check both paths on CPU: the gathered one is what other devices run).
+_FUSED_CPU = True
 
 
 def _tile(block: int, length: int) -> int:
@@ -46,7 +51,12 @@ def masked_attention_backward(grad: torch.Tensor, out: torch.Tensor, q: torch.Te
                               elem_mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], band_lo: int,
                               band_hi: int, kv_len: Optional[torch.Tensor], scale: float,
                               head_mask: Optional[torch.Tensor], need=(True, True, True)):
-    """(dq, dk, dv) of masked_attention's output `out` for the output gradient `grad`."""
+    """(dq, dk, dv) of masked_attention's output `out` for the output gradient `grad`: the fused
+    CPU kernel (pysparse::masked_attention_backward) on CPU, batched GEMMs over the gathered
+    active tiles elsewhere."""
+    if q.device.type == "cpu" and _FUSED_CPU:
+        return torch.ops.pysparse.masked_attention_backward(grad, out, q, k, v, kind, block_q, block_k, elem_mask,
+                                                            bias, band_lo, band_hi, kv_len, scale, head_mask)
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     f32 = torch.float32

@@ -302,6 +302,13 @@ def _masked_attention_fake(q, k, v, block_kind, block_q, block_k, elem_mask, bia
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
 
+@torch.library.register_fake("pysparse::masked_attention_backward")
+def _masked_attention_backward_fake(grad, out, q, k, v, block_kind, block_q, block_k, elem_mask, bias, band_lo,
+                                    band_hi, kv_len, scale, head_mask):
+    torch._check(grad.shape == out.shape, lambda: "pysparse: grad and out must have the output's shape")
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      block_mask: Optional[BlockMask] = None, attn_mask: Optional[torch.Tensor] = None,
                      is_causal: bool = False, scale: Optional[float] = None,

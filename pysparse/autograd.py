@@ -32,8 +32,9 @@ pruned_ffn: the intermediate is recomputed with the per-format ops (like activat
 checkpointing), then each product's backward above runs; the activation, the gate and the
 threshold (a fixed mask: zeroed entries get no gradient) are differentiated in torch.
 
-masked_attention: over the active tiles only, as batched GEMMs on gathered tiles with the
-softmax statistics recomputed (pysparse/_attention_grad.py); gradients for q, k and v (the
+masked_attention: over the active tiles only, with the softmax statistics recomputed: the
+fused CPU kernel masked_attention_backward, or batched GEMMs on gathered tiles on other devices
+(pysparse/_attention_grad.py dispatches); gradients for q, k and v (the
 block and element masks, the band, key lengths and head_mask are constants; so is the additive
 bias: asking for its gradient is refused).
 """

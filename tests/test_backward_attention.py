@@ -1,8 +1,10 @@
-"""Backward of masked_attention (pysparse/_attention_grad.py): q, k and v gradients against the
-fp64 softmax attention on the same allowed keys, for every kind of mask (band, causal, sliding
-window, key padding, element mask, additive bias with -inf, none), grouped-query heads,
-head_mask, odd lengths and block sizes, fp32 / bf16 / fp16; chunked and two-pass paths; opcheck;
-compile; bad input."""
+"""Backward of masked_attention: the fused CPU kernel (masked_attention_backward) and the
+gathered-tile path other devices run (pysparse/_attention_grad.py), both on CPU. q, k and v
+gradients against the fp64 softmax attention on the same allowed keys, for every kind of mask
+(band, causal, sliding window, key padding, element mask, additive bias with -inf, none),
+grouped-query heads, head_mask, odd lengths and block sizes, fp32 / bf16 / fp16; every ISA and
+thread count of the fused kernel; chunked and two-pass gathered paths; opcheck; compile; bad
+input."""
 from __future__ import annotations
 
 import math
@@ -12,7 +14,14 @@ import torch
 
 import pysparse
 from pysparse import _attention_grad
-from conftest import gen
+from conftest import gen, num_threads
+
+
+@pytest.fixture(params=["fused", "gathered"])
+def path(request, monkeypatch):
+    """Each test runs on the fused CPU kernel and on the gathered-tile path."""
+    monkeypatch.setattr(_attention_grad, "_FUSED_CPU", request.param == "fused")
+    return request.param
 
 
 def _reference(q, k, v, allowed, scale, bias=None):
@@ -83,17 +92,17 @@ def _check(q, k, v, kw, allowed, bias, head_mask=None):
 @pytest.mark.parametrize("mask", ["none", "causal", "sliding", "padding", "elements", "bias", "tiles"])
 @pytest.mark.parametrize("shape", [(2, 4, 2, 37, 50, 16, (16, 16)), (1, 2, 1, 130, 70, 8, (64, 32)),
                                    (1, 3, 3, 5, 9, 4, (64, 64))])
-def test_gradients_match_the_fp64_softmax(mask, shape):
+def test_gradients_match_the_fp64_softmax(mask, shape, path):
     B, H, Hkv, Lq, Lk, D, block = shape
     _check(*_case(mask, B, H, Hkv, Lq, Lk, D, block, torch.float32))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16_bit_inputs(dtype):
+def test_16_bit_inputs(dtype, path):
     _check(*_case("causal", 1, 2, 1, 40, 40, 16, (16, 16), dtype))
 
 
-def test_head_mask_and_rows_without_keys_get_no_gradient():
+def test_head_mask_and_rows_without_keys_get_no_gradient(path):
     q, k, v, kw, allowed, bias = _case("padding", 2, 4, 2, 20, 24, 8, (8, 8), torch.float32)
     hm = torch.tensor([True, False, True, True])
     _check(q, k, v, kw, allowed, bias, head_mask=hm)
@@ -101,6 +110,7 @@ def test_head_mask_and_rows_without_keys_get_no_gradient():
 
 
 def test_chunks_and_two_passes_give_the_same_gradients(monkeypatch):
+    monkeypatch.setattr(_attention_grad, "_FUSED_CPU", False)
     q, k, v, kw, _, _ = _case("tiles", 2, 4, 2, 70, 90, 16, (16, 16), torch.float32)
 
     def grads():
@@ -114,6 +124,35 @@ def test_chunks_and_two_passes_give_the_same_gradients(monkeypatch):
     monkeypatch.setattr(_attention_grad, "_KEEP_BYTES", 0)  # scores computed twice
     for a, b in zip(grads(), one):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("isa", pysparse._C.cpu_isa_supported())
+@pytest.mark.parametrize("mask", ["causal", "elements", "tiles"])
+def test_fused_kernel_on_every_isa(isa, mask):
+    pysparse.set_cpu_isa(isa)
+    try:
+        _check(*_case(mask, 2, 4, 2, 45, 70, 20, (16, 32), torch.float32, seed=3))
+    finally:
+        pysparse.set_cpu_isa("auto")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("heads", [(1, 1), (2, 8)])
+def test_fused_kernel_thread_counts(threads, heads):
+    """Key blocks split into parts (each with its own dQ) when there are few heads: the same
+    gradients for any thread count."""
+    B, (Hkv, H) = 1, heads
+    q, k, v, kw, _, _ = _case("causal", B, H, Hkv, 150, 150, 16, (32, 32), torch.float32, seed=4)
+
+    def grads(n):
+        for t in (q, k, v):
+            t.grad = None
+        with num_threads(n):
+            pysparse.masked_attention(q, k, v, **kw).square().sum().backward()
+        return [t.grad.clone() for t in (q, k, v)]
+
+    for a, b in zip(grads(threads), grads(2)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_bias_gradient_is_refused():

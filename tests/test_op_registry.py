@@ -47,6 +47,8 @@ SAMPLES = {
     "nm_linear": lambda: (_x(3, 64), *_nm().tensors(), [32, 64], 2, 4, _x(32), "gelu"),
     "masked_attention": lambda: (_x(1, 2, 70, 16), _x(1, 2, 70, 16), _x(1, 2, 70, 16), None, 64, 64, None, None,
                                  -70, 0, None, 0.25, None),
+    "masked_attention_backward": lambda: (_x(1, 2, 70, 16), _x(1, 2, 70, 16), _x(1, 2, 70, 16), _x(1, 1, 70, 16),
+                                          _x(1, 1, 70, 16), None, 64, 64, None, None, -70, 0, None, 0.25, None),
     "pruned_ffn": lambda: (_x(4, 64), "nm:2:4", list(_nm().tensors()), _x(32), "dense", [_x(64, 32)], None,
                            "none", [], 32, "relu", 0.0),
 }

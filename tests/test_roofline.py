@@ -10,16 +10,19 @@ from pysparse.bench import Roofline, cache_sizes, roofline
 
 
 def test_fma_peak_bounds_torch_matmul():
-    # torch's fp32 GEMM runs on the same FMA units: it cannot beat the probe (10% for noise).
+    # torch's fp32 GEMM runs on the same FMA units: it cannot beat the probe (10% for noise). The
+    # two alternate and each keeps its best, so a busy second on a shared host (which once read
+    # the probe at 169 GFLOP/s against torch's 243) lowers neither alone.
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     torch.mm(a, b)
-    best = 1e9
-    for _ in range(5):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
+    best, peak = 1e9, 0.0
+    for _ in range(3):
+        for _ in range(3):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        peak = max(peak, _C.probe_flops("fp32", torch.get_num_threads(), 0.1))
     torch_gflops = 2 * 1024**3 / best / 1e9
-    peak = _C.probe_flops("fp32", torch.get_num_threads(), 0.1)
     assert peak > 0
     assert torch_gflops < 1.1 * peak, (torch_gflops, peak)
 

@@ -119,6 +119,12 @@ def test_bad_recipes():
     ({"*": {"neurons": 0.5, "drop": "yes"}}, r"'drop' must be True or False, got 'yes'"),
     ({"*": {"sparsity": 0.5, "scope": "everywhere"}}, r"'scope' must be 'local' or 'global', got 'everywhere'"),
     ({3: {"sparsity": 0.5}}, r"recipe patterns must be strings"),
+    ({"*": {"sparsity": 0.5, "allocation": "even"}}, r"'allocation' must be 'uniform' or 'owl', got 'even'"),
+    ({"*": {"format": "2:4", "allocation": "owl"}}, r"allocation 'owl' spreads a sparsity .* format 'nm' has a fixed one"),
+    ({"*": {"sparsity": 0.5, "allocation": "owl", "scope": "global"}}, r"allocation 'owl' and scope 'global' both"),
+    ({"*": {"sparsity": 0.5, "owl_lambda": 0.1}}, r"\['owl_lambda'\] apply to allocation 'owl'"),
+    ({"*": {"sparsity": 0.5, "allocation": "owl", "owl_lambda": 0.7}}, r"'owl_lambda' .* must be in \(0, 0.5\], got 0.7"),
+    ({"*": {"sparsity": 0.5, "allocation": "owl", "owl_m": 0}}, r"'owl_m' .* must be > 0, got 0"),
     ([("*", {"sparsity": 0.5})], r"the recipe must be a dict of module-name patterns to rules, got list"),
 ])
 def test_recipe_mistakes_raise_one_sentence_naming_the_rule(recipe, message):
@@ -190,6 +196,28 @@ def test_global_scope_ranks_weights_across_layers():
     assert (by["2"] + by["4"]) / 2 == pytest.approx(0.5, abs=0.01)  # equal sizes: the average is the target
     with pytest.raises(ValueError, match=r"scope 'global' for '2' needs format 'csr'"):
         pysparse.sparsify(mlp(), {"*": {"format": "nm", "scope": "global"}})
+
+
+def test_owl_allocation_keeps_more_of_the_blocks_with_outliers():
+    """allocation "owl": blocks (numbered modules) whose |W| * ||x|| scores hold more outliers are
+    pruned less, every layer of a block alike, and the target holds over the layers by size."""
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+                                 for _ in range(3))
+    with torch.no_grad():
+        blocks[1][0].weight[:, :4] *= 30  # block 1: a few loud input columns, many outliers
+    model = torch.nn.Sequential(*blocks)
+    x = torch.randn(128, 64, generator=gen(5))
+    with pytest.raises(ValueError, match=r"allocation 'owl' for '0.0' needs calibration inputs"):
+        pysparse.sparsify(copy.deepcopy(model), {"*": {"sparsity": 0.6, "allocation": "owl"}}, time_layers=False,
+                          skip_ends=False)
+    report = pysparse.sparsify(model, {"*": {"format": "csr", "sparsity": 0.6, "allocation": "owl", "owl_lambda": 0.1}},
+                               calibration=lambda m: m(x), time_layers=False, skip_ends=False)
+    by = {r["name"]: r["sparsity"] for r in report}
+    assert by["1.0"] == pytest.approx(by["1.2"], abs=0.01) and by["0.0"] == pytest.approx(by["0.2"], abs=0.01)
+    assert by["1.0"] < by["0.0"] - 0.05 and by["1.0"] < by["2.0"] - 0.05
+    assert max(by.values()) - min(by.values()) <= 0.2 + 0.02  # within 2 owl_lambda
+    assert sum(by.values()) / len(by) == pytest.approx(0.6, abs=0.01)  # equal sizes: the mean is the target
 
 
 def small_cnn(seed=0):

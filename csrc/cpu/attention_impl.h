@@ -156,10 +156,10 @@ struct PV {
 
 static inline int64_t round_vec(int64_t x) { return (x + Vec::W - 1) / Vec::W * Vec::W; }
 
-// A thread's buffer of at least n floats, kept across calls (see the header: fresh buffers per
+// A thread's buffer of at least n floats (slots 0-2: the forward, 3-13: the backward), kept across calls (see the header: fresh buffers per
 // call were page-fault bound).
 static inline float* thread_buffer(int slot, size_t n) {
-  static thread_local std::vector<float> bufs[3];
+  static thread_local std::vector<float> bufs[14];
   if (bufs[slot].size() < n) bufs[slot].resize(n);
   return bufs[slot].data();
 }
@@ -170,6 +170,111 @@ struct KvPack {
   const float* v;
   int64_t bkp, ldv;
 };
+
+// The scores (in log2 units: Q arrives pre-scaled by scale * log2(e)) of query rows [i0, i0 + rows)
+// of (b, h) against key block kb of kind `kind` (1 partial, 2 full), into S (ld bkp, a whole
+// number of vectors wide): S = Q K^T (Q rows a.Dk apart, kt the block's packed K^T), + bias on
+// every visited block, the band, key length and element mask on a partial block, -inf past the
+// block's keys. The forward and the backward score a block here, so they mask alike.
+static inline void score_block(const AttnArgs& a, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t kb,
+                               int kind, const float* Q, const float* kt, int64_t bkp, float* S) {
+  const int64_t j0 = kb * a.bk, cols = a.Lk - j0 < a.bk ? a.Lk - j0 : a.bk;
+  const int64_t nk = (cols + Vec::W - 1) / Vec::W, width = nk * Vec::W;
+  over_tiles<QK>(rows, nk, a.Dk, bkp, Q, kt, S, a.Dk, bkp, bkp, a.Dk);
+  const uint8_t* em = a.emask ? a.emask + b * a.sm[0] + h * a.sm[1] + i0 * a.sm[2] : nullptr;
+  const float* bias = a.bias ? a.bias + b * a.sbias[0] + h * a.sbias[1] + i0 * a.sbias[2] : nullptr;
+  const int64_t kvlen = a.kv_len ? a.kv_len[b] : a.Lk;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = S + r * bkp;
+    const int64_t i = i0 + r;
+    if (bias) {
+      const float* br = bias + r * a.sbias[2] + j0 * a.sbias[3];
+      // -inf excludes the key whatever its score: a +inf score plus -inf would be NaN.
+      for (int64_t j = 0; j < cols; ++j) {
+        const float bj = br[j * a.sbias[3]];
+        s[j] = bj == -INFINITY ? -INFINITY : s[j] + bj * kLog2e;
+      }
+    }
+    if (kind == 1) {
+      // Partial block: the band and key length as index ranges, the element mask per entry.
+      int64_t lo = i + a.band_lo - j0, hi = i + a.band_hi - j0 + 1;  // allowed j in [lo, hi)
+      if (kvlen - j0 < hi) hi = kvlen - j0;
+      lo = lo < 0 ? 0 : lo > cols ? cols : lo;
+      hi = hi < lo ? lo : hi > cols ? cols : hi;
+      for (int64_t j = 0; j < lo; ++j) s[j] = -INFINITY;
+      for (int64_t j = hi; j < cols; ++j) s[j] = -INFINITY;
+      if (em) {  // branch-free select: a random mask mispredicts a branch half the time
+        const uint8_t* mr = em + r * a.sm[2] + j0 * a.sm[3];
+        if (a.sm[3] == 1)
+          for (int64_t j = lo; j < hi; ++j) s[j] = mr[j] ? s[j] : -INFINITY;
+        else
+          for (int64_t j = lo; j < hi; ++j) s[j] = mr[j * a.sm[3]] ? s[j] : -INFINITY;
+      }
+    }
+    for (int64_t j = cols; j < width; ++j) s[j] = -INFINITY;
+  }
+}
+
+// One row's online-softmax step over its scores s in a block (width entries, the first cols of
+// them keys): s becomes exp2(s - m_new), all 0 while the row has no allowed key; m and l move to
+// the new running max and sum. Returns the factor by which what earlier blocks added must be
+// rescaled (1 when the max did not move or nothing was added yet).
+static inline float softmax_step(float* s, int64_t cols, int64_t width, float& m, float& l) {
+  auto mx = Vec::load(s);
+  for (int64_t c = Vec::W; c < width; c += Vec::W) mx = Vec::max(mx, Vec::load(s + c));
+  const float rmax = Vec::hmax(mx);
+  float mnew = m > rmax ? m : rmax;
+  if (mnew == -INFINITY) {
+    // Nothing allowed in this row yet (P = 0), unless the max skipped a NaN (vector max drops
+    // one operand's NaN): then the row must become NaN, as in SDPA.
+    bool nan = false;
+    for (int64_t j = 0; j < cols; ++j) nan |= s[j] != s[j];
+    if (!nan) {
+      for (int64_t j = 0; j < width; ++j) s[j] = 0.f;
+      return 1.f;
+    }
+    mnew = NAN;
+  }
+  const auto vm = Vec::set1(mnew);
+  auto sum = Vec::zero();
+  for (int64_t c = 0; c < width; c += Vec::W) {
+    const auto p = Vec::exp2(Vec::sub(Vec::load(s + c), vm));
+    Vec::store(s + c, p);
+    sum = Vec::add(sum, p);
+  }
+  float alpha = 1.f;
+  if (mnew != m) {
+    if (l > 0.f) alpha = exp2f(m - mnew), l *= alpha;
+    m = mnew;
+  }
+  l += Vec::hsum(sum);
+  return alpha;
+}
+
+// dst[d * bkp + j] = src[(j0 + j) * ld + d] (as fp32) for d < D, j < bkp: rows [j0, j0 + cols)
+// of one head's K (or V) transposed, zero past the block's rows.
+template <typename T>
+static void pack_transposed_block(const T* src, int64_t ld, int64_t j0, int64_t cols, int64_t D, int64_t bkp,
+                                  float* dst) {
+  int64_t j = 0;
+#if PYSPARSE_ISA_LEVEL == 2
+  // 16 keys x 16 dims at a time through registers: the scalar transpose was as costly as the
+  // FMAs on 16-key tiles (L = 128, random 16x16 mask).
+  for (; j + 16 <= cols; j += 16) {
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = Vec::load_cvt(src + (j0 + j + i) * ld + d);
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) Vec::store(dst + (d + i) * bkp + j, r[i]);
+    }
+    for (; d < D; ++d)
+      for (int i = 0; i < 16; ++i) dst[d * bkp + j + i] = to_f32(src[(j0 + j + i) * ld + d]);
+  }
+#endif
+  for (; j < bkp; ++j)
+    for (int64_t d = 0; d < D; ++d) dst[d * bkp + j] = j < cols ? to_f32(src[(j0 + j) * ld + d]) : 0.f;
+}
 
 // One (b, h, query block): its query tile against the active key blocks.
 template <typename T>
@@ -201,75 +306,19 @@ static void attn_tile(const AttnArgs& a, int64_t b, int64_t h, int64_t qb, const
   for (int64_t r = 0; r < rows; ++r) mrow[r] = -INFINITY, lrow[r] = 0.f;
 
   const int8_t* kinds = a.kind ? a.kind + b * a.kind_sb + h * a.kind_sh + qb * a.KB : nullptr;
-  const uint8_t* em = a.emask ? a.emask + b * a.sm[0] + h * a.sm[1] + i0 * a.sm[2] : nullptr;
-  const float* bias = a.bias ? a.bias + b * a.sbias[0] + h * a.sbias[1] + i0 * a.sbias[2] : nullptr;
-  const int64_t kvlen = a.kv_len ? a.kv_len[b] : a.Lk;
   for (int64_t kb = 0; kb < a.KB; ++kb) {
     const int kind = kinds ? kinds[kb] : 1;
     if (kind == 0) continue;
     const int64_t j0 = kb * a.bk, cols = a.Lk - j0 < a.bk ? a.Lk - j0 : a.bk;
-    const int64_t nk = (cols + Vec::W - 1) / Vec::W, width = nk * Vec::W;
-    over_tiles<QK>(rows, nk, a.Dk, bkp, Q, kv.kt + kb * a.Dk * bkp, S, a.Dk, bkp, bkp, a.Dk);
+    const int64_t width = (cols + Vec::W - 1) / Vec::W * Vec::W;
+    score_block(a, b, h, i0, rows, kb, kind, Q, kv.kt + kb * a.Dk * bkp, bkp, S);
     for (int64_t r = 0; r < rows; ++r) {
       float* s = S + r * bkp;
-      const int64_t i = i0 + r;
-      if (bias) {
-        const float* br = bias + r * a.sbias[2] + j0 * a.sbias[3];
-        // -inf excludes the key whatever its score: a +inf score plus -inf would be NaN.
-        for (int64_t j = 0; j < cols; ++j) {
-          const float bj = br[j * a.sbias[3]];
-          s[j] = bj == -INFINITY ? -INFINITY : s[j] + bj * kLog2e;
-        }
+      const float alpha = softmax_step(s, cols, width, mrow[r], lrow[r]);
+      if (alpha != 1.f) {  // rescale what earlier blocks added
+        const auto va = Vec::set1(alpha);
+        for (int64_t c = 0; c < nv * Vec::W; c += Vec::W) Vec::store(O + r * dvp + c, Vec::mul(Vec::load(O + r * dvp + c), va));
       }
-      if (kind == 1) {
-        // Partial block: the band and key length as index ranges, the element mask per entry.
-        int64_t lo = i + a.band_lo - j0, hi = i + a.band_hi - j0 + 1;  // allowed j in [lo, hi)
-        if (kvlen - j0 < hi) hi = kvlen - j0;
-        lo = lo < 0 ? 0 : lo > cols ? cols : lo;
-        hi = hi < lo ? lo : hi > cols ? cols : hi;
-        for (int64_t j = 0; j < lo; ++j) s[j] = -INFINITY;
-        for (int64_t j = hi; j < cols; ++j) s[j] = -INFINITY;
-        if (em) {  // branch-free select: a random mask mispredicts a branch half the time
-          const uint8_t* mr = em + r * a.sm[2] + j0 * a.sm[3];
-          if (a.sm[3] == 1)
-            for (int64_t j = lo; j < hi; ++j) s[j] = mr[j] ? s[j] : -INFINITY;
-          else
-            for (int64_t j = lo; j < hi; ++j) s[j] = mr[j * a.sm[3]] ? s[j] : -INFINITY;
-        }
-      }
-      for (int64_t j = cols; j < width; ++j) s[j] = -INFINITY;
-      auto mx = Vec::load(s);
-      for (int64_t c = Vec::W; c < width; c += Vec::W) mx = Vec::max(mx, Vec::load(s + c));
-      const float rmax = Vec::hmax(mx);
-      float mnew = mrow[r] > rmax ? mrow[r] : rmax;
-      if (mnew == -INFINITY) {
-        // Nothing allowed in this row yet (P = 0), unless the max skipped a NaN (vector max
-        // drops one operand's NaN): then the row must become NaN, as in SDPA.
-        bool nan = false;
-        for (int64_t j = 0; j < cols; ++j) nan |= s[j] != s[j];
-        if (!nan) {
-          for (int64_t j = 0; j < width; ++j) s[j] = 0.f;
-          continue;
-        }
-        mnew = NAN;
-      }
-      const auto vm = Vec::set1(mnew);
-      auto sum = Vec::zero();
-      for (int64_t c = 0; c < width; c += Vec::W) {
-        const auto p = Vec::exp2(Vec::sub(Vec::load(s + c), vm));
-        Vec::store(s + c, p);
-        sum = Vec::add(sum, p);
-      }
-      if (mnew != mrow[r]) {
-        if (lrow[r] > 0.f) {  // rescale what earlier blocks added (nothing on a row's first block)
-          const float alpha = exp2f(mrow[r] - mnew);
-          const auto va = Vec::set1(alpha);
-          for (int64_t c = 0; c < nv * Vec::W; c += Vec::W) Vec::store(O + r * dvp + c, Vec::mul(Vec::load(O + r * dvp + c), va));
-          lrow[r] *= alpha;
-        }
-        mrow[r] = mnew;
-      }
-      lrow[r] += Vec::hsum(sum);
     }
     over_tiles<PV>(rows, nv, bkp, dvp, S, kv.v + j0 * kv.ldv, O, bkp, kv.ldv, dvp, cols);
   }
@@ -316,27 +365,7 @@ static void attn_kv_head(const AttnArgs& a, int64_t task) {
   for (int64_t kb = 0; kb < a.KB; ++kb) {
     if (!used[size_t(kb)]) continue;
     const int64_t j0 = kb * a.bk, cols = a.Lk - j0 < a.bk ? a.Lk - j0 : a.bk;
-    float* dst = kt + kb * a.Dk * kv.bkp;
-    int64_t j = 0;
-#if PYSPARSE_ISA_LEVEL == 2
-    // 16 keys x 16 dims at a time through registers: the scalar transpose was as costly as the
-    // FMAs on 16-key tiles (L = 128, random 16x16 mask).
-    for (; j + 16 <= cols; j += 16) {
-      int64_t d = 0;
-      for (; d + 16 <= a.Dk; d += 16) {
-        __m512 r[16];
-        for (int i = 0; i < 16; ++i) r[i] = Vec::load_cvt(k + (j0 + j + i) * a.sk[2] + d);
-        transpose16(r);
-        for (int i = 0; i < 16; ++i) Vec::store(dst + (d + i) * kv.bkp + j, r[i]);
-      }
-      for (; d < a.Dk; ++d)
-        for (int i = 0; i < 16; ++i) dst[d * kv.bkp + j + i] = to_f32(k[(j0 + j + i) * a.sk[2] + d]);
-    }
-#endif
-    for (; j < kv.bkp; ++j) {
-      const T* row = k + (j0 + j) * a.sk[2];
-      for (int64_t d = 0; d < a.Dk; ++d) dst[d * kv.bkp + j] = j < cols ? to_f32(row[d]) : 0.f;
-    }
+    pack_transposed_block(k, a.sk[2], j0, cols, a.Dk, kv.bkp, kt + kb * a.Dk * kv.bkp);
     if (vp)
       for (int64_t j = j0; j < j0 + cols; ++j)
         for (int64_t d = 0; d < dvp; ++d) vp[j * dvp + d] = d < a.Dv ? to_f32(v[j * a.sv[2] + d]) : 0.f;
@@ -347,4 +376,178 @@ static void attn_kv_head(const AttnArgs& a, int64_t task) {
 
   float* scratch = thread_buffer(2, size_t(a.bq * (a.Dk + kv.bkp + dvp + 2)));
   for (int64_t p = p0; p < p1; ++p) attn_tile<T>(a, b, pair_head(p), pair_qblock(p), kv, scratch);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The backward (FlashAttention-2's, on CPU), fp32. Pass 1 recomputes each row's softmax
+// statistics over its active blocks (the forward does not keep them) and delta = rowsum(dO * O).
+// Pass 2 walks key blocks: for each, every (head of the group, query block) tile the mask keeps
+// is scored again (score_block: the forward's masking), P = exp2(S - lse), and
+//   dV += P^T dO,  dP = dO V^T,  dS = P (dP - delta) scale,  dK += dS^T Q,  dQ += dS K,
+// P^T and dS^T through a register transpose, every product on the forward's register tiles. A
+// task owns its key blocks' dK and dV (kept in L1/L2 across the tiles) and its part's dQ.
+
+// dst[j * ldd + r] = src[r * lds + j] for r < rows, j < width (a multiple of the vector width).
+// AVX-512 reads whole 16-row blocks: src must hold round16(rows) rows, dst round16(rows) columns
+// (the extra ones are never read back).
+static inline void transpose_rows(const float* src, int64_t rows, int64_t width, int64_t lds, float* dst, int64_t ldd) {
+#if PYSPARSE_ISA_LEVEL == 2
+  for (int64_t r0 = 0; r0 < rows; r0 += 16)
+    for (int64_t j0 = 0; j0 < width; j0 += 16) {
+      __m512 t[16];
+      for (int i = 0; i < 16; ++i) t[i] = _mm512_loadu_ps(src + (r0 + i) * lds + j0);
+      transpose16(t);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (j0 + i) * ldd + r0, t[i]);
+    }
+#else
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < width; ++j) dst[j * ldd + r] = src[r * lds + j];
+#endif
+}
+
+static void attn_bwd_stats(const AttnBwdArgs& g, int64_t task) {
+  const AttnArgs& a = g.f;
+  const int64_t bh = task / a.parts, part = task % a.parts, b = bh / a.Hkv, hk = bh % a.Hkv;
+  const int64_t group = a.H / a.Hkv, npairs = group * a.QB;
+  const int64_t p0 = npairs * part / a.parts, p1 = npairs * (part + 1) / a.parts;
+  const int64_t bkp = round_vec(a.bk);
+  const float* k = static_cast<const float*>(a.k) + b * a.sk[0] + hk * a.sk[1];
+  float* kt = thread_buffer(3, size_t(a.KB * a.Dk * bkp));
+  for (int64_t kb = 0; kb < a.KB; ++kb) {
+    const int64_t j0 = kb * a.bk, cols = a.Lk - j0 < a.bk ? a.Lk - j0 : a.bk;
+    pack_transposed_block(k, a.sk[2], j0, cols, a.Dk, bkp, kt + kb * a.Dk * bkp);
+  }
+  float* Q = thread_buffer(4, size_t(a.bq * a.Dk));
+  float* S = thread_buffer(5, size_t(a.bq * bkp));
+  float* m = thread_buffer(6, size_t(2 * a.bq));
+  float* l = m + a.bq;
+  const float qscale = a.scale * kLog2e;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t h = hk * group + p / a.QB, qb = p % a.QB;
+    if (a.head_mask && !a.head_mask[h]) continue;
+    const int64_t i0 = qb * a.bq, rows = a.Lq - i0 < a.bq ? a.Lq - i0 : a.bq;
+    const float* q = static_cast<const float*>(a.q) + b * a.sq[0] + h * a.sq[1] + i0 * a.sq[2];
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t d = 0; d < a.Dk; ++d) Q[r * a.Dk + d] = q[r * a.sq[2] + d] * qscale;
+      m[r] = -INFINITY, l[r] = 0.f;
+    }
+    const int8_t* kinds = a.kind ? a.kind + b * a.kind_sb + h * a.kind_sh + qb * a.KB : nullptr;
+    for (int64_t kb = 0; kb < a.KB; ++kb) {
+      const int kind = kinds ? kinds[kb] : 1;
+      if (kind == 0) continue;
+      const int64_t cols = a.Lk - kb * a.bk < a.bk ? a.Lk - kb * a.bk : a.bk;
+      const int64_t width = (cols + Vec::W - 1) / Vec::W * Vec::W;
+      score_block(a, b, h, i0, rows, kb, kind, Q, kt + kb * a.Dk * bkp, bkp, S);
+      for (int64_t r = 0; r < rows; ++r) softmax_step(S + r * bkp, cols, width, m[r], l[r]);
+    }
+    float* lse = g.lse + (b * a.H + h) * a.Lq + i0;
+    float* delta = g.delta + (b * a.H + h) * a.Lq + i0;
+    const float* dout = g.dout + b * g.sdo[0] + h * g.sdo[1] + i0 * g.sdo[2];
+    const float* out = g.out + b * g.sout[0] + h * g.sout[1] + i0 * g.sout[2];
+    for (int64_t r = 0; r < rows; ++r) {
+      // No allowed key: P = 0 (exp2(s - inf)); a NaN row stays NaN.
+      lse[r] = l[r] > 0.f || l[r] != l[r] ? m[r] + log2f(l[r]) : INFINITY;
+      float dl = 0.f;
+      for (int64_t d = 0; d < a.Dv; ++d) dl += dout[r * g.sdo[2] + d] * out[r * g.sout[2] + d];
+      delta[r] = dl;
+    }
+  }
+}
+
+static void attn_bwd_grads(const AttnBwdArgs& g, int64_t task) {
+  const AttnArgs& a = g.f;
+  const int64_t bh = task / g.kv_parts, part = task % g.kv_parts, b = bh / a.Hkv, hk = bh % a.Hkv;
+  const int64_t group = a.H / a.Hkv;
+  const int64_t kb0 = a.KB * part / g.kv_parts, kb1 = a.KB * (part + 1) / g.kv_parts;
+  const int64_t bkp = round_vec(a.bk), bqp = round_vec(a.bq), dkp = round_vec(a.Dk), dvp = round_vec(a.Dv);
+  const int64_t nkd = dkp / Vec::W, nv = dvp / Vec::W;
+  auto head_on = [&](int64_t h) { return !a.head_mask || a.head_mask[h]; };
+  auto kind_of = [&](int64_t h, int64_t qb, int64_t kb) {
+    return a.kind ? int(a.kind[b * a.kind_sb + h * a.kind_sh + qb * a.KB + kb]) : 1;
+  };
+  bool any = false;
+  for (int64_t hh = 0; hh < group && !any; ++hh)
+    for (int64_t qb = 0; qb < a.QB && !any; ++qb)
+      for (int64_t kb = kb0; kb < kb1 && !any; ++kb) any = head_on(hk * group + hh) && kind_of(hk * group + hh, qb, kb);
+  if (!any) return;
+
+  // The group's queries (scaled for the scores; as they are, padded, for dK) and output
+  // gradients (padded), fp32, packed once per task.
+  const float qscale = a.scale * kLog2e;
+  float* Qs = thread_buffer(3, size_t(group * a.Lq * a.Dk));
+  float* Qu = thread_buffer(4, size_t(group * a.Lq * dkp));
+  float* dO = thread_buffer(5, size_t(group * a.Lq * dvp));
+  for (int64_t hh = 0; hh < group; ++hh) {
+    const int64_t h = hk * group + hh;
+    if (!head_on(h)) continue;
+    const float* q = static_cast<const float*>(a.q) + b * a.sq[0] + h * a.sq[1];
+    const float* dout = g.dout + b * g.sdo[0] + h * g.sdo[1];
+    for (int64_t i = 0; i < a.Lq; ++i) {
+      float* qs = Qs + (hh * a.Lq + i) * a.Dk;
+      float* qu = Qu + (hh * a.Lq + i) * dkp;
+      float* o = dO + (hh * a.Lq + i) * dvp;
+      for (int64_t d = 0; d < dkp; ++d) qu[d] = d < a.Dk ? q[i * a.sq[2] + d] : 0.f;
+      for (int64_t d = 0; d < a.Dk; ++d) qs[d] = qu[d] * qscale;
+      for (int64_t d = 0; d < dvp; ++d) o[d] = d < a.Dv ? dout[i * g.sdo[2] + d] : 0.f;
+    }
+  }
+  const float* k = static_cast<const float*>(a.k) + b * a.sk[0] + hk * a.sk[1];
+  const float* v = static_cast<const float*>(a.v) + b * a.sv[0] + hk * a.sv[1];
+  float* Kt = thread_buffer(6, size_t(a.Dk * bkp));
+  float* Vt = thread_buffer(7, size_t(a.Dv * bkp));
+  float* Kr = thread_buffer(8, size_t(bkp * dkp));
+  float* S = thread_buffer(9, size_t(bqp * bkp));
+  float* dS = thread_buffer(10, size_t(bqp * bkp));
+  float* Tr = thread_buffer(11, size_t(bkp * bqp));
+  float* dKa = thread_buffer(12, size_t(bkp * dkp));
+  float* dVa = thread_buffer(13, size_t(bkp * dvp));
+  float* dq = g.dq + part * (a.B * a.H * a.Lq * g.ldq);
+  const auto vscale = Vec::set1(a.scale);
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    bool visited = false;
+    for (int64_t hh = 0; hh < group && !visited; ++hh)
+      for (int64_t qb = 0; qb < a.QB && !visited; ++qb) visited = head_on(hk * group + hh) && kind_of(hk * group + hh, qb, kb);
+    if (!visited) continue;
+    const int64_t j0 = kb * a.bk, cols = a.Lk - j0 < a.bk ? a.Lk - j0 : a.bk;
+    const int64_t nk = (cols + Vec::W - 1) / Vec::W, width = nk * Vec::W;
+    pack_transposed_block(k, a.sk[2], j0, cols, a.Dk, bkp, Kt);
+    pack_transposed_block(v, a.sv[2], j0, cols, a.Dv, bkp, Vt);
+    for (int64_t j = 0; j < bkp; ++j)
+      for (int64_t d = 0; d < dkp; ++d) Kr[j * dkp + d] = j < cols && d < a.Dk ? k[(j0 + j) * a.sk[2] + d] : 0.f;
+    for (int64_t i = 0; i < bkp * dkp; ++i) dKa[i] = 0.f;
+    for (int64_t i = 0; i < bkp * dvp; ++i) dVa[i] = 0.f;
+    for (int64_t hh = 0; hh < group; ++hh) {
+      const int64_t h = hk * group + hh;
+      if (!head_on(h)) continue;
+      for (int64_t qb = 0; qb < a.QB; ++qb) {
+        const int kind = kind_of(h, qb, kb);
+        if (kind == 0) continue;
+        const int64_t i0 = qb * a.bq, rows = a.Lq - i0 < a.bq ? a.Lq - i0 : a.bq;
+        const float* lse = g.lse + (b * a.H + h) * a.Lq + i0;
+        const float* delta = g.delta + (b * a.H + h) * a.Lq + i0;
+        const float* dOt = dO + (hh * a.Lq + i0) * dvp;
+        score_block(a, b, h, i0, rows, kb, kind, Qs + (hh * a.Lq + i0) * a.Dk, Kt, bkp, S);
+        over_tiles<QK>(rows, nk, dvp, bkp, dOt, Vt, dS, dvp, bkp, bkp, a.Dv);  // dP = dO V^T
+        for (int64_t r = 0; r < rows; ++r) {
+          const auto vl = Vec::set1(lse[r]), vd = Vec::set1(delta[r]);
+          for (int64_t c = 0; c < width; c += Vec::W) {
+            const auto p = Vec::exp2(Vec::sub(Vec::load(S + r * bkp + c), vl));
+            Vec::store(S + r * bkp + c, p);
+            Vec::store(dS + r * bkp + c, Vec::mul(Vec::mul(p, Vec::sub(Vec::load(dS + r * bkp + c), vd)), vscale));
+          }
+        }
+        transpose_rows(S, rows, width, bkp, Tr, bqp);
+        over_tiles<PV>(cols, nv, bqp, dvp, Tr, dOt, dVa, bqp, dvp, dvp, rows);  // dV += P^T dO
+        transpose_rows(dS, rows, width, bkp, Tr, bqp);
+        over_tiles<PV>(cols, nkd, bqp, dkp, Tr, Qu + (hh * a.Lq + i0) * dkp, dKa, bqp, dkp, dkp, rows);  // dK += dS^T Q
+        over_tiles<PV>(rows, nkd, bkp, g.ldq, dS, Kr, dq + ((b * a.H + h) * a.Lq + i0) * g.ldq, bkp, dkp, g.ldq, cols);  // dQ += dS K
+      }
+    }
+    float* dk = g.dk + ((b * a.Hkv + hk) * a.Lk + j0) * a.Dk;
+    float* dv = g.dv + ((b * a.Hkv + hk) * a.Lk + j0) * a.Dv;
+    for (int64_t j = 0; j < cols; ++j) {
+      for (int64_t d = 0; d < a.Dk; ++d) dk[j * a.Dk + d] = dKa[j * dkp + d];
+      for (int64_t d = 0; d < a.Dv; ++d) dv[j * a.Dv + d] = dVa[j * dvp + d];
+    }
+  }
 }

@@ -91,6 +91,8 @@ static KernelTable make_table(const char* name) {
   t.csr_sddmm[kI64] = csr_sddmm_kernel<int64_t, int64_t>;
   t.csr_sddmm[kI32C16] = csr_sddmm_kernel<int32_t, int16_t>;
   t.sddmm_panel_width = kSddmmVectors * Vec::W;
+  t.attn_bwd_stats = attn_bwd_stats;
+  t.attn_bwd = attn_bwd_grads;
   PYSPARSE_FILL(kF32, float)
   PYSPARSE_FILL(kBF16, bf16_t)
   PYSPARSE_FILL(kF16, f16_t)

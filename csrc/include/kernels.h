@@ -139,6 +139,22 @@ struct AttnArgs {
   int64_t parts;
 };
 using AttnFn = void (*)(const AttnArgs&, int64_t task);
+// masked_attention's backward (attention_impl.h), on fp32 q, k, v (f.q/k/v; f.out unused).
+// Pass 1, task (b, kv head, part of its (head, query block) pairs) as the forward's: each row's
+// lse (log2 units: max + log2 of the sum of exp2; +inf for a row with no allowed key) and delta =
+// rowsum(dO * O). Pass 2, task (b, kv head, part kv_parts of its key blocks): dK and dV of those
+// blocks (written, each block by one task), dQ summed into the part's own slice of dq.
+struct AttnBwdArgs {
+  AttnArgs f;
+  const float *dout, *out;  // (B, H, Lq, Dv) fp32, strides sdo / sout for dims 0-2
+  int64_t sdo[3], sout[3];
+  float *lse, *delta;       // (B, H, Lq)
+  float* dq;                // (kv_parts, B, H, Lq, ldq), zeroed; ldq >= Dk rounded up to 16
+  int64_t ldq;
+  float *dk, *dv;           // (B, Hkv, Lk, Dk | Dv), zeroed
+  int64_t kv_parts;
+};
+using AttnBwdFn = void (*)(const AttnBwdArgs&, int64_t task);
 
 // Activation-sparse second product of the fused FFN for one token: acc[c] = sum_i hv[i] *
 // w2t[nz[i] * d + c] for the columns c of vector chunks [chunk0, chunk1) (chunks of
@@ -198,6 +214,7 @@ struct KernelTable {
   // (or with a bit set past column K), or -1.
   int64_t (*nm_bad_row)(const uint8_t* mask, int64_t rows, int64_t K, int n, int m);
   AttnFn attn[kNumDTypes];
+  AttnBwdFn attn_bwd_stats, attn_bwd;  // fp32 (the launcher widens 16-bit operands)
   FfnSkipFn ffn_skip[kNumDTypes];
   SddmmFn csr_sddmm[kNumITypes];
   int sddmm_panel_width;  // nb of the SDDMM panels: kSddmmVectors vectors of the ISA

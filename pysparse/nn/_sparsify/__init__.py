@@ -25,7 +25,12 @@ matrix and swapped for ``SparseConv2d``): ``format`` ("csr" | "bsr" | "nm" | "N:
 over calibration batches | "sparsegpt": ``pysparse.prune.sparsegpt`` with the Hessian of the
 layer's inputs, recorded on the model as pruned so far (one calibration pass per layer, in model
 order), which also updates the kept weights; nn.Linear only), ``scope`` ("local" | "global": csr only, one threshold over every
-linear the rule matches), ``kernel`` ("auto" | "sparse" | "dense"), ``min_speedup`` (default 1.0).
+linear the rule matches), ``allocation`` ("uniform": every layer at the rule's sparsity | "owl":
+outlier-weighted layerwise sparsity, csr and bsr, needs calibration: layers whose |W| * ||x||
+scores hold more outliers, scores above ``owl_m`` (default 5) times their mean, keep more, the
+sparsities spread over [sparsity - ``owl_lambda``, sparsity + ``owl_lambda``] (default 0.08) and
+the rule's sparsity holding over its layers weighted by size), ``kernel`` ("auto" | "sparse" |
+"dense"), ``min_speedup`` (default 1.0).
 "fisher" is the squared (Fisher) form of the first-order Taylor estimate of the loss change; its
 old name "taylor" is still accepted, with a DeprecationWarning.
 The recipe is validated before any work: an unknown key, a value of the wrong kind, a rule that

@@ -14,7 +14,8 @@ import torch
 from ...formats import FORMATS
 
 STRUCT_KEYS = {"heads", "neurons", "drop", "reconstruct"}  # "scope" and "criterion" belong to both kinds
-WEIGHT_KEYS = {"format", "sparsity", "n", "m", "blocksize", "kernel", "min_speedup"}
+WEIGHT_KEYS = {"format", "sparsity", "n", "m", "blocksize", "kernel", "min_speedup", "allocation", "owl_lambda",
+               "owl_m"}
 Calibration = Union[Callable[[torch.nn.Module], object], Sequence[Callable[[torch.nn.Module], object]]]
 # Old criterion spellings that name the same formula as the new one: accepted, with a warning.
 DEPRECATED_CRITERIA = {"taylor": "fisher"}
@@ -55,6 +56,33 @@ def _fraction(pattern: str, key: str, value) -> None:
         raise ValueError(f"sparsify: the rule for {pattern!r}: {key!r} must be a fraction in [0, 1), got {value!r}")
 
 
+def _allocation(pattern: str, rule: dict, fmt: str) -> None:
+    """ValueError for an allocation the rule cannot use: "owl" spreads a csr / bsr rule's
+    sparsity over its layers, so it needs one and cannot be combined with scope "global" (which
+    spreads it by one threshold); owl_lambda and owl_m only go with it."""
+    alloc = rule.get("allocation", "uniform")
+    if alloc not in ("uniform", "owl"):
+        raise ValueError(f"sparsify: the rule for {pattern!r}: 'allocation' must be 'uniform' or 'owl', got {alloc!r}")
+    if alloc != "owl":
+        extra = sorted(k for k in ("owl_lambda", "owl_m") if k in rule)
+        if extra:
+            raise ValueError(f"sparsify: the rule for {pattern!r}: {extra} apply to allocation 'owl'")
+        return
+    if fmt == "nm":
+        raise ValueError(f"sparsify: the rule for {pattern!r}: allocation 'owl' spreads a sparsity over the layers; "
+                         f"format 'nm' has a fixed one (n of every m)")
+    if rule.get("scope") == "global":
+        raise ValueError(f"sparsify: the rule for {pattern!r}: allocation 'owl' and scope 'global' both set each "
+                         f"layer's sparsity; choose one")
+    lam, m = rule.get("owl_lambda", 0.08), rule.get("owl_m", 5.0)
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 < lam <= 0.5:
+        raise ValueError(f"sparsify: the rule for {pattern!r}: 'owl_lambda' (the spread of the layers' sparsities "
+                         f"around the target) must be in (0, 0.5], got {lam!r}")
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
+        raise ValueError(f"sparsify: the rule for {pattern!r}: 'owl_m' (an outlier's score, in multiples of its "
+                         f"layer's mean) must be > 0, got {m!r}")
+
+
 def _normalized(pattern: str, rule: dict) -> dict:
     """The rule with "N:M" formats spelled out; ValueError naming the pattern and the key for an
     unknown key, a value of the wrong kind, or a combination that would do nothing."""
@@ -88,6 +116,7 @@ def _normalized(pattern: str, rule: dict) -> dict:
                              f"weights{' in blocks' if fmt == 'bsr' else ''} to prune; 0 keeps only the zeros already there)")
         if "sparsity" in rule:
             _fraction(pattern, "sparsity", rule["sparsity"])
+        _allocation(pattern, rule, fmt)
         if rule.get("kernel", "auto") not in ("auto", "sparse", "dense"):
             raise ValueError(f"sparsify: the rule for {pattern!r}: 'kernel' must be 'auto', 'sparse' or 'dense', "
                              f"got {rule['kernel']!r}")

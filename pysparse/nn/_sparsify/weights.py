@@ -40,15 +40,20 @@ def apply_weights(model, recipe, calibration, *, skip_ends: bool, time_layers: b
         needs = [n for n, m, r in todo if criterion_of(r) == crit]
         if needs and calibration is None:
             raise ValueError(f"sparsify: criterion {crit!r} for {needs[0]!r} needs calibration inputs")
+    owl = [n for n, m, r in todo if r.get("allocation") == "owl"]
+    if owl and calibration is None:
+        raise ValueError(f"sparsify: allocation 'owl' for {owl[0]!r} needs calibration inputs (its outliers are "
+                         f"those of |W| * ||x||)")
     fisher = cal.fisher_scores(model, calibration, {}, wf)[1] if wf else {}
     scores = {name: _weight_scores(name, lin, rule, stats, fisher) for name, lin, rule in todo}
-    sparsity = _global_sparsity(todo, scores)
+    sparsity = {**_global_sparsity(todo, scores), **_owl_sparsity(todo, stats)}
     for name, lin, rule in progress(todo, "sparsify: layers", show_progress):
         crit = criterion_of(rule)
         rule = dict(rule)
         fmt = rule.pop("format", "csr")
         rule.pop("criterion", None)
-        rule.pop("scope", None)
+        for key in ("scope", "allocation", "owl_lambda", "owl_m"):
+            rule.pop(key, None)
         min_speedup = float(rule.pop("min_speedup", 1.0))
         kernel = rule.pop("kernel", "auto")  # checked with the recipe (recipe.check)
         if name in sparsity:
@@ -88,14 +93,7 @@ def _weight_scores(name, lin, rule, stats, fisher) -> Optional[torch.Tensor]:
     """Importance of every weight under the rule's criterion (None: magnitude, the format's own)."""
     criterion = criterion_of(rule)
     if criterion == "wanda":
-        if name not in stats.sq:
-            raise ValueError(f"sparsify: criterion 'wanda' for {name!r} needs calibration inputs that reach it")
-        norms = stats.sq[name].sqrt()
-        if isinstance(lin, torch.nn.Conv2d):
-            if lin.groups != 1:
-                raise ValueError(f"sparsify: criterion 'wanda' for {name!r} needs a conv with groups=1")
-            return lin.weight.detach().abs() * norms[None, :, None, None]  # one norm per input channel
-        return lin.weight.detach().abs() * norms[None, :]
+        return _wanda(name, lin, stats)
     if criterion == "fisher":
         return fisher[name]
     if criterion == "sparsegpt":
@@ -148,6 +146,63 @@ def _global_sparsity(todo, scores) -> Dict[str, float]:
         for n, lin, _ in members:
             sc = (scores[n] if scores[n] is not None else lin.weight.detach().abs()).float()
             out[n] = (sc <= thr).float().mean().item()
+    return out
+
+
+def _wanda(name, lin, stats, what: str = "criterion 'wanda'") -> torch.Tensor:
+    """|W| * ||x|| (a conv's weight against its input channels' norms); errors say `what` asked."""
+    if name not in stats.sq:
+        raise ValueError(f"sparsify: {what} for {name!r} needs calibration inputs that reach it")
+    norms = stats.sq[name].sqrt()
+    if isinstance(lin, torch.nn.Conv2d):
+        if lin.groups != 1:
+            raise ValueError(f"sparsify: {what} for {name!r} needs a conv with groups=1")
+        return lin.weight.detach().abs() * norms[None, :, None, None]  # one norm per input channel
+    return lin.weight.detach().abs() * norms[None, :]
+
+
+def _block_of(name: str) -> str:
+    """The layer's block: its name up to the first numbered part ("encoder.layer.3.attention.q"
+    and "layers.3.ffn.0" -> their layer 3), or the name itself where no part is a number."""
+    parts = name.split(".")
+    nums = [i for i, p in enumerate(parts) if p.isdigit()]
+    return ".".join(parts[:nums[0] + 1]) if nums else name
+
+
+def _owl_sparsity(todo, stats) -> Dict[str, float]:
+    """Per-layer sparsity for rules with allocation "owl" (outlier-weighted layerwise sparsity,
+    Yin et al. 2023). As in OWL, the unit is a block (the layers under one numbered module, such as
+    a transformer layer: the first number in their names; a layer alone where its name has none): a block's outlier ratio is
+    the share of its layers' |W| * ||x|| scores above owl_m times their mean; the ratios, scaled to
+    [0, 2 owl_lambda], raise the kept share of the blocks with more outliers, shifted so that the
+    rule's sparsity holds over its layers weighted by their sizes (clipped to [0, 0.999])."""
+    groups: Dict[int, list] = {}
+    for name, lin, rule in todo:
+        if rule.get("allocation") == "owl":
+            groups.setdefault(id(rule), []).append((name, lin, rule))
+    out = {}
+    for members in groups.values():
+        rule = members[0][2]
+        target, lam, m = float(rule["sparsity"]), float(rule.get("owl_lambda", 0.08)), float(rule.get("owl_m", 5.0))
+        blocks: Dict[str, list] = {}
+        for name, lin, _ in members:
+            blocks.setdefault(_block_of(name), []).append((name, lin))
+        ratios, sizes = [], []
+        for layers in blocks.values():
+            outliers = total = 0
+            for name, lin in layers:
+                sc = _wanda(name, lin, stats, "allocation 'owl'").float()
+                outliers += int((sc > m * sc.mean()).sum())
+                total += sc.numel()
+            ratios.append(outliers / total)
+            sizes.append(total)
+        r, w = torch.tensor(ratios, dtype=torch.float64), torch.tensor(sizes, dtype=torch.float64)
+        spread = r.max() - r.min()
+        keep = (r - r.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(r)
+        keep = keep - (keep * w).sum() / w.sum() + (1.0 - target)
+        for layers, k in zip(blocks.values(), keep.tolist()):
+            for name, _ in layers:
+                out[name] = min(max(1.0 - k, 0.0), 0.999)
     return out
 
 
