@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import prune
+from .nn.linear import is_conv1d
 
 _P = "pysparse.analyze.sensitivity: "
 KINDS = ("unstructured", "block", "nm", "neurons")
@@ -168,7 +169,8 @@ def _prune(W: torch.Tensor, kind: str, level, n: int, m: int, blocksize) -> torc
 def sensitivity(model: nn.Module, inputs, levels=(0.5, 0.7, 0.9), *, kind: str = "unstructured", layers=None,
                 metric: str = "cosine", n: int = 2, m: int = 4, blocksize=(32, 32),
                 progress: bool = False) -> SensitivityReport:
-    """Prune each nn.Linear / nn.Conv2d alone at each level, run the model, measure the output change.
+    """Prune each nn.Linear / nn.Conv2d / HF Conv1D alone at each level, run the model, measure the
+    output change.
 
     inputs: a tensor or tuple of positional arguments (``model(*inputs)``), a dict of keyword
     arguments, or a callable ``f(model) -> output`` (e.g. ``lambda m: m(ids, mask)``). When the
@@ -206,10 +208,11 @@ def sensitivity(model: nn.Module, inputs, levels=(0.5, 0.7, 0.9), *, kind: str =
         raise ValueError(_P + f"blocksize must be two positive integers, got {blocksize!r}")
     bh, bw = blocksize if kind == "block" else (1, 1)
     patterns = [layers] if isinstance(layers, str) else layers
-    mods = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))
+    mods = [(name, mod) for name, mod in model.named_modules()
+            if (isinstance(mod, (nn.Linear, nn.Conv2d)) or is_conv1d(mod))
             and (patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns))]
     if not mods:
-        raise ValueError(_P + f"no nn.Linear or nn.Conv2d module matches layers={layers!r}")
+        raise ValueError(_P + f"no nn.Linear, nn.Conv2d or Conv1D module matches layers={layers!r}")
     if model.training:
         warnings.warn(_P + "the model is in training mode; call model.eval() so dropout and batch norm do not "
                       "change the measurement", stacklevel=2)
@@ -220,7 +223,9 @@ def sensitivity(model: nn.Module, inputs, levels=(0.5, 0.7, 0.9), *, kind: str =
         try:
             for name, mod in mods:
                 W = mod.weight
-                M, K = W.shape[0], math.prod(W.shape[1:])
+                # a Conv1D (GPT-2) stores its weight (in, out): pruned as the (out, in) matrix it is
+                t = is_conv1d(mod)
+                M, K = (W.shape[1], W.shape[0]) if t else (W.shape[0], math.prod(W.shape[1:]))
                 why = (f"shape {M}x{K} is not divisible by the block size {bh}x{bw}"
                        if kind == "block" and (M % bh or K % bw)
                        else f"{K} inputs are not a multiple of m = {m}" if kind == "nm" and K % m else None)
@@ -231,7 +236,9 @@ def sensitivity(model: nn.Module, inputs, levels=(0.5, 0.7, 0.9), *, kind: str =
                 saved = W.detach().clone()
                 try:
                     for lv in levels:
-                        W.copy_(_prune(saved.reshape(M, K), kind, lv, n, m, blocksize).reshape(W.shape))
+                        mat = saved.t() if t else saved.reshape(M, K)
+                        pruned = _prune(mat, kind, lv, n, m, blocksize)
+                        W.copy_(pruned.t() if t else pruned.reshape(W.shape))
                         change, max_abs = _change(_output(model, inputs), y0, metric)
                         rows.append(dict(layer=name, shape=tuple(W.shape), level=lv, change=change, max_abs=max_abs))
                         done += 1

@@ -211,7 +211,7 @@ def test_plot_without_matplotlib(monkeypatch, tmp_path):
     (dict(levels=("a",)), "levels must be"),
     (dict(kind="random"), "kind must be one of"),
     (dict(metric="kl"), "metric must be one of"),
-    (dict(layers=["encoder.*"]), "no nn.Linear or nn.Conv2d module matches"),
+    (dict(layers=["encoder.*"]), "no nn.Linear, nn.Conv2d or Conv1D module matches"),
     (dict(kind="nm", n=2, m=5), "m must be one of"),
     (dict(kind="nm", n=4, m=4), "n must satisfy"),
     (dict(kind="block", blocksize=(0, 4)), "blocksize must be"),
@@ -272,3 +272,27 @@ def test_progress_on_stderr(capsys):
 
 def test_module_importable():
     assert pysparse.analyze.sensitivity is sensitivity
+
+
+def test_gpt2_conv1d_layers_are_measured():
+    """GPT-2's Conv1D layers (weight stored (in, out)) are pruned as the (out, in) matrices they
+    are: 2:4 along each output's inputs."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=16,
+                                                                vocab_size=50)).eval()
+    ids = torch.randint(0, 50, (2, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fc = model.get_submodule("transformer.h.0.mlp.c_fc").weight  # (in 32, out 128)
+    seen = []
+
+    def run(m):
+        if (fc == 0).any():  # c_fc is the layer pruned now: 2 of every 4 inputs of each output kept
+            seen.append(int((fc.t().reshape(128, 8, 4) != 0).sum(-1).max()))
+        return m(ids).logits
+
+    report = pysparse.analyze.sensitivity(model, run, kind="nm", n=2, m=4)
+    assert seen == [2]
+    names = {r["layer"] for r in report.rows}
+    assert {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"} <= names
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights restored

@@ -101,7 +101,7 @@ def test_bad_recipes():
         pysparse.sparsify(mlp(), {"*": {"heads": 0.5}})
     with pytest.raises(ValueError, match=r"the rule for '\*': 'kernel' must be 'auto', 'sparse' or 'dense', got 'fast'"):
         pysparse.sparsify(mlp(), {"*": {"format": "nm", "kernel": "fast"}})
-    with pytest.raises(ValueError, match=r"has no nn.Linear or nn.Conv2d layers"):
+    with pytest.raises(ValueError, match=r"has no nn.Linear, nn.Conv2d or Conv1D layers"):
         pysparse.sparsify(torch.nn.ReLU(), {"*": {"sparsity": 0.5}})
 
 
@@ -587,3 +587,46 @@ def test_cli_sparsify(tmp_path, monkeypatch, capsys):
         main(["sparsify", "--help"])
     assert e.value.code == 0 and "--recipe" in capsys.readouterr().out
 
+
+
+def _gpt2(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=97)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def test_gpt2_conv1d_layers_are_pruned_swapped_saved_and_loaded(tmp_path):
+    """GPT-2's Conv1D layers (weight stored (in, out)) are sparsified as the nn.Linear each equals:
+    the output is the pruned dense model's, and a file written by save_sparse loads into a fresh
+    GPT-2, the layers kept dense included (their square (64, 64) weights would load transposed,
+    silently, into the fresh model's Conv1D)."""
+    model, ref = _gpt2(), _gpt2()
+    ids_ = torch.randint(0, 97, (2, 12), generator=gen(3))
+    recipe = {"transformer.h.*.attn.*": {"format": "csr", "sparsity": 0.5, "kernel": "dense"},
+              "transformer.h.*.mlp.*": {"format": "csr", "sparsity": 0.5, "kernel": "sparse"},
+              "transformer.h.0.attn.c_attn": {"format": "2:4", "kernel": "sparse", "criterion": "wanda"}}
+    report = pysparse.sparsify(model, recipe, calibration=lambda m: m(ids_), time_layers=False, skip_ends=False)
+    by = {r["name"]: r for r in report}
+    assert set(by) == {f"transformer.h.{i}.{p}" for i in (0, 1)
+                       for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert "2:4" in by["transformer.h.0.attn.c_attn"]["format"]
+    assert all(r["sparsity"] == pytest.approx(0.5, abs=0.01) for r in report)
+    assert isinstance(model.get_submodule("transformer.h.1.mlp.c_fc"), SparseLinear)
+    assert isinstance(model.get_submodule("transformer.h.1.attn.c_proj"), torch.nn.Linear)
+    # The reference: the same zeros in the dense GPT-2's Conv1D weights (stored transposed).
+    with torch.no_grad():
+        for name in by:
+            mod = model.get_submodule(name)
+            w = mod.to_linear().weight if isinstance(mod, SparseLinear) else mod.weight
+            ref.get_submodule(name).weight.copy_(w.t())
+    out = model(ids_).logits
+    torch.testing.assert_close(out, ref(ids_).logits, rtol=1e-5, atol=1e-5)
+
+    path = tmp_path / "gpt2.safetensors"
+    pysparse.nn.save_sparse(model, path)
+    fresh = pysparse.nn.load_sparse(_gpt2(seed=1), path)
+    assert torch.equal(fresh(ids_).logits, out)
+    pysparse.nn.save_sparse(fresh, tmp_path / "again.safetensors")  # the Conv1D marks survive a load
+    again = pysparse.nn.load_sparse(_gpt2(seed=2), tmp_path / "again.safetensors")
+    assert torch.equal(again(ids_).logits, out)

@@ -18,6 +18,30 @@ TRAINABLE = ("csr", "bsr", "nm")
 TRAIN_KERNELS = ("auto", "sparse", "dense")
 
 
+def is_conv1d(module: torch.nn.Module) -> bool:
+    """Hugging Face's Conv1D (GPT-2 and its kin): y = x W + b with W stored (in, out), the
+    transpose of nn.Linear's. Recognised by name and shape, so transformers need not be imported."""
+    w = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2 and \
+        getattr(module, "nf", None) == w.shape[1]
+
+
+def linear_from_conv1d(module: torch.nn.Module) -> torch.nn.Linear:
+    """The nn.Linear that computes what a Conv1D computes (weight transposed, bias shared by
+    value), marked so that save_sparse records it and load_sparse turns the Conv1D of a freshly
+    built model into the same before loading (its square (n, n) weights would otherwise load
+    transposed without an error)."""
+    w = module.weight
+    lin = torch.nn.Linear(w.shape[0], w.shape[1], bias=module.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w.t())
+        if module.bias is not None:
+            lin.bias.copy_(module.bias)
+    lin.train(module.training)
+    lin._pysparse_conv1d = True
+    return lin
+
+
 class SparseLinear(torch.nn.Module):
     """y = x @ W.T + b with W held as CSR, BSR or N:M (2:4), a drop-in for nn.Linear.
 

@@ -11,22 +11,25 @@ import torch
 from .._safetensors import load_file, save_file
 from ..prune import structured as st
 from .conv import SparseConv2d
-from .linear import SparseLinear
+from .linear import SparseLinear, is_conv1d, linear_from_conv1d
 
 _KEY = "pysparse.sparse_layers"
 _DROPPED = "pysparse.dropped_layers"
 _CONVS = "pysparse.sparse_convs"
+_CONV1D = "pysparse.conv1d_as_linear"  # Hugging Face Conv1D layers that sparsify made nn.Linear
 
 
 def save_sparse(model: torch.nn.Module, path) -> None:
-    """Write model.state_dict(), the names of its SparseLinear and dropped layers and the
-    configs of its SparseConv2d layers to `path`."""
+    """Write model.state_dict(), the names of its SparseLinear and dropped layers, the configs of
+    its SparseConv2d layers and the names of the Hugging Face Conv1D layers sparsify turned into
+    linears to `path`."""
     layers = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
     dropped = [n for n, m in model.named_modules() if isinstance(m, st.Passthrough)]
     convs = {n: m.config() for n, m in model.named_modules() if isinstance(m, SparseConv2d)}
+    conv1d = [n for n, m in model.named_modules() if getattr(m, "_pysparse_conv1d", False)]
     tensors: Dict[str, torch.Tensor] = {k: v for k, v in model.state_dict().items() if v is not None}
     save_file(tensors, path, {_KEY: json.dumps(layers), _DROPPED: json.dumps(dropped), _CONVS: json.dumps(convs),
-                              "format": "pysparse"})
+                              _CONV1D: json.dumps(conv1d), "format": "pysparse"})
 
 
 def _meta(meta, key: str, path, default: str, ok, what: str):
@@ -79,6 +82,17 @@ def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
         raise ValueError(f"{path}: not a pysparse model file (no {_KEY!r} entry in its metadata)")
     layers, dropped = _names(meta, _KEY, path), _names(meta, _DROPPED, path)
     head_dims = {n: p.head_dim for n, m in model.named_modules() if (p := st.attention_parts(m)) is not None}
+    conv1d = _names(meta, _CONV1D, path)
+    for name in conv1d:  # back to the nn.Linear sparsify made of it, before anything loads
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: layer {name!r} does not exist in this model") from None
+        if is_conv1d(old):
+            model.set_submodule(name, linear_from_conv1d(old))
+        elif not isinstance(old, (torch.nn.Linear, SparseLinear)):
+            raise ValueError(f"{path}: layer {name!r} was a Conv1D made linear, but is a {type(old).__name__} in this "
+                             f"model")
     for name in dropped:
         try:
             old = model.get_submodule(name)
@@ -107,4 +121,6 @@ def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
         if p is not None:
             p.set_heads(p.q.out_features // hd, p.k.out_features // hd)
     model.load_state_dict(tensors, strict=True)
+    for name in conv1d:  # a second save records them again
+        model.get_submodule(name)._pysparse_conv1d = True
     return model.eval()

@@ -18,8 +18,9 @@ tokens, x the output projection's input | "entropy": mean attention entropy, hea
 ``scope`` ("local" | "global": rank units across every module the rule matches), ``reconstruct``
 (refit the output projection by least squares so the pruned block reproduces the dense block's
 output on the calibration inputs).
-Weight rules (on nn.Linear and nn.Conv2d, a conv's weight pruned as its (Cout, Cin*kh*kw)
-matrix and swapped for ``SparseConv2d``): ``format`` ("csr" | "bsr" | "nm" | "N:M" such as "2:4"),
+Weight rules (on nn.Linear, nn.Conv2d, a conv's weight pruned as its (Cout, Cin*kh*kw) matrix
+and swapped for ``SparseConv2d``, and Hugging Face's Conv1D, GPT-2's layers, swapped as the
+nn.Linear each equals): ``format`` ("csr" | "bsr" | "nm" | "N:M" such as "2:4"),
 ``sparsity`` (required for csr and bsr; not for nm), ``n``/``m``,
 ``blocksize``, ``criterion`` ("magnitude": |W| | "wanda": |W| * ||x|| | "fisher": (w dL/dw)^2 summed
 over calibration batches | "sparsegpt": ``pysparse.prune.sparsegpt`` with the Hessian of the

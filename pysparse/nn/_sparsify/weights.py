@@ -1,4 +1,5 @@
-"""sparsify's weight stage: every nn.Linear / nn.Conv2d a weight rule matches is pruned (csr, bsr
+"""sparsify's weight stage: every nn.Linear / nn.Conv2d (and Hugging Face Conv1D, as the
+nn.Linear it equals) a weight rule matches is pruned (csr, bsr
 or nm, by magnitude, Wanda or Fisher scores, or by SparseGPT, which also updates the kept
 weights), then timed as its format, as CSR and as the dense pruned layer; the fastest that beats
 dense at every tuned shape replaces it."""
@@ -11,7 +12,7 @@ import torch
 from ... import prune
 from .. import kernel_choice
 from ..conv import SparseConv2d
-from ..linear import SparseLinear
+from ..linear import SparseLinear, is_conv1d, linear_from_conv1d
 from . import calibration as cal
 from .recipe import criterion_of, progress, rule_for
 
@@ -28,10 +29,18 @@ def apply_weights(model, recipe, calibration, *, skip_ends: bool, time_layers: b
                   shapes: Optional[Sequence[int]], cache: bool, show_progress: bool, report: List[dict]) -> None:
     """Prune and swap every linear / conv a weight rule matches (the first and last of the model
     left alone with skip_ends); appends one report row per layer."""
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    linears = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or is_conv1d(m)]
     if not linears:
-        raise ValueError("sparsify: the model has no nn.Linear or nn.Conv2d layers")
+        raise ValueError("sparsify: the model has no nn.Linear, nn.Conv2d or Conv1D layers")
     ends = {linears[0][0], linears[-1][0]} if skip_ends else set()
+    # A Conv1D a rule matches becomes the nn.Linear it equals (marked: save_sparse records it), and
+    # goes the linears' way from here on.
+    for i, (n, m) in enumerate(linears):
+        if is_conv1d(m) and n not in ends and rule_for(n, recipe, "weight") is not None:
+            linears[i] = (n, linear_from_conv1d(m))
+            model.set_submodule(n, linears[i][1])
+    linears = [(n, m) for n, m in linears if not is_conv1d(m)]
     todo = [(n, m, rule_for(n, recipe, "weight")) for n, m in linears]
     todo = [(n, m, r) for n, m, r in todo if r is not None and n not in ends]
     stats = cal.record(model, linears, {}, calibration) if calibration is not None else cal.Stats()
@@ -85,6 +94,8 @@ def apply_weights(model, recipe, calibration, *, skip_ends: bool, time_layers: b
         # mark lets pysparse.recover train its kept weights with the zeros held.
         if choice is dense:
             dense._pysparse_pruned = True
+        if getattr(lin, "_pysparse_conv1d", False):
+            choice._pysparse_conv1d = True
         model.set_submodule(name, choice)
         report.append(row)
 
