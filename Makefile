@@ -42,6 +42,9 @@ $(CUDA_VENV)/.deps:
 build: venv
 	@mkdir -p build && $(PY) setup.py -q build_ext --inplace > build/build.log 2>&1 \
 		|| { grep -E -A3 "error" build/build.log | head -60; echo "build failed: build/build.log"; exit 1; }
+	@# the checkout on the virtualenv's path (what a develop install does): import pysparse then
+	@# works from any folder with this virtualenv's python, not only from the checkout
+	@$(PY) -c "import os, sysconfig; open(os.path.join(sysconfig.get_paths()['purelib'], 'pysparse-checkout.pth'), 'w').write(os.getcwd() + '\n')"
 	$(PY) -c "import pysparse; print('built:', pysparse.info()['cpu_isa_supported'])"
 
 test: build
