@@ -31,19 +31,19 @@ def _build_model(spec: str, weights):
 
 
 def _calibration(path):
-    """A torch.load(weights_only=True) file: a tensor, a tuple of tensors (one batch's positional
-    arguments) or a list of those (one call per batch)."""
+    """A torch.load(weights_only=True) file: one batch (a tensor, a tuple of tensors: positional
+    arguments, a dict of tensors: keyword arguments) or a list of batches; sparsify runs each
+    (and refuses a list that looks like one batch's ids and mask)."""
     import torch
 
     data = torch.load(path, weights_only=True)
     batches = data if isinstance(data, list) else [data]
-    calls = []
     for b in batches:
-        args = b if isinstance(b, tuple) else (b,)
-        if not all(isinstance(a, torch.Tensor) for a in args):
-            raise SystemExit(f"pysparse sparsify: {path} must hold a tensor, a tuple of tensors or a list of those")
-        calls.append(lambda m, args=args: m(*args))
-    return calls
+        parts = list(b.values()) if isinstance(b, dict) else list(b) if isinstance(b, tuple) else [b]
+        if not all(isinstance(a, torch.Tensor) for a in parts):
+            raise SystemExit(f"pysparse sparsify: {path} must hold a tensor, a tuple or dict of tensors, or a list "
+                             f"of those")
+    return data
 
 
 def _check_writable(path: str, flag: str) -> None:
@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     s.add_argument("model", help="'package.module:factory': a callable that builds your (dense) model")
     s.add_argument("--weights", help="safetensors state dict to load into the built model")
     s.add_argument("--recipe", required=True, help="JSON file or JSON text: {pattern: rule or null}")
-    s.add_argument("--calibration", help="torch.save'd inputs: a tensor, a tuple of tensors or a list of them")
+    s.add_argument("--calibration", help="torch.save'd inputs: one batch (a tensor, a tuple of tensors: positional "
+                   "arguments, a dict of tensors: keyword arguments) or a list of batches")
     s.add_argument("--shapes", help="token counts to tune the kernels for, e.g. 1,256 (default: the calibration shape)")
     s.add_argument("--keep-ends", action="store_true", help="also prune the first and last linear layers")
     s.add_argument("--no-cache", action="store_true", help="time the kernels again instead of using the on-disk choices")

@@ -583,6 +583,14 @@ def test_cli_sparsify(tmp_path, monkeypatch, capsys):
         main(["sparsify", "mymodel", "--recipe", recipe, "--out", str(out)])
     with pytest.raises(SystemExit, match=r"criterion 'wanda' for '2' needs calibration"):
         main(["sparsify", "mymodel:build", "--recipe", recipe, "--out", str(out)])
+    torch.save({"input": x}, tmp_path / "kw.pt")  # one batch of keyword arguments
+    assert main(["sparsify", "mymodel:build", "--recipe", recipe, "--calibration", str(tmp_path / "kw.pt"),
+                 "--out", str(out)]) == 0
+    ids_, mask = torch.randint(1, 9, (4, 32)), torch.ones(4, 32, dtype=torch.long)
+    torch.save([ids_, mask], tmp_path / "ambiguous.pt")
+    with pytest.raises(SystemExit, match=r"looks like one batch's input ids and attention mask"):
+        main(["sparsify", "mymodel:build", "--recipe", recipe, "--calibration", str(tmp_path / "ambiguous.pt"),
+              "--out", str(out)])
     with pytest.raises(SystemExit) as e:
         main(["sparsify", "--help"])
     assert e.value.code == 0 and "--recipe" in capsys.readouterr().out
@@ -630,3 +638,42 @@ def test_gpt2_conv1d_layers_are_pruned_swapped_saved_and_loaded(tmp_path):
     pysparse.nn.save_sparse(fresh, tmp_path / "again.safetensors")  # the Conv1D marks survive a load
     again = pysparse.nn.load_sparse(_gpt2(seed=2), tmp_path / "again.safetensors")
     assert torch.equal(again(ids_).logits, out)
+
+
+def _wanda_sparsified(model, calibration):
+    """The pruned weights of a 60% Wanda CSR sparsify of every linear of `model`."""
+    pysparse.sparsify(model, {"encoder.*": {"format": "csr", "sparsity": 0.6, "criterion": "wanda", "kernel": "sparse"}},
+                      calibration, time_layers=False, progress=False)
+    return {n: m.to_linear().weight for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+def test_calibration_batches_of_every_kind_mean_the_same():
+    """Callables, tensors, tuples, dicts, a tokenizer's BatchEncoding (a UserDict), lists of them
+    and DataLoaders all calibrate alike: Wanda's input norms, hence the pruned weights, agree."""
+    from collections import UserDict
+
+    x, mask = ids(2, b=4, L=9), torch.ones(4, 9, dtype=torch.long)
+    mask[:, -2:] = 0
+    ref = _wanda_sparsified(hf_bert(), [lambda m: m(input_ids=x, attention_mask=mask)])
+    loader = torch.utils.data.DataLoader([{"input_ids": a, "attention_mask": b} for a, b in zip(x, mask)], batch_size=2)
+    for calibration in ({"input_ids": x, "attention_mask": mask}, UserDict(input_ids=x, attention_mask=mask),
+                        (x, mask), [(x[:2], mask[:2]), (x[2:], mask[2:])], loader,
+                        (lambda m: m(x[:2], mask[:2]), lambda m: m(x[2:], mask[2:]))):
+        got = _wanda_sparsified(hf_bert(), calibration)
+        assert set(got) == set(ref)
+        for n in ref:
+            assert torch.equal(got[n] != 0, ref[n] != 0), (type(calibration).__name__, n)
+
+
+def test_calibration_mistakes_are_one_sentence():
+    x, mask = ids(2, b=4, L=9), torch.ones(4, 9, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"looks like one batch's input ids and attention mask.*pass one batch as a "
+                                         r"tuple"):
+        pysparse.sparsify(hf_bert(), {"encoder.*": {"format": "csr", "sparsity": 0.5, "criterion": "wanda"}},
+                          [x, mask], time_layers=False)
+    with pytest.raises(ValueError, match=r"calibration must be a batch .* or an iterable of them, got int"):
+        pysparse.sparsify(hf_bert(), {"encoder.*": {"format": "csr", "sparsity": 0.5, "criterion": "wanda"}}, 3,
+                          time_layers=False)
+    with pytest.raises(ValueError, match=r"calibration batch 1 is a str; a batch is a callable"):
+        pysparse.sparsify(hf_bert(), {"encoder.*": {"format": "csr", "sparsity": 0.5, "criterion": "wanda"}},
+                          [x, "text"], time_layers=False)

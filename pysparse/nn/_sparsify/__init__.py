@@ -42,9 +42,13 @@ for linears; for heads, the rules that set ``heads``; for neurons, those that se
 By default the first and last nn.Linear / nn.Conv2d of the model are skipped (the most
 sensitive; ``skip_ends=False`` prunes them too).
 
-Calibration is a callable ``f(model)`` (or a list of them, one per batch) that runs the model on
-representative inputs. Criteria "activation", "entropy", "wanda" and ``reconstruct`` record
-activations through hooks; "fisher" needs ``f`` to return a scalar loss, which is back-propagated.
+Calibration is one batch of representative inputs or an iterable of batches (a list, a
+DataLoader). A batch is a callable ``f(model)`` that runs the model, a tensor (``model(x)``), a
+tuple of positional arguments (``model(*batch)``) or a dict of keyword arguments (``model(**batch)``:
+a tokenizer's output as it is). A list of tensors that looks like one batch's ids and attention
+mask is refused (it would run as two batches). Criteria "activation", "entropy", "wanda" and
+``reconstruct`` record activations through hooks; "fisher" needs ``f`` to return a scalar loss,
+which is back-propagated.
 For a model without labels, a random projection of the output (``(model(x) * r).sum()`` with a
 fresh Gaussian ``r``) makes the Fisher scores the expected squared first-order output change.
 

@@ -3,6 +3,7 @@ per-unit output contributions and attention entropies of the structured modules 
 through hooks), and the gradient-based "fisher" scores (a backward pass per calibration call)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Dict
 
 import torch
@@ -86,9 +87,45 @@ def _entropy_hooks(p: st.AttentionParts, key: str, s: Stats):
     return [p.q.register_forward_hook(q_hook), p.k.register_forward_hook(k_hook)]
 
 
+def _batch_call(batch, where: str):
+    """One batch as a callable f(model): a callable as it is; a tensor -> model(x); a tuple or list
+    -> model(*batch) (positional arguments, as a DataLoader yields them); a mapping -> model(**batch)
+    (keyword arguments: a tokenizer's BatchEncoding)."""
+    if callable(batch) and not isinstance(batch, torch.nn.Module):
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return lambda m: m(batch)
+    if isinstance(batch, (tuple, list)):
+        return lambda m: m(*batch)
+    if isinstance(batch, Mapping):
+        return lambda m: m(**batch)
+    raise ValueError(f"sparsify: calibration {where} is a {type(batch).__name__}; a batch is a callable f(model), a "
+                     f"tensor (model(x)), a tuple of positional arguments or a dict of keyword arguments")
+
+
 def calls(calibration: Calibration) -> list:
-    """The calibration callables, one per batch."""
-    return list(calibration) if isinstance(calibration, (list, tuple)) else [calibration]
+    """The calibration as callables, one per batch. Calibration is one batch (a callable, a
+    tensor, a dict, or a tuple of positional arguments) or a list, DataLoader or other iterable of
+    batches. A list of tensors whose later ones look like the first one's attention mask (same
+    shape, 0/1, the first holding token ids) is refused: one batch's (ids, mask) passed as a list
+    would run as two batches, the mask read as ids."""
+    if isinstance(calibration, tuple) and calibration and all(callable(c) for c in calibration):
+        return list(calibration)  # callables given as a tuple: one per batch
+    if callable(calibration) or isinstance(calibration, (torch.Tensor, tuple, Mapping)):
+        return [_batch_call(calibration, "")]
+    try:
+        batches = list(calibration)
+    except TypeError:
+        raise ValueError(f"sparsify: calibration must be a batch (a callable f(model), a tensor, a tuple of "
+                         f"positional arguments, a dict of keyword arguments) or an iterable of them, got "
+                         f"{type(calibration).__name__}") from None
+    if (isinstance(calibration, list) and len(batches) > 1 and all(isinstance(b, torch.Tensor) for b in batches)
+            and not batches[0].is_floating_point()
+            and all(b.shape == batches[0].shape and bool(((b == 0) | (b == 1)).all()) for b in batches[1:])):
+        raise ValueError("sparsify: calibration is a list of tensors that looks like one batch's input ids and "
+                         "attention mask, which a list would run as separate batches; pass one batch as a tuple "
+                         "(model(ids, mask)) or a dict (model(**batch)), several as a list of those")
+    return [_batch_call(b, f"batch {i}") for i, b in enumerate(batches)]
 
 
 def run(model, calibration: Calibration, hooks: list) -> None:

@@ -7,7 +7,8 @@ import fnmatch
 import re
 import sys
 import warnings
-from typing import Callable, Dict, Optional, Sequence, Union
+from collections.abc import Iterable, Mapping
+from typing import Callable, Dict, Optional, Union
 
 import torch
 
@@ -16,7 +17,9 @@ from ...formats import FORMATS
 STRUCT_KEYS = {"heads", "neurons", "drop", "reconstruct"}  # "scope" and "criterion" belong to both kinds
 WEIGHT_KEYS = {"format", "sparsity", "n", "m", "blocksize", "kernel", "min_speedup", "allocation", "owl_lambda",
                "owl_m"}
-Calibration = Union[Callable[[torch.nn.Module], object], Sequence[Callable[[torch.nn.Module], object]]]
+# One batch (a callable f(model), a tensor, a tuple of positional arguments, a dict of keyword
+# arguments) or an iterable of batches (a list, a DataLoader): calibration.calls says how each runs.
+Calibration = Union[Callable[[torch.nn.Module], object], torch.Tensor, tuple, Mapping, Iterable]
 # Old criterion spellings that name the same formula as the new one: accepted, with a warning.
 DEPRECATED_CRITERIA = {"taylor": "fisher"}
 
