@@ -130,10 +130,7 @@ def main(argv=None) -> int:
                                        cache=not args.no_cache)
         except ValueError as e:
             raise SystemExit(f"pysparse sparsify: {e}") from None
-        for r in report:
-            extra = (f"{r['format']} sparsity {r['sparsity']:.2f} kernel {r['kernel']} speedup {r.get('speedup', '-')}"
-                     if "format" in r else f"{r['shape']} -> {r['after']}")
-            print(f"{r['name']:40s} {r['kind']:8s} {extra}")
+        print(report.table())
         save_sparse(model, args.out)
         if args.report:
             Path(args.report).write_text(json.dumps(report, indent=1, default=str))

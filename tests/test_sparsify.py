@@ -677,3 +677,18 @@ def test_calibration_mistakes_are_one_sentence():
     with pytest.raises(ValueError, match=r"calibration batch 1 is a str; a batch is a callable"):
         pysparse.sparsify(hf_bert(), {"encoder.*": {"format": "csr", "sparsity": 0.5, "criterion": "wanda"}},
                           [x, "text"], time_layers=False)
+
+
+def test_report_names_the_skipped_ends_and_prints_a_table():
+    report = pysparse.sparsify(mlp(), {"*": {"format": "csr", "sparsity": 0.5, "kernel": "sparse"}}, time_layers=False)
+    assert isinstance(report, list) and [r["name"] for r in report] == ["2", "4"]
+    assert set(report.skipped) == {"0", "6"} and "first" in report.skipped["0"] and "last" in report.skipped["6"]
+    text = report.table()
+    assert "2" in text and "csr at 50% sparsity" in text
+    assert "2 layers pruned (2 on sparse kernels, 0 dense), 50.0% of their 32,768 weights kept" in text
+    assert "skipped 0: the model's first linear-like layer" in text
+    # a rule that does not match the ends skips nothing
+    assert pysparse.sparsify(mlp(), {"2": {"format": "csr", "sparsity": 0.5}}, time_layers=False).skipped == {}
+    structured = pysparse.sparsify(minilm(), {"layers.*": {"neurons": 0.5}}, calib_batches(minilm())[0],
+                                   time_layers=False)
+    assert "-> " in structured.table() and structured.skipped == {}

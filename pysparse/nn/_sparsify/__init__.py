@@ -59,24 +59,26 @@ activation statistics, Fisher scores), ``structured`` (heads, neurons, dropped l
 from __future__ import annotations
 
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
 from . import recipe as _recipe
 from .recipe import Calibration
+from .report import SparsifyReport
 from .structured import apply_structure
 from .weights import apply_weights
 
-__all__ = ["sparsify", "Calibration"]
+__all__ = ["sparsify", "Calibration", "SparsifyReport"]
 
 
 @torch.no_grad()
 def sparsify(model: torch.nn.Module, recipe: Dict[str, Optional[dict]], calibration: Optional[Calibration] = None,
              *, skip_ends: bool = True, time_layers: bool = True, shapes: Optional[Sequence[int]] = None,
-             cache: bool = True, progress: Optional[bool] = None) -> List[dict]:
+             cache: bool = True, progress: Optional[bool] = None) -> SparsifyReport:
     """Prune ``model`` per ``recipe`` and swap its nn.Linear layers for the fastest kernel, in place;
-    returns the report (one dict per changed module).
+    returns the report: a list with one dict per changed module, its ``skipped`` {module: why}
+    (layers a weight rule matched but left alone) and ``table()`` (text, with totals).
 
     Structured pruning (heads, neurons, layers) runs first, then weight pruning. Each pruned linear
     is timed (``time_layers``) as its stored format, as CSR and as the dense pruned layer, at the
@@ -92,7 +94,7 @@ def sparsify(model: torch.nn.Module, recipe: Dict[str, Optional[dict]], calibrat
     if progress is None:
         progress = sys.stderr.isatty()
     recipe = _recipe.check(recipe, model)
-    report: List[dict] = []
+    report = SparsifyReport()
     if any(_recipe.kind(r) == "struct" for r in recipe.values()):
         apply_structure(model, recipe, calibration, progress, report)
     if any(_recipe.kind(r) == "weight" for r in recipe.values()):

@@ -26,14 +26,18 @@ WEIGHT_CRITERIA = {
 
 
 def apply_weights(model, recipe, calibration, *, skip_ends: bool, time_layers: bool,
-                  shapes: Optional[Sequence[int]], cache: bool, show_progress: bool, report: List[dict]) -> None:
+                  shapes: Optional[Sequence[int]], cache: bool, show_progress: bool, report) -> None:
     """Prune and swap every linear / conv a weight rule matches (the first and last of the model
-    left alone with skip_ends); appends one report row per layer."""
+    left alone with skip_ends, and entered in report.skipped); appends one report row per layer."""
     linears = [(n, m) for n, m in model.named_modules()
                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or is_conv1d(m)]
     if not linears:
         raise ValueError("sparsify: the model has no nn.Linear, nn.Conv2d or Conv1D layers")
     ends = {linears[0][0], linears[-1][0]} if skip_ends else set()
+    for n, where in ((linears[0][0], "first"), (linears[-1][0], "last")):
+        if n in ends and rule_for(n, recipe, "weight") is not None:
+            report.skipped[n] = (f"the model's {where} linear-like layer, kept as it was (skip_ends=True: the ends are "
+                                 f"the most sensitive; skip_ends=False prunes them too)")
     # A Conv1D a rule matches becomes the nn.Linear it equals (marked: save_sparse records it), and
     # goes the linears' way from here on.
     for i, (n, m) in enumerate(linears):
