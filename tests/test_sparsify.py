@@ -692,3 +692,47 @@ def test_report_names_the_skipped_ends_and_prints_a_table():
     structured = pysparse.sparsify(minilm(), {"layers.*": {"neurons": 0.5}}, calib_batches(minilm())[0],
                                    time_layers=False)
     assert "-> " in structured.table() and structured.skipped == {}
+
+
+def _vit(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                 image_size=16, patch_size=8)
+    return transformers.ViTModel(cfg, add_pooling_layer=False).eval()
+
+
+def _distilbert(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=50,
+                                        max_position_embeddings=32)
+    return transformers.DistilBertModel(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["vit", "distilbert"])
+def test_heads_and_neurons_of_vit_and_distilbert(arch, tmp_path):
+    """Hugging Face ViT (q_proj.. without RoPE, mlp.fc1/fc2) and DistilBERT (q_lin.., ffn.lin1/lin2):
+    heads and neurons pruned (ratio 0 changes nothing), the smaller model runs, the entropy
+    criterion is not refused as rotary for ViT, and the result saves and loads."""
+    build = _vit if arch == "vit" else _distilbert
+    x = torch.randn(2, 3, 16, 16, generator=gen(4)) if arch == "vit" else torch.randint(0, 50, (2, 10), generator=gen(4))
+    attn, ffn = ("layers.*.attention", "layers.*.mlp") if arch == "vit" else ("transformer.layer.*.attention",
+                                                                              "transformer.layer.*.ffn")
+    dense = build()
+    y0 = dense(x).last_hidden_state
+    zero = build()
+    report = pysparse.sparsify(zero, {attn: {"heads": 0.0}, ffn: {"neurons": 0.0}}, calibration=lambda m: m(x),
+                               time_layers=False)
+    assert torch.equal(zero(x).last_hidden_state, y0)
+    model = build()
+    crit = "entropy" if arch == "vit" else "activation"
+    report = pysparse.sparsify(model, {attn: {"heads": 0.5, "criterion": crit}, ffn: {"neurons": 0.5}},
+                               calibration=lambda m: m(x), time_layers=False)
+    assert sorted(r["kind"] for r in report) == ["heads", "heads", "neurons", "neurons"]
+    assert all(r["after"] in ("2 heads", "32 neurons") for r in report)
+    y = model(x).last_hidden_state
+    assert y.shape == y0.shape and torch.isfinite(y).all() and not torch.equal(y, y0)
+    pysparse.nn.save_sparse(model, tmp_path / "m.safetensors")
+    back = pysparse.nn.load_sparse(build(seed=1), tmp_path / "m.safetensors")
+    assert torch.equal(back(x).last_hidden_state, y)

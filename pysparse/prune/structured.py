@@ -3,14 +3,16 @@
 Removing a head or a neuron slices rows out of the projections that produce it and columns out of
 the projection that consumes it, so the result is a smaller *dense* block that runs faster on any
 hardware. `shrink_attention` and `shrink_ffn` do this to a module in place, given the units to
-keep. Three layouts are recognised (`attention_parts` / `ffn_parts`):
+keep. These layouts are recognised (`attention_parts` / `ffn_parts`):
 
 - pysparse's own BERT layer (`pysparse.models.minilm.BertLayer`: query/key/value/attn_out, heads;
   ffn_in/ffn_out),
 - Hugging Face BERT-style modules (`BertAttention`: self.query/key/value + output.dense; a layer
   with intermediate.dense + output.dense),
 - LLaMA-style modules (`q_proj/k_proj/v_proj/o_proj` with `head_dim`, grouped-query attention;
-  `gate_proj/up_proj/down_proj`).
+  `gate_proj/up_proj/down_proj`); rotary where the module's config names a RoPE (LLaMA, Qwen2,
+  Mistral), not in Hugging Face's ViT, which uses the same names (with `mlp.fc1/fc2`),
+- DistilBERT (`q_lin/k_lin/v_lin/out_lin` with `attention_head_size`; `ffn.lin1/lin2`).
 
 With grouped-query attention the unit removed is a whole key/value group (one K/V head and the
 query heads that read it), so the number of query heads per group stays what the module expects.
@@ -82,10 +84,23 @@ def attention_parts(module: torch.nn.Module) -> Optional[AttentionParts]:
         slots = {"q": (module, "q_proj"), "k": (module, "k_proj"), "v": (module, "v_proj"), "o": (module, "o_proj")}
 
         def set_heads(nh, nkv):
-            for name, val in (("num_heads", nh), ("num_key_value_heads", nkv)):
+            for name, val in (("num_heads", nh), ("num_attention_heads", nh), ("num_key_value_heads", nkv)):
                 if hasattr(module, name):
                     setattr(module, name, val)
-        return AttentionParts(module.q_proj, module.k_proj, module.v_proj, module.o_proj, h, kv, hd, True, False,
+        # Rotary unless the module's config says otherwise (ViT: the same names, no RoPE); without
+        # a config, LLaMA-style is taken as rotary (the entropy criterion then refuses it).
+        cfg = getattr(module, "config", None)
+        rotary = cfg is None or any(hasattr(cfg, a) for a in ("rope_theta", "rope_scaling", "rope_parameters"))
+        return AttentionParts(module.q_proj, module.k_proj, module.v_proj, module.o_proj, h, kv, hd, rotary, False,
+                              _replacer(slots), set_heads)
+    if lin(module, "q_lin", "k_lin", "v_lin", "out_lin") and hasattr(module, "attention_head_size"):
+        hd = module.attention_head_size
+        h = module.q_lin.out_features // hd
+        slots = {"q": (module, "q_lin"), "k": (module, "k_lin"), "v": (module, "v_lin"), "o": (module, "out_lin")}
+
+        def set_heads(nh, nkv):
+            module.n_heads = nh
+        return AttentionParts(module.q_lin, module.k_lin, module.v_lin, module.out_lin, h, h, hd, False, True,
                               _replacer(slots), set_heads)
     return None
 
@@ -103,6 +118,10 @@ def ffn_parts(module: torch.nn.Module) -> Optional[FFNParts]:
     if lin(module, "gate_proj", "up_proj", "down_proj"):
         return FFNParts(module.gate_proj, module.up_proj, module.down_proj, False,
                         _replacer({"up": (module, "gate_proj"), "gate": (module, "up_proj"), "down": (module, "down_proj")}))
+    if lin(module, "lin1", "lin2") and module.lin2.in_features == module.lin1.out_features:  # DistilBERT (post-norm)
+        return FFNParts(module.lin1, None, module.lin2, True, _replacer({"up": (module, "lin1"), "down": (module, "lin2")}))
+    if lin(module, "fc1", "fc2") and module.fc2.in_features == module.fc1.out_features:  # ViT's MLP (pre-norm)
+        return FFNParts(module.fc1, None, module.fc2, False, _replacer({"up": (module, "fc1"), "down": (module, "fc2")}))
     return None
 
 
