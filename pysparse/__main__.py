@@ -82,7 +82,7 @@ def main(argv=None) -> int:
                                    "back with pysparse.nn.load_sparse(factory(), OUT).")
     s.add_argument("model", help="'package.module:factory': a callable that builds your (dense) model")
     s.add_argument("--weights", help="safetensors state dict to load into the built model")
-    s.add_argument("--recipe", required=True, help="JSON file or JSON text: {pattern: rule or null}")
+    s.add_argument("--recipe", required=True, help="a .json or .yaml file, or JSON text: {pattern: rule or null}")
     s.add_argument("--calibration", help="torch.save'd inputs: one batch (a tensor, a tuple of tensors: positional "
                    "arguments, a dict of tensors: keyword arguments) or a list of batches")
     s.add_argument("--shapes", help="token counts to tune the kernels for, e.g. 1,256 (default: the calibration shape)")
@@ -117,11 +117,13 @@ def main(argv=None) -> int:
         _check_writable(args.out, "--out")
         if args.report:
             _check_writable(args.report, "--report")
-        text = Path(args.recipe).read_text() if Path(args.recipe).is_file() else args.recipe
-        try:
-            recipe = json.loads(text)
-        except ValueError as e:
-            raise SystemExit(f"pysparse sparsify: --recipe is neither a JSON file nor JSON text ({e})") from None
+        if Path(args.recipe).is_file():
+            recipe = args.recipe  # a .json / .yaml file: sparsify reads it (and names it in any error)
+        else:
+            try:
+                recipe = json.loads(args.recipe)
+            except ValueError as e:
+                raise SystemExit(f"pysparse sparsify: --recipe is neither a JSON / YAML file nor JSON text ({e})") from None
         model = _build_model(args.model, args.weights)
         calib = _calibration(args.calibration) if args.calibration else None
         shapes = [int(t) for t in args.shapes.split(",")] if args.shapes else None

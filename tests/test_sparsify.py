@@ -736,3 +736,21 @@ def test_heads_and_neurons_of_vit_and_distilbert(arch, tmp_path):
     pysparse.nn.save_sparse(model, tmp_path / "m.safetensors")
     back = pysparse.nn.load_sparse(build(seed=1), tmp_path / "m.safetensors")
     assert torch.equal(back(x).last_hidden_state, y)
+
+
+def test_recipe_from_json_and_yaml_files(tmp_path):
+    recipe = {"2": {"format": "2:4", "kernel": "sparse"}, "4": {"format": "csr", "sparsity": 0.5, "kernel": "sparse"}}
+    ref = pysparse.sparsify(mlp(), recipe, time_layers=False)
+    (tmp_path / "r.json").write_text(json.dumps(recipe))
+    (tmp_path / "r.yaml").write_text("'2': {format: '2:4', kernel: sparse}\n'4':\n  format: csr\n  sparsity: 0.5\n"
+                                     "  kernel: sparse\n")
+    for path in (tmp_path / "r.json", str(tmp_path / "r.yaml")):
+        got = pysparse.sparsify(mlp(), path, time_layers=False)
+        assert [(r["name"], r["format"], r["sparsity"]) for r in got] == [(r["name"], r["format"], r["sparsity"]) for r in ref]
+    (tmp_path / "bad.json").write_text("{'2': }")
+    (tmp_path / "bad.yaml").write_text("'2': {format: [\n")
+    for path, message in ((tmp_path / "none.json", r"the recipe file '.*none.json' does not exist"),
+                          (tmp_path / "bad.json", r"the recipe file '.*bad.json' is not valid JSON"),
+                          (tmp_path / "bad.yaml", r"the recipe file '.*bad.yaml' is not valid YAML")):
+        with pytest.raises(ValueError, match=message):
+            pysparse.sparsify(mlp(), path, time_layers=False)

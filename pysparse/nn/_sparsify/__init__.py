@@ -34,6 +34,7 @@ the rule's sparsity holding over its layers weighted by size), ``kernel`` ("auto
 "dense"), ``min_speedup`` (default 1.0).
 "fisher" is the squared (Fisher) form of the first-order Taylor estimate of the loss change; its
 old name "taylor" is still accepted, with a DeprecationWarning.
+A recipe can also be the path of a .json or .yaml file holding one (YAML with PyYAML installed).
 The recipe is validated before any work: an unknown key, a value of the wrong kind, a rule that
 would do nothing (csr without a sparsity, a sparsity with nm) or a pattern that matches no module
 raises a ValueError naming the pattern and the key.
@@ -59,7 +60,8 @@ activation statistics, Fisher scores), ``structured`` (heads, neurons, dropped l
 from __future__ import annotations
 
 import sys
-from typing import Dict, Optional, Sequence
+import os
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 
@@ -73,7 +75,8 @@ __all__ = ["sparsify", "Calibration", "SparsifyReport"]
 
 
 @torch.no_grad()
-def sparsify(model: torch.nn.Module, recipe: Dict[str, Optional[dict]], calibration: Optional[Calibration] = None,
+def sparsify(model: torch.nn.Module, recipe: Union[Dict[str, Optional[dict]], str, os.PathLike],
+             calibration: Optional[Calibration] = None,
              *, skip_ends: bool = True, time_layers: bool = True, shapes: Optional[Sequence[int]] = None,
              cache: bool = True, progress: Optional[bool] = None) -> SparsifyReport:
     """Prune ``model`` per ``recipe`` and swap its nn.Linear layers for the fastest kernel, in place;

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import json
+import os
 import re
 import sys
 import warnings
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
 import torch
@@ -135,11 +138,38 @@ def _normalized(pattern: str, rule: dict) -> dict:
     return rule
 
 
-def check(recipe: Dict[str, Optional[dict]], model: Optional[torch.nn.Module] = None) -> Dict[str, Optional[dict]]:
+def load(path) -> object:
+    """The recipe in a .json, .yaml or .yml file (YAML needs PyYAML: ``pip install pyyaml``);
+    ValueError naming the file for one that is missing or does not parse."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"sparsify: the recipe file {str(path)!r} does not exist (a recipe is a dict, or the path of a "
+                         f".json / .yaml file holding one)")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"sparsify: reading the YAML recipe {str(path)!r} needs PyYAML (pip install pyyaml); "
+                             f"or write it as JSON") from None
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"sparsify: the recipe file {str(path)!r} is not valid YAML: {e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"sparsify: the recipe file {str(path)!r} is not valid JSON ({e}); YAML files end in .yaml "
+                         f"or .yml") from None
+
+
+def check(recipe, model: Optional[torch.nn.Module] = None) -> Dict[str, Optional[dict]]:
     """The recipe, validated before any work and with "N:M" formats spelled out (format "nm", n,
     m): every pattern a string that matches a module of `model`, every rule a dict or None of one
     kind with known keys and values (ValueError naming the pattern and the key); a deprecated
-    criterion name warns (once per name)."""
+    criterion name warns (once per name). A str or path is a recipe file (``load``)."""
+    if isinstance(recipe, (str, os.PathLike)):
+        recipe = load(recipe)
     if not isinstance(recipe, dict):
         raise ValueError(f"sparsify: the recipe must be a dict of module-name patterns to rules, got "
                          f"{type(recipe).__name__}")
