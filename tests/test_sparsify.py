@@ -119,11 +119,13 @@ def test_bad_recipes():
     ({"*": {"neurons": 0.5, "drop": "yes"}}, r"'drop' must be True or False, got 'yes'"),
     ({"*": {"sparsity": 0.5, "scope": "everywhere"}}, r"'scope' must be 'local' or 'global', got 'everywhere'"),
     ({3: {"sparsity": 0.5}}, r"recipe patterns must be strings"),
-    ({"*": {"sparsity": 0.5, "allocation": "even"}}, r"'allocation' must be 'uniform' or 'owl', got 'even'"),
+    ({"*": {"sparsity": 0.5, "allocation": "even"}}, r"'allocation' must be 'uniform', 'owl' or 'sensitivity', got 'even'"),
     ({"*": {"format": "2:4", "allocation": "owl"}}, r"allocation 'owl' spreads a sparsity .* format 'nm' has a fixed one"),
-    ({"*": {"sparsity": 0.5, "allocation": "owl", "scope": "global"}}, r"allocation 'owl' and scope 'global' both"),
-    ({"*": {"sparsity": 0.5, "owl_lambda": 0.1}}, r"\['owl_lambda'\] apply to allocation 'owl'"),
-    ({"*": {"sparsity": 0.5, "allocation": "owl", "owl_lambda": 0.7}}, r"'owl_lambda' .* must be in \(0, 0.5\], got 0.7"),
+    ({"*": {"sparsity": 0.5, "allocation": "sensitivity", "scope": "global"}},
+     r"allocation 'sensitivity' and scope 'global' both"),
+    ({"*": {"sparsity": 0.5, "spread": 0.1}}, r"\['spread'\] do not apply to allocation 'uniform'"),
+    ({"*": {"sparsity": 0.5, "allocation": "sensitivity", "owl_m": 3}}, r"\['owl_m'\] do not apply to allocation 'sens"),
+    ({"*": {"sparsity": 0.5, "allocation": "owl", "spread": 0.7}}, r"'spread' .* must be in \(0, 0.5\], got 0.7"),
     ({"*": {"sparsity": 0.5, "allocation": "owl", "owl_m": 0}}, r"'owl_m' .* must be > 0, got 0"),
     ([("*", {"sparsity": 0.5})], r"the recipe must be a dict of module-name patterns to rules, got list"),
 ])
@@ -211,12 +213,12 @@ def test_owl_allocation_keeps_more_of_the_blocks_with_outliers():
     with pytest.raises(ValueError, match=r"allocation 'owl' for '0.0' needs calibration inputs"):
         pysparse.sparsify(copy.deepcopy(model), {"*": {"sparsity": 0.6, "allocation": "owl"}}, time_layers=False,
                           skip_ends=False)
-    report = pysparse.sparsify(model, {"*": {"format": "csr", "sparsity": 0.6, "allocation": "owl", "owl_lambda": 0.1}},
+    report = pysparse.sparsify(model, {"*": {"format": "csr", "sparsity": 0.6, "allocation": "owl", "spread": 0.1}},
                                calibration=lambda m: m(x), time_layers=False, skip_ends=False)
     by = {r["name"]: r["sparsity"] for r in report}
     assert by["1.0"] == pytest.approx(by["1.2"], abs=0.01) and by["0.0"] == pytest.approx(by["0.2"], abs=0.01)
     assert by["1.0"] < by["0.0"] - 0.05 and by["1.0"] < by["2.0"] - 0.05
-    assert max(by.values()) - min(by.values()) <= 0.2 + 0.02  # within 2 owl_lambda
+    assert max(by.values()) - min(by.values()) <= 0.2 + 0.02  # within 2 spread
     assert sum(by.values()) / len(by) == pytest.approx(0.6, abs=0.01)  # equal sizes: the mean is the target
 
 
@@ -754,3 +756,28 @@ def test_recipe_from_json_and_yaml_files(tmp_path):
                           (tmp_path / "bad.yaml", r"the recipe file '.*bad.yaml' is not valid YAML")):
         with pytest.raises(ValueError, match=message):
             pysparse.sparsify(mlp(), path, time_layers=False)
+
+
+def test_sensitivity_allocation_spares_the_layer_whose_pruning_hurts():
+    """allocation "sensitivity": a layer whose small weights carry nothing (pruning it to 80%
+    changes nothing) takes more of the sparsity than one whose weights all matter; the target
+    holds over the layers by size, each within target +- spread."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 64))
+    with torch.no_grad():
+        model[2].weight.copy_(torch.randn(64, 64).sign() * 0.1)  # every weight the same size: all matter
+        w = torch.randn(64, 64) * 1e-4
+        w[torch.rand(64, 64) < 0.1] = 1.0  # a tenth of the weights carry the layer
+        model[4].weight.copy_(w)
+    x = torch.randn(64, 32, generator=gen(6))
+    with pytest.raises(ValueError, match=r"allocation 'sensitivity' for '0' needs calibration inputs"):
+        pysparse.sparsify(copy.deepcopy(model), {"*": {"sparsity": 0.6, "allocation": "sensitivity"}},
+                          time_layers=False, skip_ends=False)
+    report = pysparse.sparsify(model, {"*": {"format": "csr", "sparsity": 0.6, "allocation": "sensitivity",
+                                             "spread": 0.2}}, calibration=x, time_layers=False, skip_ends=False)
+    by = {r["name"]: r["sparsity"] for r in report}
+    assert by["4"] == pytest.approx(0.8, abs=0.01) and by["2"] < 0.6
+    assert all(0.4 - 0.01 <= v <= 0.8 + 0.01 for v in by.values())
+    sizes = {"0": 64 * 32, "2": 64 * 64, "4": 64 * 64}
+    assert sum(by[n] * sizes[n] for n in by) / sum(sizes.values()) == pytest.approx(0.6, abs=0.01)

@@ -26,11 +26,13 @@ nn.Linear each equals): ``format`` ("csr" | "bsr" | "nm" | "N:M" such as "2:4"),
 over calibration batches | "sparsegpt": ``pysparse.prune.sparsegpt`` with the Hessian of the
 layer's inputs, recorded on the model as pruned so far (one calibration pass per layer, in model
 order), which also updates the kept weights; nn.Linear only), ``scope`` ("local" | "global": csr only, one threshold over every
-linear the rule matches), ``allocation`` ("uniform": every layer at the rule's sparsity | "owl":
-outlier-weighted layerwise sparsity, csr and bsr, needs calibration: layers whose |W| * ||x||
-scores hold more outliers, scores above ``owl_m`` (default 5) times their mean, keep more, the
-sparsities spread over [sparsity - ``owl_lambda``, sparsity + ``owl_lambda``] (default 0.08) and
-the rule's sparsity holding over its layers weighted by size), ``kernel`` ("auto" | "sparse" |
+linear the rule matches), ``allocation`` ("uniform": every layer at the rule's sparsity |
+"sensitivity": layers whose pruning changes the output more keep more: each is pruned alone on a
+grid over sparsity +- ``spread`` (default 0.08) on the first calibration batch, then the cheapest
+output change per pruned weight is taken until the rule's sparsity holds over its layers by size |
+"owl": outlier-weighted layerwise sparsity over blocks (the layers under one numbered module):
+blocks whose |W| * ||x|| scores hold more outliers, scores above ``owl_m`` (default 5) times
+their mean, keep more, within sparsity +- ``spread``; both csr and bsr, with calibration), ``kernel`` ("auto" | "sparse" |
 "dense"), ``min_speedup`` (default 1.0).
 "fisher" is the squared (Fisher) form of the first-order Taylor estimate of the loss change; its
 old name "taylor" is still accepted, with a DeprecationWarning.

@@ -18,8 +18,7 @@ import torch
 from ...formats import FORMATS
 
 STRUCT_KEYS = {"heads", "neurons", "drop", "reconstruct"}  # "scope" and "criterion" belong to both kinds
-WEIGHT_KEYS = {"format", "sparsity", "n", "m", "blocksize", "kernel", "min_speedup", "allocation", "owl_lambda",
-               "owl_m"}
+WEIGHT_KEYS = {"format", "sparsity", "n", "m", "blocksize", "kernel", "min_speedup", "allocation", "spread", "owl_m"}
 # One batch (a callable f(model), a tensor, a tuple of positional arguments, a dict of keyword
 # arguments) or an iterable of batches (a list, a DataLoader): calibration.calls says how each runs.
 Calibration = Union[Callable[[torch.nn.Module], object], torch.Tensor, tuple, Mapping, Iterable]
@@ -63,27 +62,29 @@ def _fraction(pattern: str, key: str, value) -> None:
 
 
 def _allocation(pattern: str, rule: dict, fmt: str) -> None:
-    """ValueError for an allocation the rule cannot use: "owl" spreads a csr / bsr rule's
-    sparsity over its layers, so it needs one and cannot be combined with scope "global" (which
-    spreads it by one threshold); owl_lambda and owl_m only go with it."""
+    """ValueError for an allocation the rule cannot use: "owl" and "sensitivity" spread a csr /
+    bsr rule's sparsity over its layers, so they need one and cannot be combined with scope
+    "global" (which spreads it by one threshold); spread (both) and owl_m (owl) only go with them."""
     alloc = rule.get("allocation", "uniform")
-    if alloc not in ("uniform", "owl"):
-        raise ValueError(f"sparsify: the rule for {pattern!r}: 'allocation' must be 'uniform' or 'owl', got {alloc!r}")
-    if alloc != "owl":
-        extra = sorted(k for k in ("owl_lambda", "owl_m") if k in rule)
-        if extra:
-            raise ValueError(f"sparsify: the rule for {pattern!r}: {extra} apply to allocation 'owl'")
+    if alloc not in ("uniform", "owl", "sensitivity"):
+        raise ValueError(f"sparsify: the rule for {pattern!r}: 'allocation' must be 'uniform', 'owl' or 'sensitivity', "
+                         f"got {alloc!r}")
+    extra = sorted(k for k in ("spread", "owl_m") if k in rule and not (alloc == "owl" or (alloc == "sensitivity"
+                                                                                          and k == "spread")))
+    if extra:
+        raise ValueError(f"sparsify: the rule for {pattern!r}: {extra} do not apply to allocation {alloc!r}")
+    if alloc == "uniform":
         return
     if fmt == "nm":
-        raise ValueError(f"sparsify: the rule for {pattern!r}: allocation 'owl' spreads a sparsity over the layers; "
+        raise ValueError(f"sparsify: the rule for {pattern!r}: allocation {alloc!r} spreads a sparsity over the layers; "
                          f"format 'nm' has a fixed one (n of every m)")
     if rule.get("scope") == "global":
-        raise ValueError(f"sparsify: the rule for {pattern!r}: allocation 'owl' and scope 'global' both set each "
+        raise ValueError(f"sparsify: the rule for {pattern!r}: allocation {alloc!r} and scope 'global' both set each "
                          f"layer's sparsity; choose one")
-    lam, m = rule.get("owl_lambda", 0.08), rule.get("owl_m", 5.0)
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 < lam <= 0.5:
-        raise ValueError(f"sparsify: the rule for {pattern!r}: 'owl_lambda' (the spread of the layers' sparsities "
-                         f"around the target) must be in (0, 0.5], got {lam!r}")
+    spread, m = rule.get("spread", 0.08), rule.get("owl_m", 5.0)
+    if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 0.0 < spread <= 0.5:
+        raise ValueError(f"sparsify: the rule for {pattern!r}: 'spread' (how far the layers' sparsities may move from "
+                         f"the target) must be in (0, 0.5], got {spread!r}")
     if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
         raise ValueError(f"sparsify: the rule for {pattern!r}: 'owl_m' (an outlier's score, in multiples of its "
                          f"layer's mean) must be > 0, got {m!r}")

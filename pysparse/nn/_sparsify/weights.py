@@ -53,19 +53,21 @@ def apply_weights(model, recipe, calibration, *, skip_ends: bool, time_layers: b
         needs = [n for n, m, r in todo if criterion_of(r) == crit]
         if needs and calibration is None:
             raise ValueError(f"sparsify: criterion {crit!r} for {needs[0]!r} needs calibration inputs")
-    owl = [n for n, m, r in todo if r.get("allocation") == "owl"]
-    if owl and calibration is None:
-        raise ValueError(f"sparsify: allocation 'owl' for {owl[0]!r} needs calibration inputs (its outliers are "
-                         f"those of |W| * ||x||)")
+    for alloc, why in (("owl", "its outliers are those of |W| * ||x||"),
+                       ("sensitivity", "it measures the output change each layer's pruning makes")):
+        needs = [n for n, m, r in todo if r.get("allocation") == alloc]
+        if needs and calibration is None:
+            raise ValueError(f"sparsify: allocation {alloc!r} for {needs[0]!r} needs calibration inputs ({why})")
     fisher = cal.fisher_scores(model, calibration, {}, wf)[1] if wf else {}
     scores = {name: _weight_scores(name, lin, rule, stats, fisher) for name, lin, rule in todo}
-    sparsity = {**_global_sparsity(todo, scores), **_owl_sparsity(todo, stats)}
+    sparsity = {**_global_sparsity(todo, scores), **_owl_sparsity(todo, stats),
+                **_sensitivity_sparsity(model, todo, calibration)}
     for name, lin, rule in progress(todo, "sparsify: layers", show_progress):
         crit = criterion_of(rule)
         rule = dict(rule)
         fmt = rule.pop("format", "csr")
         rule.pop("criterion", None)
-        for key in ("scope", "allocation", "owl_lambda", "owl_m"):
+        for key in ("scope", "allocation", "spread", "owl_m"):
             rule.pop(key, None)
         min_speedup = float(rule.pop("min_speedup", 1.0))
         kernel = rule.pop("kernel", "auto")  # checked with the recipe (recipe.check)
@@ -189,7 +191,7 @@ def _owl_sparsity(todo, stats) -> Dict[str, float]:
     Yin et al. 2023). As in OWL, the unit is a block (the layers under one numbered module, such as
     a transformer layer: the first number in their names; a layer alone where its name has none): a block's outlier ratio is
     the share of its layers' |W| * ||x|| scores above owl_m times their mean; the ratios, scaled to
-    [0, 2 owl_lambda], raise the kept share of the blocks with more outliers, shifted so that the
+    [0, 2 spread], raise the kept share of the blocks with more outliers, shifted so that the
     rule's sparsity holds over its layers weighted by their sizes (clipped to [0, 0.999])."""
     groups: Dict[int, list] = {}
     for name, lin, rule in todo:
@@ -198,7 +200,7 @@ def _owl_sparsity(todo, stats) -> Dict[str, float]:
     out = {}
     for members in groups.values():
         rule = members[0][2]
-        target, lam, m = float(rule["sparsity"]), float(rule.get("owl_lambda", 0.08)), float(rule.get("owl_m", 5.0))
+        target, lam, m = float(rule["sparsity"]), float(rule.get("spread", 0.08)), float(rule.get("owl_m", 5.0))
         blocks: Dict[str, list] = {}
         for name, lin, _ in members:
             blocks.setdefault(_block_of(name), []).append((name, lin))
@@ -218,6 +220,63 @@ def _owl_sparsity(todo, stats) -> Dict[str, float]:
         for layers, k in zip(blocks.values(), keep.tolist()):
             for name, _ in layers:
                 out[name] = min(max(1.0 - k, 0.0), 0.999)
+    return out
+
+
+def _sensitivity_sparsity(model, todo, calibration, steps: int = 4) -> Dict[str, float]:
+    """Per-layer sparsity for rules with allocation "sensitivity": each layer alone is pruned (by
+    magnitude) at sparsities on a grid of `steps` intervals over target +- spread and the change
+    of the model's output on the first calibration batch measured (pysparse.analyze.sensitivity,
+    relative L2); then, from every layer at the grid's low end, the step with the smallest output
+    change per pruned weight is taken, again and again, until the rule's sparsity holds over its
+    layers weighted by size (the last step taken in part to land on it). Changes are assumed to
+    add up across layers, as in any per-layer allocation."""
+    from ...analyze import sensitivity  # not at the top: pysparse.analyze imports pysparse.nn
+
+    groups: Dict[int, list] = {}
+    for name, lin, rule in todo:
+        if rule.get("allocation") == "sensitivity":
+            groups.setdefault(id(rule), []).append((name, lin, rule))
+    out: Dict[str, float] = {}
+    if not groups:
+        return out
+    first = cal.calls(calibration)[0]
+    for members in groups.values():
+        rule = members[0][2]
+        target, spread = float(rule["sparsity"]), float(rule.get("spread", 0.08))
+        lo, hi = max(0.0, target - spread), min(0.99, target + spread)
+        grid = [lo + (hi - lo) * i / steps for i in range(steps + 1)]
+        names = [n for n, _, _ in members]
+        was = model.training  # measured without dropout (and restored)
+        model.eval()
+        try:
+            rep = sensitivity(model, first, grid, layers=names, metric="relative_l2")
+        finally:
+            model.train(was)
+        change = {(r["layer"], r["level"]): r["change"] for r in rep.rows}
+        sizes = {n: lin.weight.numel() for n, lin, _ in members}
+        level = {n: 0 for n in names}  # grid index of each layer
+        need = (target - lo) * sum(sizes.values())  # weights still to prune beyond the low end
+        frac = {n: 0.0 for n in names}
+        while need > 1e-9:
+            movable = [n for n in names if level[n] < steps]
+            if not movable:
+                break
+            cost = {n: (change[(n, grid[level[n] + 1])] - change[(n, grid[level[n]])]) /
+                    (sizes[n] * (grid[level[n] + 1] - grid[level[n]])) for n in movable}
+            n = min(movable, key=lambda k: (cost[k], names.index(k)))
+            step_w = sizes[n] * (grid[level[n] + 1] - grid[level[n]])
+            if step_w >= need:
+                frac[n] = need / step_w
+                need = 0.0
+            else:
+                level[n] += 1
+                need -= step_w
+        for n in names:
+            s = grid[level[n]]
+            if frac[n]:
+                s += frac[n] * (grid[level[n] + 1] - grid[level[n]])
+            out[n] = s
     return out
 
 

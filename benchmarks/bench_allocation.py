@@ -1,15 +1,17 @@
-"""OWL (outlier-weighted layerwise sparsity) against uniform sparsity on all-MiniLM-L6-v2
-(offline, CPU; issue 20).
+"""Layer sparsity allocations on all-MiniLM-L6-v2 (offline, CPU; issue 20): "uniform" against
+"sensitivity" and "owl" (outlier-weighted layerwise sparsity).
 
 sparsify prunes every encoder linear (`{"layers.*": {...}}`, skip_ends=False, no kernel timing) at
 70% and 80% unstructured with Wanda and with SparseGPT, each with allocation "uniform" (every layer
-at the target) and "owl" (the target over all 36 layers weighted by size, spread by owl_lambda);
+at the target), "sensitivity" and "owl" (the target over all 36 layers weighted by size, each
+layer within target +- `spread`);
 fidelity of the sentence embeddings to the dense model's on the evaluation sentences (mean cosine,
 top-10 neighbour agreement), the spread of the layers' sparsities, the time sparsify took.
 Calibration and evaluation sentences are disjoint slices of the standard library's docstrings,
 as in bench_sparsegpt.py.
 
-    python benchmarks/bench_owl.py [--eval 1000] [--calib 256] [--lambdas 0.05,0.1] [--json PATH]
+    python benchmarks/bench_allocation.py [--eval 1000] [--calib 256]
+        [--allocations uniform,sensitivity:0.1,owl:0.05,owl:0.1] [--json PATH]
 """
 from __future__ import annotations
 
@@ -37,8 +39,9 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--sparsities", default="0.7,0.8")
     ap.add_argument("--criteria", default="wanda,sparsegpt")
-    ap.add_argument("--lambdas", default="0.05,0.1")
-    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "owl.json"))
+    ap.add_argument("--allocations", default="uniform,sensitivity:0.1,owl:0.05,owl:0.1",
+                    help="comma-separated: uniform, or ALLOCATION:SPREAD")
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "allocation.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
     dense, tok = load_minilm()
@@ -52,8 +55,10 @@ def main() -> None:
     print("|---:|---|---|---:|---:|---|---:|")
     for s in (float(v) for v in args.sparsities.split(",")):
         for crit in args.criteria.split(","):
-            allocations = [("uniform", {})] + [(f"owl, lambda {lam}", {"allocation": "owl", "owl_lambda": float(lam)})
-                                               for lam in args.lambdas.split(",")]
+            allocations = []
+            for a in args.allocations.split(","):
+                kind, _, spread = a.partition(":")
+                allocations.append((a, {} if kind == "uniform" else {"allocation": kind, "spread": float(spread)}))
             for label, extra in allocations:
                 model = copy.deepcopy(dense)
                 t = time.perf_counter()
