@@ -51,6 +51,41 @@ def plans_off(fn):
     return run
 
 
+def token_rows(args, g):
+    """A few tokens (batched decoding) through the bitmap against the row-axpy kernel (plans off),
+    weights cold (a 512 MiB rotation), one process, alternating."""
+    print("\nA few tokens, 70% sparsity, weights cold: bitmap vs the row-axpy kernel (plans off)")
+    print("| layer | n | bitmap | bitmap us | row-axpy us | bitmap vs row-axpy | vs its own n = 1 |")
+    print("|---|---:|:-:|---:|---:|---:|---:|")
+    rows = []
+    for M, K in ((2048, 2048), (768, 3072), (5632, 2048)):
+        W = pysparse.prune.magnitude(torch.randn(M, K, generator=g), 0.7)
+        A = pysparse.CSR.from_dense(W)
+        cold_A = rotating(lambda: pysparse.CSR.from_dense(W), A.values.numel() * 6, cold=True, mb=DECODE_COLD_MB)
+        ns = [1, 2, 3, 4]
+        xs = {n: torch.randn(n, K, generator=g) for n in ns}
+        used = {}
+        for _ in range(cold_copies(A.values.numel() * 6, DECODE_COLD_MB << 20)):
+            Ai = cold_A()
+            for n in ns:
+                made = _C.csr_plans_made()
+                pysparse.linear(xs[n], Ai)
+                used[n] = used.get(n, False) or _C.csr_plans_made() > made
+        for n in ns:  # whether n takes the bitmap: a fresh pattern's first product says
+            made = _C.csr_plans_made()
+            pysparse.linear(xs[n], pysparse.CSR.from_dense(W))
+            used[n] = _C.csr_plans_made() > made
+        sides = []
+        for n in ns:
+            sides += [lambda n=n: pysparse.linear(xs[n], cold_A()), plans_off(lambda n=n: pysparse.linear(xs[n], cold_A()))]
+        t = alternating(*sides, rounds=args.rounds, reps=4 * args.reps)
+        for i, n in enumerate(ns):
+            rows.append(dict(M=M, K=K, n=n, bitmap=used[n], bitmap_ms=t[2 * i] * 1e3, axpy_ms=t[2 * i + 1] * 1e3))
+            print(f"| {M}x{K} | {n} | {'yes' if used[n] else 'no'} | {t[2 * i] * 1e6:.0f} | {t[2 * i + 1] * 1e6:.0f} "
+                  f"| {t[2 * i + 1] / t[2 * i]:.2f}x | {t[2 * i] / t[0]:.2f}x |", flush=True)
+    return rows
+
+
 def decode_rows(args, roof, g):
     """The column bitmap against the gathering gemv and dense, at one token."""
     dram = roof.read_gbps.get("DRAM", float("nan"))
@@ -94,7 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--decode-only", action="store_true", help="only the decode (n = 1) rows")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode rows (n = 1, then 1-4 tokens)")
+    ap.add_argument("--tokens-only", action="store_true", help="only the rows of 1-4 tokens")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "csr_plan.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -106,7 +142,7 @@ def main(argv=None) -> int:
           "| plan vs dense, warm | cold | plan GFLOP/s warm (of peak) | cold | row-axpy GFLOP/s warm (of peak) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (M, K), s, n in ((shape, s, n) for shape in SHAPES for s in SPARSITIES for n in TOKENS
-                         if not args.decode_only):
+                         if not (args.decode_only or args.tokens_only)):
         W = pysparse.prune.magnitude(torch.randn(M, K, generator=g), s)
         A = pysparse.CSR.from_dense(W)
         x = torch.randn(n, K, generator=g)
@@ -138,11 +174,12 @@ def main(argv=None) -> int:
               f"| {t['dense_cold'] / t['plan_cold']:.2f}x | {rate['plan']:.0f} ({roof.fraction(rate['plan']):.0%}) "
               f"| {rate['plan_cold']:.0f} ({roof.fraction(rate['plan_cold']):.0%}) "
               f"| {rate['axpy']:.0f} ({roof.fraction(rate['axpy']):.0%}) |", flush=True)
-    decode = decode_rows(args, roof, g)
+    decode = decode_rows(args, roof, g) if not args.tokens_only else []
+    tokens = token_rows(args, g)
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(dict(threads=args.threads, fp32_peak_gflops=roof.fp32_gflops, roofline=roof.as_dict(), rows=rows,
-                       decode=decode), f, indent=1)
+                       decode=decode, tokens=tokens), f, indent=1)
     return 0
 
 

@@ -1,5 +1,5 @@
 """The CSR plans (csrc/cpu/csr_plan.cpp): the slice plan (csr_impl.h: csr_plan_kernel) and, at
-the end of this file, the gemv's column bitmap (csr_bitmap_gemv).
+the end of this file, the column bitmap of one token and of a few (csr_bitmap_rows).
 
 The AVX-512 CSR products at n > 32, K in [256, 8192] and 6.25-25% density follow a plan made
 once per pattern. These tests put shapes on that path (rows not a multiple of the 64-row chunks,
@@ -177,7 +177,7 @@ def test_inference_tensors_take_the_kernel_without_a_plan(kind):
 
 
 # ---------------------------------------------------------------------------------------------
-# The gemv's column bitmap (csr_plan.cpp: csr_bitmap, csr_impl.h: csr_bitmap_gemv): CSR at one
+# The column bitmap (csr_plan.cpp: csr_bitmap, csr_impl.h: csr_bitmap_rows): CSR at one
 # token, density >= 2/9, K <= 65536. (M, K): K below one 16-column step, K not a multiple of 16,
 # rows not a multiple of the 4-step unroll's 64 columns, the last rows (whose 16-value loads would
 # pass the end of the values: they take the masked loads).
@@ -238,12 +238,15 @@ def test_bitmap_gemv_skips_pruned_columns_of_x():
     assert torch.equal(torch.isnan(y), torch.isnan(gather))
 
 
-def test_bitmap_needs_the_density():
-    """Below 2/9 the gathering gemv runs (it is faster there): no bitmap is made."""
-    W, crow, col, val = _pattern(256, 512, 0.1, torch.float32, torch.int32, seed=21)
-    x = torch.randn(1, 512, generator=gen(22))
+@pytest.mark.parametrize("case", ["density below 2/9", "tokens past L1"])
+def test_no_bitmap_where_it_would_lose(case):
+    """Below 2/9 density the gathering gemv runs (it is faster there); tokens whose rows would not
+    fit in L1 (n K > 8192) take the row-axpy kernel. No bitmap is made, the product is right."""
+    (M, K, d, n) = (256, 512, 0.1, 1) if case == "density below 2/9" else (64, 4097, 0.6, 2)
+    W, crow, col, val = _pattern(M, K, d, torch.float32, torch.int32, seed=21)
+    x = torch.randn(n, K, generator=gen(22))
     made = _plans()
-    y = ops.csr_linear(x, crow, col, val, [256, 512], None)
+    y = ops.csr_linear(x, crow, col, val, [M, K], None)
     assert _plans() == made
     torch.testing.assert_close(y.double(), x.double() @ W.double().t(), rtol=1e-4, atol=1e-4)
 
@@ -280,3 +283,28 @@ def test_bitmap_with_row_pointers_written_behind_the_version_counter_stays_in_bo
     crow.data[1:-1] = nnz  # all values in row 0 now, as far as the row pointers say
     again = ops.csr_linear(x, crow, col, val, [M, K], None)
     torch.testing.assert_close(again, before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+@pytest.mark.parametrize("shape", [(200, 300), (33, 17), (130, 1000), (64, 16)], ids=str)
+def test_bitmap_takes_a_few_tokens_as_rows(dtype, n, shape):
+    """Up to 8 tokens whose rows fit in L1 (n K <= 8192) go through the bitmap too, each step's
+    values expanded once for all of them: linear (the input rows as they are) and spmm (B^T)."""
+    M, K = shape
+    if n * K > 8192:
+        pytest.skip("the tokens' rows would not fit in L1: the row-axpy kernel serves them")
+    W, crow, col, val = _pattern(M, K, 0.6, dtype, torch.int16, seed=M + n)
+    x = torch.randn(n, K, generator=gen(n)).to(dtype)
+    bias = torch.randn(M, generator=gen(2)).to(dtype)
+    made = _plans()
+    y = ops.csr_linear(x, crow, col, val, [M, K], bias)
+    assert _plans() == made + 1, "the tokens did not take the column bitmap"
+    assert_close(y, reference_linear(x, W, bias), reference_linear(x.abs(), W.abs(), bias.abs()), dtype,
+                 what="bitmap tokens")
+    B = x.t()  # (K, n), not contiguous along K
+    absref = reference_spmm(W.abs(), B.abs())
+    y = ops.csr_spmm(crow, col, val, [M, K], B)
+    assert_close(y, reference_spmm(W, B), absref, dtype, what="bitmap tokens spmm")
+    axpy = ops.csr_spmm(_noncontig(crow), _noncontig(col), val, [M, K], B)
+    assert_close(y, axpy.double(), absref, dtype, factor=2.0, what="bitmap vs row-axpy")

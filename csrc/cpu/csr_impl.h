@@ -180,38 +180,48 @@ static void csr_plan_kernel(const CsrArgs& a, int64_t r0, int64_t r1, int64_t p0
 // loaded under the same mask so that a pruned column's x (inf and nan included) never enters the
 // sum, as in the gather: no index reads and no gathers, 2 bytes per 16 columns of bitmap instead.
 // A step costs the same at any density, so it pays from a few nonzeros per 16 columns on.
-template <typename T>
-static void csr_bitmap_gemv(const CsrArgs& a, int64_t r0, int64_t r1) {
-  const int64_t words = (a.K + 15) / 16;
+// NT tokens (1 <= NT <= kBitmapMaxTokens; a.B.ldb apart when NT > 1): each step's values are
+// expanded once and multiply every token's 16 entries, so a small batch (batched decoding)
+// streams the matrix once, as one token does. U accumulator sets (consecutive steps) cover the
+// FMA latency: 4 for one token, 2 for more.
+template <typename T, int NT>
+static void csr_bitmap_rows(const CsrArgs& a, int64_t r0, int64_t r1) {
+  constexpr int U = NT == 1 ? 4 : 2;
+  const int64_t words = (a.K + 15) / 16, ldx = a.B.ldb;
   const int64_t* start = a.bitmap;
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(start + a.M + 1);
   const T* val = static_cast<const T*>(a.val);
   const float* x = a.B.b;
   const int64_t nnz = start[a.M];
-  alignas(64) float tile[64];
+  alignas(64) float tile[64 * NT];
   for (int64_t m0 = r0; m0 < r1; m0 += 64) {
     const int rows = int(r1 - m0 < 64 ? r1 - m0 : 64);
     for (int i = 0; i < rows; ++i) {
       const int64_t r = m0 + i;
       const uint16_t* b = bits + r * words;
       const T* v = val + start[r];
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      int64_t w = 0;
+      __m512 acc[U][NT];
+      for (int u = 0; u < U; ++u)
+        for (int t = 0; t < NT; ++t) acc[u][t] = _mm512_setzero_ps();
       // Whole 16-value loads (widened) then a register expand. The masked expand-load from
       // memory ran at ~5 cycles a step here; a register expand is one shuffle. A load may read up
       // to 15 values past the row: only where the values go on that far.
       const int64_t fast_words = start[r + 1] + 16 > nnz ? 0 : words;
-      for (; w + 4 <= fast_words; w += 4) {
+      int64_t w = 0;
+      for (; w + U <= fast_words; w += U) {
         // The values stream in an order the hardware prefetcher follows late: with weights cold,
         // fetching 2 KiB ahead made 70% sparsity 1.2-1.3x faster (it was 0.7-0.9x the gather).
         _mm_prefetch(reinterpret_cast<const char*>(v + 2048 / sizeof(T)), _MM_HINT_T0);
 #pragma GCC unroll 4
-        for (int u = 0; u < 4; ++u) {
+        for (int u = 0; u < U; ++u) {
           const uint32_t m = b[w + u];
           const __mmask16 k = _cvtu32_mask16(m);
           __m512 vals = Vec::load_cvt(v);
           if constexpr (sizeof(T) == 4) asm("" : "+v"(vals));  // else gcc folds the load into the expand
-          acc[u] = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k, vals), _mm512_maskz_loadu_ps(k, x + 16 * (w + u)), acc[u]);
+          const __m512 e = _mm512_maskz_expand_ps(k, vals);
+#pragma GCC unroll 8
+          for (int t = 0; t < NT; ++t)
+            acc[u][t] = _mm512_fmadd_ps(e, _mm512_maskz_loadu_ps(k, x + t * ldx + 16 * (w + u)), acc[u][t]);
           v += _mm_popcnt_u32(m);
         }
       }
@@ -219,13 +229,18 @@ static void csr_bitmap_gemv(const CsrArgs& a, int64_t r0, int64_t r1) {
         const uint32_t m = b[w];
         const int cnt = _mm_popcnt_u32(m);
         const __mmask16 k = _cvtu32_mask16(m);
-        acc[0] = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k, Vec::load_cvt_partial(v, cnt)),
-                                 _mm512_maskz_loadu_ps(k, x + 16 * w), acc[0]);
+        const __m512 e = _mm512_maskz_expand_ps(k, Vec::load_cvt_partial(v, cnt));
+        for (int t = 0; t < NT; ++t)
+          acc[0][t] = _mm512_fmadd_ps(e, _mm512_maskz_loadu_ps(k, x + t * ldx + 16 * w), acc[0][t]);
         v += cnt;
       }
-      tile[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+      for (int t = 0; t < NT; ++t) {
+        __m512 sum = acc[0][t];
+        for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][t]);
+        tile[i * NT + t] = _mm512_reduce_add_ps(sum);
+      }
     }
-    store_tile<T>(a.O, tile, 1, m0, rows, 0, 1);
+    store_tile<T>(a.O, tile, NT, m0, rows, 0, NT);
   }
 }
 #endif
@@ -236,7 +251,18 @@ static void csr_bitmap_gemv(const CsrArgs& a, int64_t r0, int64_t r1) {
 template <typename T, typename RT, typename CT>
 static void csr_gemv_kernel(const CsrArgs& a, int64_t r0, int64_t r1, int64_t, int64_t) {
 #if PYSPARSE_ISA_LEVEL == 2
-  if (a.bitmap) return csr_bitmap_gemv<T>(a, r0, r1);
+  if (a.bitmap) {
+    switch (a.B.n) {
+      case 1: return csr_bitmap_rows<T, 1>(a, r0, r1);
+      case 2: return csr_bitmap_rows<T, 2>(a, r0, r1);
+      case 3: return csr_bitmap_rows<T, 3>(a, r0, r1);
+      case 4: return csr_bitmap_rows<T, 4>(a, r0, r1);
+      case 5: return csr_bitmap_rows<T, 5>(a, r0, r1);
+      case 6: return csr_bitmap_rows<T, 6>(a, r0, r1);
+      case 7: return csr_bitmap_rows<T, 7>(a, r0, r1);
+      default: return csr_bitmap_rows<T, 8>(a, r0, r1);
+    }
+  }
 #endif
   [[maybe_unused]] constexpr int W = Vec::W;  // used by the AVX-512 block
   const RT* crow = static_cast<const RT*>(a.crow);

@@ -269,10 +269,9 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
 
   const KernelTable& kt = active_kernels();
   const bool gemv = n == 1;
-  // 2:4 where the ISA has the token-row kernel: B^T's rows (fp32, contiguous along K), no panels.
-  // In the linear layout these are the input rows as they are; spmm's B (K, n) is transposed.
-  const bool token_row = A.nm() && A.n == 2 && A.m == 4 && n > 1 && n <= kt.nm_token_row_max_n && K % 32 == 0 &&
-                         kt.nm_token_row[dt] != nullptr;
+  // 2:4 where the ISA has the token-row kernel.
+  const bool nm_token_row = A.nm() && A.n == 2 && A.m == 4 && n > 1 && n <= kt.nm_token_row_max_n && K % 32 == 0 &&
+                            kt.nm_token_row[dt] != nullptr;
   // CSR at 64-token panels through its slice plan (csr_impl.h: csr_plan_kernel) where a panel
   // outgrows L1 (K > 2 slices) but stays in L2 (K <= 8192), at densities of 12.5-25%, or from
   // 6.25% where K >= 2048 (the row-axpy's panel, >= 512 KiB, then spills furthest). Measured
@@ -285,12 +284,18 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
                          K >= 2 * kPlanCols && K <= 8192 && nnz_elems <= MK / 4 &&
                          (nnz_elems >= MK / 8 || (K >= 2048 && nnz_elems >= MK / 16));
   const at::Tensor plan = plannable ? csr_plan(A) : at::Tensor();
-  // The gemv through the pattern's column bitmap (csr_impl.h: csr_bitmap_gemv) from a density of
-  // 2/9 on. Measured (bench_csr_plan.py, decode rows), against the gathering gemv: 60% sparsity
-  // 1.6x, 70% 1.2-1.3x with the weights cold, ~1.05x warm; 80% 1.0x cold, 0.9x warm; 90% 0.5x.
-  const bool bitmapped = kt.csr_plan && !A.nm() && !A.blocked && A.stable && gemv && K <= 65536 &&
-                         nnz_elems >= MK / 9 * 2;
-  const at::Tensor bitmap = bitmapped ? csr_bitmap(A) : at::Tensor();
+  // CSR at up to kBitmapMaxTokens tokens through the pattern's column bitmap (csr_impl.h:
+  // csr_bitmap_rows) from a density of 2/9 on. Measured (bench_csr_plan.py,
+  // decode rows), one token against the gathering gemv: 60% sparsity 1.6x, 70% 1.2-1.3x with the
+  // weights cold, ~1.05x warm; 80% 1.0x cold, 0.9x warm; 90% 0.5x.
+  // More than one token only while their rows fit in L1 (n K <= 8192 floats: every matrix row
+  // reads them all; 8 tokens of K = 2048 ran 8x one token's time, 2 tokens 1.0x).
+  const bool bitmap_tokens = n == 1 || (n <= kBitmapMaxTokens && n * K <= 8192);
+  const at::Tensor bitmap = kt.csr_plan && !A.nm() && !A.blocked && A.stable && bitmap_tokens && K <= 65536 &&
+                            nnz_elems >= MK / 9 * 2 ? csr_bitmap(A) : at::Tensor();
+  // B^T's rows (fp32, contiguous along K), no panels: 2:4's token-row kernel, and the bitmap's
+  // tokens. In the linear layout these are the input rows as they are; spmm's B (K, n) is transposed.
+  const bool token_row = nm_token_row || (bitmap.defined() && !gemv);
   const int nb = gemv ? 1 : token_row ? int(n) : plan.defined() ? 64
                : (A.blocked ? kt.bsr_panel_width(n, K) : kt.csr_panel_width(n, K));
   const int64_t npanels = (n + nb - 1) / nb;
@@ -301,7 +306,7 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   // would make panel rows alias in L1 for n a multiple of 512 B), or the vector of a gemv.
   const bool direct = dt == kF32 && (gemv ? sk == 1 : (sn == 1 && n == nb && sk == nb));
   const bool keep_rows = token_row && dt == kF32 && sk == 1;  // B^T's rows as they are
-  const bool paneled = !A.nm() && !gemv && !direct;  // B packed into panels (CSR, BSR)
+  const bool paneled = !A.nm() && !gemv && !direct && !token_row;  // B packed into panels (CSR, BSR)
   // Floats of one image's whole packed operand (what panels_of fills). Checked: K and n are
   // declared sizes that an operand expanded with stride 0 need not back with memory.
   const int64_t image_floats = token_row ? (keep_rows ? 0 : checked_numel({n, K}, 4, "the transposed input"))
@@ -351,7 +356,7 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
       CsrArgs a{A.crow.data_ptr(), A.col.data_ptr(), A.values.data_ptr(), M, K, P, O, bad,
                 plan.defined() ? plan.data_ptr<int64_t>() : nullptr,
                 bitmap.defined() ? bitmap.data_ptr<int64_t>() : nullptr};
-      (gemv ? kt.csr_gemv[dt][it] : kt.csr[dt][it])(a, r0, r1, p0, p1);
+      (gemv || token_row ? kt.csr_gemv[dt][it] : kt.csr[dt][it])(a, r0, r1, p0, p1);
     }
   };
   // Panels [p0, p1) of image b packed into buf, then all rows times each. The strip is packed

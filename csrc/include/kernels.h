@@ -54,7 +54,8 @@ struct Output {
 //                                when the plan is made: the kernel reads them unchecked, and
 //                                reads the values in place, so a plan outlives value updates)
 constexpr int64_t kPlanRows = 64;
-constexpr int64_t kPlanCols = 128;  // x 64 tokens x 4 B = 32 KiB: a slice of the panel stays in L1
+constexpr int64_t kPlanCols = 128;
+constexpr int64_t kBitmapMaxTokens = 8;  // tokens the bitmap kernel takes at once (rows of B^T)  // x 64 tokens x 4 B = 32 KiB: a slice of the panel stays in L1
 
 struct CsrArgs {
   const void* crow;   // (M + 1)
@@ -69,7 +70,9 @@ struct CsrArgs {
   // The slice plan (layout above) or null. Only where the table's csr_plan is true, for panels
   // of 64 columns.
   const int64_t* plan = nullptr;
-  // The gemv's column bitmap or null (only where csr_plan is true): M + 1 int64 row starts (the
+  // The column bitmap or null (only where csr_plan is true), for the gemv and for up to
+  // kBitmapMaxTokens tokens given as rows (B.b the first token's K floats, B.ldb apart, B.n of
+  // them; the launcher's token-row operand): M + 1 int64 row starts (the
   // row pointers when it was made), then M x (K + 15) / 16 uint16 words, row r's bit k (word
   // k / 16, bit k % 16) set where the row holds column k. Validated when made (columns strictly
   // increasing and in range), so the kernel follows it unchecked.
