@@ -46,6 +46,14 @@ def _plans():
     return pysparse._C.csr_plans_made()
 
 
+def _right_without_a_plan(x, crow, col, val, W):
+    """x @ W^T through csr_linear, with no plan made (the kernels without one serve it)."""
+    made = _plans()
+    y = ops.csr_linear(x, crow, col, val, list(W.shape), None)
+    assert _plans() == made
+    torch.testing.assert_close(y.double(), x.double() @ W.double().t(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("idx", [torch.int16, torch.int32], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -111,11 +119,7 @@ def test_unsorted_columns_fall_back():
     col, val = col.clone(), val.clone()
     col[r0:r1] = col[r0:r1].flip(0)
     val[r0:r1] = val[r0:r1].flip(0)
-    x = torch.randn(64, K, generator=gen(8))
-    made = _plans()
-    y = ops.csr_linear(x, crow, col, val, [M, K], None)
-    assert _plans() == made
-    torch.testing.assert_close(y.double(), x.double() @ W.double().t(), rtol=1e-4, atol=1e-4)
+    _right_without_a_plan(torch.randn(64, K, generator=gen(8)), crow, col, val, W)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -169,11 +173,7 @@ def test_inference_tensors_take_the_kernel_without_a_plan(kind):
     (n, density), M, K = KINDS[kind], 256, 512
     with torch.inference_mode():
         W, crow, col, val = _pattern(M, K, density, torch.float32, torch.int16, seed=15)
-        x = torch.randn(n, K, generator=gen(16))
-        made = _plans()
-        y = ops.csr_linear(x, crow, col, val, [M, K], None)
-        assert _plans() == made
-    torch.testing.assert_close(y.double(), x.double() @ W.double().t(), rtol=1e-4, atol=1e-4)
+        _right_without_a_plan(torch.randn(n, K, generator=gen(16)), crow, col, val, W)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,11 +244,7 @@ def test_no_bitmap_where_it_would_lose(case):
     fit in L1 (n K > 8192) take the row-axpy kernel. No bitmap is made, the product is right."""
     (M, K, d, n) = (256, 512, 0.1, 1) if case == "density below 2/9" else (64, 4097, 0.6, 2)
     W, crow, col, val = _pattern(M, K, d, torch.float32, torch.int32, seed=21)
-    x = torch.randn(n, K, generator=gen(22))
-    made = _plans()
-    y = ops.csr_linear(x, crow, col, val, [M, K], None)
-    assert _plans() == made
-    torch.testing.assert_close(y.double(), x.double() @ W.double().t(), rtol=1e-4, atol=1e-4)
+    _right_without_a_plan(torch.randn(n, K, generator=gen(22)), crow, col, val, W)
 
 
 @pytest.mark.parametrize("fault", ["unsorted", "duplicate"])
@@ -265,11 +261,7 @@ def test_bitmap_gemv_unsorted_or_duplicate_columns_fall_back(fault):
     else:
         col[r0 + 1] = col[r0]
     dense = torch.sparse_csr_tensor(crow.long(), col.long(), val.double(), (M, K)).to_dense()
-    x = torch.randn(1, K, generator=gen(24))
-    made = _plans()
-    y = ops.csr_linear(x, crow, col, val, [M, K], None)
-    assert _plans() == made
-    torch.testing.assert_close(y.double(), x.double() @ dense.t(), rtol=1e-4, atol=1e-4)
+    _right_without_a_plan(torch.randn(1, K, generator=gen(24)), crow, col, val, dense)
 
 
 def test_bitmap_with_row_pointers_written_behind_the_version_counter_stays_in_bounds():

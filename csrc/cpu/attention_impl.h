@@ -465,10 +465,14 @@ static void attn_bwd_grads(const AttnBwdArgs& g, int64_t task) {
   auto kind_of = [&](int64_t h, int64_t qb, int64_t kb) {
     return a.kind ? int(a.kind[b * a.kind_sb + h * a.kind_sh + qb * a.KB + kb]) : 1;
   };
+  auto visited = [&](int64_t kb) {  // some (head of the group, query block) tile keeps key block kb
+    for (int64_t hh = 0; hh < group; ++hh)
+      for (int64_t qb = 0; qb < a.QB; ++qb)
+        if (head_on(hk * group + hh) && kind_of(hk * group + hh, qb, kb)) return true;
+    return false;
+  };
   bool any = false;
-  for (int64_t hh = 0; hh < group && !any; ++hh)
-    for (int64_t qb = 0; qb < a.QB && !any; ++qb)
-      for (int64_t kb = kb0; kb < kb1 && !any; ++kb) any = head_on(hk * group + hh) && kind_of(hk * group + hh, qb, kb);
+  for (int64_t kb = kb0; kb < kb1 && !any; ++kb) any = visited(kb);
   if (!any) return;
 
   // The group's queries (scaled for the scores; as they are, padded, for dK) and output
@@ -504,10 +508,7 @@ static void attn_bwd_grads(const AttnBwdArgs& g, int64_t task) {
   float* dq = g.dq + part * (a.B * a.H * a.Lq * g.ldq);
   const auto vscale = Vec::set1(a.scale);
   for (int64_t kb = kb0; kb < kb1; ++kb) {
-    bool visited = false;
-    for (int64_t hh = 0; hh < group && !visited; ++hh)
-      for (int64_t qb = 0; qb < a.QB && !visited; ++qb) visited = head_on(hk * group + hh) && kind_of(hk * group + hh, qb, kb);
-    if (!visited) continue;
+    if (!visited(kb)) continue;
     const int64_t j0 = kb * a.bk, cols = a.Lk - j0 < a.bk ? a.Lk - j0 : a.bk;
     const int64_t nk = (cols + Vec::W - 1) / Vec::W, width = nk * Vec::W;
     pack_transposed_block(k, a.sk[2], j0, cols, a.Dk, bkp, Kt);

@@ -97,34 +97,39 @@ static std::atomic<bool> g_enabled{true};
 int64_t csr_plans_made() { return g_made.load(); }
 bool set_csr_plan(bool enabled) { return g_enabled.exchange(enabled); }
 
+// What build() makes of A's pattern, from `memo` when the pattern is unchanged since it was
+// made (an undefined result is remembered too: a pattern that cannot have one is not re-walked).
+template <typename Build>
+static at::Tensor remembered(CheckedIndices* memo, const SparseOperand& A, const Build& build) {
+  if (!g_enabled.load() || A.crow.is_inference() || A.col.is_inference()) return at::Tensor();
+  if (auto seen = memo->find(A.crow, A.col, A.K)) return *seen;
+  at::Tensor made = build();
+  if (made.defined()) ++g_made;
+  memo->remember(A.crow, A.col, A.K, made);
+  return made;
+}
+
 at::Tensor csr_plan(const SparseOperand& A) {
   static auto* memo = new CheckedIndices(1024);
-  if (!g_enabled.load() || A.K > 65536 || A.crow.is_inference() || A.col.is_inference()) return at::Tensor();
-  if (auto seen = memo->find(A.crow, A.col, A.K)) return *seen;
-  at::Tensor plan;
-  if (A.crow.scalar_type() == at::kInt && A.col.scalar_type() == at::kInt)
-    plan = build_plan(A.crow.data_ptr<int32_t>(), A.col.data_ptr<int32_t>(), A.M, A.K);
-  else if (A.crow.scalar_type() == at::kInt && A.col.scalar_type() == at::kShort)
-    plan = build_plan(A.crow.data_ptr<int32_t>(), A.col.data_ptr<int16_t>(), A.M, A.K);
-  if (plan.defined()) ++g_made;
-  memo->remember(A.crow, A.col, A.K, plan);
-  return plan;
+  if (A.K > 65536) return at::Tensor();
+  return remembered(memo, A, [&] {
+    if (A.crow.scalar_type() == at::kInt && A.col.scalar_type() == at::kInt)
+      return build_plan(A.crow.data_ptr<int32_t>(), A.col.data_ptr<int32_t>(), A.M, A.K);
+    if (A.crow.scalar_type() == at::kInt && A.col.scalar_type() == at::kShort)
+      return build_plan(A.crow.data_ptr<int32_t>(), A.col.data_ptr<int16_t>(), A.M, A.K);
+    return at::Tensor();
+  });
 }
 
 at::Tensor csr_bitmap(const SparseOperand& A) {
   static auto* memo = new CheckedIndices(1024);
-  if (!g_enabled.load() || A.crow.is_inference() || A.col.is_inference()) return at::Tensor();
-  if (auto seen = memo->find(A.crow, A.col, A.K)) return *seen;
-  at::Tensor bitmap;
-  if (A.crow.scalar_type() == at::kLong)
-    bitmap = build_bitmap(A.crow.data_ptr<int64_t>(), A.col.data_ptr<int64_t>(), A.M, A.K);
-  else if (A.col.scalar_type() == at::kInt)
-    bitmap = build_bitmap(A.crow.data_ptr<int32_t>(), A.col.data_ptr<int32_t>(), A.M, A.K);
-  else
-    bitmap = build_bitmap(A.crow.data_ptr<int32_t>(), A.col.data_ptr<int16_t>(), A.M, A.K);
-  if (bitmap.defined()) ++g_made;
-  memo->remember(A.crow, A.col, A.K, bitmap);
-  return bitmap;
+  return remembered(memo, A, [&] {
+    if (A.crow.scalar_type() == at::kLong)
+      return build_bitmap(A.crow.data_ptr<int64_t>(), A.col.data_ptr<int64_t>(), A.M, A.K);
+    if (A.col.scalar_type() == at::kInt)
+      return build_bitmap(A.crow.data_ptr<int32_t>(), A.col.data_ptr<int32_t>(), A.M, A.K);
+    return build_bitmap(A.crow.data_ptr<int32_t>(), A.col.data_ptr<int16_t>(), A.M, A.K);
+  });
 }
 
 }  // namespace cpu

@@ -178,6 +178,16 @@ def _wanda(name, lin, stats, what: str = "criterion 'wanda'") -> torch.Tensor:
     return lin.weight.detach().abs() * norms[None, :]
 
 
+def _rule_groups(todo, allocation: str) -> List[list]:
+    """The (name, layer, rule) entries of todo whose rule asks for `allocation`, one list per rule
+    (a rule spreads its sparsity over the layers it matches)."""
+    groups: Dict[int, list] = {}
+    for name, lin, rule in todo:
+        if rule.get("allocation") == allocation:
+            groups.setdefault(id(rule), []).append((name, lin, rule))
+    return list(groups.values())
+
+
 def _block_of(name: str) -> str:
     """The layer's block: its name up to the first numbered part ("encoder.layer.3.attention.q"
     and "layers.3.ffn.0" -> their layer 3), or the name itself where no part is a number."""
@@ -193,12 +203,8 @@ def _owl_sparsity(todo, stats) -> Dict[str, float]:
     the share of its layers' |W| * ||x|| scores above owl_m times their mean; the ratios, scaled to
     [0, 2 spread], raise the kept share of the blocks with more outliers, shifted so that the
     rule's sparsity holds over its layers weighted by their sizes (clipped to [0, 0.999])."""
-    groups: Dict[int, list] = {}
-    for name, lin, rule in todo:
-        if rule.get("allocation") == "owl":
-            groups.setdefault(id(rule), []).append((name, lin, rule))
     out = {}
-    for members in groups.values():
+    for members in _rule_groups(todo, "owl"):
         rule = members[0][2]
         target, lam, m = float(rule["sparsity"]), float(rule.get("spread", 0.08)), float(rule.get("owl_m", 5.0))
         blocks: Dict[str, list] = {}
@@ -233,15 +239,12 @@ def _sensitivity_sparsity(model, todo, calibration, steps: int = 4) -> Dict[str,
     add up across layers, as in any per-layer allocation."""
     from ...analyze import sensitivity  # not at the top: pysparse.analyze imports pysparse.nn
 
-    groups: Dict[int, list] = {}
-    for name, lin, rule in todo:
-        if rule.get("allocation") == "sensitivity":
-            groups.setdefault(id(rule), []).append((name, lin, rule))
     out: Dict[str, float] = {}
+    groups = _rule_groups(todo, "sensitivity")
     if not groups:
         return out
     first = cal.calls(calibration)[0]
-    for members in groups.values():
+    for members in groups:
         rule = members[0][2]
         target, spread = float(rule["sparsity"]), float(rule.get("spread", 0.08))
         lo, hi = max(0.0, target - spread), min(0.99, target + spread)
