@@ -1,8 +1,9 @@
 """The CSR plans against the kernels they replace, torch's dense F.linear and the machine's
-ceilings, side by side in one process (issue 18): the slice plan against the row-axpy kernel
-(n = 128..1024 tokens), and the gemv's column bitmap against the gathering gemv (decode, n = 1).
+ceilings, side by side in one process (issue 18): the JIT code (csr_jit.cpp) against the kernels
+it replaces (`--jit-only`), the slice plan against the row-axpy kernel (n = 128..1024 tokens, JIT
+off), and the gemv's column bitmap against the gathering gemv (decode, n = 1).
 
-    cd /work/main && PYTHONPATH=. .venv/bin/python benchmarks/bench_csr_plan.py [--threads 2]
+    cd /work/main && PYTHONPATH=. .venv/bin/python benchmarks/bench_csr_plan.py [--threads 2] [--jit-only]
 
 csr_linear (x (n, K) @ A^T, A magnitude-pruned from torch.randn, int16 columns as CSR.from_dense
 stores them) on BERT-base's and a LLaMA-sized layer's shapes at 80% and 90% sparsity, n = 128,
@@ -40,15 +41,72 @@ DECODE_SPARSITIES = [0.6, 0.7, 0.8]  # 80%: no bitmap (both sides gather: the no
 DECODE_COLD_MB = 512  # > this host's 300 MiB L3: a decode reads its weights from DRAM
 
 
-def plans_off(fn):
-    """fn run with the plans off: the row-axpy kernel and the gathering gemv."""
-    def run():
-        old = _C.set_csr_plan(False)
-        try:
-            return fn()
-        finally:
-            _C.set_csr_plan(old)
-    return run
+def _switched_off(setter):
+    """A wrapper running fn with the switch `setter` sets off (and back after)."""
+    def wrap(fn):
+        def run():
+            old = setter(False)
+            try:
+                return fn()
+            finally:
+                setter(old)
+        return run
+    return wrap
+
+
+plans_off = _switched_off(_C.set_csr_plan)  # the row-axpy kernel and the gathering gemv (no plans, no JIT)
+jit_off = _switched_off(_C.set_csr_jit)  # the slice plan or the row-axpy kernel instead of the JIT code
+
+
+def _sides(args, x, A, W, cold_A, cold_W, new, old, old_wrap):
+    """Times (s) and useful GFLOP/s of x @ A^T by the default path (`new`), by old_wrap's path
+    (`old`) and by dense F.linear, warm and cold (`*_cold`: rotating copies), alternating."""
+    sides = {new: lambda: pysparse.linear(x, A), old: old_wrap(lambda: pysparse.linear(x, A)),
+             "dense": lambda: F.linear(x, W), f"{new}_cold": lambda: pysparse.linear(x, cold_A()),
+             f"{old}_cold": old_wrap(lambda: pysparse.linear(x, cold_A())), "dense_cold": lambda: F.linear(x, cold_W())}
+    t = dict(zip(sides, alternating(*sides.values(), rounds=args.rounds, reps=args.reps)))
+    flop = 2 * A.values.numel() * x.shape[0]
+    return t, {k: flop / v / 1e9 for k, v in t.items()}
+
+
+JIT_SPARSITIES = [0.8, 0.9, 0.95]
+
+
+def jit_rows(args, roof, g):
+    """The JIT code (the default at >= 128 tokens, >= 75% sparsity) against the kernels it replaces
+    (JIT off: the slice plan where its window holds, else the row-axpy) and dense, warm and cold
+    (a 64 MiB rotation, every copy's code made before timing)."""
+    print("\nJIT code vs the kernels it replaces (JIT off) and dense F.linear")
+    print("| layer | sparsity | n | JIT | first call ms (makes the code) | JIT vs kernels, warm | cold | JIT vs dense, warm "
+          "| cold | JIT GFLOP/s warm (of peak) | kernels GFLOP/s warm (of peak) |")
+    print("|---|---:|---:|:-:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for (M, K), s, n in ((shape, s, n) for shape in SHAPES[:3] for s in JIT_SPARSITIES for n in TOKENS):
+        W = pysparse.prune.magnitude(torch.randn(M, K, generator=g), s)
+        A = pysparse.CSR.from_dense(W)
+        x = torch.randn(n, K, generator=g)
+        nbytes = A.values.numel() * 20  # values + indices + ~14 B of code per nonzero
+        cold_A = rotating(lambda: pysparse.CSR.from_dense(W), nbytes, cold=True)
+        cold_W = rotating(lambda: W.clone(), W.numel() * 4, cold=True)
+        made = _C.csr_plans_made()
+        torch.testing.assert_close(pysparse.linear(x, A), F.linear(x, W), rtol=1e-4, atol=1e-3)
+        jitted = _C.csr_plans_made() > made
+        t0 = time.perf_counter()
+        copies = cold_copies(nbytes, 64 << 20)
+        for _ in range(copies):
+            pysparse.linear(x, cold_A())
+        for _ in range(copies):  # the kernels' own plans too
+            jit_off(lambda: pysparse.linear(x, cold_A()))()
+        first_ms = (time.perf_counter() - t0) / copies * 1e3
+        t, rate = _sides(args, x, A, W, cold_A, cold_W, "jit", "kernels", jit_off)
+        rows.append(dict(M=M, K=K, sparsity=s, n=n, jit=jitted, peak_gflops=roof.fp32_gflops, first_call_ms=first_ms,
+                         **{f"{k}_ms": v * 1e3 for k, v in t.items()}, **{f"{k}_gflops": v for k, v in rate.items()}))
+        print(f"| {M}x{K} | {s:.0%} | {n} | {'yes' if jitted else 'no'} | {first_ms:.2f} "
+              f"| {t['kernels'] / t['jit']:.2f}x | {t['kernels_cold'] / t['jit_cold']:.2f}x "
+              f"| {t['dense'] / t['jit']:.2f}x | {t['dense_cold'] / t['jit_cold']:.2f}x "
+              f"| {rate['jit']:.0f} ({roof.fraction(rate['jit']):.0%}) "
+              f"| {rate['kernels']:.0f} ({roof.fraction(rate['kernels']):.0%}) |", flush=True)
+    return rows
 
 
 def token_rows(args, g):
@@ -131,12 +189,21 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--decode-only", action="store_true", help="only the decode rows (n = 1, then 1-4 tokens)")
     ap.add_argument("--tokens-only", action="store_true", help="only the rows of 1-4 tokens")
+    ap.add_argument("--jit-only", action="store_true", help="only the JIT rows (written to csr_jit.json)")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "csr_plan.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     roof = roofline(args.threads)
     print(f"{args.threads} threads; fp32 FMA peak {roof.fp32_gflops:.0f} GFLOP/s", flush=True)
     g = torch.Generator().manual_seed(0)
+    if args.jit_only:
+        rows = jit_rows(args, roof, g)
+        path = os.path.join(os.path.dirname(args.json), "csr_jit.json")
+        with open(path, "w") as f:
+            json.dump(dict(threads=args.threads, fp32_peak_gflops=roof.fp32_gflops, roofline=roof.as_dict(), rows=rows),
+                      f, indent=1)
+        return 0
+    _C.set_csr_jit(False)  # the rows below measure the plans the JIT code would replace
     rows = []
     print("| layer | sparsity | n | first call ms (makes the plan) | later calls, cold | plan vs row-axpy, warm | cold "
           "| plan vs dense, warm | cold | plan GFLOP/s warm (of peak) | cold | row-axpy GFLOP/s warm (of peak) |")
@@ -159,12 +226,7 @@ def main(argv=None) -> int:
         for _ in range(cold_copies(nbytes, 64 << 20)):
             pysparse.linear(x, cold_A())
         first_ms = (time.perf_counter() - t0) / cold_copies(nbytes, 64 << 20) * 1e3
-        sides = dict(plan=lambda: pysparse.linear(x, A), axpy=axpy(lambda: pysparse.linear(x, A)),
-                     dense=lambda: F.linear(x, W), plan_cold=lambda: pysparse.linear(x, cold_A()),
-                     axpy_cold=axpy(lambda: pysparse.linear(x, cold_A())), dense_cold=lambda: F.linear(x, cold_W()))
-        t = dict(zip(sides, alternating(*sides.values(), rounds=args.rounds, reps=args.reps)))
-        flop = 2 * A.values.numel() * n
-        rate = {k: flop / v / 1e9 for k, v in t.items()}
+        t, rate = _sides(args, x, A, W, cold_A, cold_W, "plan", "axpy", axpy)
         row = dict(M=M, K=K, sparsity=s, n=n, planned=planned, peak_gflops=roof.fp32_gflops, first_call_ms=first_ms,
                    **{f"{k}_ms": v * 1e3 for k, v in t.items()}, **{f"{k}_gflops": v for k, v in rate.items()})
         rows.append(row)

@@ -65,6 +65,7 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("set_cpu_isa", &pysparse::cpu::set_cpu_isa);
   mod.def("csr_plans_made", &pysparse::cpu::csr_plans_made);
   mod.def("set_csr_plan", &pysparse::cpu::set_csr_plan);
+  mod.def("set_csr_jit", &pysparse::cpu::set_csr_jit);
   // The roofline probes of pysparse.bench.roofline (invalid_argument -> ValueError).
   mod.def("probe_flops", &pysparse::cpu::probe_flops,
           pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -1,5 +1,6 @@
 """The CSR plans (csrc/cpu/csr_plan.cpp): the slice plan (csr_impl.h: csr_plan_kernel) and, at
-the end of this file, the column bitmap of one token and of a few (csr_bitmap_rows).
+the end of this file, the column bitmap of one token and of a few (csr_bitmap_rows); the
+properties every remembered plan shares run for the JIT code too (kind "jit").
 
 The AVX-512 CSR products at n > 32, K in [256, 8192] and 6.25-25% density follow a plan made
 once per pattern. These tests put shapes on that path (rows not a multiple of the 64-row chunks,
@@ -36,6 +37,15 @@ def _pattern(M, K, density, dtype, idx, seed):
     crow = A.crow_indices().to(torch.int32)
     col = A.col_indices().to(idx)
     return W, crow, col, A.values().to(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _jit_only_for_its_kind(request):
+    """The JIT code would take the slice plan's products at >= 128 tokens: off but for kind "jit"."""
+    callspec = getattr(request.node, "callspec", None)
+    old = pysparse._C.set_csr_jit(callspec is not None and callspec.params.get("kind") == "jit")
+    yield
+    pysparse._C.set_csr_jit(old)
 
 
 def _noncontig(t):
@@ -82,8 +92,9 @@ def test_plan_matches_reference_and_row_axpy(dtype, idx, shape, n):
         pysparse.set_cpu_isa("auto")
 
 
-# The two plans, each on its path: (tokens, density).
-KINDS = {"slice plan": (300, 0.2), "bitmap": (1, 0.4)}
+# The plans, each on its path: (tokens, density). The JIT code (csr_jit.cpp, tests/test_csr_jit.py)
+# is remembered like the plans and shares their properties.
+KINDS = {"slice plan": (300, 0.2), "bitmap": (1, 0.4), "jit": (300, 0.2)}
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -64,6 +64,18 @@ static void csr_panel_kernel(const CsrArgs& a, int64_t r0, int64_t r1, int64_t p
 }
 
 #if PYSPARSE_ISA_LEVEL == 2
+// The CSR JIT code's sums (csr_jit.cpp: panel, M, 16 fp32 in scratch) into O, 16 x 16 tiles at a
+// time through the shared epilogue (bias, ReLU, the linear layout's register transpose).
+static void jit_store(const Output& O, const float* scratch, int64_t M, int64_t p0, int64_t p1, int64_t n) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int cols = int(n - p * 16 < 16 ? n - p * 16 : 16);
+    for (int64_t m0 = 0; m0 < M; m0 += 16)
+      store_tile<float>(O, scratch + ((p - p0) * M + m0) * 16, 16, m0, int(M - m0 < 16 ? M - m0 : 16), p * 16, cols);
+  }
+}
+#endif
+
+#if PYSPARSE_ISA_LEVEL == 2
 // ---------------------------------------------------------------------------------------------
 // CSR, n > 1, following a slice plan (kernels.h), AVX-512 at 64 tokens per panel. The row-axpy
 // kernel above reads 4 panel lines per nonzero, and a BERT-sized panel (K x 64 fp32) lives in L2,

@@ -121,6 +121,15 @@ at::Tensor csr_plan(const SparseOperand& A) {
   });
 }
 
+static std::atomic<bool> g_jit{true};
+bool set_csr_jit(bool enabled) { return g_jit.exchange(enabled); }
+
+at::Tensor csr_jit(const SparseOperand& A) {
+  static auto* memo = new CheckedIndices(256);
+  if (!g_jit.load()) return at::Tensor();
+  return remembered(memo, A, [&] { return build_csr_jit(A); });
+}
+
 at::Tensor csr_bitmap(const SparseOperand& A) {
   static auto* memo = new CheckedIndices(1024);
   return remembered(memo, A, [&] {

@@ -61,6 +61,9 @@ static KernelTable make_table(const char* name) {
   t.csr_panel_width = csr_panel_width;
   t.bsr_panel_width = bsr_panel_width;
   t.csr_plan = PYSPARSE_ISA_LEVEL == 2;
+#if PYSPARSE_ISA_LEVEL == 2
+  t.csr_jit_store = jit_store;
+#endif
   t.nm_bad_row = nm_bad_row;
   t.pack[kF32] = pack_panels<float>;
   t.pack[kBF16] = pack_panels<bf16_t>;

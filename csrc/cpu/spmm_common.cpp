@@ -268,6 +268,24 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   const int64_t sb = linear ? 0 : src.stride(0), sk = src.stride(1), sn = src.stride(linear ? 0 : 2);
 
   const KernelTable& kt = active_kernels();
+  const int64_t nnz_elems = A.values.numel();
+  const int64_t MK = saturating_mul(M, K);
+  // CSR fp32 at >= 128 tokens and >= 75% sparsity through code compiled for the pattern
+  // (csr_jit.cpp). Measured (bench_csr_jit.py) against the kernels below: 1.2-1.45x at 512-1024
+  // tokens (80-95% sparsity), ~1.05x at 128; it lost at 32-64 tokens (0.76-0.79x).
+  if (kt.csr_jit_store && !A.nm() && !A.blocked && dt == kF32 && A.stable && n >= 128 && nbatch == 1 &&
+      nnz_elems <= MK / 4 && K <= kJitSlice * 11) {
+    const at::Tensor code = csr_jit(A);
+    // The code's value offsets were made for nnz values: a shorter values array (a pattern
+    // written behind its version counter) must not be read past.
+    if (code.defined() && reinterpret_cast<const int64_t*>(code.data_ptr())[2] <= nnz_elems) {
+      const Output O{out.data_ptr(), linear ? 1 : n, linear ? M : 1, bias_t ? bias_c.data_ptr() : nullptr,
+                     act == kActRelu ? act : kActNone};
+      run_csr_jit(code, A, PackArgs{src.data_ptr(), K, n, sk, sn, nullptr, 16}, O, kt.pack[kF32], kt.csr_jit_store, n);
+      if (act != kActRelu) apply_activation(out, act);
+      return out;
+    }
+  }
   const bool gemv = n == 1;
   // 2:4 where the ISA has the token-row kernel.
   const bool nm_token_row = A.nm() && A.n == 2 && A.m == 4 && n > 1 && n <= kt.nm_token_row_max_n && K % 32 == 0 &&
@@ -278,8 +296,6 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   // (bench_csr_plan.py): 80% sparsity 1.13-1.62x the row-axpy; 90% 1.10-1.76x at K >= 3072 but
   // 0.95-1.04x at K = 768; 95% 0.87-1.0x (too few nonzeros per slice to pay for reloading the
   // accumulators); 70% 0.94-1.0x (segments past the unrolled lengths).
-  const int64_t nnz_elems = A.values.numel();
-  const int64_t MK = saturating_mul(M, K);
   const bool plannable = kt.csr_plan && !A.nm() && !A.blocked && it != kI64 && A.stable && !gemv && n > 32 &&
                          K >= 2 * kPlanCols && K <= 8192 && nnz_elems <= MK / 4 &&
                          (nnz_elems >= MK / 8 || (K >= 2048 && nnz_elems >= MK / 16));

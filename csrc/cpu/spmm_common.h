@@ -57,6 +57,16 @@ at::Tensor csr_bitmap(const SparseOperand& A);
 int64_t csr_plans_made();  // how many plans (either kind) this process made (tests see which kernel ran)
 // Plans off: the row-axpy kernel and the gathering gemv everywhere (benchmarks); returns the old state.
 bool set_csr_plan(bool enabled);
+// Pattern-specific AVX-512 code for a CSR operand's fp32 products at >= 32 tokens (csr_jit.cpp),
+// made on first use and remembered like the plans; undefined where the pattern cannot have it
+// (or the platform cannot map executable memory).
+at::Tensor csr_jit(const SparseOperand& A);
+at::Tensor build_csr_jit(const SparseOperand& A);
+// out = A @ panels of src through the code; src as PackArgs (K, n) with its strides (fp32).
+void run_csr_jit(const at::Tensor& code, const SparseOperand& A, const PackArgs& src, const Output& O,
+                 PackFn pack, JitStoreFn store, int64_t n);
+// JIT code off (benchmarks compare it with the kernels it replaces); returns the old state.
+bool set_csr_jit(bool enabled);
 SparseOperand check_nm(const at::Tensor& values, const at::Tensor& mask, c10::SymIntArrayRef shape,
                        int64_t n, int64_t m);
 SparseOperand check_bsr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,

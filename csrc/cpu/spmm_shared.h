@@ -129,7 +129,31 @@ static void pack_panels(const PackArgs& a, int64_t p0, int64_t p1, int64_t k0, i
     }
     return;
   }
-  // Columns of B are contiguous (B = x^T in the linear layout): a cache-blocked transpose.
+  // Columns of B are contiguous (B = x^T in the linear layout): a transpose.
+#if PYSPARSE_ISA_LEVEL >= 1
+  // W x W blocks through registers (Vec::transpose): the element loop below cost 0.4 ns per
+  // element, 44% of a 768x768 90% product's time at 16-token panels (perf).
+  constexpr int W = Vec::W;
+  if (nb % W == 0) {
+    const int64_t kv = k0 + (k1 - k0) / W * W;  // [k0, kv) in whole blocks
+    for (int64_t p = p0; p < p1; ++p) {
+      float* dst = a.dst + p * a.K * nb;
+      for (int jb = 0; jb < nb; jb += W) {
+        const int64_t j0 = p * nb + jb;
+        const int cn = int(a.n - j0 <= 0 ? 0 : a.n - j0 < W ? a.n - j0 : W);
+        for (int64_t k = k0; k < kv; k += W) {
+          typename Vec::V r[W];
+          for (int i = 0; i < W; ++i) r[i] = i < cn ? Vec::load_cvt(src + (j0 + i) * a.sn + k) : Vec::zero();
+          Vec::transpose(r);
+          for (int t = 0; t < W; ++t) Vec::store(dst + (k + t) * nb + jb, r[t]);
+        }
+        for (int64_t k = kv; k < k1; ++k)
+          for (int i = 0; i < W; ++i) dst[k * nb + jb + i] = i < cn ? to_f32(src[(j0 + i) * a.sn + k]) : 0.f;
+      }
+    }
+    return;
+  }
+#endif
   // 32 k at a time, the 32 destination rows (32 x nb floats) stay in L1 while each source
   // column is read contiguously; a full-height column pass wrote one cache line per store.
   for (int64_t p = p0; p < p1; ++p) {

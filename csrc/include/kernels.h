@@ -194,6 +194,12 @@ using CsrFn = void (*)(const CsrArgs&, int64_t row0, int64_t row1, int64_t panel
 using BsrFn = void (*)(const BsrArgs&, int64_t brow0, int64_t brow1, int64_t panel0, int64_t panel1);
 using NmFn = void (*)(const NmArgs&, int64_t row0, int64_t row1, int64_t panel0, int64_t panel1);
 using PackFn = void (*)(const PackArgs&, int64_t panel0, int64_t panel1, int64_t k0, int64_t k1);
+// The CSR JIT code (csr_jit.cpp) writes panels [p0, p1) of fp32 sums as (panel, M, 16) in
+// scratch; this stores them into O (bias, ReLU, the linear layout's transpose).
+using JitStoreFn = void (*)(const Output&, const float* scratch, int64_t M, int64_t p0, int64_t p1, int64_t n);
+constexpr int64_t kJitSlice = 768;          // columns of a slice: 16 tokens x 768 x 4 B = 48 KiB of panel
+constexpr int64_t kJitPanels = 4;           // panels (of 16 tokens) a thread packs and multiplies at once
+constexpr int64_t kJitMaxNnz = 1 << 22;     // larger matrices keep the kernels (code size)
 
 // One table per instruction set. csr/bsr take the panel kernels; the *_gemv entries take the
 // n == 1 kernels (B.b is then a contiguous fp32 vector, panels ignored).
@@ -221,6 +227,7 @@ struct KernelTable {
   FfnSkipFn ffn_skip[kNumDTypes];
   SddmmFn csr_sddmm[kNumITypes];
   int sddmm_panel_width;  // nb of the SDDMM panels: kSddmmVectors vectors of the ISA
+  JitStoreFn csr_jit_store;  // null where the ISA cannot run the CSR JIT code (below AVX-512)
 };
 
 const KernelTable& scalar_kernels();
