@@ -1,9 +1,9 @@
 """The CSR JIT (csrc/cpu/csr_jit.cpp): AVX-512 code compiled per pattern for fp32 CSR products
-at >= 128 tokens and >= 75% sparsity.
+at >= 256 tokens and >= 87.5% sparsity.
 
 The encoder is checked byte for byte against GNU as on random instructions; the products against
 the fp64 reference and against the kernels the code replaces (the same call with the JIT off), on
-shapes that cut its 16-row chunks, 16-token panels, 4-panel blocks and 768-column slices; in both
+shapes that cut its 28-row chunks, 16-token panels, 4-panel blocks and 768-column slices; in both
 layouts, with bias, strided inputs; across thread counts (the summation order
 is fixed by the code: bit-identical); and after the pattern or the values change.
 The generic plan properties (values trained in place, a pattern written in place or behind the
@@ -112,15 +112,15 @@ def test_encoder_matches_gnu_as(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Products.
-# (M, K, density): rows not a multiple of 16 (and fewer than 16), K not a multiple of a slice,
-# 2 and 3 slices with chunks empty in some, the 75% sparsity edge.
-SHAPES = [(200, 300, 0.2), (5, 700, 0.25), (777, 768, 0.1), (130, 1600, 0.05), (40, 2000, 0.01)]
+# (M, K, density): rows not a multiple of the 28-row chunks (and fewer than 28), K not a multiple
+# of a slice, 2 and 3 slices with chunks empty in some, the 87.5% sparsity edge.
+SHAPES = [(200, 300, 0.12), (5, 700, 0.12), (777, 768, 0.1), (130, 1600, 0.05), (40, 2000, 0.01)]
 
 
 @avx512
 @pytest.mark.parametrize("idx", [torch.int16, torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("n", [128, 130, 200])
+@pytest.mark.parametrize("n", [256, 260, 300])
 def test_jit_matches_reference_and_kernels(idx, shape, n):
     M, K, d = shape
     W, crow, col, val = _pattern(M, K, d, idx, seed=M + K + n)
@@ -146,7 +146,7 @@ def test_jit_matches_reference_and_kernels(idx, shape, n):
 @avx512
 def test_jit_strided_input():
     """A strided input (a transposed view) is packed from its strides."""
-    M, K, n = 300, 768, 160
+    M, K, n = 300, 768, 272
     W, crow, col, val = _pattern(M, K, 0.1, seed=3)
     x = torch.randn(K, n, generator=gen(4)).t()  # (n, K), not contiguous
     bias = torch.randn(M, generator=gen(5))
@@ -176,8 +176,8 @@ def test_jit_thread_counts_give_identical_results(threads):
 def test_jit_unsorted_and_duplicate_columns(fault):
     """The code takes a chunk's nonzeros by column whatever their order in a row; a duplicated
     column adds both values, as the dense reference of the stored entries does."""
-    M, K, n = 64, 512, 128
-    W, crow, col, val = _pattern(M, K, 0.2, torch.int32, seed=8, empty_rows=False)
+    M, K, n = 64, 512, 256
+    W, crow, col, val = _pattern(M, K, 0.1, torch.int32, seed=8, empty_rows=False)
     r0, r1 = int(crow[3]), int(crow[4])
     col = col.clone()
     if fault == "unsorted":
@@ -198,7 +198,7 @@ def test_jit_unsorted_and_duplicate_columns(fault):
 @pytest.mark.parametrize("case", ["few tokens", "dense enough", "bf16", "batched spmm"])
 def test_no_jit_where_it_would_lose_or_cannot_run(case):
     M, K = 256, 768
-    n, d, dtype = {"few tokens": (64, 0.1, torch.float32), "dense enough": (256, 0.3, torch.float32),
+    n, d, dtype = {"few tokens": (128, 0.1, torch.float32), "dense enough": (256, 0.2, torch.float32),
                    "bf16": (256, 0.1, torch.bfloat16), "batched spmm": (256, 0.1, torch.float32)}[case]
     W, crow, col, val = _pattern(M, K, d, seed=10)
     val = val.to(dtype)
@@ -224,7 +224,7 @@ def test_no_jit_where_it_would_lose_or_cannot_run(case):
 def test_jit_with_row_pointers_written_behind_the_version_counter_stays_in_bounds():
     """New row bounds written through .data are not seen: the code keeps the offsets it was made
     with (inside the values), so the product repeats the old numbers."""
-    M, K, n = 256, 768, 128
+    M, K, n = 256, 768, 256
     W, crow, col, val = _pattern(M, K, 0.1, torch.int32, seed=12)
     x = torch.randn(n, K, generator=gen(13))
     before = ops.csr_linear(x, crow, col, val, [M, K], None)
