@@ -87,9 +87,12 @@ def main(argv=None) -> int:
                    "arguments, a dict of tensors: keyword arguments) or a list of batches")
     s.add_argument("--shapes", help="token counts to tune the kernels for, e.g. 1,256 (default: the calibration shape)")
     s.add_argument("--keep-ends", action="store_true", help="also prune the first and last linear layers")
+    s.add_argument("--ignore", action="append", default=None, metavar="PATTERN",
+                   help="leave modules matching PATTERN alone whatever rule matches them (glob, 're:<regex>' or "
+                        "'type:<Class>'; repeatable)")
     s.add_argument("--no-cache", action="store_true", help="time the kernels again instead of using the on-disk choices")
     s.add_argument("--out", required=True, help="output .safetensors file")
-    s.add_argument("--report", help="also write the report as JSON here")
+    s.add_argument("--report", help="also write the report as JSON here: {changes, skipped, totals}")
     args = p.parse_args(argv)
     from ._info import info
     from .nn import save_sparse, sparsify
@@ -128,14 +131,14 @@ def main(argv=None) -> int:
         calib = _calibration(args.calibration) if args.calibration else None
         shapes = [int(t) for t in args.shapes.split(",")] if args.shapes else None
         try:
-            report = sparsify(model, recipe, calib, skip_ends=not args.keep_ends, shapes=shapes,
+            report = sparsify(model, recipe, calib, skip_ends=not args.keep_ends, shapes=shapes, ignore=args.ignore,
                                        cache=not args.no_cache)
         except ValueError as e:
             raise SystemExit(f"pysparse sparsify: {e}") from None
         print(report.table())
         save_sparse(model, args.out)
         if args.report:
-            Path(args.report).write_text(json.dumps(report, indent=1, default=str))
+            Path(args.report).write_text(report.to_json(indent=1))
         print(f"saved {args.out}")
     return 0
 

@@ -580,7 +580,8 @@ def test_cli_sparsify(tmp_path, monkeypatch, capsys):
 
     back = pysparse.nn.load_sparse(mymodel.build(), out)
     assert isinstance(back[2], SparseLinear) and back[2].format_name == "2:4"
-    assert json.loads((tmp_path / "r.json").read_text())[0]["name"] == "2"
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["changes"][0]["name"] == "2" and written["totals"]["layers"] == 1 and written["skipped"] == {}
     with pytest.raises(SystemExit, match=r"MODEL must be 'package.module:factory'"):
         main(["sparsify", "mymodel", "--recipe", recipe, "--out", str(out)])
     with pytest.raises(SystemExit, match=r"criterion 'wanda' for '2' needs calibration"):
@@ -593,6 +594,10 @@ def test_cli_sparsify(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match=r"looks like one batch's input ids and attention mask"):
         main(["sparsify", "mymodel:build", "--recipe", recipe, "--calibration", str(tmp_path / "ambiguous.pt"),
               "--out", str(out)])
+    capsys.readouterr()
+    assert main(["sparsify", "mymodel:build", "--recipe", recipe, "--calibration", str(tmp_path / "calib.pt"),
+                 "--out", str(out), "--ignore", "type:Linear"]) == 0
+    assert "skipped 2: left alone: matches sparsify's ignore=['type:Linear']" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         main(["sparsify", "--help"])
     assert e.value.code == 0 and "--recipe" in capsys.readouterr().out
@@ -781,3 +786,105 @@ def test_sensitivity_allocation_spares_the_layer_whose_pruning_hurts():
     assert all(0.4 - 0.01 <= v <= 0.8 + 0.01 for v in by.values())
     sizes = {"0": 64 * 32, "2": 64 * 64, "4": 64 * 64}
     assert sum(by[n] * sizes[n] for n in by) / sum(sizes.values()) == pytest.approx(0.6, abs=0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# Targeting: glob, re:<regex>, type:<Class> (and bare class names), ignore, filter_fn.
+def _changed(report):
+    return sorted(r["name"] for r in report if "format" in r)
+
+
+def test_patterns_by_type_regex_and_bare_class_name():
+    rule = {"format": "2:4", "kernel": "dense"}
+    by_glob = _changed(pysparse.sparsify(hf_bert(), {"*": rule}, time_layers=False, skip_ends=False))
+    by_type = _changed(pysparse.sparsify(hf_bert(), {"type:Linear": rule}, time_layers=False, skip_ends=False))
+    by_name = _changed(pysparse.sparsify(hf_bert(), {"Linear": rule}, time_layers=False, skip_ends=False))
+    assert by_glob == by_type == by_name and len(by_glob) == 2 * 6 + 1  # 6 per layer and the pooler
+    qk = _changed(pysparse.sparsify(hf_bert(), {r"re:.*\.(query|key)": rule}, time_layers=False, skip_ends=False))
+    assert qk == sorted(f"encoder.layer.{i}.attention.self.{w}" for i in range(2) for w in ("query", "key"))
+    # a later None rule by type clears an earlier glob rule
+    none = _changed(pysparse.sparsify(mlp(), {"*": {"format": "2:4"}, "type:Linear": None}, time_layers=False))
+    assert none == []
+
+
+def test_ignore_and_filter_fn_leave_layers_alone_and_say_so():
+    model = hf_bert()
+    report = pysparse.sparsify(model, {"*": {"format": "2:4", "kernel": "dense"}}, time_layers=False,
+                               skip_ends=False, ignore=[r"re:.*\.query", "pooler.*"],
+                               filter_fn=lambda m, name: getattr(m, "out_features", 0) != 128)
+    changed = _changed(report)
+    left = [n for n in report.skipped]
+    assert not any(n.endswith(".query") or n.startswith("pooler") or "intermediate.dense" in n for n in changed)
+    assert {n for n in left if n.endswith(".query")} == {f"encoder.layer.{i}.attention.self.query" for i in range(2)}
+    assert "pooler.dense" in left and "ignore" in report.skipped["pooler.dense"]
+    assert "filter_fn" in report.skipped["encoder.layer.0.intermediate.dense"]
+    assert len(changed) == 2 * 4  # key, value, attention output, FFN output per layer
+    assert "skipped encoder.layer.1.attention.self.query: left alone" in report.table()
+    x = torch.randint(0, 100, (2, 8), generator=gen(2))
+    assert torch.isfinite(model(x).last_hidden_state).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(recipe={"type:Nope": {"sparsity": 0.5}}), r"the pattern 'type:Nope' matches no module of the model \(its "
+                                                     r"module types: \['Linear', 'ReLU', 'Sequential'\]"),
+    (dict(recipe={"re:(": {"sparsity": 0.5}}), r"the pattern 're:\(' is not a valid regular expression"),
+    (dict(recipe={"Nope": {"sparsity": 0.5}}), r"the pattern 'Nope' matches no module .*'type:<Class>' are the other"),
+    (dict(ignore=["encoder.*"]), r"the pattern 'encoder.\*' matches no module"),
+    (dict(ignore=[3]), r"ignore patterns must be strings"),
+    (dict(filter_fn="linear"), r"filter_fn must be a callable \(module, name\) -> bool, got 'linear'"),
+])
+def test_targeting_mistakes_raise_one_sentence(kwargs, message):
+    model = mlp()
+    recipe = kwargs.pop("recipe", {"*": {"sparsity": 0.5}})
+    with pytest.raises(ValueError, match=message):
+        pysparse.sparsify(model, recipe, time_layers=False, **kwargs)
+
+
+def test_report_totals_json_and_progress_bar(capsys):
+    report = pysparse.sparsify(mlp(), {"*": {"format": "2:4", "kernel": "dense"}}, time_layers=False, progress=True)
+    assert "layer" in capsys.readouterr().err  # tqdm's bar ("... layer/s")
+    t = report.totals()
+    assert t["layers"] == 2 and t["kept_dense"] == 2 and t["fraction_kept"] == pytest.approx(0.5)
+    assert t["skipped"] == 2  # the first and last linears (skip_ends)
+    back = json.loads(report.to_json())
+    assert back["totals"] == t and [r["name"] for r in back["changes"]] == ["2", "4"] and len(back["skipped"]) == 2
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])
+def test_save_pretrained_and_load_pretrained_round_trip(tmp_path, arch):
+    """A pruned Hugging Face model (heads, neurons and sparse layers; GPT-2's Conv1D as linears)
+    goes to a folder (config.json + model.pysparse.safetensors) and comes back, built from the
+    folder alone, with bit-identical outputs."""
+    model = {"bert": hf_bert, "llama": llama, "gpt2": _gpt2}[arch](7)
+    x = ids() if arch != "gpt2" else torch.randint(0, 97, (2, 12), generator=gen(3))
+    blocks = {"bert": "encoder.layer.*", "llama": "layers.*", "gpt2": "transformer.h.*"}[arch]
+    recipe = {f"{blocks}": {"format": "2:4", "kernel": "sparse"}}
+    if arch != "gpt2":  # GPT-2's fused c_attn has no head pruning (issue 21)
+        recipe = {f"{blocks}.{'attention' if arch == 'bert' else 'self_attn'}": {"heads": 0.5},
+                  {"bert": "encoder.layer.0", "llama": "layers.0.mlp"}[arch]: {"neurons": 0.25}, **recipe}
+    pysparse.sparsify(model, recipe, time_layers=False, skip_ends=False)
+    out = run(model, x) if arch != "gpt2" else model(x).logits
+    pysparse.nn.save_pretrained(model, tmp_path / "pruned")
+    assert sorted(p.name for p in (tmp_path / "pruned").iterdir()) == ["config.json", "model.pysparse.safetensors"]
+    back = pysparse.nn.load_pretrained(tmp_path / "pruned")
+    assert type(back) is type(model) and not back.training
+    got = run(back, x) if arch != "gpt2" else back(x).logits
+    assert torch.equal(got, out)
+
+
+def test_load_pretrained_refuses_what_it_cannot_read(tmp_path):
+    with pytest.raises(ValueError, match=r"holds no config.json and model.pysparse.safetensors"):
+        pysparse.nn.load_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"has no Hugging Face config; save it with pysparse.nn.save_sparse"):
+        pysparse.nn.save_pretrained(mlp(), tmp_path / "x")
+    model = hf_bert()
+    pysparse.nn.save_pretrained(model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["architectures"] = ["NoSuchModel"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"names no model class transformers has \(architectures=\['NoSuchModel'\]\)"):
+        pysparse.nn.load_pretrained(tmp_path / "m")
+    import transformers
+
+    back = pysparse.nn.load_pretrained(tmp_path / "m", model_class=transformers.BertModel)
+    assert torch.equal(run(back, ids()), run(model, ids()))

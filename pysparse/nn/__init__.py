@@ -2,7 +2,8 @@
 from .conv import SparseConv2d
 from .linear import SparseLinear
 from .modules import MaskedAttention, SparseFFN
-from .serialize import load_sparse, save_sparse
+from .serialize import load_pretrained, load_sparse, save_pretrained, save_sparse
 from ._sparsify import sparsify
 
-__all__ = ["SparseLinear", "SparseConv2d", "SparseFFN", "MaskedAttention", "sparsify", "save_sparse", "load_sparse"]
+__all__ = ["SparseLinear", "SparseConv2d", "SparseFFN", "MaskedAttention", "sparsify", "save_sparse", "load_sparse",
+           "save_pretrained", "load_pretrained"]

@@ -124,3 +124,52 @@ def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
     for name in conv1d:  # a second save records them again
         model.get_submodule(name)._pysparse_conv1d = True
     return model.eval()
+
+
+# A Hugging Face model's folder: its config.json (config.save_pretrained) beside this file.
+PRETRAINED_WEIGHTS = "model.pysparse.safetensors"
+
+
+def save_pretrained(model: torch.nn.Module, folder) -> None:
+    """Save a sparsified Hugging Face model (one with a ``config``) into `folder` as its
+    ``config.json`` (the dense model's config, with ``architectures`` naming the model class: the
+    pruned head counts and FFN sizes are carried by the weights' shapes) and
+    ``model.pysparse.safetensors`` (``save_sparse``). ``load_pretrained(folder)`` builds it back;
+    transformers' own ``from_pretrained`` cannot read the sparse formats."""
+    from pathlib import Path
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        raise ValueError(f"save_pretrained: the model ({type(model).__name__}) has no Hugging Face config; save it "
+                         f"with pysparse.nn.save_sparse(model, path) and rebuild it with load_sparse")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = config.__class__.from_dict(config.to_dict())  # a copy: the model's own config is left as it is
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(folder)
+    save_sparse(model, folder / PRETRAINED_WEIGHTS)
+
+
+def load_pretrained(folder, model_class=None) -> torch.nn.Module:
+    """The model ``save_pretrained`` wrote into `folder`: built from its config.json (the class the
+    config's ``architectures`` names in transformers, or `model_class`), then ``load_sparse``
+    restores the pruned shapes, sparse layers and weights. In eval mode. Reads only the folder."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    weights = folder / PRETRAINED_WEIGHTS
+    if not (folder / "config.json").is_file() or not weights.is_file():
+        raise ValueError(f"load_pretrained: {str(folder)!r} holds no config.json and {PRETRAINED_WEIGHTS} (what "
+                         f"pysparse.nn.save_pretrained writes)")
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("load_pretrained: needs transformers (pip install transformers)") from None
+    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    if model_class is None:
+        names = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, names[0], None) if names else None
+        if model_class is None:
+            raise ValueError(f"load_pretrained: the config in {str(folder)!r} names no model class transformers has "
+                             f"(architectures={names!r}); pass model_class=")
+    return load_sparse(model_class(config), weights)

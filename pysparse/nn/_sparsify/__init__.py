@@ -1,8 +1,11 @@
 """``sparsify(model, recipe, calibration=None)``: prune a model and swap in sparse layers, keeping a
 layer dense wherever no sparse kernel is faster on this machine.
 
-A recipe maps module-name patterns (fnmatch: ``*`` matches across dots) to a rule, or to None to
-leave the matching modules alone::
+A recipe maps module patterns to a rule, or to None to leave the matching modules alone. A pattern
+is a glob of qualified module names (fnmatch: ``*`` matches across dots), ``re:<regex>`` (the
+whole name), or ``type:<Class>`` (modules of that class or a subclass: ``type:Linear``,
+``type:Conv1D``; a bare class name that names no module reads the same, as llmcompressor's
+``targets``)::
 
     {"layers.*": {"heads": 0.25, "neurons": 0.4, "criterion": "activation", "reconstruct": True},
      "*.ffn_*": {"format": "nm", "n": 2, "m": 4, "criterion": "wanda"},
@@ -61,9 +64,8 @@ activation statistics, Fisher scores), ``structured`` (heads, neurons, dropped l
 """
 from __future__ import annotations
 
-import sys
 import os
-from typing import Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 
@@ -80,7 +82,8 @@ __all__ = ["sparsify", "Calibration", "SparsifyReport"]
 def sparsify(model: torch.nn.Module, recipe: Union[Dict[str, Optional[dict]], str, os.PathLike],
              calibration: Optional[Calibration] = None,
              *, skip_ends: bool = True, time_layers: bool = True, shapes: Optional[Sequence[int]] = None,
-             cache: bool = True, progress: Optional[bool] = None) -> SparsifyReport:
+             cache: bool = True, progress: Optional[bool] = None, ignore: Optional[Sequence[str]] = None,
+             filter_fn: Optional[Callable[[torch.nn.Module, str], bool]] = None) -> SparsifyReport:
     """Prune ``model`` per ``recipe`` and swap its nn.Linear layers for the fastest kernel, in place;
     returns the report: a list with one dict per changed module, its ``skipped`` {module: why}
     (layers a weight rule matched but left alone) and ``table()`` (text, with totals).
@@ -91,15 +94,24 @@ def sparsify(model: torch.nn.Module, recipe: Union[Dict[str, Optional[dict]], st
     beats dense by ``min_speedup`` at every shape is kept, else the layer stays a dense (pruned)
     nn.Linear: a swapped layer is never slower than dense at the shapes it was tuned for. Timings
     are cached on disk (see ``pysparse.nn.kernel_choice``; ``cache=False`` re-times). ``progress``: a
-    progress line on stderr (default: when stderr is a terminal).
+    tqdm bar (default: on a terminal or in a Jupyter kernel).
+    ``ignore``: patterns (as the recipe's) of modules to leave alone whatever rule matches them;
+    ``filter_fn(module, name)``: False leaves that module alone (torchao's convention). Modules
+    either one leaves alone that a rule would have changed are in ``report.skipped``, with why.
     Report rows: name, kind ("heads" | "neurons" | "drop" | "linear" | "conv"), shape before/after
     and, for linears and convs, format, sparsity, kernel kept, times in us per candidate at each
     shape (convs: at their calibration input; untimed without calibration), speedup.
     """
     if progress is None:
-        progress = sys.stderr.isatty()
-    recipe = _recipe.check(recipe, model)
+        progress = _recipe.show_progress_by_default()
+    recipe = _recipe.check(recipe, model, ignore=ignore, filter_fn=filter_fn)
     report = SparsifyReport()
+    rules = {k: v for k, v in recipe.items() if not isinstance(k, _recipe.Excluded)}
+    for key in recipe:
+        if isinstance(key, _recipe.Excluded):
+            for name in sorted(key.names):
+                if any(_recipe.rule_for(name, rules, kind) is not None for kind in ("weight", "struct")):
+                    report.skipped.setdefault(name, key.why)
     if any(_recipe.kind(r) == "struct" for r in recipe.values()):
         apply_structure(model, recipe, calibration, progress, report)
     if any(_recipe.kind(r) == "weight" for r in recipe.values()):

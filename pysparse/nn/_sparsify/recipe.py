@@ -38,13 +38,78 @@ def kind(rule: Optional[dict]) -> Optional[str]:
     return "struct" if keys & STRUCT_KEYS else "weight"
 
 
+class Resolved(str):
+    """A recipe key whose modules were found in the model when the recipe was checked (a
+    ``type:`` pattern or a bare class name; the ``ignore`` list and ``filter_fn``, as Excluded):
+    it matches exactly those names. Still the str the user wrote, for messages."""
+    names: frozenset = frozenset()
+
+    def __new__(cls, text: str, names):
+        key = super().__new__(cls, text)
+        key.names = frozenset(names)
+        return key
+
+
+class Excluded(Resolved):
+    """The modules ``ignore`` or ``filter_fn`` leave alone (a None rule that comes last), and why."""
+    why: str = ""
+
+
+def matches(pattern: str, name: str) -> bool:
+    """Whether a recipe pattern takes the module called `name`: ``re:<regex>`` (the whole name),
+    a Resolved key (its names), else a glob (fnmatch: ``*`` matches across dots)."""
+    if isinstance(pattern, Resolved):
+        return name in pattern.names
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
 def rule_for(name: str, recipe: Dict[str, Optional[dict]], of_kind: str) -> Optional[dict]:
     """The last matching rule of this kind (a matching None clears it)."""
     rule = None
     for pattern, r in recipe.items():
-        if fnmatch.fnmatchcase(name, pattern) and (r is None or kind(r) == of_kind):
+        if matches(pattern, name) and (r is None or kind(r) == of_kind):
             rule = r
     return rule
+
+
+def _type_names(model: torch.nn.Module, cls: str):
+    """Names of the modules whose class, or a base class, is called `cls`."""
+    return [n for n, m in model.named_modules() if n and any(c.__name__ == cls for c in type(m).__mro__)]
+
+
+def _resolve(pattern, model: Optional[torch.nn.Module], what: str) -> str:
+    """The pattern as rule_for reads it: ``type:<Class>`` (and a bare class name that names no
+    module) resolved against the model; ValueError naming the pattern for one that is not a str,
+    a regex that does not compile, or a pattern matching no module of the model."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"sparsify: {what} must be strings (module names: glob, 're:<regex>' or 'type:<Class>'), "
+                         f"got {pattern!r}")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as e:
+            raise ValueError(f"sparsify: the pattern {pattern!r} is not a valid regular expression ({e})") from None
+    if pattern.startswith("type:") and model is None:
+        raise ValueError(f"sparsify: the pattern {pattern!r} names a module type: it needs the model")
+    if model is None:
+        return pattern
+    names = [n for n, _ in model.named_modules()]
+    if pattern.startswith("type:"):
+        found = _type_names(model, pattern[5:])
+        if not found:
+            kinds = sorted({type(m).__name__ for _, m in model.named_modules()})
+            raise ValueError(f"sparsify: the pattern {pattern!r} matches no module of the model (its module types: "
+                             f"{kinds[:12]})")
+        return Resolved(pattern, found)
+    if any(matches(pattern, n) for n in names):
+        return pattern
+    if re.fullmatch(r"[A-Za-z_]\w*", pattern) and _type_names(model, pattern):  # a class name, as llmcompressor's targets
+        return Resolved(pattern, _type_names(model, pattern))
+    raise ValueError(f"sparsify: the pattern {pattern!r} matches no module of the model (names look like "
+                     f"{[n for n in names if n][:3]}; '*' matches across dots; 're:<regex>' and 'type:<Class>' "
+                     f"are the other forms)")
 
 
 def criterion_of(rule: dict) -> str:
@@ -164,30 +229,45 @@ def load(path) -> object:
                          f"or .yml") from None
 
 
-def check(recipe, model: Optional[torch.nn.Module] = None) -> Dict[str, Optional[dict]]:
+def check(recipe, model: Optional[torch.nn.Module] = None, *, ignore=None,
+          filter_fn: Optional[Callable[[torch.nn.Module, str], bool]] = None) -> Dict[str, Optional[dict]]:
     """The recipe, validated before any work and with "N:M" formats spelled out (format "nm", n,
     m): every pattern a string that matches a module of `model`, every rule a dict or None of one
     kind with known keys and values (ValueError naming the pattern and the key); a deprecated
-    criterion name warns (once per name). A str or path is a recipe file (``load``)."""
+    criterion name warns (once per name). A str or path is a recipe file (``load``).
+    ``ignore`` (patterns) and ``filter_fn(module, name)`` (False: leave it alone) come last as
+    Excluded keys with None rules, so they win over every rule."""
     if isinstance(recipe, (str, os.PathLike)):
         recipe = load(recipe)
     if not isinstance(recipe, dict):
         raise ValueError(f"sparsify: the recipe must be a dict of module-name patterns to rules, got "
                          f"{type(recipe).__name__}")
-    names = [n for n, _ in model.named_modules()] if model is not None else None
     out, old = {}, set()
     for pattern, rule in recipe.items():
-        if not isinstance(pattern, str):
-            raise ValueError(f"sparsify: recipe patterns must be strings (module names, fnmatch), got {pattern!r}")
+        key = _resolve(pattern, model, "recipe patterns")
         if rule is not None and not isinstance(rule, dict):
             raise ValueError(f"sparsify: the rule for {pattern!r} must be a dict or None, got {type(rule).__name__}")
-        if names is not None and not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            raise ValueError(f"sparsify: the pattern {pattern!r} matches no module of the model (names look like "
-                             f"{[n for n in names if n][:3]}; '*' matches across dots)")
-        out[pattern] = None if rule is None else _normalized(pattern, rule)
+        out[key] = None if rule is None else _normalized(pattern, rule)
         crit = None if rule is None else rule.get("criterion")
         if isinstance(crit, str) and crit in DEPRECATED_CRITERIA:
             old.add(crit)
+    if ignore is not None:
+        if isinstance(ignore, str) or not isinstance(ignore, Iterable):
+            ignore = [ignore]
+        names = set()
+        for pattern in ignore:
+            key = _resolve(pattern, model, "ignore patterns")
+            names |= {n for n, _ in model.named_modules() if n and matches(key, n)} if model is not None else set()
+        key = Excluded("<ignore>", names)
+        key.why = f"left alone: matches sparsify's ignore={list(ignore)!r}"
+        out[key] = None
+    if filter_fn is not None:
+        if not callable(filter_fn):
+            raise ValueError(f"sparsify: filter_fn must be a callable (module, name) -> bool, got {filter_fn!r}")
+        names = {n for n, m in model.named_modules() if n and not filter_fn(m, n)} if model is not None else set()
+        key = Excluded("<filter_fn>", names)
+        key.why = "left alone: filter_fn(module, name) returned False"
+        out[key] = None
     for name in sorted(old):
         # stacklevel: this function, sparsify, torch.no_grad's wrapper, the caller
         warnings.warn(f"sparsify: criterion {name!r} is deprecated, use {DEPRECATED_CRITERIA[name]!r}: the same "
@@ -197,11 +277,26 @@ def check(recipe, model: Optional[torch.nn.Module] = None) -> Dict[str, Optional
 
 
 def progress(items: list, desc: str, enabled: bool):
-    """Yield `items`, with a "desc: i/n" line on stderr when enabled."""
+    """Yield `items`, with a tqdm bar when enabled (a notebook widget under Jupyter), or a
+    "desc: i/n" line on stderr where tqdm is missing."""
+    if not enabled:
+        yield from items
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency of the package; a bare checkout may lack it
+        tqdm = None
+    if tqdm is not None:
+        yield from tqdm(items, desc=desc, unit="layer")
+        return
     for i, item in enumerate(items):
-        if enabled:
-            sys.stderr.write(f"\r{desc}: {i + 1}/{len(items)}")
-            sys.stderr.flush()
+        sys.stderr.write(f"\r{desc}: {i + 1}/{len(items)}")
+        sys.stderr.flush()
         yield item
-    if enabled and items:
+    if items:
         sys.stderr.write("\n")
+
+
+def show_progress_by_default() -> bool:
+    """Progress on a terminal and in a Jupyter kernel (tqdm draws a widget there)."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
