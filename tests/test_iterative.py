@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from pysparse.nn import SparseLinear
 from pysparse.prune.iterative import Iterative
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -319,9 +320,9 @@ def test_skip_ends_and_layer_patterns():
     (dict(pattern="block", blocksize=(3, 4)), "layer 'body.0' has the shape (16, 72), not divisible by the block "
                                               "size (3, 4)"),
     (dict(pattern="block", blocksize=(4, 0)), "blocksize must be two positive integers, got (4, 0)"),
-    (dict(layers="nothing.*"), "no nn.Linear or nn.Conv2d layer matches layers=['nothing.*'] once the first "
+    (dict(layers="nothing.*"), "no nn.Linear, nn.Conv2d or Conv1D layer matches layers=['nothing.*'] once the first "
                                "and last are skipped (skip_ends=True)"),
-    (dict(layers=["stem", "head"]), "no nn.Linear or nn.Conv2d layer matches layers=['stem', 'head'] once the "
+    (dict(layers=["stem", "head"]), "no nn.Linear, nn.Conv2d or Conv1D layer matches layers=['stem', 'head'] once the "
                                     "first and last are skipped (skip_ends=True)"),
     (dict(layers=[3]), "layers must be None, a pattern or a list of patterns, got [3]"),
 ])
@@ -451,3 +452,57 @@ def test_handover_leaves_tied_weights_dense():
     p = Iterative(model, 0.5, steps=1, handover=True, optimizer=opt)
     p.step()
     assert p.handed_over == {} and isinstance(model[1], nn.Linear)
+
+
+# ---- Hugging Face Conv1D (GPT-2's layers: weight stored (in, out)) -----------------------------
+
+def _conv1d_pair():
+    """A Conv1D MLP and the nn.Linear MLP it equals."""
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    conv = nn.Sequential(Conv1D(32, 16), nn.ReLU(), Conv1D(32, 32), nn.ReLU(), Conv1D(8, 32))
+    with torch.no_grad():
+        for i in (0, 2, 4):
+            conv[i].weight.copy_(lin[i].weight.t())
+            conv[i].bias.copy_(lin[i].bias)
+    return lin, conv
+
+
+def _train_mlp(model, pruner, opt, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        loss = (model(torch.randn(8, 16, generator=g)) - 1.0).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pruner.step()
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "fisher"])
+@pytest.mark.parametrize("pattern,kw", [("unstructured", {}), ("nm", {}), ("block", {"blocksize": (4, 8)})])
+def test_conv1d_layers_prune_and_hand_over_as_the_linears_they_equal(pattern, kw, criterion, tmp_path, monkeypatch):
+    """Conv1D weights are ranked, masked and handed over as their (out, in) matrices: the same
+    masks (transposed), the same training trajectory and, after the hand-over, SparseLinear
+    layers (marked, so save_sparse records them) holding the linear run's values."""
+    monkeypatch.setenv("PYSPARSE_CACHE_DIR", str(tmp_path))
+    lin, conv = _conv1d_pair()
+    target = None if pattern == "nm" else 0.5
+    opt_l, opt_c = torch.optim.Adam(lin.parameters(), lr=1e-2), torch.optim.Adam(conv.parameters(), lr=1e-2)
+    pl = Iterative(lin, target, steps=4, pattern=pattern, criterion=criterion, skip_ends=False, **kw)
+    pc = Iterative(conv, target, steps=4, pattern=pattern, criterion=criterion, skip_ends=False, handover=True,
+                   optimizer=opt_c, **kw)
+    assert pc.layers == ["0", "2", "4"]
+    _train_mlp(lin, pl, opt_l, 3)
+    _train_mlp(conv, pc, opt_c, 3)
+    for name in pc.layers:
+        assert pc.masks[name].shape == conv.get_submodule(name).weight.shape
+        assert torch.equal(pc.masks[name], pl.masks[name].t())
+    _train_mlp(lin, pl, opt_l, 4, seed=1)
+    _train_mlp(conv, pc, opt_c, 4, seed=1)  # the ramp ends at step 4: hand-over, then 3 sparse steps
+    assert set(pc.handed_over) == {"0", "2", "4"}
+    for name in pc.layers:
+        mod = conv.get_submodule(name)
+        assert isinstance(mod, SparseLinear) and mod._pysparse_conv1d
+        torch.testing.assert_close(_dense_of(mod), lin.get_submodule(name).weight, rtol=1e-4, atol=1e-5)
+    assert pc.sparsity() == pytest.approx(pl.sparsity())

@@ -41,7 +41,8 @@ def _error(msg: str) -> ValueError:
 
 
 class Iterative:
-    """Prune ``model``'s nn.Linear and nn.Conv2d weights gradually during training.
+    """Prune ``model``'s nn.Linear, nn.Conv2d and Hugging Face Conv1D (GPT-2) weights gradually
+    during training.
 
     Call :meth:`step` once per training step, after ``optimizer.step()``. The sparsity of the
     pruned layers rises from 0 at step ``start`` to ``target`` at step ``start + steps`` (the
@@ -63,12 +64,13 @@ class Iterative:
     - ``layers``: fnmatch patterns of qualified module names (``*`` matches across dots), default
       all. ``skip_ends``: leave the model's first and last nn.Linear / nn.Conv2d (in
       ``model.named_modules()`` order, the most sensitive layers) dense, as ``sparsify`` does.
-      A Conv2d weight is ranked as its (out, in * kh * kw) view; a weight shared by several
-      modules is pruned once, under its first name.
+      A Conv2d weight is ranked as its (out, in * kh * kw) view, a Conv1D's (in, out) weight as
+      its transpose (N:M groups and blocks along the inputs, as for a linear; :attr:`masks` in the
+      weight's own shape); a weight shared by several modules is pruned once, under its first name.
 
-    ``handover``: at the step the ramp ends, swap every pruned layer for a ``SparseLinear`` /
-    ``SparseConv2d`` in the pattern's format (unstructured: CSR, block: BSR of ``blocksize``, nm:
-    N:M) holding its kept weights, in the model (in its train/eval mode), and rewire
+    ``handover``: at the step the ramp ends, swap every pruned layer for a ``SparseLinear`` (a
+    Conv1D: of the nn.Linear it equals) / ``SparseConv2d`` in the pattern's format (unstructured:
+    CSR, block: BSR of ``blocksize``, nm: N:M) holding its kept weights, in the model (in its train/eval mode), and rewire
     ``optimizer`` (required): the dense weight and bias in its parameter groups are replaced by
     the sparse layer's values and bias, with their state (momentum, Adam's moments) carried over
     at the kept positions, so training continues on the same trajectory. A layer that cannot be
@@ -138,8 +140,13 @@ class Iterative:
         self.schedule, self.pattern, self.criterion, self.scope = schedule, pattern, criterion, scope
         self.n, self.m, self.blocksize = n, m, blocksize
 
+        from ..nn.linear import is_conv1d  # pysparse.nn imports pysparse.prune: not at the top
+
         prunable = [(name, mod) for name, mod in model.named_modules()
-                    if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))]
+                    if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) or is_conv1d(mod)]
+        # Hugging Face Conv1D (GPT-2) stores its weight (in, out): its masks, scores and units are
+        # kept for the (out, in) matrix, through a transposed view (_mat).
+        self._transposed = {name for name, mod in prunable if is_conv1d(mod)}
         ends = {prunable[0][0], prunable[-1][0]} if skip_ends and prunable else set()
         self._weights: Dict[str, torch.nn.Parameter] = {}
         for name, mod in prunable:
@@ -148,10 +155,10 @@ class Iterative:
                     and all(mod.weight is not w for w in self._weights.values())):
                 self._weights[name] = mod.weight
         if not self._weights:
-            raise _error(f"no nn.Linear or nn.Conv2d layer matches layers={patterns}"
+            raise _error(f"no nn.Linear, nn.Conv2d or Conv1D layer matches layers={patterns}"
                          + (" once the first and last are skipped (skip_ends=True)" if ends else ""))
         for name, w in self._weights.items():
-            rows, cols = w.shape[0], w[0].numel()
+            rows, cols = self._mat(name, w).shape[0], self._mat(name, w)[0].numel()
             if pattern == "nm" and cols % m:
                 raise _error(f"layer {name!r} has {cols} inputs per output (in * kh * kw for a conv), "
                              f"not a multiple of m = {m}")
@@ -160,7 +167,7 @@ class Iterative:
 
         # Units are what is ranked and pruned: weights, or blocks for the block pattern.
         self._units: Dict[str, torch.Tensor] = {
-            name: torch.ones(self._unit_shape(w), dtype=torch.bool, device=w.device)
+            name: torch.ones(self._unit_shape(self._mat(name, w)), dtype=torch.bool, device=w.device)
             for name, w in self._weights.items()}
         # How many units each layer (or, globally, all of them) has pruned at the end of the ramp.
         counts = {name: u.numel() for name, u in self._units.items()}
@@ -205,7 +212,7 @@ class Iterative:
     @property
     def masks(self) -> Dict[str, torch.Tensor]:
         """Per layer, a boolean tensor of the weight's shape: True where the weight is kept."""
-        return dict(self._masks)
+        return {name: self._mat(name, m) for name, m in self._masks.items()}
 
     @property
     def t(self) -> int:
@@ -281,9 +288,14 @@ class Iterative:
             return (w.shape[0] // self.blocksize[0], w[0].numel() // self.blocksize[1])
         return tuple(w.shape)
 
+    def _mat(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """A weight-shaped tensor of layer `name` as its (out, in) matrix (a transposed view for a
+        Conv1D), or such a matrix back in the weight's shape: the same transpose."""
+        return t.t() if name in self._transposed else t
+
     def _expand(self, name: str, units: torch.Tensor) -> torch.Tensor:
-        """Unit mask -> boolean mask of the weight's shape."""
-        w = self._weights[name]
+        """Unit mask -> boolean mask of the weight's matrix shape."""
+        w = self._mat(name, self._weights[name])
         if self.pattern != "block":
             return units
         return expand_blocks(units, *self.blocksize).reshape(w.shape)
@@ -291,7 +303,7 @@ class Iterative:
     def _grad_hook(self, name: str):
         def hook(grad: torch.Tensor) -> torch.Tensor:
             # where, not multiply: an inf/nan gradient of a pruned weight must not leak as nan.
-            return torch.where(self._masks[name].to(grad.device), grad, 0)
+            return torch.where(self._mat(name, self._masks[name]).to(grad.device), grad, 0)
         return hook
 
     @torch.no_grad()
@@ -302,13 +314,13 @@ class Iterative:
             mask = self._masks[name]
             if mask.device != w.device:
                 self._masks[name] = mask = mask.to(w.device)
-            w.masked_fill_(~mask, 0)
+            self._mat(name, w).masked_fill_(~mask, 0)
 
     @torch.no_grad()
     def _accumulate_fisher(self) -> None:
         for name, w in self._weights.items():
             if w.grad is not None and name not in self._handed:
-                s = (w.detach().float() * w.grad.float()).square()
+                s = self._mat(name, (w.detach().float() * w.grad.float()).square())
                 self._fisher[name] = self._fisher[name] + s if name in self._fisher else s
 
     def _scores(self, name: str) -> torch.Tensor:
@@ -320,7 +332,7 @@ class Iterative:
                              f"backward() and before the gradients are cleared")
             s = self._fisher[name]
         else:
-            s = w.detach().float().abs()
+            s = self._mat(name, w).detach().float().abs()
         if self.pattern == "block":
             bh, bw = self.blocksize
             R, C = self._units[name].shape
@@ -376,20 +388,27 @@ class Iterative:
     @torch.no_grad()
     def _hand_over(self) -> None:
         from ..nn import SparseConv2d, SparseLinear  # the modules import pysparse.prune
+        from ..nn.linear import linear_from_conv1d
         fmt = {"unstructured": "csr", "block": "bsr", "nm": "nm"}[self.pattern]
         for name, w in self._weights.items():
             mod = self.model.get_submodule(name)
             tied = sum(1 for m in self.model.modules() if getattr(m, "weight", None) is w) > 1
-            if tied or not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            conv1d = name in self._transposed
+            if tied or not (isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) or conv1d):
                 continue
             kw = {"blocksize": self.blocksize} if fmt == "bsr" else {"n": self.n, "m": self.m} if fmt == "nm" else {}
             try:
-                new = (SparseLinear.from_linear(mod, fmt, **kw) if isinstance(mod, torch.nn.Linear)
-                       else SparseConv2d.from_conv(mod, fmt, **kw))
+                if conv1d:  # as the nn.Linear it equals (marked, as sparsify does: save_sparse records it)
+                    new = SparseLinear.from_linear(linear_from_conv1d(mod), fmt, **kw)
+                    new._pysparse_conv1d = True
+                elif isinstance(mod, torch.nn.Linear):
+                    new = SparseLinear.from_linear(mod, fmt, **kw)
+                else:
+                    new = SparseConv2d.from_conv(mod, fmt, **kw)
             except ValueError:
                 continue  # e.g. a block size that does not tile a grouped conv's matrices: stays dense
             new.train(mod.training)
-            self._rewire(mod, new)
+            self._rewire(mod, new, transposed=conv1d)
             self.model.set_submodule(name, new)
             hook = self._hooks.pop(name, None)
             if hook is not None:
@@ -397,9 +416,10 @@ class Iterative:
             self._handed[name] = fmt
         self._handover_done = True
 
-    def _rewire(self, old: torch.nn.Module, new: torch.nn.Module) -> None:
+    def _rewire(self, old: torch.nn.Module, new: torch.nn.Module, transposed: bool = False) -> None:
         """Put `new`'s parameters in place of `old`'s in the optimizer, state carried over: the
-        weight's state at each stored value's position, the bias's as it is."""
+        weight's state at each stored value's position (of its (out, in) matrix: transposed for
+        a Conv1D's (in, out) weight), the bias's as it is."""
         opt = self._optimizer
         if getattr(new, "depthwise", False):  # a depthwise SparseConv2d keeps the dense weight
             targets = [(new.weight, None)]
@@ -413,7 +433,9 @@ class Iterative:
             state = opt.state.pop(p_old, None)
             if state is not None:
                 for p_new, pos in targets:
-                    opt.state[p_new] = {k: self._carry(v, p_old, p_new, pos) for k, v in state.items()}
+                    t = transposed and p_old is old.weight
+                    opt.state[p_new] = {k: self._carry(v.t() if t and isinstance(v, torch.Tensor) and v.dim() == 2 else v,
+                                                       p_old.t() if t else p_old, p_new, pos) for k, v in state.items()}
             for group in opt.param_groups:
                 params = group["params"]
                 for i, p in enumerate(params):
