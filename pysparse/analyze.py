@@ -8,6 +8,9 @@
 
 Each layer is pruned alone, so the numbers rank layers; they do not add up when several layers
 are pruned together.
+
+After ``sparsify``, ``profile(model, inputs).table()`` gives what the swap bought: each pysparse
+layer's time against the dense layer it equals, and the whole model's against its dense twin.
 """
 from __future__ import annotations
 
@@ -255,3 +258,84 @@ def sensitivity(model: nn.Module, inputs, levels=(0.5, 0.7, 0.9), *, kind: str =
         raise ValueError(_P + f"no layer could be pruned with kind={kind!r}: "
                          + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     return SensitivityReport(rows, levels, metric, kind, skipped)
+
+
+# ---------------------------------------------------------------------------------------------
+# profile: what the swapped layers gain, per layer and end to end.
+
+class ProfileReport:
+    """``rows``: one dict per pysparse layer (name, kind, format, sparse_us, dense_us, speedup);
+    ``end_to_end``: the model's ms against the same model with every pysparse layer back to its
+    dense (pruned) equivalent, and the speedup."""
+
+    def __init__(self, rows: List[dict], end_to_end: dict):
+        self.rows, self.end_to_end = rows, end_to_end
+
+    def table(self) -> str:
+        """Markdown: one row per layer, then the whole model."""
+        lines = ["| layer | kind | format | sparse us | dense us | speedup |", "|---|---|---|---:|---:|---:|"]
+        for r in self.rows:
+            lines.append(f"| {r['name']} | {r['kind']} | {r['format']} | {r['sparse_us']:.1f} | {r['dense_us']:.1f} "
+                         f"| {r['speedup']:.2f}x |")
+        e = self.end_to_end
+        lines.append(f"| **whole model** | | | {e['sparse_ms'] * 1e3:.1f} | {e['dense_ms'] * 1e3:.1f} | "
+                     f"**{e['speedup']:.2f}x** |")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return dict(rows=self.rows, end_to_end=self.end_to_end)
+
+
+def _run(model, inputs):
+    """model on inputs: a tensor, a tuple of positional arguments, a dict of keyword arguments, or
+    a callable f(model)."""
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs)
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    if callable(inputs):
+        return inputs(model)
+    raise ValueError(f"pysparse.analyze.profile: inputs must be a tensor, tuple, dict or callable, got "
+                     f"{type(inputs).__name__}")
+
+
+@torch.no_grad()
+def profile(model: nn.Module, inputs, *, rounds: int = 5, reps: int = 3) -> ProfileReport:
+    """The latency of `model` (after ``sparsify``) on `inputs` against the same model with every
+    pysparse layer (SparseLinear, SparseConv2d) back to the dense layer it equals, end to end and
+    per layer (each layer on the input it receives in this forward), timed in alternating rounds
+    (``pysparse.bench.alternating``: medians, so a busy moment hits both sides alike)."""
+    import copy
+
+    from .bench import alternating
+    from .nn import SparseConv2d, SparseLinear
+
+    dense_of = lambda m: m.to_linear() if isinstance(m, SparseLinear) else m.to_conv()  # noqa: E731
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
+    if not layers:
+        raise ValueError("pysparse.analyze.profile: the model has no pysparse layers (SparseLinear, SparseConv2d): "
+                         "run pysparse.sparsify first")
+    seen: Dict[str, tuple] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: seen.setdefault(name, args)) for n, m in layers]
+    try:
+        _run(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for name, mod in layers:
+        if name not in seen:
+            continue  # not on this input's path
+        args, dense = seen[name], dense_of(mod)
+        sparse_s, dense_s = alternating(lambda: mod(*args), lambda: dense(*args), rounds=rounds, reps=reps)
+        rows.append(dict(name=name, kind="linear" if isinstance(mod, SparseLinear) else "conv",
+                         format=mod.format_name, sparse_us=sparse_s * 1e6, dense_us=dense_s * 1e6,
+                         speedup=dense_s / sparse_s))
+    twin = copy.deepcopy(model)
+    for name, mod in list(twin.named_modules()):
+        if isinstance(mod, (SparseLinear, SparseConv2d)):
+            twin.set_submodule(name, dense_of(mod))
+    sparse_s, dense_s = alternating(lambda: _run(model, inputs), lambda: _run(twin, inputs), rounds=rounds, reps=reps)
+    return ProfileReport(rows, dict(sparse_ms=sparse_s * 1e3, dense_ms=dense_s * 1e3, speedup=dense_s / sparse_s))

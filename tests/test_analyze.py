@@ -296,3 +296,38 @@ def test_gpt2_conv1d_layers_are_measured():
     names = {r["layer"] for r in report.rows}
     assert {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"} <= names
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights restored
+
+
+# ---- profile ---------------------------------------------------------------------------------
+
+def test_profile_times_each_pysparse_layer_and_the_whole_model():
+    from pysparse.analyze import profile
+
+    model = _mlp()
+    pysparse.sparsify(model, {"*": {"format": "csr", "sparsity": 0.9, "kernel": "sparse"}}, time_layers=False,
+                      skip_ends=False)
+    x = _x(64, 32)
+    y = model(x)
+    rep = profile(model, (x,), rounds=3, reps=2)
+    assert [r["name"] for r in rep.rows] == ["0", "2", "4"]
+    for r in rep.rows:
+        assert r["kind"] == "linear" and r["format"] == "csr" and r["sparse_us"] > 0 and r["dense_us"] > 0
+        assert r["speedup"] == pytest.approx(r["dense_us"] / r["sparse_us"])
+    e = rep.end_to_end
+    assert e["sparse_ms"] > 0 and e["dense_ms"] > 0 and e["speedup"] == pytest.approx(e["dense_ms"] / e["sparse_ms"])
+    table = rep.table()
+    assert table.count("\n") == 2 + 3 and "**whole model**" in table
+    assert torch.equal(model(x), y)  # the model is left as it was
+    assert rep.as_dict()["rows"] == rep.rows
+
+
+def test_profile_refuses_a_model_without_pysparse_layers():
+    from pysparse.analyze import profile
+
+    with pytest.raises(ValueError, match=r"the model has no pysparse layers .*: run pysparse.sparsify first"):
+        profile(_mlp(), _x(4, 32))
+    model = _mlp()
+    pysparse.sparsify(model, {"*": {"format": "csr", "sparsity": 0.9, "kernel": "sparse"}}, time_layers=False,
+                      skip_ends=False)
+    with pytest.raises(ValueError, match=r"inputs must be a tensor, tuple, dict or callable, got int"):
+        profile(model, 3)

@@ -888,3 +888,29 @@ def test_load_pretrained_refuses_what_it_cannot_read(tmp_path):
 
     back = pysparse.nn.load_pretrained(tmp_path / "m", model_class=transformers.BertModel)
     assert torch.equal(run(back, ids()), run(model, ids()))
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "activation"])
+def test_gpt2_neurons_pruned_through_its_conv1d_mlp(tmp_path, criterion):
+    """GPT-2's MLP (c_fc / c_proj, Conv1D) loses neurons as the linears it equals: at ratio 0 the
+    model is unchanged, at 0.5 each MLP keeps half its 256 neurons, and the pruned model saves and
+    loads back bit for bit (the Conv1D layers made linear are recorded)."""
+    ids_ = torch.randint(0, 97, (2, 12), generator=gen(4))
+    model = _gpt2(5)
+    ref = model(ids_).logits
+    pysparse.sparsify(model, {"transformer.h.*.mlp": {"neurons": 0.0}})
+    assert torch.equal(model(ids_).logits, ref)
+    model = _gpt2(5)
+    report = pysparse.sparsify(model, {"transformer.h.*.mlp": {"neurons": 0.5, "criterion": criterion},
+                                       "transformer.h.*": {"heads": 0.0}}, calibration=ids_)
+    assert [r["kind"] for r in report] == ["neurons", "neurons"]
+    for blk in model.transformer.h:
+        assert isinstance(blk.mlp.c_fc, torch.nn.Linear) and blk.mlp.c_fc.out_features == 128
+        assert blk.mlp.c_proj.in_features == 128
+    out = model(ids_).logits
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    pysparse.nn.save_pretrained(model, tmp_path / "g")
+    assert torch.equal(pysparse.nn.load_pretrained(tmp_path / "g")(ids_).logits, out)
+    path = tmp_path / "g.safetensors"
+    pysparse.nn.save_sparse(model, path)
+    assert torch.equal(pysparse.nn.load_sparse(_gpt2(6), path)(ids_).logits, out)

@@ -12,7 +12,9 @@ keep. These layouts are recognised (`attention_parts` / `ffn_parts`):
 - LLaMA-style modules (`q_proj/k_proj/v_proj/o_proj` with `head_dim`, grouped-query attention;
   `gate_proj/up_proj/down_proj`); rotary where the module's config names a RoPE (LLaMA, Qwen2,
   Mistral), not in Hugging Face's ViT, which uses the same names (with `mlp.fc1/fc2`),
-- DistilBERT (`q_lin/k_lin/v_lin/out_lin` with `attention_head_size`; `ffn.lin1/lin2`).
+- DistilBERT (`q_lin/k_lin/v_lin/out_lin` with `attention_head_size`; `ffn.lin1/lin2`),
+- GPT-2's MLP (`c_fc/c_proj`, Hugging Face Conv1D: made the nn.Linear each equals first, by
+  `linear_conv1d_ffn`; GPT-2's attention fuses q, k and v in one `c_attn` and is not recognised).
 
 With grouped-query attention the unit removed is a whole key/value group (one K/V head and the
 query heads that read it), so the number of query heads per group stays what the module expects.
@@ -122,7 +124,23 @@ def ffn_parts(module: torch.nn.Module) -> Optional[FFNParts]:
         return FFNParts(module.lin1, None, module.lin2, True, _replacer({"up": (module, "lin1"), "down": (module, "lin2")}))
     if lin(module, "fc1", "fc2") and module.fc2.in_features == module.fc1.out_features:  # ViT's MLP (pre-norm)
         return FFNParts(module.fc1, None, module.fc2, False, _replacer({"up": (module, "fc1"), "down": (module, "fc2")}))
+    if lin(module, "c_fc", "c_proj") and module.c_proj.in_features == module.c_fc.out_features:  # GPT-2 (pre-norm)
+        return FFNParts(module.c_fc, None, module.c_proj, False,
+                        _replacer({"up": (module, "c_fc"), "down": (module, "c_proj")}))
     return None
+
+
+def linear_conv1d_ffn(module: torch.nn.Module) -> bool:
+    """GPT-2's MLP with Hugging Face Conv1D layers (weight stored (in, out)): c_fc and c_proj
+    become the nn.Linear each equals, in place (marked, so save_sparse records them and load_sparse
+    converts a fresh model's the same way), so ffn_parts reads them. True if it converted."""
+    from ..nn.linear import is_conv1d, linear_from_conv1d  # pysparse.nn imports pysparse.prune
+
+    fc, proj = getattr(module, "c_fc", None), getattr(module, "c_proj", None)
+    if not (is_conv1d(fc) and is_conv1d(proj)):
+        return False
+    module.c_fc, module.c_proj = linear_from_conv1d(fc), linear_from_conv1d(proj)
+    return True
 
 
 def _replacer(slots):
@@ -139,6 +157,8 @@ def _slice(lin: torch.nn.Linear, idx: torch.Tensor, dim: int) -> torch.nn.Linear
         if lin.bias is not None:
             new.bias.copy_(lin.bias[idx] if dim == 0 else lin.bias)
     new.train(lin.training)
+    if getattr(lin, "_pysparse_conv1d", False):  # a Conv1D made linear stays recorded as one
+        new._pysparse_conv1d = True
     return new
 
 
@@ -181,10 +201,12 @@ def shrink_ffn(module: torch.nn.Module, keep: torch.Tensor) -> None:
     """Cut a feed-forward module down, in place, to its intermediate neurons at indices `keep`: the
     projections are replaced by smaller dense nn.Linear layers. (``pysparse.prune.ffn_neurons``
     does the same to weight tensors, choosing the neurons itself.)"""
+    linear_conv1d_ffn(module)
     p = ffn_parts(module)
     if p is None:
         raise ValueError(f"pysparse.prune: {type(module).__name__} is not a feed-forward block this library "
-                         f"recognises (ffn_in/ffn_out, intermediate.dense/output.dense or gate/up/down_proj)")
+                         f"recognises (ffn_in/ffn_out, intermediate.dense/output.dense, gate/up/down_proj, "
+                         f"lin1/lin2, fc1/fc2 or c_fc/c_proj)")
     keep = torch.as_tensor(keep, dtype=torch.int64).unique()
     if keep.numel() == 0 or keep[0] < 0 or keep[-1] >= p.down.in_features:
         raise ValueError(f"pysparse.prune.shrink_ffn: keep must name 1..{p.down.in_features} neurons")

@@ -94,8 +94,12 @@ def _structs(model, recipe, calibration):
         if rule.get("drop"):
             drops.append(name)
             continue
+        of = {what: rule_for(name, {k: v for k, v in recipe.items() if v is None or what in v}, "struct")
+              for what in ("heads", "neurons")}
+        if of["neurons"] is not None and of["neurons"].get("neurons"):
+            st.linear_conv1d_ffn(mod)  # GPT-2's Conv1D MLP, as the linears it equals
         for what, parts in (("heads", st.attention_parts(mod)), ("neurons", st.ffn_parts(mod))):
-            r = rule_for(name, {k: v for k, v in recipe.items() if v is None or what in v}, "struct")
+            r = of[what]
             if r is not None and r.get(what) and parts is not None:
                 structs[f"{name}:{what}"] = (what, parts, r)
     wanted = {w for r in recipe.values() if r for w in ("heads", "neurons") if r.get(w)}
