@@ -94,7 +94,7 @@ def test_plan_matches_reference_and_row_axpy(dtype, idx, shape, n):
 
 # The plans, each on its path: (tokens, density). The JIT code (csr_jit.cpp, tests/test_csr_jit.py)
 # is remembered like the plans and shares their properties.
-KINDS = {"slice plan": (300, 0.2), "bitmap": (1, 0.4), "jit": (300, 0.1)}
+KINDS = {"slice plan": (300, 0.2), "bitmap": (1, 0.4), "jit": (1024, 0.1)}
 
 
 @pytest.mark.parametrize("kind", KINDS)

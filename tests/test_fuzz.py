@@ -127,7 +127,7 @@ def spmm_args(draw):
     else:
         M, K = draw(st.integers(0, 70)), draw(st.integers(0, 70))
     layout = draw(st.sampled_from(["linear", "spmm"]))
-    return dict(fmt=fmt, M=M, K=K, n=draw(st.sampled_from([0, 1, 2, 3, 5, 8, 9, 16, 17, 33, 64, 65, 130, 256, 300])),
+    return dict(fmt=fmt, M=M, K=K, n=draw(st.sampled_from([0, 1, 2, 3, 5, 8, 9, 16, 17, 33, 64, 65, 130, 300, 1024])),
                 batch=draw(st.lists(st.integers(0, 3), max_size=2)), dtype=draw(DTYPE), layout=layout,
                 view=draw(st.sampled_from(["contiguous", "sliced", "transposed", "expanded"])),
                 bias=draw(st.booleans()), act=draw(st.sampled_from(["none", "relu", "gelu", "silu"])),

@@ -270,12 +270,13 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   const KernelTable& kt = active_kernels();
   const int64_t nnz_elems = A.values.numel();
   const int64_t MK = saturating_mul(M, K);
-  // CSR fp32 at >= 256 tokens and >= 87.5% sparsity through code compiled for the pattern
-  // (csr_jit.cpp). Measured (bench_csr_plan.py --jit-only, alternating with the JIT off): 90% and
-  // 95% sparsity 1.06-1.5x the kernels below; at 80%, where the slice plan serves, 0.92-1.02x;
-  // at 128 tokens 0.9-1.04x.
-  if (kt.csr_jit_store && !A.nm() && !A.blocked && dt == kF32 && A.stable && n >= 256 && nbatch == 1 &&
-      nnz_elems <= MK / 8 && K <= kJitSlice * 11) {
+  // CSR fp32 at >= 1024 tokens and 87.5-93.75% sparsity through code compiled for the pattern
+  // (csr_jit.cpp). Measured (bench_csr_plan.py --jit-only, two runs, alternating with the JIT off,
+  // weights warm and cold): 90% at 1024 tokens 1.05-1.7x warm, 0.84-1.4x cold; at 512 tokens a
+  // wash cold (0.87-1.07x), at 128 it lost cold (0.6-0.8x: its code is ~2.7x CSR's bytes); 95%
+  // no gain (0.9-1.7x warm, 0.74-1.13x cold); 80%, where the slice plan serves, 0.92-1.02x.
+  if (kt.csr_jit_store && !A.nm() && !A.blocked && dt == kF32 && A.stable && n >= 1024 && nbatch == 1 &&
+      nnz_elems <= MK / 8 && nnz_elems >= MK / 16 && K <= kJitSlice * 11) {
     const at::Tensor code = csr_jit(A);
     // The code's value offsets were made for nnz values: a shorter values array (a pattern
     // written behind its version counter) must not be read past.
