@@ -5,8 +5,9 @@
 // (16 tokens, one zmm) and multiplied into the accumulators (one zmm per row) of the rows holding
 // it, the value broadcast straight from the CSR values array (its offset is in the instruction).
 // A panel line then feeds 2.8 FMAs at 90% sparsity instead of one, and no index is read. What
-// bounds it is the load ports: one broadcast per FMA plus the panel loads. Columns are taken in slices (kJitSlice) so a slice of the panel stays in L1 across a
-// chunk's 16 rows; the accumulators of a later slice start from the earlier slices' sums.
+// bounds it is the load ports: one broadcast per FMA plus the panel loads. Columns are taken in
+// slices (kJitSlice), so a slice of the panel stays near L1 across a chunk's rows; the
+// accumulators of a later slice start from the earlier slices' sums.
 //
 // The code reads the values in place (a layer whose values train keeps its code) and nothing but
 // the panels, the values and its scratch: offsets are validated when the code is made (columns in
@@ -43,8 +44,8 @@ constexpr int kAccs = 28;
 
 using SliceFn = void (*)(const float* panels, const float* values, float* scratch, int64_t npanels);
 
-// Slice s of the code: for each chunk of 16 rows, for each of npanels panels (rdi, K x 16 fp32
-// each, panel_bytes apart), the accumulators of the chunk's rows (from scratch, or zero for the
+// Slice s of the code: for each chunk of kAccs rows, for each of npanels panels (rdi, K x 16 fp32
+// each, 64 K bytes apart), the accumulators of the chunk's rows (from scratch, or zero for the
 // first slice), plus the products of the slice's columns, back to scratch (rdx, M x 16 fp32 per
 // panel). rsi: the values.
 template <typename RT>
@@ -98,7 +99,8 @@ at::Tensor build(const RT* crow, const CT* col, int64_t M, int64_t K) {
 #if PYSPARSE_HAVE_JIT
   const int64_t nnz = int64_t(crow[M]);
   // Offsets in the code are 32-bit: values (4 nnz bytes from one chunk's first), panel and
-  // scratch strides (64 K, 64 M); entries pack a column in 28 bits and a value index in 32.
+  // scratch strides (64 K, 64 M); entries pack a column in 27 bits, a row in 5 and a value index
+  // in 32.
   // The code takes ~12 bytes per nonzero: kJitMaxNnz bounds it to ~50 MB a matrix.
   if (nnz <= 0 || nnz > kJitMaxNnz || K > (int64_t(1) << 24) || M > (int64_t(1) << 24)) return at::Tensor();
   std::vector<std::vector<int64_t>> chunks(size_t((M + kAccs - 1) / kAccs));

@@ -4,6 +4,7 @@ validated. Structured pruning (fewer heads or neurons) is restored from the tens
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Dict
 
 import torch
@@ -136,8 +137,6 @@ def save_pretrained(model: torch.nn.Module, folder) -> None:
     pruned head counts and FFN sizes are carried by the weights' shapes) and
     ``model.pysparse.safetensors`` (``save_sparse``). ``load_pretrained(folder)`` builds it back;
     transformers' own ``from_pretrained`` cannot read the sparse formats."""
-    from pathlib import Path
-
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise ValueError(f"save_pretrained: the model ({type(model).__name__}) has no Hugging Face config; save it "
@@ -154,8 +153,6 @@ def load_pretrained(folder, model_class=None) -> torch.nn.Module:
     """The model ``save_pretrained`` wrote into `folder`: built from its config.json (the class the
     config's ``architectures`` names in transformers, or `model_class`), then ``load_sparse``
     restores the pruned shapes, sparse layers and weights. In eval mode. Reads only the folder."""
-    from pathlib import Path
-
     folder = Path(folder)
     weights = folder / PRETRAINED_WEIGHTS
     if not (folder / "config.json").is_file() or not weights.is_file():

@@ -105,8 +105,9 @@ def _resolve(pattern, model: Optional[torch.nn.Module], what: str) -> str:
         return Resolved(pattern, found)
     if any(matches(pattern, n) for n in names):
         return pattern
-    if re.fullmatch(r"[A-Za-z_]\w*", pattern) and _type_names(model, pattern):  # a class name, as llmcompressor's targets
-        return Resolved(pattern, _type_names(model, pattern))
+    typed = _type_names(model, pattern) if re.fullmatch(r"[A-Za-z_]\w*", pattern) else []
+    if typed:  # a class name, as llmcompressor's targets
+        return Resolved(pattern, typed)
     raise ValueError(f"sparsify: the pattern {pattern!r} matches no module of the model (names look like "
                      f"{[n for n in names if n][:3]}; '*' matches across dots; 're:<regex>' and 'type:<Class>' "
                      f"are the other forms)")
