@@ -204,6 +204,16 @@ class SparseConv2d(torch.nn.Module):
         else:
             self.register_buffer(name, t)
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name != "weight" or self.groups != 1 or self.depthwise:
+                raise
+        # As SparseLinear.weight: the format object (models read conv.weight.dtype / .device, e.g.
+        # Hugging Face's ViT and CLIP patch embeddings); depthwise layers keep a dense `weight`.
+        return self.sparse_weights[0]
+
     def _tensor(self, name: str) -> torch.Tensor:
         p = self._parameters.get(name)
         return p if p is not None else self._buffers[name]

@@ -18,19 +18,21 @@ _KEY = "pysparse.sparse_layers"
 _DROPPED = "pysparse.dropped_layers"
 _CONVS = "pysparse.sparse_convs"
 _CONV1D = "pysparse.conv1d_as_linear"  # Hugging Face Conv1D layers that sparsify made nn.Linear
+_OWN_BIAS = "pysparse.t5_own_position_bias"  # T5 attentions given their own position bias (heads pruned per layer)
 
 
 def save_sparse(model: torch.nn.Module, path) -> None:
     """Write model.state_dict(), the names of its SparseLinear and dropped layers, the configs of
-    its SparseConv2d layers and the names of the Hugging Face Conv1D layers sparsify turned into
-    linears to `path`."""
+    its SparseConv2d layers, the names of the Hugging Face Conv1D layers sparsify turned into
+    linears and of the T5 attentions given their own position bias to `path`."""
     layers = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
     dropped = [n for n, m in model.named_modules() if isinstance(m, st.Passthrough)]
     convs = {n: m.config() for n, m in model.named_modules() if isinstance(m, SparseConv2d)}
     conv1d = [n for n, m in model.named_modules() if getattr(m, "_pysparse_conv1d", False)]
+    own_bias = [n for n, m in model.named_modules() if getattr(m, "_pysparse_own_bias", False)]
     tensors: Dict[str, torch.Tensor] = {k: v for k, v in model.state_dict().items() if v is not None}
     save_file(tensors, path, {_KEY: json.dumps(layers), _DROPPED: json.dumps(dropped), _CONVS: json.dumps(convs),
-                              _CONV1D: json.dumps(conv1d), "format": "pysparse"})
+                              _CONV1D: json.dumps(conv1d), _OWN_BIAS: json.dumps(own_bias), "format": "pysparse"})
 
 
 def _meta(meta, key: str, path, default: str, ok, what: str):
@@ -82,7 +84,6 @@ def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
     if _KEY not in meta:
         raise ValueError(f"{path}: not a pysparse model file (no {_KEY!r} entry in its metadata)")
     layers, dropped = _names(meta, _KEY, path), _names(meta, _DROPPED, path)
-    head_dims = {n: p.head_dim for n, m in model.named_modules() if (p := st.attention_parts(m)) is not None}
     conv1d = _names(meta, _CONV1D, path)
     for name in conv1d:  # back to the nn.Linear sparsify made of it, before anything loads
         try:
@@ -94,19 +95,38 @@ def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
         elif not isinstance(old, (torch.nn.Linear, SparseLinear)):
             raise ValueError(f"{path}: layer {name!r} was a Conv1D made linear, but is a {type(old).__name__} in this "
                              f"model")
+    own_bias = _names(meta, _OWN_BIAS, path)
+    if own_bias:
+        missing = sorted(set(own_bias) - set(st.t5_own_position_bias(model)) -
+                         {n for n, m in model.named_modules() if getattr(m, "_pysparse_own_bias", False)})
+        if missing:
+            raise ValueError(f"{path}: {missing[0]!r} had its own position bias, but is no T5 attention in this model")
     for name in dropped:
         try:
             old = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{path}: dropped layer {name!r} does not exist in this model") from None
         model.set_submodule(name, st.Passthrough(type(old).__name__))
+    head_dims = {n: p.head_dim for n, m in model.named_modules() if (p := st.attention_parts(m)) is not None}
+    sparse = set(layers)
     for name, mod in list(model.named_modules()):
-        w = tensors.get(name + ".weight")
-        if isinstance(mod, torch.nn.Linear) and w is not None and tuple(w.shape) != tuple(mod.weight.shape):
-            if w.dim() != 2:
-                raise ValueError(f"{path}: {name}.weight must be 2-D, got shape {tuple(w.shape)}")
-            model.set_submodule(name, torch.nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None,
-                                             device=mod.weight.device, dtype=mod.weight.dtype))
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        shape = _saved_shape(tensors, name, name in sparse, path)
+        if shape is not None and shape != tuple(mod.weight.shape):
+            model.set_submodule(name, torch.nn.Linear(shape[1], shape[0], bias=mod.bias is not None,
+                                                      device=mod.weight.device, dtype=mod.weight.dtype))
+    for name, hd in head_dims.items():  # head counts follow the projections' new sizes, per-head parameters too
+        mod = model.get_submodule(name)
+        p = st.attention_parts(mod)
+        if p is not None and p.head_dim != hd and p.o.in_features % hd == 0:  # head_dim read from a stale head count
+            p.set_heads(p.o.in_features // hd, p.o.in_features // hd)
+            p = st.attention_parts(mod)
+        if p is None or p.head_dim != hd:
+            raise ValueError(f"{path}: the projections of attention {name!r} are not whole heads of {hd}")
+        for extra, _ in p.extras:
+            _resize(mod, extra, tensors.get(f"{name}.{extra}"))
+        p.set_heads(p.heads, p.kv_heads)
     for name in layers:
         _swap_in(model, tensors, path, name, (torch.nn.Linear, SparseLinear), "a linear layer", SparseLinear.from_state_dict)
     convs = _meta(meta, _CONVS, path, "{}", lambda v: isinstance(v, dict) and all(isinstance(c, dict) for c in v.values()),
@@ -114,17 +134,41 @@ def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
     for name, config in convs.items():
         _swap_in(model, tensors, path, name, (torch.nn.Conv2d, SparseConv2d), "a convolution",
                  lambda sub, config=config: SparseConv2d.from_state_dict(sub, config))
-    for name, hd in head_dims.items():
-        p = st.attention_parts(model.get_submodule(name))
-        if p is not None and (p.q.out_features % hd or p.k.out_features % hd):
-            raise ValueError(f"{path}: attention {name!r} has projections of {p.q.out_features} and "
-                             f"{p.k.out_features} rows, not whole heads of {hd}")
-        if p is not None:
-            p.set_heads(p.q.out_features // hd, p.k.out_features // hd)
+    for name, mod in list(model.named_modules()):
+        if st.expert_parts(mod) is not None:  # experts that lost neurons
+            for attr in ("gate_up_proj", "down_proj"):
+                _resize(mod, attr, tensors.get(f"{name}.{attr}"))
+            if hasattr(mod, "intermediate_dim"):
+                mod.intermediate_dim = mod.down_proj.shape[2]
     model.load_state_dict(tensors, strict=True)
     for name in conv1d:  # a second save records them again
         model.get_submodule(name)._pysparse_conv1d = True
     return model.eval()
+
+
+def _saved_shape(tensors, name: str, sparse: bool, path):
+    """The (out, in) shape the file gives linear `name`: its weight's, or a sparse layer's weight_shape."""
+    if not sparse:
+        w = tensors.get(name + ".weight")
+        if w is not None and w.dim() != 2:
+            raise ValueError(f"{path}: {name}.weight must be 2-D, got shape {tuple(w.shape)}")
+        return None if w is None else tuple(w.shape)
+    s = tensors.get(name + ".weight_shape")
+    if s is None:
+        return None  # SparseLinear.from_state_dict names what is missing
+    if s.dim() != 1 or s.numel() != 2 or s.is_floating_point() or bool((s <= 0).any()):
+        raise ValueError(f"{path}: {name}.weight_shape must hold 2 positive integers, got {s.tolist()}")
+    return tuple(int(v) for v in s.tolist())
+
+
+def _resize(module, path: str, saved) -> None:
+    """Give module's parameter at `path` the shape of the saved tensor (its values load after)."""
+    owner_path, _, attr = path.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    old = getattr(owner, attr)
+    if saved is not None and saved.dim() == old.dim() and tuple(saved.shape) != tuple(old.shape):
+        setattr(owner, attr, torch.nn.Parameter(torch.empty(saved.shape, dtype=old.dtype, device=old.device),
+                                                requires_grad=old.requires_grad))
 
 
 # A Hugging Face model's folder: its config.json (config.save_pretrained) beside this file.
@@ -149,6 +193,20 @@ def save_pretrained(model: torch.nn.Module, folder) -> None:
     save_sparse(model, folder / PRETRAINED_WEIGHTS)
 
 
+def _transformers_class(transformers, config, name: str):
+    """transformers' class `name`: exported at the top, or in the config's modeling module (parts
+    of models such as WhisperEncoder are not exported)."""
+    cls = getattr(transformers, name, None)
+    if cls is None and isinstance(getattr(config, "model_type", None), str) and config.model_type.isidentifier():
+        import importlib
+        try:
+            module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+        except ImportError:
+            return None
+        cls = getattr(module, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, torch.nn.Module) else None
+
+
 def load_pretrained(folder, model_class=None) -> torch.nn.Module:
     """The model ``save_pretrained`` wrote into `folder`: built from its config.json (the class the
     config's ``architectures`` names in transformers, or `model_class`), then ``load_sparse``
@@ -165,7 +223,7 @@ def load_pretrained(folder, model_class=None) -> torch.nn.Module:
     config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     if model_class is None:
         names = getattr(config, "architectures", None) or []
-        model_class = getattr(transformers, names[0], None) if names else None
+        model_class = _transformers_class(transformers, config, names[0]) if names else None
         if model_class is None:
             raise ValueError(f"load_pretrained: the config in {str(folder)!r} names no model class transformers has "
                              f"(architectures={names!r}); pass model_class=")

@@ -74,17 +74,18 @@ def _entropy_hooks(p: st.AttentionParts, key: str, s: Stats):
     cache = {}
 
     def q_hook(mod, args, out):
-        cache["q"] = out.detach().float()
+        cache["q"] = p.split(out.detach().float(), "q")
 
     def k_hook(mod, args, out):
-        q, k = cache.pop("q"), out.detach().float()
-        B, L = q.shape[0], q.shape[-2] if q.dim() == 3 else 1
-        q = q.reshape(B, L, p.heads, p.head_dim).transpose(1, 2)
-        k = k.reshape(B, L, p.kv_heads, p.head_dim).transpose(1, 2)
+        q, k = cache.pop("q"), p.split(out.detach().float(), "k")
+        B = q.shape[0]
+        Lq, Lk = (q.shape[-2], k.shape[-2]) if q.dim() == 3 else (1, 1)  # cross-attention: keys of another length
+        q = q.reshape(B, Lq, p.heads, p.head_dim).transpose(1, 2)
+        k = k.reshape(B, Lk, p.kv_heads, p.head_dim).transpose(1, 2)
         probs = torch.softmax(q @ k.transpose(-1, -2) / p.head_dim ** 0.5, dim=-1)
         ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean((0, 2))
         s.entropy[key] = s.entropy.get(key, 0) + ent.double()
-    return [p.q.register_forward_hook(q_hook), p.k.register_forward_hook(k_hook)]
+    return [p.q.register_forward_hook(q_hook), p.k.register_forward_hook(k_hook)]  # fused: q is k, in that order
 
 
 def _batch_call(batch, where: str):

@@ -66,6 +66,8 @@ def _unit_scores(model, key: str, entry: tuple, calibration) -> torch.Tensor:
     """Importance of each unit of one structured module under its rule's criterion."""
     what, p, rule = entry
     crit = criterion_of(rule)
+    if what == "experts":
+        return st.expert_scores_magnitude(p)
     if crit == "magnitude":
         return st.head_scores_magnitude(p) if what == "heads" else st.neuron_scores_magnitude(p)
     if crit == "fisher":
@@ -97,25 +99,37 @@ def _structs(model, recipe, calibration):
         of = {what: rule_for(name, {k: v for k, v in recipe.items() if v is None or what in v}, "struct")
               for what in ("heads", "neurons")}
         if of["neurons"] is not None and of["neurons"].get("neurons"):
-            st.linear_conv1d_ffn(mod)  # GPT-2's Conv1D MLP, as the linears it equals
-        for what, parts in (("heads", st.attention_parts(mod)), ("neurons", st.ffn_parts(mod))):
-            r = of[what]
-            if r is not None and r.get(what) and parts is not None:
-                structs[f"{name}:{what}"] = (what, parts, r)
+            st.linear_conv1d_ffn(mod)  # GPT-2's Conv1D MLP and attention, as the linears they equal
+        if of["heads"] is not None and of["heads"].get("heads"):
+            st.linear_conv1d_attention(mod)
+        experts = mod if st.expert_parts(mod) is not None else None
+        for what, parts in (("heads", st.attention_parts(mod)), ("neurons", st.ffn_parts(mod)), ("experts", experts)):
+            r = of["neurons" if what == "experts" else what]
+            if r is not None and r.get("neurons" if what == "experts" else what) and parts is not None:
+                structs[f"{name}:{'neurons' if what == 'experts' else what}"] = (what, parts, r)
     wanted = {w for r in recipe.values() if r for w in ("heads", "neurons") if r.get(w)}
     for w in sorted(wanted):
-        if not any(v[0] == w for v in structs.values()):
+        if not any(v[0] == w or (w, v[0]) == ("neurons", "experts") for v in structs.values()):
             raise ValueError(f"sparsify: the recipe prunes {w} but no module matching its pattern is a recognised "
                              f"{'attention' if w == 'heads' else 'feed-forward'} module")
     for key, (what, parts, rule) in structs.items():
         crit = criterion_of(rule)
+        if what == "experts":
+            if crit != "magnitude" or rule.get("reconstruct") or rule.get("scope") == "global":
+                raise ValueError(f"sparsify: neurons of the 3-D experts of {key.split(':')[0]!r} are chosen by magnitude, "
+                                 f"locally, without reconstruct (their inputs are routed inside the module, out of "
+                                 f"hooks' reach); got criterion {crit!r}, scope {rule.get('scope', 'local')!r}, "
+                                 f"reconstruct {bool(rule.get('reconstruct'))}")
+            continue
         allowed = tuple(c for c in UNIT_CRITERIA if what == "heads" or c != "entropy")
         if crit not in allowed:
             raise ValueError(f"sparsify: criterion for {what} must be one of {allowed} ("
                              + "; ".join(f"{c}: {UNIT_CRITERIA[c]}" for c in allowed) + f"), got {crit!r}")
-        if crit == "entropy" and parts.rotary:
+        if crit == "entropy" and (parts.rotary or parts.extras or
+                                  hasattr(model.get_submodule(key.split(":")[0]), "key_value_proj_dim")):
+            why = "rotary (LLaMA-style) modules" if parts.rotary else "modules with a position bias (T5, Swin)"
             raise ValueError(f"sparsify: criterion 'entropy' for {key.split(':')[0]!r}: the attention probabilities of "
-                             f"rotary (LLaMA-style) modules are not visible to hooks; use 'fisher' or 'activation'")
+                             f"{why} are not visible to hooks; use 'fisher' or 'activation'")
         if (crit != "magnitude" or rule.get("reconstruct")) and calibration is None:
             raise ValueError(f"sparsify: criterion {crit!r} / reconstruct for {key.split(':')[0]!r} needs calibration inputs")
     return structs, drops
@@ -125,6 +139,9 @@ def apply_structure(model, recipe, calibration, show_progress: bool, report: Lis
     """Heads, neurons and dropped layers, in model order (each reconstruction sees the already
     pruned layers before it); appends one report row per changed module."""
     structs, drops = _structs(model, recipe, calibration)
+    if any(w == "heads" and hasattr(model.get_submodule(k.split(":")[0]), "key_value_proj_dim") for k, (w, _, _) in
+           structs.items()):
+        st.t5_own_position_bias(model)  # T5: each layer its own position bias, so layers can keep different heads
     ref = copy.deepcopy(model) if any(r.get("reconstruct") for _, _, r in structs.values()) else None
 
     # Global scope ranks the units of every module a rule matches together, so their scores come
@@ -150,6 +167,16 @@ def apply_structure(model, recipe, calibration, show_progress: bool, report: Lis
         what, p, rule = structs[key]
         name = key.split(":")[0]
         mod = model.get_submodule(name)
+        if what == "experts":
+            scores = st.expert_scores_magnitude(mod)
+            n = scores.shape[1]
+            # a multiple of 8 neurons: transformers' grouped matmul wants 16-byte strides
+            k = min(n, -(-max(1, round(n * (1.0 - float(rule["neurons"])))) // 8) * 8)
+            st.shrink_experts(mod, torch.topk(scores, k, dim=1).indices)
+            report.append({"name": name, "kind": "neurons", "shape": f"{scores.shape[0]} experts x {n} neurons",
+                           "after": f"{scores.shape[0]} experts x {k} neurons", "criterion": "magnitude",
+                           "reconstructed": False})
+            continue
         p = st.attention_parts(mod) if what == "heads" else st.ffn_parts(mod)  # current projections
         if key not in keep:
             keep[key] = st.top_units(_unit_scores(model, key, (what, p, rule), calibration), float(rule[what]))

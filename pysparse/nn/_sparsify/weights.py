@@ -11,6 +11,7 @@ import torch
 
 from ... import prune
 from .. import kernel_choice
+from ...prune import structured as st
 from ..conv import SparseConv2d
 from ..linear import SparseLinear, is_conv1d, linear_from_conv1d
 from . import calibration as cal
@@ -38,6 +39,10 @@ def apply_weights(model, recipe, calibration, *, skip_ends: bool, time_layers: b
         if n in ends and rule_for(n, recipe, "weight") is not None:
             report.skipped[n] = (f"the model's {where} linear-like layer, kept as it was (skip_ends=True: the ends are "
                                  f"the most sensitive; skip_ends=False prunes them too)")
+    for n, m in model.named_modules():  # no silent skip: 3-D expert weights have no sparse kernel
+        if st.expert_parts(m) is not None and rule_for(n, recipe, "weight") is not None:
+            report.skipped[n] = ("mixture-of-experts weights stored as 3-D tensors: no sparse format takes them; a "
+                                 "\"neurons\" rule prunes them (per expert)")
     # A Conv1D a rule matches becomes the nn.Linear it equals (marked: save_sparse records it), and
     # goes the linears' way from here on.
     for i, (n, m) in enumerate(linears):
