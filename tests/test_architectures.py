@@ -196,3 +196,27 @@ def test_every_criterion_runs_or_says_why_not(arch):
         assert {r["criterion"] for r in report} == {crit}
         with torch.no_grad():
             assert torch.isfinite(run(model)).all()
+
+
+def test_a_rule_never_passes_over_an_attention_or_mlp_it_cannot_prune():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=100, n_positions=64, bos_token_id=1,
+                                  eos_token_id=2, add_cross_attention=True)
+    model = transformers.GPT2Model(cfg).eval()
+    with pytest.raises(ValueError, match=r"the heads rule matches 'h\.0\.crossattention' \(GPT2Attention\), whose layout "
+                                         r"pysparse\.prune\.structured does not recognise .* ignore=\['h\.0\.crossattention'\]"):
+        pysparse.sparsify(model, {"*": {"heads": 0.5}}, progress=False)
+    report = pysparse.sparsify(model, {"*": {"heads": 0.5}}, progress=False, ignore=["h.0.crossattention"])
+    assert [r["name"] for r in report] == ["h.0.attn"]
+
+    class OddMLP(torch.nn.Module):  # a feed-forward block in a layout no rule knows
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.w(x)
+    with pytest.raises(ValueError, match=r"the neurons rule matches 'mlp' \(OddMLP\)"):
+        pysparse.sparsify(torch.nn.Sequential(__import__("collections").OrderedDict(mlp=OddMLP())),
+                          {"*": {"neurons": 0.5}}, progress=False)

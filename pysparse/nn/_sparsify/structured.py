@@ -84,6 +84,37 @@ def _name_of(model, module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
 
 
+# Class-name words of modules a heads / neurons rule must not pass over silently.
+_LOOKS_LIKE = {"heads": ("attention",), "neurons": ("mlp", "feedforward", "ffn")}
+_EXPECTED = {"heads": "separate q/k/v/output projections with a head size, or GPT-2 / Phi-3 / GPT-NeoX fused ones",
+             "neurons": "an up (and gate) projection into the intermediate neurons and a down projection out of them"}
+
+
+def _refuse_unknown(model, recipe) -> None:
+    """A module a heads (neurons) rule matches whose class name says attention (MLP) but which no
+    layout of pysparse.prune.structured recognises, in itself, above or below, is a ValueError
+    naming it: a rule never skips a block silently."""
+    known = {"heads": [], "neurons": []}
+    for name, mod in model.named_modules():
+        if st.attention_parts(mod) is not None:
+            known["heads"].append(name)
+        if st.ffn_parts(mod) is not None or st.expert_parts(mod) is not None:
+            known["neurons"].append(name)
+    for name, mod in model.named_modules():
+        cls = type(mod).__name__
+        for what, words in _LOOKS_LIKE.items():
+            if not name or not any(w in cls.lower() for w in words):
+                continue
+            rule = rule_for(name, {k: v for k, v in recipe.items() if v is None or what in v}, "struct")
+            if rule is None or not rule.get(what):
+                continue
+            if any(k == name or k.startswith(name + ".") or name.startswith(k + ".") for k in known[what]):
+                continue
+            raise ValueError(f"sparsify: the {what} rule matches {name!r} ({cls}), whose layout pysparse.prune.structured "
+                             f"does not recognise (expected {_EXPECTED[what]}); narrow the rule's pattern or leave the "
+                             f"module out with ignore=[{name!r}]")
+
+
 def _structs(model, recipe, calibration):
     """{key "name:heads" | "name:neurons": (what, parts, rule)} and the names of dropped layers,
     with every rule checked."""
@@ -107,6 +138,7 @@ def _structs(model, recipe, calibration):
             r = of["neurons" if what == "experts" else what]
             if r is not None and r.get("neurons" if what == "experts" else what) and parts is not None:
                 structs[f"{name}:{'neurons' if what == 'experts' else what}"] = (what, parts, r)
+    _refuse_unknown(model, recipe)
     wanted = {w for r in recipe.values() if r for w in ("heads", "neurons") if r.get(w)}
     for w in sorted(wanted):
         if not any(v[0] == w or (w, v[0]) == ("neurons", "experts") for v in structs.values()):
