@@ -68,6 +68,8 @@ bench: build
 	PYTHONPATH=. $(PY) benchmarks/bench_masked_attention.py
 	PYTHONPATH=. $(PY) benchmarks/bench_pruned_ffn.py
 	PYTHONPATH=. $(PY) benchmarks/bench_sparsify.py
+	PYTHONPATH=. $(PY) benchmarks/bench_sparsify.py --model gpt2
+	PYTHONPATH=. $(PY) benchmarks/bench_filters.py
 
 # The peers, each in its own virtualenv; one that cannot install is left out (bench_engines.py
 # then skips it and says why). deepsparse 1.8.0 is its last working release (1.9.0 is an

@@ -373,13 +373,109 @@ def test_unsupported_ops_are_unprunable():
     x = image(hw=6)
     reasons = {tuple(g["members"]): g["reason"] for g in filter_groups(m, x, skip=[])}
     assert reasons[("a",)] == ""
-    assert reasons[("b",)] == "unsupported op .view()"
-    assert reasons[("g",)] == "grouped conv g (groups=2)"
-    assert reasons[("c",)] == ""  # reads the grouped conv's output, read only by d: prunable
-    assert reasons[("d",)] == "unsupported op getitem"
+    assert reasons[("b", "g")] == ""  # the shuffle and the grouped conv are followed (below)
+    assert reasons[("c",)] == ""
+    assert reasons[("d",)] == "unsupported op getitem"  # a slice of the channel dim
     p = filters(m, x, 0.5, skip=[])
-    assert [p.a.out_channels, p.b.out_channels, p.c.out_channels, p.d.out_channels] == [4, 8, 3, 6]
-    assert torch.equal(p.g.weight, m.g.weight) and p(x).shape == (2, 2)
+    assert [p.a.out_channels, p.b.out_channels, p.c.out_channels, p.d.out_channels] == [4, 4, 3, 6]
+    assert torch.equal(p.d.weight[:, :3], m.d.weight[:, :3]) or p.d.in_channels == 3
+    assert p(x).shape == (2, 2)
+
+
+def test_shuffle_and_grouped_conv_zero_filters_exact():
+    """Channel j of every shuffle group is one unit, and the grouped conv loses whole groups: b's
+    channels 2, 3, 6, 7 are what the conv's group 1 reads after the shuffle (positions 4..7)."""
+    m = seeded(Shuffle).eval()
+    x = image(hw=6)
+    g = next(g for g in filter_groups(m, x, skip=["a", "c", "d", "fc"]) if g["members"] == ["b", "g"])
+    assert g["channels"] == 2 and g["prunable"]
+    zero_filters(m.b, [2, 3, 6, 7])
+    zero_filters(m.g, [4, 5, 6, 7])
+    p = filters(m, x, 0.5, skip=["a", "c", "d", "fc"], scope="local")
+    assert p.b.out_channels == 4 and (p.g.groups, p.g.in_channels, p.g.out_channels) == (1, 4, 4)
+    assert p.c.in_channels == 4
+    torch.testing.assert_close(p(x), m(x), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- modern CNNs and vision transformers
+
+MODERN = ["resnext", "regnet", "convnext", "efficientnet"]
+
+
+@pytest.mark.parametrize("name", MODERN)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_modern_cnns_keep_at_most_35_percent(name, mode):
+    """At ratio 0.5 every one keeps <= 35% of its parameters (a dependency-graph pruner keeps
+    26-32% of their full-size versions), with outputs of the right shape; ratio 0 changes nothing.
+    Stochastic depth is traced as in eval mode whatever the model's mode."""
+    from pysparse.models import cnn
+    m = seeded(getattr(cnn, name))
+    m.train(mode == "train")
+    x = image(hw=32)
+    before = sum(p.numel() for p in m.parameters())
+    p = filters(m, x, 0.5)
+    assert p.training == (mode == "train")
+    p.eval(), m.eval()
+    kept = sum(q.numel() for q in p.parameters()) / before
+    assert kept <= 0.35, kept
+    with torch.no_grad():
+        assert p(x).shape == m(x).shape
+        assert torch.equal(filters(m, x, 0.0)(x), m(x))
+    unprunable = {g["reason"] for g in filter_groups(m, x) if not g["prunable"]}
+    assert all(r.startswith("skipped: ") or r == "model output" for r in unprunable), unprunable
+
+
+def test_grouped_conv_loses_whole_groups():
+    from pysparse.models import cnn
+    m = seeded(cnn.resnext).eval()
+    x = image(hw=32)
+    block = dict(m.named_modules())["1"]
+    g = next(g for g in filter_groups(m, x) if "1.b.0" in g["members"])
+    assert g["channels"] == block.b[0].groups and set(g["members"]) == {"1.a.0", "1.a.1", "1.b.0", "1.b.1"}
+    p = filters(m, x, 0.5, scope="local")
+    conv = dict(p.named_modules())["1.b.0"]
+    assert conv.groups == block.b[0].groups // 2 and conv.in_channels == conv.out_channels == block.b[0].in_channels // 2
+    assert conv.weight.shape[1] == block.b[0].weight.shape[1]  # each kept group reads its own inputs
+
+
+def test_convnext_channels_last_blocks():
+    """ConvNeXt's block: depthwise conv, permute, LayerNorm, Linear MLP on the channels, layer
+    scale gamma * x, permute back. The hidden MLP channels are exact when zero; the residual
+    stream is renormalised by its LayerNorms (reported), and gamma is sliced with it."""
+    from pysparse.models import cnn
+    m = seeded(cnn.convnext).eval()
+    x = image(hw=32)
+    groups = filter_groups(m, x)
+    hidden = next(g for g in groups if g["members"] == ["2.fc1"])
+    assert hidden["prunable"] and hidden["channels"] == 128 and hidden["consumers"] == ["2.fc2"]
+    assert hidden["renormalised_by"] == []
+    stream = next(g for g in groups if "5.fc2" in g["members"])  # stage 2's (the stem's stage is skipped)
+    assert stream["prunable"] and "5.norm" in stream["renormalised_by"] and {"4", "5.dw"} <= set(stream["members"])
+    with torch.no_grad():
+        m[2].fc1.weight[:64] = 0
+        m[2].fc1.bias[:64] = 0
+    skip = [n for n, mod in m.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear)) and n != "2.fc1"]
+    p = filters(m, x, 64 / sum(g["channels"] for g in filter_groups(m, x, skip=skip) if g["prunable"]), skip=skip)
+    assert p[2].fc1.out_features == 64 and p[2].fc2.in_features == 64
+    torch.testing.assert_close(p(x), m(x), rtol=0, atol=1e-6)
+    q = filters(m, x, 0.5)
+    assert q[5].gamma.shape == (q[5].fc2.out_features,) == (q[5].dw.out_channels,) == (q[5].norm.weight.numel(),)
+    assert q[5].norm.normalized_shape == (q[5].dw.out_channels,) and q[5].dw.out_channels < 64
+    assert q[6].normalized_shape == (q[5].dw.out_channels,) and q(x).shape == m(x).shape  # a LayerNorm2d
+
+
+def test_vision_transformer_prunes_its_mlps_and_keeps_what_shapes_the_heads():
+    from pysparse.models import cnn
+    m = seeded(cnn.vit).eval()
+    x = image(hw=32)
+    groups = {g["members"][0]: g for g in filter_groups(m, x, skip=["head"])}
+    assert groups["blocks.0.fc1"]["prunable"] and groups["blocks.1.fc1"]["prunable"]
+    # The residual width C reshapes qkv's output into heads (C // heads): structural, kept.
+    assert groups["patch"]["reason"] == "its channel count shapes another tensor (reshape)"
+    p = filters(m, x, 0.5, skip=["head"], scope="local")
+    assert p.blocks[0].fc1.out_features == 64 and p.blocks[0].fc2.in_features == 64
+    with torch.no_grad():
+        assert p(x).shape == (2, 10) and torch.equal(filters(m, x, 0.0)(x), m(x))
 
 
 class Branchy(nn.Module):

@@ -65,10 +65,12 @@ class SlicedLayer:
     """A layer whose weights are sliced: `inp` / `out` are the channel elements it reads / writes
     (a depthwise conv and a BatchNorm write the channels they read: inp is None)."""
     name: str
-    kind: str  # "conv", "linear", "dw" (depthwise conv), "bn"
+    kind: str  # "conv", "linear", "dw" (depthwise conv), "gconv" (grouped conv), "bn", "ln" (LayerNorm), "param"
     module: nn.Module
     inp: Optional[List[int]]
     out: List[int]
+    attr: str = ""  # kind "param": the parameter's name in module
+    axis: int = 0   # kind "param": its channel axis
 
 
 @dataclass
@@ -77,6 +79,7 @@ class ChannelGroup:
     members: List[str] = field(default_factory=list)   # layers whose output channels these are
     consumers: List[str] = field(default_factory=list)  # layers that read them
     reason: str = ""                                   # why unprunable; "" when prunable
+    renormalised: List[str] = field(default_factory=list)  # LayerNorms over these channels (see filters)
 
 
 class Channels:
@@ -182,7 +185,8 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
     matches = lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
     tracer = _Tracer(matches)  # only the user's patterns make modules opaque
     try:
-        graph = tracer.trace(model)
+        with eval_no_grad(model):  # the inference graph: stochastic depth and dropout are identities
+            graph = tracer.trace(model)
     except Exception as e:
         raise _trace_error(model, e) from e
     gm = fx.GraphModule(model, graph)
@@ -202,7 +206,14 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
 
     ch = Channels()
     vec: Dict[fx.Node, List[int]] = {}
+    cdim: Dict[fx.Node, int] = {}  # the channel axis where it is not 1 (channels-last after a permute)
+    split: Dict[fx.Node, tuple] = {}  # channels viewed as (groups, C / groups) on dims 1, 2 (a channel shuffle)
+    pview: Dict[fx.Node, fx.Node] = {}  # parameter.expand(...) -> the parameter's get_attr node
+    shape_of: Dict[fx.Node, fx.Node] = {}  # x.shape / x.size() -> x
+    taint: Dict[fx.Node, Set[fx.Node]] = {}  # a number computed from these tensors' channel counts
+    sized: List[tuple] = []  # (tensor whose channel count is used, the tensor it shapes or None, the op)
     raw_linear: Set[str] = set()  # Linear layers also applied to the last dim of a >2-D tensor
+    cd = lambda node: cdim.get(node, 1)  # noqa: E731
 
     def opaque(node, reason, owner=None):
         for a in node.all_input_nodes:
@@ -215,33 +226,91 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
         """Channels unchanged when the op keeps (N, C) and reads no other tensor with channels."""
         s, xs = _shape(node), _shape(x)
         others = [a for a in node.all_input_nodes if a is not x and a in vec]
-        if x in vec and s is not None and xs is not None and len(s) >= 2 and s[:2] == xs[:2] and not others:
+        c = cd(x)
+        if x in vec and s is not None and xs is not None and len(s) >= 2 and s[0] == xs[0] and not others and (
+                s[:2] == xs[:2] if c == 1 and x not in split else s == xs):
             vec[node] = vec[x]
+            if c != 1:
+                cdim[node] = c
+            if x in split:
+                split[node] = split[x]
         else:
             opaque(node, reason)
+
+    def param_operand(a, s, c, C):
+        """A parameter read directly (get_attr) that broadcasts against a tensor of shape s with C
+        channels on axis c: its channel axis, or None."""
+        a = pview.get(a, a)  # a parameter expanded (ViT's class token)
+        if a.op != "get_attr":
+            return None
+        p_s = _shape(a)
+        if p_s is None or len(p_s) > len(s) or not isinstance(a.target, str):
+            return None
+        lead = len(s) - len(p_s)
+        axis = c - lead
+        if axis < 0 or p_s[axis] != C or any(v not in (1, s[i + lead]) for i, v in enumerate(p_s)):
+            return None
+        owner, _, attr = a.target.rpartition(".")
+        mod = model.get_submodule(owner) if owner else model
+        return axis if isinstance(getattr(mod, attr, None), nn.Parameter) else None
 
     def elementwise(node, reason):
         s = _shape(node)
         if s is None or len(s) < 2:
             return opaque(node, reason)
-        coupled = []
+        with_channels = [a for a in node.all_input_nodes if a in vec]
+        c = cd(with_channels[0]) if with_channels else 1
+        if any(cd(a) != c for a in with_channels):
+            return opaque(node, reason)
+        coupled, params = [], []
         for a in node.all_input_nodes:
             a_s = _shape(a)
             if a_s is None or a_s.numel() == 1 and a not in vec:
                 continue  # a scalar or shape, not a tensor with channels
-            if len(a_s) != len(s) or a not in vec or a_s[1] not in (1, s[1]):
+            if a not in vec and with_channels:
+                axis = param_operand(a, s, c, s[c])
+                if axis is not None:  # a per-channel parameter (layer scale): sliced with the channels
+                    params.append((a, axis))
+                    continue
+            if len(a_s) != len(s) or a not in vec or a_s[c] not in (1, s[c]):
                 return opaque(node, reason)
-            if a_s[1] == s[1]:
+            if a_s[c] == s[c]:
                 coupled.append(vec[a])
         if not coupled:
             return opaque(node, reason)
         for v in coupled[1:]:
             ch.union(coupled[0], v)
+        for a, axis in params:
+            param_rec(a, axis, coupled[0])
         vec[node] = coupled[0]
+        if c != 1:
+            cdim[node] = c
+
+    def param_rec(a, axis, els):
+        """Parameter a (a get_attr node, or its expand) is sliced along `axis` with channels els."""
+        a = pview.get(a, a)
+        owner, _, attr = a.target.rpartition(".")
+        key = "param:" + a.target
+        if key in ch.recs:
+            ch.union(ch.recs[key].out, els)
+        else:
+            ch.recs[key] = SlicedLayer(a.target, "param", model.get_submodule(owner) if owner else model, None,
+                                       els, attr, axis)
+
+    def permute(node, x, perm, reason):
+        """A permutation of the axes that keeps the batch first: the channel axis moves."""
+        s, xs = _shape(node), _shape(x)
+        perm = [p % len(xs) for p in perm] if xs is not None and all(isinstance(p, int) for p in perm) else None
+        if perm is None or x not in vec or len(perm) != len(xs) or sorted(perm) != list(range(len(xs))) or perm[0] != 0:
+            return opaque(node, reason)
+        vec[node] = vec[x]
+        new = perm.index(cd(x))
+        if new != 1:
+            cdim[node] = new
 
     def flatten(node, x, start, end, reason):
         xs = _shape(x)
-        if xs is None or x not in vec or not isinstance(start, int) or not isinstance(end, int):
+        if xs is None or x not in vec or not isinstance(start, int) or not isinstance(end, int) or cd(x) != 1:
             return opaque(node, reason)
         start, end = start % len(xs), end % len(xs)
         if start >= 2:
@@ -271,6 +340,24 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
             ch.fix(vec[x], f"skipped: {name}")
         vec[node] = vec[x]
 
+    def grouped(node, name, m, x):
+        """A grouped conv loses whole groups: each group's input and output channels are one unit,
+        and the conv keeps a group count equal to the groups left."""
+        g = m.groups
+        if m.in_channels % g or m.out_channels % g or len(vec[x]) != m.in_channels:
+            return opaque(node, f"unexpected input size at {name}", name)
+        cin, cout = m.in_channels // g, m.out_channels // g
+        if name in ch.recs:
+            ch.union(ch.recs[name].inp, vec[x])
+            vec[node] = ch.recs[name].out
+            return
+        out = ch.new(m.out_channels, owner=name, reason=f"skipped: {name}" if matches(name) else "")
+        for k in range(g):
+            unit = vec[x][k * cin:(k + 1) * cin] + out[k * cout:(k + 1) * cout]
+            ch.union([unit[0]] * (len(unit) - 1), unit[1:])
+        ch.recs[name] = SlicedLayer(name, "gconv", m, vec[x], out)
+        vec[node] = out
+
     def call_module(node):
         name = node.target
         m = model.get_submodule(name)
@@ -280,20 +367,40 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
         known = type(m).__module__.startswith("torch.nn.modules.")  # not subclasses, not parametrized layers
         if not known or xs is None or x not in vec:
             return opaque(node, reason, name)
-        if isinstance(m, _CONV) and len(xs) == m.weight.dim():
+        c = cd(x)
+        if isinstance(m, _CONV) and len(xs) == m.weight.dim() and c == 1:
             if m.groups == 1:
                 return linear_like(node, name, m, x, "conv", m.in_channels, m.out_channels)
             if m.groups == m.in_channels == m.out_channels:
                 return same_channels(node, name, m, x, "dw")
-            return opaque(node, f"grouped conv {name} (groups={m.groups})", name)
+            return grouped(node, name, m, x)
         if isinstance(m, nn.Linear):
-            if len(xs) == 2:
-                return linear_like(node, name, m, x, "linear", m.in_features, m.out_features)
-            if len(xs) > 2:  # acts on the last dim: dim 1 passes through
+            if len(xs) == 2 or c == len(xs) - 1:  # features, or channels-last: the Linear mixes the channels
+                linear_like(node, name, m, x, "linear", m.in_features, m.out_features)
+                if c != 1 and node in vec:
+                    cdim[node] = c
+                return
+            if len(xs) > 2 and c == 1 and xs[-1] == m.in_features and all(e in ch.fixed for e in vec[x]):
+                # After an op we do not follow (attention's reshapes) dim 1 is not channels: the
+                # Linear reads a fixed space on the last dim and writes channels-last.
+                inp = ch.new(m.in_features, reason=f"{name} reads the output of an op not followed")
+                if name in ch.recs:
+                    ch.union(ch.recs[name].inp, inp)
+                else:
+                    out = ch.new(m.out_features, owner=name, reason=f"skipped: {name}" if matches(name) else "")
+                    ch.recs[name] = SlicedLayer(name, "linear", m, inp, out)
+                vec[node], cdim[node] = ch.recs[name].out, len(xs) - 1
+                return
+            if len(xs) > 2 and c == 1:  # acts on the last dim: dim 1 passes through
                 raw_linear.add(name)
                 return passthrough(node, x, reason)
-        if isinstance(m, _BN) and xs[1] == m.num_features:
+        if isinstance(m, _BN) and xs[1] == m.num_features and c == 1:
             return same_channels(node, name, m, x, "bn")
+        if isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (xs[c],) and c == len(xs) - 1:
+            same_channels(node, name, m, x, "ln")  # over the channels of a (channels-last) tensor
+            if c != 1:
+                cdim[node] = c
+            return
         if isinstance(m, nn.Flatten):
             return flatten(node, x, m.start_dim, m.end_dim, reason)
         if isinstance(m, _PASS_MODULES) or isinstance(m, nn.PReLU) and m.num_parameters == 1:
@@ -307,22 +414,95 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
         t, args, kw = node.target, node.args, node.kwargs
         method = t if node.op == "call_method" else None
         reason = f"unsupported op .{t}()" if method else f"unsupported op {getattr(t, '__name__', t)}"
+        x = args[0] if args and isinstance(args[0], fx.Node) else None
+        # Shape arithmetic: a value read from a tensor's channel count (B, L, C = x.shape) that
+        # later shapes another tensor ties that count (checked after the walk: `sized`).
+        if (t is builtins.getattr and len(args) > 1 and args[1] == "shape" or method == "size" and len(args) == 1) \
+                and x in vec:
+            shape_of[node] = x
+            return
+        if method == "size" and len(args) == 2 and x in vec and isinstance(args[1], int) and _shape(x) is not None:
+            if args[1] % len(_shape(x)) == cd(x):
+                taint[node] = {x}
+            return
+        if t is operator.getitem and x in shape_of and isinstance(args[1], int):
+            src = shape_of[x]
+            if args[1] % len(_shape(src)) == cd(src):
+                taint[node] = {src}
+            return
+        if _shape(node) is None and any(a in taint for a in node.all_input_nodes):
+            taint[node] = set().union(*(taint[a] for a in node.all_input_nodes if a in taint))
+            return
         if method in _META_METHODS or t is builtins.len or (
                 t is builtins.getattr and len(args) > 1 and args[1] in _META_ATTRS):
             return
-        x = args[0] if args and isinstance(args[0], fx.Node) else None
         if t in _BINARY_FUNCS or method in _BINARY_METHODS:
             return elementwise(node, reason)
         if t in _PASS_FUNCS or method in _PASS_METHODS:
             return passthrough(node, x, reason)
+        if t is torch.permute or method == "permute":
+            perm = args[1:] if method else args[1:2]
+            if len(perm) == 1 and isinstance(perm[0], (list, tuple)):
+                perm = tuple(perm[0])
+            if not perm:
+                perm = kw.get("dims", ())
+            return permute(node, x, list(perm), reason)
+        if (t is torch.transpose or method == "transpose") and len(args) == 3:
+            xs = _shape(x)
+            if xs is None or not all(isinstance(d, int) for d in args[1:]):
+                return opaque(node, reason)
+            if x in split:  # the shuffle itself: (groups, C / groups) -> (C / groups, groups)
+                if {args[1] % len(xs), args[2] % len(xs)} != {1, 2}:
+                    return opaque(node, reason)
+                g, cg = split[x]
+                vec[node] = [vec[x][i * cg + j] for j in range(cg) for i in range(g)]
+                split[node] = (cg, g)
+                return
+            perm = list(range(len(xs)))
+            a, b = args[1] % len(xs), args[2] % len(xs)
+            perm[a], perm[b] = perm[b], perm[a]
+            return permute(node, x, perm, reason)
+        if t is F.layer_norm and x in vec:
+            xs, shape = _shape(x), args[1] if len(args) > 1 else kw.get("normalized_shape")
+            if xs is not None and cd(x) == len(xs) - 1 and list(shape or []) == [xs[-1]]:
+                w = [a for a in list(args[2:4]) + [kw.get("weight"), kw.get("bias")] if isinstance(a, fx.Node)]
+                if all(param_operand(a, xs, len(xs) - 1, xs[-1]) is not None for a in w):
+                    vec[node] = vec[x]
+                    if cd(x) != 1:
+                        cdim[node] = cd(x)
+                    for a in w:
+                        param_rec(a, 0, vec[x])
+                    return
+            return opaque(node, reason)
         if t in _CAT_FUNCS:
             parts = args[0] if args else kw.get("tensors")
             dim = args[1] if len(args) > 1 else kw.get("dim", kw.get("axis", 0))
             s = _shape(node)
-            if (not isinstance(parts, (list, tuple)) or not all(p in vec for p in parts) or s is None
-                    or not isinstance(dim, int) or any(len(_shape(p)) != len(s) for p in parts)):
+            if isinstance(parts, (list, tuple)) and s is not None and isinstance(dim, int) and any(
+                    p in pview for p in parts):
+                # A parameter joined along a non-channel axis (ViT's class token before the patches):
+                # sliced with the channels of the other parts.
+                rest = [p for p in parts if p not in pview]
+                c = cd(rest[0]) if rest and rest[0] in vec else None
+                if c is not None and dim % len(s) != c and all(p in vec and cd(p) == c for p in rest) and all(
+                        param_operand(p, s, c, s[c]) is not None for p in parts if p in pview):
+                    for p in rest[1:]:
+                        ch.union(vec[rest[0]], vec[p])
+                    for p in parts:
+                        if p in pview:
+                            param_rec(p, param_operand(p, s, c, s[c]), vec[rest[0]])
+                    vec[node] = vec[rest[0]]
+                    if c != 1:
+                        cdim[node] = c
+                    return
                 return opaque(node, reason)
-            if dim % len(s) == 1:
+            if (not isinstance(parts, (list, tuple)) or not all(p in vec for p in parts) or s is None
+                    or not isinstance(dim, int) or any(len(_shape(p)) != len(s) for p in parts)
+                    or any(cd(p) != cd(parts[0]) for p in parts)):
+                return opaque(node, reason)
+            if cd(parts[0]) != 1:
+                cdim[node] = cd(parts[0])
+            if dim % len(s) == cd(parts[0]):
                 vec[node] = [e for p in parts for e in vec[p]]
             else:
                 for p in parts[1:]:
@@ -338,7 +518,26 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
             if len(shape) == 1 and isinstance(shape[0], (list, tuple)):
                 shape = tuple(shape[0])
             s, xs = _shape(node), _shape(x)
-            if s is not None and xs is not None and len(shape) == len(s) >= 2:
+            dynamic = lambda v: isinstance(v, fx.Node) or v == -1  # noqa: E731
+            if s is not None and xs is not None and len(shape) == len(s) >= 2 and cd(x) == 1 and x in vec:
+                if x in split:  # a channel shuffle's (N, a, b, ...) merged back into (N, a * b, ...)
+                    if len(s) == len(xs) - 1 and s[0] == xs[0] and s[1] == xs[1] * xs[2] and dynamic(shape[1]) \
+                            and tuple(s[2:]) == tuple(xs[3:]):
+                        vec[node] = vec[x]
+                        return
+                    return opaque(node, reason)
+                # A channel shuffle's split of the channels into (groups, C / groups), the group
+                # count literal and the rest following the input: each channel position j within
+                # the groups is one unit (removed from every group), so the split stays even and
+                # the shuffle maps kept channels as before.
+                if len(s) == len(xs) + 1 and s[0] == xs[0] and s[1] * s[2] == xs[1] and tuple(s[3:]) == tuple(xs[2:]) \
+                        and isinstance(shape[1], int) and shape[1] == s[1] and dynamic(shape[2]):
+                    g, cg = s[1], s[2]
+                    els = vec[x]
+                    for j in range(cg):
+                        ch.union([els[j]] * (g - 1), [els[i * cg + j] for i in range(1, g)])
+                    vec[node], split[node] = els, (g, cg)
+                    return
                 # The target's dim 1 must follow the input (-1, or x.size(1)): a literal channel
                 # count would break once channels are removed.
                 if len(s) == 2 and shape[1] == -1 and s[0] == xs[0]:
@@ -346,31 +545,72 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
                 if isinstance(shape[1], fx.Node) and s[:2] == xs[:2]:
                     return passthrough(node, x, reason)
             return opaque(node, reason)
+        if method == "expand" and x is not None and x.op == "get_attr" and x not in vec:
+            pview[node] = x  # a parameter broadcast to the batch: its users decide (cat, elementwise)
+            return
+        if t is operator.getitem and x in vec and isinstance(args[1], tuple):
+            # Indexing that keeps the batch and the channel axis whole (x[:, 0]: ViT's class token)
+            idx, xs, c = args[1], _shape(x), cd(x)
+            full = lambda i: isinstance(i, slice) and (i.start, i.stop, i.step) == (None, None, None)  # noqa: E731
+            if xs is not None and len(idx) <= len(xs) and idx and full(idx[0]) and (len(idx) <= c or full(idx[c])) \
+                    and all(full(i) or isinstance(i, int) for i in idx):
+                vec[node] = vec[x]
+                new = c - sum(isinstance(i, int) for i in idx[:c])
+                if new != 1:
+                    cdim[node] = new
+                return
+            return opaque(node, reason)
         if t in _REDUCE_FUNCS or method in _REDUCE_METHODS:
             dims = args[1] if len(args) > 1 else kw.get("dim")
-            xs = _shape(x)
-            if dims is not None and xs is not None:
+            keepdim = args[2] if len(args) > 2 else kw.get("keepdim", False)
+            xs, c = _shape(x), cd(x)
+            if dims is not None and xs is not None and x in vec and isinstance(keepdim, bool):
                 dims = {d % len(xs) for d in ((dims,) if isinstance(dims, int) else dims)}
-                if not dims & {0, 1}:
-                    return passthrough(node, x, reason)
+                if not dims & {0, c}:
+                    if c == 1:
+                        return passthrough(node, x, reason)
+                    vec[node] = vec[x]  # tokens averaged: the channels move left past the reduced axes
+                    new = c if keepdim else c - sum(d < c for d in dims)
+                    if new != 1:
+                        cdim[node] = new
+                    return
             return opaque(node, reason)
         opaque(node, reason)
 
     for node in nodes:
         s = _shape(node)
+        used = set().union(*(taint[a] for a in node.all_input_nodes if a in taint)) if node.op != "output" else set()
+        if used and s is not None:  # a channel count shapes this op's result
+            reshaped = node.args[0] if node.op == "call_method" and node.target in ("view", "reshape", "expand") \
+                or node.target is torch.reshape else None
+            sized.extend((src, reshaped, node) for src in used)
         if node.op == "placeholder":
             if s is not None and len(s) >= 2:
                 vec[node] = ch.new(s[1], reason="model input")
         elif node.op == "get_attr":
-            if s is not None and len(s) >= 2:
+            # A parameter's channels are its users' business (a per-channel scale is sliced with
+            # them, anything else makes them unprunable); another tensor is a space of its own.
+            owner, _, attr = str(node.target).rpartition(".")
+            is_param = isinstance(getattr(model.get_submodule(owner) if owner else model, attr, None), nn.Parameter)
+            if s is not None and len(s) >= 2 and not is_param:
                 vec[node] = ch.new(s[1], reason=f"tensor {node.target} used directly in forward")
         elif node.op == "output":
             for a in node.all_input_nodes:
                 ch.fix(vec.get(a), "model output")
+        elif any(a in split for a in node.all_input_nodes) and not (
+                node.op == "call_method" and node.target in ("transpose", "view", "reshape", "contiguous")
+                or node.target in (torch.transpose, torch.reshape)):
+            opaque(node, f"unsupported use of a channel split ({node.target})")
         elif node.op == "call_module":
             call_module(node)
         else:
             call_function(node)
+    for src, shaped, node in sized:
+        # Fine when the shaped tensor holds the same channels (a view of x itself, a gate coupled
+        # with x); otherwise x's channel count is structural (ViT: the residual width reshapes qkv).
+        if shaped is None or shaped not in vec or src not in vec or \
+                {ch.find(e) for e in vec[shaped]} != {ch.find(e) for e in vec[src]}:
+            ch.fix(vec.get(src), f"its channel count shapes another tensor ({node.name})")
     for name in raw_linear & set(ch.recs):
         ch.fix(ch.recs[name].inp + ch.recs[name].out, f"{name} also applied to the last dim of a >2-D tensor")
     out_meta = next(n for n in reversed(nodes) if n.op == "output").meta.get("tensor_meta")
@@ -411,6 +651,12 @@ def _groups(ch: Channels) -> List[ChannelGroup]:
             g = groups[gfind(ch.find(e))]
             if rec.name not in g.consumers:
                 g.consumers.append(rec.name)
+    for rec in ch.recs.values():  # a LayerNorm over the channels renormalises the kept ones
+        if rec.kind == "ln" or rec.kind == "param" and isinstance(rec.module, nn.LayerNorm):
+            g = groups[gfind(ch.find(rec.out[0]))]
+            name = rec.name if rec.kind == "ln" else rec.name.rpartition(".")[0]
+            if name not in g.renormalised:
+                g.renormalised.append(name)
     for e, reason in ch.fixed.items():
         g = groups[gfind(ch.find(e))]
         g.reason = g.reason or reason

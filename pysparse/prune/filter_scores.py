@@ -75,7 +75,8 @@ def channel_scores(ch: Channels, groups: List[ChannelGroup], criterion: str, cal
         gi = where[ch.find(e)][0]
         return not groups[gi].reason and (not by_bn or (gi in has_bn) == (rec.kind == "bn"))
 
-    used = [r for r in ch.recs.values() if (by_bn or r.kind != "bn") and any(wanted(r, e) for e in r.out)]
+    used = [r for r in ch.recs.values() if r.kind not in ("ln", "param") and (by_bn or r.kind != "bn")
+            and any(wanted(r, e) for e in r.out)]  # LayerNorms and layer scales do not score
     taylor = taylor_scores(model, used, calibration) if criterion == "taylor" else {}
     scores = [[0.0] * len(g.units) for g in groups]
     for rec in used:

@@ -7,17 +7,28 @@ lose the same channels. `filter_groups` finds these couplings by tracing the mod
 following the channel dimension (dim 1) of every tensor, one union-find element per channel;
 `filters` scores the channels, removes the lowest and returns a smaller dense copy of the model.
 
-Followed through: Conv1d/2d/3d (groups == 1, or depthwise with groups == in == out channels),
-Linear on (batch, features), BatchNorm, elementwise activations, dropout, pooling, padding and
-resizing, residual add / sub / mul / div, torch.cat (on dim 1 the output channels are the inputs'
-channels at their offsets; on another dim the inputs are coupled), flatten (or view/reshape to
-(N, -1)) before a Linear (each channel owns the Linear's input features of all its spatial
-positions), and reductions over dims other than 0 and 1.
+Followed through: Conv1d/2d/3d (groups == 1; depthwise with groups == in == out channels; other
+grouped convs lose whole groups: a group's input and output channels are one unit, and the conv
+keeps as many groups as are left), Linear on (batch, features) or on the channels of a
+channels-last tensor, BatchNorm, LayerNorm over the channels (module or F.layer_norm, e.g. in a
+LayerNorm2d that permutes around it), per-channel parameters read directly (a layer scale
+gamma * x: sliced with the channels), elementwise activations, dropout and stochastic depth (the
+model is traced in eval mode), pooling, padding and resizing, residual add / sub / mul / div,
+permute / transpose (the channel axis moves, e.g. ConvNeXt's channels-last MLP), channel shuffle
+(view to (N, groups, C / groups, ...), transpose of those two dims, view back: channel j of every
+group is one unit), torch.cat (on the channel dim the output channels are the inputs' channels at
+their offsets; on another dim the inputs are coupled), flatten (or view/reshape to (N, -1)) before
+a Linear (each channel owns the Linear's input features of all its spatial positions), and
+reductions over dims other than 0 and 1.
 
-Anything else that reads a tensor with channels (a general grouped conv, a view or permute of the
-channel dim, channel shuffle, indexing, split, GroupNorm, an unknown module, a parameter used
-directly in forward) makes the channels it reads and writes unprunable: safe, never an error.
-`filter_groups` reports each group and, for unprunable ones, why.
+Exact: a removed channel whose filters are zero leaves the outputs unchanged, except where a
+LayerNorm normalises over the channels: the kept ones are then normalised over fewer channels
+(`filter_groups` names those LayerNorms; recovery training absorbs the change).
+
+Anything else that reads a tensor with channels (indexing, split, GroupNorm, an unknown module, a
+parameter used directly in any other way, a view of the channel dim other than the above) makes
+the channels it reads and writes unprunable: safe, never an error. `filter_groups` reports each
+group and, for unprunable ones, why.
 
 The tracer is `pysparse.prune.channels`, the criteria `pysparse.prune.filter_scores`; this module
 checks the arguments and cuts the weights.
@@ -57,11 +68,13 @@ def _inputs(example_input) -> tuple:
 def filter_groups(model: nn.Module, example_input, *, skip: Optional[Sequence[str]] = None) -> List[dict]:
     """The channel groups `filters` would prune, as dicts: "members" (layers whose output channels
     they are: convs, Linears, BatchNorms, depthwise convs), "consumers" (layers that read them),
-    "channels" (how many can be removed, each one a set of coupled channels), "prunable" and
-    "reason" (why not, or ""). `skip` as in `filters`. The model is not changed."""
+    "channels" (how many can be removed, each one a set of coupled channels), "prunable",
+    "reason" (why not, or "") and "renormalised_by" (the LayerNorms over these channels: removing a
+    channel there, even an all-zero one, changes how the kept ones are normalised). `skip` as in
+    `filters`. The model is not changed."""
     ch, groups, _ = trace_channels(model, _inputs(example_input), _skip_names(skip))
     return [dict(members=list(g.members), consumers=list(g.consumers), channels=len(g.units),
-                 prunable=not g.reason, reason=g.reason) for g in groups]
+                 prunable=not g.reason, reason=g.reason, renormalised_by=list(g.renormalised)) for g in groups]
 
 
 def _set(m: nn.Module, name: str, idx: torch.Tensor, dim: int) -> None:
@@ -79,7 +92,13 @@ def _shrink(ch: Channels, pruned: Set[int]) -> None:
 
     for rec in ch.recs.values():
         m, k_out = rec.module, keep(rec.out)
-        k_in = keep(rec.inp) if rec.inp is not None else None
+        if rec.kind == "param":  # a per-channel parameter read directly (a layer scale)
+            if k_out is not None:
+                _set(m, rec.attr, k_out, rec.axis)
+                if isinstance(m, nn.LayerNorm) and rec.attr == "weight":  # a LayerNorm subclass traced into
+                    m.normalized_shape = tuple(m.weight.shape)
+            continue
+        k_in = keep(rec.inp) if rec.inp is not None and rec.kind != "gconv" else None
         if k_out is not None:
             for name in ("weight", "bias", "running_mean", "running_var"):
                 _set(m, name, k_out, 0)
@@ -88,8 +107,13 @@ def _shrink(ch: Channels, pruned: Set[int]) -> None:
         n_out = len(rec.out) if k_out is None else len(k_out)
         if rec.kind == "bn":
             m.num_features = n_out
+        elif rec.kind == "ln":
+            m.normalized_shape = (n_out,)
         elif rec.kind == "linear":
             m.out_features, m.in_features = n_out, m.weight.shape[1]
+        elif rec.kind == "gconv":  # whole groups went: a group's filters read its own inputs, as before
+            m.groups = m.groups * n_out // len(rec.out)
+            m.out_channels, m.in_channels = n_out, m.weight.shape[1] * m.groups
         else:
             m.out_channels = n_out
             m.in_channels = n_out if rec.kind == "dw" else m.weight.shape[1]
