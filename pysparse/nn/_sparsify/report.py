@@ -19,9 +19,11 @@ class SparsifyReport(list):
 
     def totals(self) -> Dict[str, float]:
         """Of the layers the weight rules changed: how many (on sparse kernels, kept dense), their
-        weights and the fraction kept; and how many structured changes and skipped layers."""
+        weights and the fraction kept; and how many structured changes, faster activations and
+        skipped layers."""
         t = dict(layers=0, on_sparse_kernels=0, kept_dense=0, weights=0, weights_kept=0.0,
-                 structured_changes=sum("format" not in r for r in self), skipped=len(self.skipped))
+                 structured_changes=sum(r.get("kind") in ("heads", "neurons", "drop") for r in self),
+                 activations=sum(r.get("kind") == "activation" for r in self), skipped=len(self.skipped))
         for r in self:
             if "format" in r:
                 shape = r.get("shape")
