@@ -91,6 +91,8 @@ def main(argv=None) -> int:
                    help="leave modules matching PATTERN alone whatever rule matches them (glob, 're:<regex>' or "
                         "'type:<Class>'; repeatable)")
     s.add_argument("--no-cache", action="store_true", help="time the kernels again instead of using the on-disk choices")
+    s.add_argument("--keep-activations", action="store_true",
+                   help="keep Hugging Face's NewGELUActivation (default: its one-kernel equal GELUTanh)")
     s.add_argument("--out", required=True, help="output .safetensors file")
     s.add_argument("--report", help="also write the report as JSON here: {changes, skipped, totals}")
     args = p.parse_args(argv)
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
         shapes = [int(t) for t in args.shapes.split(",")] if args.shapes else None
         try:
             report = sparsify(model, recipe, calib, skip_ends=not args.keep_ends, shapes=shapes, ignore=args.ignore,
-                                       cache=not args.no_cache)
+                                       cache=not args.no_cache, fast_activations=not args.keep_activations)
         except ValueError as e:
             raise SystemExit(f"pysparse sparsify: {e}") from None
         print(report.table())

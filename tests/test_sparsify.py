@@ -1,7 +1,7 @@
 """pysparse.sparsify: recipes, criteria, the never-slower-than-dense choice, the report, save and
-load; structured rules (heads, neurons, layers) on the three transformer layouts (pysparse's BERT
-layer, Hugging Face BERT, LLaMA with grouped-query attention): the criteria, least-squares
-reconstruction, global ranking; the kernel-choice cache (pysparse.nn.kernel_choice); the command line."""
+load; structured rules (heads, neurons, layers) on pysparse's BERT layer, Hugging Face BERT and
+LLaMA with grouped-query attention (every other architecture: test_architectures.py): the
+criteria, least-squares reconstruction, global ranking; the kernel-choice cache (pysparse.nn.kernel_choice); the command line."""
 from __future__ import annotations
 
 import copy

@@ -1,6 +1,7 @@
 """Structured-pruning surgery on modules (pysparse.prune.structured): removing heads and neurons
-from the three module layouts (pysparse's BERT layer, Hugging Face BERT, LLaMA with grouped-query
-attention) equals zeroing their contribution. sparsify's structured stage is in test_sparsify.py."""
+from pysparse's BERT layer, Hugging Face BERT and LLaMA with grouped-query attention equals zeroing
+their contribution (the other architectures: test_architectures.py). sparsify's structured stage
+is in test_sparsify.py."""
 from __future__ import annotations
 
 import copy
