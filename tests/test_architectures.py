@@ -241,3 +241,16 @@ def test_gpt2_new_gelu_becomes_one_kernel_and_round_trips(tmp_path):
     assert type(kept.h[0].mlp.act).__name__ == "NewGELUActivation"
     with torch.no_grad():
         torch.testing.assert_close(run(kept), dense, rtol=0, atol=0)
+
+
+def test_experts_with_parameters_of_another_layout_are_not_taken_for_mixtrals():
+    class BiasedExperts(torch.nn.Module):  # GPT-OSS-like: biases beside the 3-D weights
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = torch.nn.Parameter(torch.zeros(2, 8, 4))
+            self.down_proj = torch.nn.Parameter(torch.zeros(2, 4, 4))
+            self.gate_up_proj_bias = torch.nn.Parameter(torch.zeros(2, 8))
+
+    assert prune.expert_parts(BiasedExperts()) is None
+    model, _ = architecture("mixtral")
+    assert prune.expert_parts(model.layers[0].mlp.experts) is not None

@@ -258,6 +258,10 @@ def expert_parts(module: torch.nn.Module):
     gate_up_proj (experts, 2 x intermediate, hidden), down_proj (experts, hidden, intermediate)),
     as (gate_up, down) Parameters, else None."""
     gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    # Nothing else of its own (biases, scales: layouts such as GPT-OSS's, with interleaved gate and
+    # up rows, are not this one).
+    if {n for n, _ in module.named_parameters(recurse=False)} != {"gate_up_proj", "down_proj"}:
+        return None
     if isinstance(gu, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter) and gu.dim() == 3 \
             and down.dim() == 3 and gu.shape[0] == down.shape[0] and gu.shape[1] == 2 * down.shape[2] \
             and gu.shape[2] == down.shape[1]:
