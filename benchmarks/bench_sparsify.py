@@ -2,8 +2,9 @@
 at batch 8 x 32 tokens, dense vs pysparse.sparsify with 80% unstructured (CSR) and 2:4 in every
 encoder linear; or (--model gpt2) GPT-2 small from its transformers config (12 layers, 768, random
 weights) with every Conv1D projection of its blocks pruned, at batch 8 x 128 (issue 21's bars:
-2:4 >= 1.15x dense, 80% >= 1.5x). Each recipe runs twice: kernel="sparse" (every layer swapped, whatever its speed)
-and kernel="auto" (sparsify's timed choice: a layer stays dense where no sparse kernel is faster).
+2:4 >= 1.15x dense, 80% >= 1.5x). Each recipe runs twice: kernel="sparse" (every layer swapped,
+whatever its speed) and kernel="auto" (sparsify's timed choice: a layer stays dense where no sparse
+kernel is faster).
 Then every layer the auto runs swapped is re-timed against its dense version at the tuned shape.
 
 Bars: 80% unstructured >= 1.4x dense end to end; 2:4 (auto) never slower than dense; no swapped

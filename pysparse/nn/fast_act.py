@@ -36,17 +36,17 @@ def swap_new_gelu(model: torch.nn.Module, names: Optional[Sequence[str]] = None)
     """Replace NewGELUActivation modules by GELUTanh, in place, and the config's "gelu_new" by
     "gelu_pytorch_tanh": all of them (names None; only where the config can record it), or those
     named (load_sparse: a ValueError for a name that is neither). Returns the names swapped."""
+    if names is not None and not names:
+        return []
     cls = _classes()
     if cls is None:
         if names:
             raise ValueError("load_sparse: the file swapped GPT-2-style GELU activations, which needs transformers")
         return []
     fast, slow = cls
+    keys = _config_keys(model) or []
     if names is None:
-        keys = _config_keys(model)
         names = [n for n, m in model.named_modules() if type(m) is slow] if keys else []
-    else:
-        keys = _config_keys(model) or []
     done = []
     for name in names:
         try:

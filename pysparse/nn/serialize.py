@@ -103,8 +103,8 @@ def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
     swap_new_gelu(model, _names(meta, _FAST_ACT, path))
     own_bias = _names(meta, _OWN_BIAS, path)
     if own_bias:
-        missing = sorted(set(own_bias) - set(st.t5_own_position_bias(model)) -
-                         {n for n, m in model.named_modules() if getattr(m, "_pysparse_own_bias", False)})
+        st.t5_own_position_bias(model)
+        missing = sorted(set(own_bias) - {n for n, m in model.named_modules() if getattr(m, "_pysparse_own_bias", False)})
         if missing:
             raise ValueError(f"{path}: {missing[0]!r} had its own position bias, but is no T5 attention in this model")
     for name in dropped:
@@ -169,8 +169,7 @@ def _saved_shape(tensors, name: str, sparse: bool, path):
 
 def _resize(module, path: str, saved) -> None:
     """Give module's parameter at `path` the shape of the saved tensor (its values load after)."""
-    owner_path, _, attr = path.rpartition(".")
-    owner = module.get_submodule(owner_path) if owner_path else module
+    owner, attr = st.owner_of(module, path)
     old = getattr(owner, attr)
     if saved is not None and saved.dim() == old.dim() and tuple(saved.shape) != tuple(old.shape):
         setattr(owner, attr, torch.nn.Parameter(torch.empty(saved.shape, dtype=old.dtype, device=old.device),

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from .structured import owner_of
+
 PREFIX = "pysparse.prune.filters: "  # every error of filter pruning starts so
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -215,6 +217,12 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
     raw_linear: Set[str] = set()  # Linear layers also applied to the last dim of a >2-D tensor
     cd = lambda node: cdim.get(node, 1)  # noqa: E731
 
+    def put(node, els, c=1):
+        """node's channels are els, on axis c."""
+        vec[node] = els
+        if c != 1:
+            cdim[node] = c
+
     def opaque(node, reason, owner=None):
         for a in node.all_input_nodes:
             ch.fix(vec.get(a), reason)
@@ -229,9 +237,7 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
         c = cd(x)
         if x in vec and s is not None and xs is not None and len(s) >= 2 and s[0] == xs[0] and not others and (
                 s[:2] == xs[:2] if c == 1 and x not in split else s == xs):
-            vec[node] = vec[x]
-            if c != 1:
-                cdim[node] = c
+            put(node, vec[x], c)
             if x in split:
                 split[node] = split[x]
         else:
@@ -250,8 +256,7 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
         axis = c - lead
         if axis < 0 or p_s[axis] != C or any(v not in (1, s[i + lead]) for i, v in enumerate(p_s)):
             return None
-        owner, _, attr = a.target.rpartition(".")
-        mod = model.get_submodule(owner) if owner else model
+        mod, attr = owner_of(model, a.target)
         return axis if isinstance(getattr(mod, attr, None), nn.Parameter) else None
 
     def elementwise(node, reason):
@@ -282,20 +287,17 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
             ch.union(coupled[0], v)
         for a, axis in params:
             param_rec(a, axis, coupled[0])
-        vec[node] = coupled[0]
-        if c != 1:
-            cdim[node] = c
+        put(node, coupled[0], c)
 
     def param_rec(a, axis, els):
         """Parameter a (a get_attr node, or its expand) is sliced along `axis` with channels els."""
         a = pview.get(a, a)
-        owner, _, attr = a.target.rpartition(".")
         key = "param:" + a.target
         if key in ch.recs:
             ch.union(ch.recs[key].out, els)
         else:
-            ch.recs[key] = SlicedLayer(a.target, "param", model.get_submodule(owner) if owner else model, None,
-                                       els, attr, axis)
+            owner, attr = owner_of(model, a.target)
+            ch.recs[key] = SlicedLayer(a.target, "param", owner, None, els, attr, axis)
 
     def permute(node, x, perm, reason):
         """A permutation of the axes that keeps the batch first: the channel axis moves."""
@@ -303,10 +305,7 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
         perm = [p % len(xs) for p in perm] if xs is not None and all(isinstance(p, int) for p in perm) else None
         if perm is None or x not in vec or len(perm) != len(xs) or sorted(perm) != list(range(len(xs))) or perm[0] != 0:
             return opaque(node, reason)
-        vec[node] = vec[x]
-        new = perm.index(cd(x))
-        if new != 1:
-            cdim[node] = new
+        put(node, vec[x], perm.index(cd(x)))
 
     def flatten(node, x, start, end, reason):
         xs = _shape(x)
@@ -377,8 +376,8 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
         if isinstance(m, nn.Linear):
             if len(xs) == 2 or c == len(xs) - 1:  # features, or channels-last: the Linear mixes the channels
                 linear_like(node, name, m, x, "linear", m.in_features, m.out_features)
-                if c != 1 and node in vec:
-                    cdim[node] = c
+                if node in vec:
+                    put(node, vec[node], c)
                 return
             if len(xs) > 2 and c == 1 and xs[-1] == m.in_features and all(e in ch.fixed for e in vec[x]):
                 # After an op we do not follow (attention's reshapes) dim 1 is not channels: the
@@ -389,8 +388,7 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
                 else:
                     out = ch.new(m.out_features, owner=name, reason=f"skipped: {name}" if matches(name) else "")
                     ch.recs[name] = SlicedLayer(name, "linear", m, inp, out)
-                vec[node], cdim[node] = ch.recs[name].out, len(xs) - 1
-                return
+                return put(node, ch.recs[name].out, len(xs) - 1)
             if len(xs) > 2 and c == 1:  # acts on the last dim: dim 1 passes through
                 raw_linear.add(name)
                 return passthrough(node, x, reason)
@@ -398,9 +396,7 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
             return same_channels(node, name, m, x, "bn")
         if isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (xs[c],) and c == len(xs) - 1:
             same_channels(node, name, m, x, "ln")  # over the channels of a (channels-last) tensor
-            if c != 1:
-                cdim[node] = c
-            return
+            return put(node, vec[node], c)
         if isinstance(m, nn.Flatten):
             return flatten(node, x, m.start_dim, m.end_dim, reason)
         if isinstance(m, _PASS_MODULES) or isinstance(m, nn.PReLU) and m.num_parameters == 1:
@@ -467,9 +463,7 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
             if xs is not None and cd(x) == len(xs) - 1 and list(shape or []) == [xs[-1]]:
                 w = [a for a in list(args[2:4]) + [kw.get("weight"), kw.get("bias")] if isinstance(a, fx.Node)]
                 if all(param_operand(a, xs, len(xs) - 1, xs[-1]) is not None for a in w):
-                    vec[node] = vec[x]
-                    if cd(x) != 1:
-                        cdim[node] = cd(x)
+                    put(node, vec[x], cd(x))
                     for a in w:
                         param_rec(a, 0, vec[x])
                     return
@@ -491,10 +485,7 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
                     for p in parts:
                         if p in pview:
                             param_rec(p, param_operand(p, s, c, s[c]), vec[rest[0]])
-                    vec[node] = vec[rest[0]]
-                    if c != 1:
-                        cdim[node] = c
-                    return
+                    return put(node, vec[rest[0]], c)
                 return opaque(node, reason)
             if (not isinstance(parts, (list, tuple)) or not all(p in vec for p in parts) or s is None
                     or not isinstance(dim, int) or any(len(_shape(p)) != len(s) for p in parts)
@@ -554,11 +545,7 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
             full = lambda i: isinstance(i, slice) and (i.start, i.stop, i.step) == (None, None, None)  # noqa: E731
             if xs is not None and len(idx) <= len(xs) and idx and full(idx[0]) and (len(idx) <= c or full(idx[c])) \
                     and all(full(i) or isinstance(i, int) for i in idx):
-                vec[node] = vec[x]
-                new = c - sum(isinstance(i, int) for i in idx[:c])
-                if new != 1:
-                    cdim[node] = new
-                return
+                return put(node, vec[x], c - sum(isinstance(i, int) for i in idx[:c]))
             return opaque(node, reason)
         if t in _REDUCE_FUNCS or method in _REDUCE_METHODS:
             dims = args[1] if len(args) > 1 else kw.get("dim")
@@ -569,11 +556,8 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
                 if not dims & {0, c}:
                     if c == 1:
                         return passthrough(node, x, reason)
-                    vec[node] = vec[x]  # tokens averaged: the channels move left past the reduced axes
-                    new = c if keepdim else c - sum(d < c for d in dims)
-                    if new != 1:
-                        cdim[node] = new
-                    return
+                    # tokens averaged: the channels move left past the reduced axes
+                    return put(node, vec[x], c if keepdim else c - sum(d < c for d in dims))
             return opaque(node, reason)
         opaque(node, reason)
 
@@ -590,8 +574,8 @@ def trace_channels(model: nn.Module, inputs: tuple, skip: Optional[List[str]]):
         elif node.op == "get_attr":
             # A parameter's channels are its users' business (a per-channel scale is sliced with
             # them, anything else makes them unprunable); another tensor is a space of its own.
-            owner, _, attr = str(node.target).rpartition(".")
-            is_param = isinstance(getattr(model.get_submodule(owner) if owner else model, attr, None), nn.Parameter)
+            owner, attr = owner_of(model, str(node.target))
+            is_param = isinstance(getattr(owner, attr, None), nn.Parameter)
             if s is not None and len(s) >= 2 and not is_param:
                 vec[node] = ch.new(s[1], reason=f"tensor {node.target} used directly in forward")
         elif node.op == "output":

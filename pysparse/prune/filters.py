@@ -18,17 +18,20 @@ permute / transpose (the channel axis moves, e.g. ConvNeXt's channels-last MLP),
 (view to (N, groups, C / groups, ...), transpose of those two dims, view back: channel j of every
 group is one unit), torch.cat (on the channel dim the output channels are the inputs' channels at
 their offsets; on another dim the inputs are coupled), flatten (or view/reshape to (N, -1)) before
-a Linear (each channel owns the Linear's input features of all its spatial positions), and
-reductions over dims other than 0 and 1.
+a Linear (each channel owns the Linear's input features of all its spatial positions),
+reductions and integer indexing over other axes than the batch and the channels (ViT's class
+token x[:, 0]), and a parameter expanded and concatenated off the channel axis (the class token
+itself). A channel count read from a tensor's shape to shape another tensor (a ViT's qkv split
+into heads by C // heads) makes those channels unprunable: the pruned model would break.
 
 Exact: a removed channel whose filters are zero leaves the outputs unchanged, except where a
 LayerNorm normalises over the channels: the kept ones are then normalised over fewer channels
 (`filter_groups` names those LayerNorms; recovery training absorbs the change).
 
-Anything else that reads a tensor with channels (indexing, split, GroupNorm, an unknown module, a
-parameter used directly in any other way, a view of the channel dim other than the above) makes
-the channels it reads and writes unprunable: safe, never an error. `filter_groups` reports each
-group and, for unprunable ones, why.
+Anything else that reads a tensor with channels (indexing of the channel axis, split, GroupNorm,
+an unknown module, a parameter used directly in any other way, a view of the channel dim other
+than the above) makes the channels it reads and writes unprunable: safe, never an error.
+`filter_groups` reports each group and, for unprunable ones, why.
 
 The tracer is `pysparse.prune.channels`, the criteria `pysparse.prune.filter_scores`; this module
 checks the arguments and cuts the weights.

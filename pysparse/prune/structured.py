@@ -372,7 +372,13 @@ def t5_own_position_bias(model: torch.nn.Module) -> List[str]:
 
 
 def _is_cross(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in ("EncDecAttention",)
+    return name.rsplit(".", 1)[-1] == "EncDecAttention"
+
+
+def owner_of(module: torch.nn.Module, path: str):
+    """(the submodule holding `path`'s last part, that part's name): where to set a parameter."""
+    owner_path, _, attr = path.rpartition(".")
+    return (module.get_submodule(owner_path) if owner_path else module), attr
 
 
 def _replacer(slots):
@@ -424,18 +430,17 @@ def shrink_attention(module: torch.nn.Module, keep: Sequence[int]) -> None:
         raise ValueError(f"pysparse.prune.shrink_attention: keep must name 1..{p.units} distinct units in "
                          f"[0, {p.units}), got {keep}")
     sel = torch.tensor(keep)
-    rows = [r[sel].flatten() for r in p.qkv_rows()]
-    if p.fused:
-        order = torch.stack([r[sel] for r in p.qkv_rows()], 1).flatten() if p.fused == "heads" else torch.cat(rows)
+    rows = [r[sel] for r in p.qkv_rows()]  # (kept units, rows per unit) of q, k and v
+    if p.fused:  # one projection: its kept rows per head (GPT-NeoX) or per block (GPT-2, Phi-3)
+        order = torch.stack(rows, 1).flatten() if p.fused == "heads" else torch.cat([r.flatten() for r in rows])
         p.replace("qkv", _slice(p.q, order, 0))
     else:
         for key, lin, r in zip("qkv", (p.q, p.k, p.v), rows):
-            p.replace(key, _slice(lin, r, 0))
+            p.replace(key, _slice(lin, r.flatten(), 0))
     p.replace("o", _slice(p.o, _columns(keep, p.unit_width), 1))
     per_head = torch.tensor([u * (p.heads // p.kv_heads) + i for u in keep for i in range(p.heads // p.kv_heads)])
     for path, axis in p.extras:
-        owner_path, _, attr = path.rpartition(".")
-        owner = module.get_submodule(owner_path) if owner_path else module
+        owner, attr = owner_of(module, path)
         old = getattr(owner, attr)
         setattr(owner, attr, torch.nn.Parameter(old.detach().index_select(axis, per_head).clone(),
                                                 requires_grad=old.requires_grad))

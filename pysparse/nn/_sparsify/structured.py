@@ -66,8 +66,6 @@ def _unit_scores(model, key: str, entry: tuple, calibration) -> torch.Tensor:
     """Importance of each unit of one structured module under its rule's criterion."""
     what, p, rule = entry
     crit = criterion_of(rule)
-    if what == "experts":
-        return st.expert_scores_magnitude(p)
     if crit == "magnitude":
         return st.head_scores_magnitude(p) if what == "heads" else st.neuron_scores_magnitude(p)
     if crit == "fisher":
@@ -133,11 +131,12 @@ def _structs(model, recipe, calibration):
             st.linear_conv1d_ffn(mod)  # GPT-2's Conv1D MLP and attention, as the linears they equal
         if of["heads"] is not None and of["heads"].get("heads"):
             st.linear_conv1d_attention(mod)
-        experts = mod if st.expert_parts(mod) is not None else None
-        for what, parts in (("heads", st.attention_parts(mod)), ("neurons", st.ffn_parts(mod)), ("experts", experts)):
-            r = of["neurons" if what == "experts" else what]
-            if r is not None and r.get("neurons" if what == "experts" else what) and parts is not None:
-                structs[f"{name}:{'neurons' if what == 'experts' else what}"] = (what, parts, r)
+        experts = mod if st.expert_parts(mod) is not None else None  # 3-D experts: neurons per expert
+        for what, unit, parts in (("heads", "heads", st.attention_parts(mod)), ("neurons", "neurons", st.ffn_parts(mod)),
+                                  ("experts", "neurons", experts)):
+            r = of[unit]
+            if r is not None and r.get(unit) and parts is not None:
+                structs[f"{name}:{unit}"] = (what, parts, r)
     _refuse_unknown(model, recipe)
     wanted = {w for r in recipe.values() if r for w in ("heads", "neurons") if r.get(w)}
     for w in sorted(wanted):
