@@ -9,12 +9,15 @@
    evaluation sentences (mean cosine to the dense model's, top-10 neighbour agreement).
 3. With --recover SECONDS: the SparseGPT models then distilled towards the dense one by
    pysparse.recover (cosine loss on the embeddings, the sparse layers' values trained) on
-   recovery sentences disjoint from the others, for that wall-clock budget each.
+   recovery sentences disjoint from the others, for that wall-clock budget each; --hidden adds
+   layer-wise distillation (every encoder layer's output matched, recover's ``hidden``),
+   --more-text the docstrings' later paragraphs to the recovery sentences.
 
 Calibration, held-out and evaluation sentences are disjoint slices of the standard library's
 docstrings (pysparse.models.corpus).
 
-    python benchmarks/bench_sparsegpt.py [--eval 1000] [--calib 256] [--recover SECONDS] [--json PATH]
+    python benchmarks/bench_sparsegpt.py [--eval 1000] [--calib 256] [--recover SECONDS] [--hidden] [--more-text]
+        [--patterns 2:4,70%] [--json PATH]
 """
 from __future__ import annotations
 
@@ -66,6 +69,10 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--recover", type=float, default=0.0)
     ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--hidden", action="store_true", help="recover also matches every encoder layer's output")
+    ap.add_argument("--more-text", action="store_true",
+                    help="recover also on the docstrings' later paragraphs (disjoint from the evaluation sentences)")
+    ap.add_argument("--patterns", default=",".join(PATTERNS), help="comma-separated subset of " + ",".join(PATTERNS))
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "sparsegpt.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -75,6 +82,9 @@ def main() -> None:
     calib = corpus[1::4][:args.calib]
     held = corpus[3::4][:args.calib]
     recovery = corpus[3::4][args.calib:]  # disjoint from evaluation (even), calibration and held-out
+    if args.more_text:  # sentences no first paragraph has: disjoint from all of the above
+        recovery += stdlib_sentences(100000, paragraphs="rest")
+    patterns = {p: PATTERNS[p] for p in args.patterns.split(",")}
     names = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("layers.")]
     xc, xh = layer_inputs(dense, names, batches(tok, calib)), layer_inputs(dense, names, batches(tok, held))
     result = {"layers": [], "end_to_end": []}
@@ -82,7 +92,7 @@ def main() -> None:
           f"{xh[names[0]].shape[0]} tokens\n")
     print("| pattern | layers where SparseGPT <= Wanda | mean error SparseGPT | Wanda | magnitude | worst layer ratio |")
     print("|---|---:|---:|---:|---:|---:|")
-    for pattern, rule in PATTERNS.items():
+    for pattern, rule in patterns.items():
         errs = {"sparsegpt": [], "wanda": [], "magnitude": []}
         for n in names:
             W = dense.get_submodule(n).weight.detach()
@@ -105,7 +115,7 @@ def main() -> None:
     print(f"\nEnd to end, every encoder linear pruned, {len(evals)} evaluation sentences:\n")
     print("| pattern | criterion | cosine | top-10 | sparsify s |")
     print("|---|---|---:|---:|---:|")
-    for pattern, rule in PATTERNS.items():
+    for pattern, rule in patterns.items():
         for crit in ("magnitude", "wanda", "sparsegpt"):
             model = copy.deepcopy(dense)
             t = time.perf_counter()
@@ -117,12 +127,13 @@ def main() -> None:
             print(f"| {pattern} | {crit} | {fid['cosine']:.3f} | {fid['top10']:.3f} | {t:.0f} |", flush=True)
             if crit == "sparsegpt" and args.recover:
                 rb = [tuple(b) for b in batches(tok, recovery)]
+                hidden = [f"layers.{i}" for i in range(len(dense.layers))] if args.hidden else ()
                 rep = pysparse.recover(model, dense, rb, time_budget=args.recover, lr=args.lr, loss="cosine",
-                                       progress=False)
+                                       hidden=hidden, progress=False)
                 fid = _fidelity(encode(model, tok, evals), ref)
                 result["end_to_end"].append({"pattern": pattern, "criterion": "sparsegpt + recover", **fid,
                                              "recover_s": rep["seconds"], "recover_steps": rep["steps"],
-                                             "recovery_sentences": len(recovery)})
+                                             "recovery_sentences": len(recovery), "hidden": bool(hidden)})
                 print(f"| {pattern} | sparsegpt + recover ({rep['steps']} steps, {rep['seconds']:.0f} s) | "
                       f"{fid['cosine']:.3f} | {fid['top10']:.3f} | {t:.0f} |", flush=True)
     Path(args.json).write_text(json.dumps(result, indent=1))

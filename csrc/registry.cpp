@@ -23,6 +23,9 @@ TORCH_LIBRARY(pysparse, m) {
   m.def("csr_sddmm(Tensor crow_indices, Tensor col_indices, SymInt[] shape, Tensor a, Tensor b) -> Tensor");
   m.def("bsr_spmm(Tensor crow_indices, Tensor col_indices, Tensor values, SymInt[] shape, Tensor dense) -> Tensor");
   m.def("bsr_linear(Tensor input, Tensor crow_indices, Tensor col_indices, Tensor values, SymInt[] shape, Tensor? bias) -> Tensor");
+  // x through the named activation, out of place (any floating dtype): none, relu, gelu (erf),
+  // gelu_tanh or silu (activations.h); the same names as nm_linear's and pruned_ffn's.
+  m.def("activation(Tensor x, str activation) -> Tensor");
   // N:M semi-structured (2:4 included): values (M, K/m*n), mask (M, ceil(K/8)) uint8 bitmap.
   // activation (nm_linear, pruned_ffn): none, relu, gelu, gelu_tanh or silu (activations.h).
   m.def("nm_compress(Tensor dense, int n, int m) -> (Tensor values, Tensor mask)");

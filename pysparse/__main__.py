@@ -92,7 +92,7 @@ def main(argv=None) -> int:
                         "'type:<Class>'; repeatable)")
     s.add_argument("--no-cache", action="store_true", help="time the kernels again instead of using the on-disk choices")
     s.add_argument("--keep-activations", action="store_true",
-                   help="keep Hugging Face's NewGELUActivation (default: its one-kernel equal GELUTanh)")
+                   help="keep the model's tanh-form GELU modules (default: pysparse's FastGELUTanh, the same function)")
     s.add_argument("--out", required=True, help="output .safetensors file")
     s.add_argument("--report", help="also write the report as JSON here: {changes, skipped, totals}")
     args = p.parse_args(argv)

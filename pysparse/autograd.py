@@ -32,6 +32,8 @@ pruned_ffn: the intermediate is recomputed with the per-format ops (like activat
 checkpointing), then each product's backward above runs; the activation, the gate and the
 threshold (a fixed mask: zeroed entries get no gradient) are differentiated in torch.
 
+activation: torch's derivative at the input (relu's from the output).
+
 masked_attention: over the active tiles only, with the softmax statistics recomputed: the
 fused CPU kernel masked_attention_backward, or batched GEMMs on gathered tiles on other devices
 (pysparse/_attention_grad.py dispatches); gradients for q, k and v (the
@@ -255,6 +257,19 @@ def _activation_backward(activation: str, grad, out, pre: Callable[[], torch.Ten
     if activation == "silu":
         return _aten.silu_backward(grad, pre())
     return _aten.gelu_backward(grad, pre(), approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def _activation_setup(ctx, inputs, output):
+    x, ctx.activation = inputs
+    ctx.save_for_backward(x, output if ctx.activation == "relu" else None)
+
+
+def _activation_op_backward(ctx, grad):
+    x, out = ctx.saved_tensors
+    return _activation_backward(ctx.activation, grad, out, lambda: x), None
+
+
+torch.library.register_autograd("pysparse::activation", _activation_op_backward, setup_context=_activation_setup)
 
 
 def _nm_linear_setup(ctx, inputs, output):

@@ -15,7 +15,7 @@ import itertools
 import math
 import sys
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,7 @@ def _sparse_parameters(model: torch.nn.Module) -> Tuple[List[torch.nn.Parameter]
 def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterable, *, steps: Optional[int] = None,
             time_budget: Optional[float] = None, lr: float = 5e-5, loss: str = "cosine", train: str = "sparse",
             eval_batches: Optional[Iterable] = None, temperature: float = 1.0, weight_decay: float = 0.0,
-            progress: Optional[bool] = None) -> Dict:
+            hidden: Sequence[str] = (), hidden_weight: float = 1.0, progress: Optional[bool] = None) -> Dict:
     """Distil ``student`` towards ``teacher`` on ``batches`` (each a tensor, a tuple of positional
     inputs or a dict of keyword inputs, cycled), with AdamW at ``lr``, until ``steps`` steps or
     ``time_budget`` seconds (whichever comes first; at least one of them). The default lr is the
@@ -86,6 +86,11 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
 
     loss: "cosine" (1 - cosine similarity along the last dim: embeddings), "mse", or "kl" (logits,
     softened by ``temperature``). train: "sparse" (the sparse layers' values and biases) or "all".
+    hidden: names of submodules (the same in both models, e.g. the encoder layers) whose outputs
+    are matched too: ``hidden_weight`` times the mean over them of ||s - t||^2 / ||t||^2 is added
+    to the loss (layer-wise distillation: each block learns to reproduce its dense twin's output,
+    not only the last one). The teacher's outputs are computed once per batch and kept while they
+    fit in ``_TEACHER_CACHE_BYTES`` (batches are cycled: later epochs run the student only).
     The teacher runs without grad; the student in eval mode (no dropout) except its pysparse
     layers, which train (so SparseLinear's train kernel choice applies); modes are restored
     after. Returns {"steps", "seconds", "losses" (one per step), "eval_before", "eval_after" (mean
@@ -105,9 +110,14 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
         raise ValueError(f"pysparse.recover: time_budget must be a positive number of seconds, got {time_budget!r}")
     if not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
         raise ValueError(f"pysparse.recover: lr must be a positive number, got {lr!r}")
+    if not isinstance(hidden_weight, (int, float)) or not hidden_weight >= 0 or not math.isfinite(hidden_weight):
+        raise ValueError(f"pysparse.recover: hidden_weight must be a non-negative number, got {hidden_weight!r}")
+    if isinstance(hidden, str):
+        hidden = [hidden]
     batches = list(batches)
     if not batches:
         raise ValueError("pysparse.recover: batches is empty")
+    taps = _Taps(student, teacher, hidden)
     params, masked = _sparse_parameters(student) if train == "sparse" else \
         ([p for p in student.parameters() if p.requires_grad], [])
     if not params:
@@ -125,6 +135,20 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
     # A pruned layer kept dense: its zeros get no gradient, so AdamW's moments and step stay 0 there
     # (and decoupled weight decay scales a zero to zero).
     hooks = [p.register_hook(lambda g, m=m: g * m) for p, m in masked]
+    cache: Dict[int, Tuple[torch.Tensor, List[torch.Tensor]]] = {}
+    cached_bytes = 0
+
+    def teacher_outputs(i: int, batch) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        nonlocal cached_bytes
+        if i in cache:
+            return cache[i]
+        with torch.no_grad():
+            out = (_output(_call(teacher, batch)), taps.take("teacher"))
+        size = sum(t.numel() * t.element_size() for t in [out[0], *out[1]])
+        if cached_bytes + size <= _TEACHER_CACHE_BYTES:
+            cache[i] = out
+            cached_bytes += size
+        return out
 
     def evaluate() -> Optional[float]:
         if eval_batches is None:
@@ -140,20 +164,24 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
     bar = _progress(steps, progress)
     start = time.perf_counter()
     try:
-        for step, batch in enumerate(itertools.cycle(batches)):
+        for step, (i, batch) in enumerate(itertools.cycle(enumerate(batches))):
             if steps is not None and step >= steps:
                 break
             if time_budget is not None and time.perf_counter() - start >= time_budget:
                 break
-            with torch.no_grad():
-                target = _output(_call(teacher, batch))
+            target, target_hidden = teacher_outputs(i, batch)
             value = _distance(loss, _output(_call(student, batch)), target, temperature)
+            if taps.names:
+                value = value + hidden_weight * sum(
+                    (s.float() - t.float()).square().sum() / t.float().square().sum().clamp_min(1e-30)
+                    for s, t in zip(taps.take("student"), target_hidden)) / len(taps.names)
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
             report["losses"].append(float(value.detach()))
             bar(report["losses"][-1])
     finally:
+        taps.remove()
         for h in hooks:
             h.remove()
         bar(None)
@@ -164,6 +192,42 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
     report["seconds"] = time.perf_counter() - start
     report["eval_after"] = evaluate()
     return report
+
+
+# What recover keeps of the teacher's outputs (and hidden states) so that later epochs skip its forward.
+_TEACHER_CACHE_BYTES = 2 << 30
+
+
+class _Taps:
+    """Forward hooks on the submodules named in ``hidden`` of both models: each forward leaves the
+    outputs there, in name order, for ``take``."""
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, names: Sequence[str]):
+        self.names = list(names)
+        self.seen: Dict[str, Dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
+        self.handles = []
+        for name in self.names:
+            if not isinstance(name, str):
+                raise TypeError(f"pysparse.recover: hidden must name submodules, got {name!r}")
+            for side, model in (("student", student), ("teacher", teacher)):
+                try:
+                    mod = model.get_submodule(name)
+                except AttributeError:
+                    raise ValueError(f"pysparse.recover: hidden names {name!r}, which the {side} does not have") from None
+                self.handles.append(mod.register_forward_hook(
+                    lambda m, args, out, side=side, name=name: self.seen[side].__setitem__(name, _output(out))))
+
+    def take(self, side: str) -> List[torch.Tensor]:
+        got = self.seen[side]
+        out = [got.pop(n) for n in self.names if n in got]
+        if len(out) != len(self.names):
+            raise ValueError(f"pysparse.recover: hidden modules {self.names} did not all run in the {side}'s forward")
+        got.clear()
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def _progress(total: Optional[int], enabled: Optional[bool]) -> Callable[[Optional[float]], None]:

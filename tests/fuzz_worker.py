@@ -494,6 +494,43 @@ def nm_compress(R, K, n, m, density, dtype, seed):
     assert torch.equal(A.to_dense(), W), "nm_compress: round trip differs"
 
 
+def activation(shape, dtype, view, name, scale, special, isa, threads, seed):
+    """The activation op against fp64: gelu_tanh (pysparse's kernel) within 2 eps |x| of the exact
+    function before the output's rounding, and its 16-bit result the fp32 one rounded; the other
+    names torch's own. Non-finite inputs give torch's non-finite outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    dt = DTYPES[dtype]
+    x = operand(shape, torch.float32, view, gen) * scale
+    if special and x.numel():
+        flat = x.reshape(-1) if x.is_contiguous() else None
+        if flat is not None:
+            for v in (float("inf"), float("-inf"), float("nan"), -0.0, -1e30):
+                flat[int(torch.randint(flat.numel(), (1,), generator=gen))] = v
+    x = x.to(dt)
+    with machine(isa, threads), must_work(f"activation {name}"):
+        y = pysparse.activations.apply(name, x)
+    assert y.dtype == dt and y.shape == x.shape and y.is_contiguous(), f"activation {name}: dtype/shape/layout"
+    torch_y = pysparse.activations.ACTIVATIONS[name](x.contiguous())
+    if name != "gelu_tanh":
+        assert torch.equal(y, torch_y) or (y.isnan() == torch_y.isnan()).all() and \
+            torch.equal(y.nan_to_num(), torch_y.nan_to_num()), f"activation {name}: not torch's"
+        return
+    if dt != torch.float32:
+        with machine(isa, threads):
+            y32 = pysparse.activations.apply(name, x.float())
+        r = y32.to(dt)
+        assert bool(((y == r) | (y.isnan() & r.isnan())).all()), "activation: 16-bit not the fp32 result rounded"
+        y = y32
+    xd = x.double()
+    fin = torch.isfinite(xd)
+    err = (y.double() - F.gelu(xd, approximate="tanh")).abs()[fin]
+    bound = 2 * torch.finfo(torch.float32).eps * xd.abs()[fin]
+    assert bool((err <= bound).all()), f"activation gelu_tanh: error {err.max().item():.3g} over 2 eps |x|"
+    odd = ~fin
+    assert torch.equal(y[odd].isnan(), torch_y.float()[odd].isnan()) and \
+        torch.equal(y[odd].nan_to_num(), torch_y.float()[odd].nan_to_num()), "activation: inf/nan differ from torch"
+
+
 def construct(fmt, shape, crow_dtype, col_dtype, values_dtype, nnz, check):
     """A format constructor with odd arguments: ValueError/TypeError, or a consistent object."""
     vals = torch.zeros((nnz, 2, 2) if fmt == "bsr" else (nnz,), dtype=getattr(torch, values_dtype))
@@ -541,7 +578,8 @@ def safetensors_file(blob_hex, reference):
 
 
 CASES = {f.__name__: f for f in (spmm, grad, huge, raw_compressed, sddmm_raw, raw_nm, attention, blockmask,
-                                 attention_raw, ffn, ffn_raw, nm_compress, construct, safetensors_file)}
+                                 attention_raw, ffn, ffn_raw, nm_compress, activation, construct,
+                                 safetensors_file)}
 
 
 def _limit_memory(extra_gib: float) -> None:

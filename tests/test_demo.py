@@ -27,4 +27,7 @@ def test_demo_quick(tmp_path, capsys):
     for f in ("d.png", "s.png"):
         assert (tmp_path / f).read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
-    assert "| recipe |" in out and "bar (>= 1.3x" in out and "most sensitive" in out
+    assert "| recipe |" in out and "bar (>= 1.3x" in out and "most sensitive" in out and "demo time" in out
+    import json
+    seconds = json.loads((tmp_path / "d.json").read_text())["seconds"]
+    assert seconds["total"] >= sum(v for k, v in seconds.items() if k != "total") > 0

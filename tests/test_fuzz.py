@@ -285,6 +285,13 @@ def ffn_args(draw):
 
 
 
+ACTIVATION = st.fixed_dictionaries(dict(
+    shape=st.lists(st.sampled_from([0, 1, 2, 15, 16, 17, 33, 300]), min_size=1, max_size=3), dtype=DTYPE,
+    view=st.sampled_from(["contiguous", "sliced", "transposed", "expanded"]),
+    name=st.sampled_from(["gelu_tanh", "gelu_tanh", "none", "relu", "gelu", "silu"]),
+    scale=st.sampled_from([1e-4, 1.0, 8.0, 1e4]), special=st.booleans(), isa=ISA, threads=THREADS, seed=SEED))
+
+
 FFN_RAW = st.fixed_dictionaries(dict(
     tag=st.sampled_from(["nm:2:4", "nm:2:4:junk", "nm:2:4x", "nm:2", "nm:x:y", "nm:-2:4", "nm:2:400000000000", "csr",
                          "bogus", ""]),
@@ -371,6 +378,7 @@ GENERATORS = {
     "ffn": (ffn_args(), 240, True),
     "ffn_raw": (FFN_RAW, 120, False),
     "nm_compress": (nm_compress_args(), 200, True),
+    "activation": (ACTIVATION, 300, True),
     "construct": (CONSTRUCT, 300, False),
     "safetensors_file": (SAFETENSORS, 400, False),
 }

@@ -41,6 +41,7 @@ SAMPLES = {
     "csr_sddmm": lambda: (*_csr().tensors()[:2], [24, 40], _x(24, 6), _x(40, 6)),
     "bsr_spmm": lambda: (*_bsr().tensors(), [24, 40], _x(2, 40, 5)),
     "bsr_linear": lambda: (_x(5, 40), *_bsr().tensors(), [24, 40], None),
+    "activation": lambda: (_x(3, 37), "gelu_tanh"),
     "nm_compress": lambda: (_nm().to_dense(), 2, 4),
     "nm_decompress": lambda: (*_nm().tensors(), [32, 64], 2, 4),
     "nm_spmm": lambda: (*_nm().tensors(), [32, 64], 2, 4, _x(64, 7)),

@@ -72,6 +72,8 @@ def test_time_budget_train_all_and_output_kinds():
     (dict(steps=3, train="dense"), r"train must be one of"),
     (dict(steps=3, lr=-1.0), r"lr must be a positive number"),
     (dict(time_budget=0), r"time_budget must be a positive number"),
+    (dict(steps=3, hidden=["9"]), r"hidden names '9', which the student does not have"),
+    (dict(steps=3, hidden=["1"], hidden_weight=-1.0), r"hidden_weight must be a non-negative number"),
 ])
 def test_bad_arguments(kwargs, message):
     teacher, student = _pair({"format": "csr", "sparsity": 0.5})
@@ -110,3 +112,28 @@ def test_layers_kept_dense_by_the_kernel_choice_train_with_their_zeros_held():
     # the hooks are gone: a plain backward afterwards sees the full gradient
     student(_data(3)[0]).sum().backward()
     assert (student[2].weight.grad[pruned["2"] == 0] != 0).any()
+
+
+def test_hidden_states_are_matched_and_the_teacher_runs_once_per_batch(tmp_path, monkeypatch):
+    """hidden adds ||s - t||^2 / ||t||^2 of the named modules' outputs to the loss (the step's loss
+    equals that sum, checked by hand on the first step); the teacher's outputs are cached, so it
+    runs once per distinct batch; hooks are gone afterwards."""
+    monkeypatch.setenv("PYSPARSE_CACHE_DIR", str(tmp_path))
+    teacher, student = _pair({"format": "csr", "sparsity": 0.8})
+    data = _data(6)[:3]
+    with torch.no_grad():
+        x = data[0]
+        s_out, t_out = student(x), teacher(x)
+        s_h = [student[:2](x), student[:4](x)]
+        t_h = [teacher[:2](x), teacher[:4](x)]
+        first = float(torch.nn.functional.mse_loss(s_out, t_out) + 0.5 * sum(
+            (a - b).square().sum() / b.square().sum() for a, b in zip(s_h, t_h)) / 2)
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    report = pysparse.recover(student, teacher, data, steps=7, lr=1e-3, loss="mse", hidden=["1", "3"],
+                              hidden_weight=0.5, progress=False)
+    assert report["losses"][0] == pytest.approx(first, rel=1e-5)
+    assert len(calls) == 3  # 7 steps over 3 batches: the teacher ran once per batch
+    assert all(not m._forward_hooks for m in student.modules())
+    plain = pysparse.recover(copy.deepcopy(student), teacher, data, steps=2, loss="mse", progress=False)
+    assert plain["steps"] == 2

@@ -16,6 +16,7 @@ namespace isa_avx2 {
 #include "simd.h"
 #include "attention_impl.h"
 #include "ffn_impl.h"
+#include "act_impl.h"
 #include "spmm_shared.h"
 #include "csr_impl.h"
 #include "bsr_impl.h"

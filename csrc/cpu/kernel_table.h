@@ -89,7 +89,8 @@ static KernelTable make_table(const char* name) {
   t.nm_gemv[DT] = nm_gemv_kernel<T>;                              \
   t.nm_token_row[DT] = PYSPARSE_NM_TOKEN_ROW(T);                  \
   t.attn[DT] = attn_kv_head<T>;                                   \
-  t.ffn_skip[DT] = ffn_skip<T>;
+  t.ffn_skip[DT] = ffn_skip<T>;                                   \
+  t.gelu_tanh[DT] = gelu_tanh_kernel<T>;
   t.csr_sddmm[kI32] = csr_sddmm_kernel<int32_t, int32_t>;
   t.csr_sddmm[kI64] = csr_sddmm_kernel<int64_t, int64_t>;
   t.csr_sddmm[kI32C16] = csr_sddmm_kernel<int32_t, int16_t>;

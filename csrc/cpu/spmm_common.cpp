@@ -341,8 +341,8 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   const int64_t task_floats = wide ? strip * K * nb : image_floats;
 
   // ReLU is fused into the kernels' epilogue; the other activations run right after on the output
-  // (still in cache) with torch's vector kernels: the epilogue's scalar erff made a fused gelu
-  // cost 2.4x the product itself.
+  // (still in cache) with vector kernels (apply_activation): the epilogue's scalar erff made a
+  // fused gelu cost 2.4x the product itself.
   const Output O0{out.data_ptr(), linear ? 1 : n, linear ? M : 1, bias_t ? bias_c.data_ptr() : nullptr,
                   act == kActRelu ? act : kActNone};
   auto output_of = [&](int64_t b, int64_t j0) {  // image b's output from column j0 on

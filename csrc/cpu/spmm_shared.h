@@ -15,8 +15,8 @@
 // bias to, converts and writes (transposed for the linear layout, RT contiguous outputs per
 // column).
 
-// The epilogue fuses ReLU only; the launcher applies gelu, gelu_tanh and silu with torch's vector
-// kernels (a scalar erff per output cost more than the product at n = 32).
+// The epilogue fuses ReLU only; the launcher applies gelu, gelu_tanh and silu over the finished
+// output (apply_activation: a scalar erff per output cost more than the product at n = 32).
 static inline float activate(float v, int act) { return act == kActRelu ? (v > 0.f ? v : 0.f) : v; }
 
 // The linear layout (out (n, M): sm == 1) stores the tile transposed. Blocks of W x W go through

@@ -1,5 +1,5 @@
-// The activations the fused ops take by name (nm_linear, pruned_ffn), parsed and applied on the
-// torch side. The enum is Activation in kernels.h, where the kernels' epilogue reads it; its names
+// The activations the ops take by name (activation, nm_linear, pruned_ffn), parsed and applied
+// on the torch side. The enum is Activation in kernels.h, where the kernels' epilogue reads it; its names
 // are pysparse/activations.py's and its codes those of the Triton kernels
 // (pysparse/_triton/kernels/_tiles.py).
 #pragma once
@@ -24,13 +24,17 @@ inline Activation parse_activation(c10::string_view name) {
               "'");
 }
 
-// t = act(t) in place, with torch's vector kernels.
+// t = gelu_tanh(t) in place: the vector kernel of act_impl.h where t is a contiguous CPU float32,
+// bfloat16 or float16 tensor, torch's otherwise (activation.cpp).
+void gelu_tanh_(at::Tensor& t);
+
+// t = act(t) in place: gelu_tanh by gelu_tanh_, the others by torch's vector kernels.
 inline void apply_activation(at::Tensor& t, Activation act) {
   switch (act) {
     case kActNone: break;
     case kActRelu: t.clamp_min_(0); break;
     case kActGelu: at::gelu_(t); break;
-    case kActGeluTanh: at::gelu_(t, "tanh"); break;
+    case kActGeluTanh: gelu_tanh_(t); break;
     case kActSilu: at::silu_(t); break;
   }
 }

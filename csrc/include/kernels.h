@@ -190,6 +190,9 @@ struct SddmmArgs {
 };
 using SddmmFn = void (*)(const SddmmArgs&, int64_t row0, int64_t row1);
 
+// dst[0..n) = activation(src[0..n)) in one storage dtype (act_impl.h; src == dst allowed).
+using ActFn = void (*)(const void* src, void* dst, int64_t n);
+
 using CsrFn = void (*)(const CsrArgs&, int64_t row0, int64_t row1, int64_t panel0, int64_t panel1);
 using BsrFn = void (*)(const BsrArgs&, int64_t brow0, int64_t brow1, int64_t panel0, int64_t panel1);
 using NmFn = void (*)(const NmArgs&, int64_t row0, int64_t row1, int64_t panel0, int64_t panel1);
@@ -228,6 +231,7 @@ struct KernelTable {
   SddmmFn csr_sddmm[kNumITypes];
   int sddmm_panel_width;  // nb of the SDDMM panels: kSddmmVectors vectors of the ISA
   JitStoreFn csr_jit_store;  // null where the ISA cannot run the CSR JIT code (below AVX-512)
+  ActFn gelu_tanh[kNumDTypes];
 };
 
 const KernelTable& scalar_kernels();

@@ -8,7 +8,7 @@
 // zero/set1/load/store  fp32
 // load_cvt(const T*)  W elements of T (float, bf16_t, f16_t) widened to fp32
 // fma(a, b, c)        a * b + c
-// add/sub/mul/max     lane-wise
+// add/sub/mul/div/max/min  lane-wise (min/max return the second operand where either is NaN)
 // hsum(V), hmax(V)    sum / max of the lanes
 // exp2(V)             2^x, ~2 ulp; exactly 0 for x <= -127 (so -inf, a masked score, gives 0);
 //                     NaN for NaN (max(c, x) returns x when x is NaN: attention must not drop it)
@@ -56,6 +56,8 @@ struct Vec512 {
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v); }
   static float hmax(V v) { return _mm512_reduce_max_ps(v); }
   // r[i][j] -> r[j][i] for a 16 x 16 block held in 16 registers (unpack, then 128-bit lane
@@ -154,6 +156,8 @@ struct Vec256 {
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
   // r[i][j] -> r[j][i] for an 8 x 8 block (as Vec512::transpose).
   static void transpose(V (&r)[8]) {
     V t[8];
@@ -218,6 +222,8 @@ struct Vec {
   static V sub(V a, V b) { return a - b; }
   static V mul(V a, V b) { return a * b; }
   static V max(V a, V b) { return a > b ? a : b; }
+  static V min(V a, V b) { return a < b ? a : b; }
+  static V div(V a, V b) { return a / b; }
   static float hsum(V v) { return v; }
   static float hmax(V v) { return v; }
   static void transpose(V (&)[1]) {}

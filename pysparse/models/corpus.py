@@ -32,12 +32,16 @@ def _good(s: str) -> bool:
     return len(words) >= 6 and sum(w.isalpha() for w in words) >= 0.6 * len(words)
 
 
-def stdlib_sentences(limit: int = 1500) -> List[str]:
+def stdlib_sentences(limit: int = 1500, *, paragraphs: str = "first") -> List[str]:
     """Up to ``limit`` distinct prose sentences (6+ words, 40-200 characters) from the first
     paragraphs of stdlib docstrings, in a fixed order (files sorted by path; every k-th sentence
-    so that all of the library is represented)."""
+    so that all of the library is represented). ``paragraphs="rest"``: from the paragraphs after
+    the first instead, leaving out any sentence a first paragraph also has (so the two lists are
+    disjoint: training text beside evaluation text drawn from "first")."""
+    if paragraphs not in ("first", "rest"):
+        raise ValueError(f"stdlib_sentences: paragraphs must be 'first' or 'rest', got {paragraphs!r}")
     root = Path(sysconfig.get_paths()["stdlib"])
-    seen, out = set(), []
+    seen, out, firsts = set(), [], set()
     for path in sorted(root.rglob("*.py")):
         if _SKIP_DIRS.intersection(path.relative_to(root).parts[:-1]):
             continue
@@ -46,11 +50,16 @@ def stdlib_sentences(limit: int = 1500) -> List[str]:
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             continue
         for doc in _docstrings(tree):
-            para = " ".join(doc.split("\n\n", 1)[0].split())
-            for s in _SENTENCE_END.split(para):
+            first, _, rest = doc.partition("\n\n")
+            first = " ".join(first.split())
+            if paragraphs == "rest":
+                firsts.update(_SENTENCE_END.split(first))
+            text = first if paragraphs == "first" else " ".join(rest.split())
+            for s in _SENTENCE_END.split(text):
                 if _good(s) and s not in seen:
                     seen.add(s)
                     out.append(s)
+    out = [s for s in out if s not in firsts]
     if not out:
         raise RuntimeError(f"pysparse: no docstring sentences found under {root} (is the standard library's source installed?)")
     step = max(1, len(out) // limit)

@@ -12,14 +12,14 @@ import torch
 from .._safetensors import load_file, save_file
 from ..prune import structured as st
 from .conv import SparseConv2d
-from .fast_act import MARK as fast_act_mark, swap_new_gelu
+from .fast_act import FastGELUTanh, swap_gelu_tanh
 from .linear import SparseLinear, is_conv1d, linear_from_conv1d
 
 _KEY = "pysparse.sparse_layers"
 _DROPPED = "pysparse.dropped_layers"
 _CONVS = "pysparse.sparse_convs"
 _CONV1D = "pysparse.conv1d_as_linear"  # Hugging Face Conv1D layers that sparsify made nn.Linear
-_FAST_ACT = "pysparse.fast_activations"  # NewGELUActivation modules made GELUTanh (fast_act.py)
+_FAST_ACT = "pysparse.fast_activations"  # tanh-form GELUs made FastGELUTanh (fast_act.py)
 _OWN_BIAS = "pysparse.t5_own_position_bias"  # T5 attentions given their own position bias (heads pruned per layer)
 
 
@@ -27,13 +27,13 @@ def save_sparse(model: torch.nn.Module, path) -> None:
     """Write model.state_dict(), the names of its SparseLinear and dropped layers, the configs of
     its SparseConv2d layers, the names of the Hugging Face Conv1D layers sparsify turned into
     linears, of the T5 attentions given their own position bias and of the GELUs sparsify made
-    one kernel to `path`."""
+    FastGELUTanh to `path`."""
     layers = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
     dropped = [n for n, m in model.named_modules() if isinstance(m, st.Passthrough)]
     convs = {n: m.config() for n, m in model.named_modules() if isinstance(m, SparseConv2d)}
     conv1d = [n for n, m in model.named_modules() if getattr(m, "_pysparse_conv1d", False)]
     own_bias = [n for n, m in model.named_modules() if getattr(m, "_pysparse_own_bias", False)]
-    fast_act = [n for n, m in model.named_modules() if getattr(m, fast_act_mark, False)]
+    fast_act = [n for n, m in model.named_modules() if isinstance(m, FastGELUTanh)]
     tensors: Dict[str, torch.Tensor] = {k: v for k, v in model.state_dict().items() if v is not None}
     save_file(tensors, path, {_KEY: json.dumps(layers), _DROPPED: json.dumps(dropped), _CONVS: json.dumps(convs),
                               _CONV1D: json.dumps(conv1d), _OWN_BIAS: json.dumps(own_bias),
@@ -100,7 +100,7 @@ def load_sparse(model: torch.nn.Module, path) -> torch.nn.Module:
         elif not isinstance(old, (torch.nn.Linear, SparseLinear)):
             raise ValueError(f"{path}: layer {name!r} was a Conv1D made linear, but is a {type(old).__name__} in this "
                              f"model")
-    swap_new_gelu(model, _names(meta, _FAST_ACT, path))
+    swap_gelu_tanh(model, _names(meta, _FAST_ACT, path))
     own_bias = _names(meta, _OWN_BIAS, path)
     if own_bias:
         st.t5_own_position_bias(model)

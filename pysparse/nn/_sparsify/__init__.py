@@ -71,7 +71,7 @@ import torch
 
 from . import recipe as _recipe
 from .recipe import Calibration
-from ..fast_act import swap_new_gelu
+from ..fast_act import swap_gelu_tanh
 from .report import SparsifyReport
 from .structured import apply_structure
 from .weights import apply_weights
@@ -100,11 +100,12 @@ def sparsify(model: torch.nn.Module, recipe: Union[Dict[str, Optional[dict]], st
     ``ignore``: patterns (as the recipe's) of modules to leave alone whatever rule matches them;
     ``filter_fn(module, name)``: False leaves that module alone (torchao's convention). Modules
     either one leaves alone that a rule would have changed are in ``report.skipped``, with why.
-    ``fast_activations``: Hugging Face's ``NewGELUActivation`` ("gelu_new": GPT-2's, seven tensor
-    ops) becomes its one-kernel equal ``GELUTanh`` ("gelu_pytorch_tanh": the same formula, outputs
-    within 3e-7; 19% of a sparsified GPT-2's time at 8 x 128 tokens) where the model's config can
-    say so (``save_sparse`` records them, ``load_sparse`` / ``load_pretrained`` redo it); False
-    keeps them.
+    ``fast_activations``: every tanh-form GELU module (Hugging Face's ``NewGELUActivation``, GPT-2's
+    "gelu_new", seven tensor ops; ``FastGELUActivation``, ``GELUTanh``; torch's
+    ``nn.GELU(approximate="tanh")``) becomes ``pysparse.nn.FastGELUTanh``, pysparse's one-pass
+    kernel (torch's tanh-form GELU was 19% of a sparsified GPT-2's time at 8 x 128 tokens; the
+    function is the same, within eps |x|); ``save_sparse`` records them, ``load_sparse`` /
+    ``load_pretrained`` redo it; False keeps them.
     Report rows: name, kind ("heads" | "neurons" | "drop" | "linear" | "conv"), shape before/after
     and, for linears and convs, format, sparsity, kernel kept, times in us per candidate at each
     shape (convs: at their calibration input; untimed without calibration), speedup.
@@ -130,6 +131,6 @@ def sparsify(model: torch.nn.Module, recipe: Union[Dict[str, Optional[dict]], st
 
 
 def _fast_activations(model: torch.nn.Module, report: SparsifyReport) -> None:
-    for name in swap_new_gelu(model):
-        report.append({"name": name, "kind": "activation", "shape": "NewGELUActivation",
-                       "after": "GELUTanh (one kernel)"})
+    before = {n: type(m).__name__ for n, m in model.named_modules()}
+    for name in swap_gelu_tanh(model):
+        report.append({"name": name, "kind": "activation", "shape": before[name], "after": "FastGELUTanh"})
