@@ -180,3 +180,70 @@ def test_sparsify_sparsegpt_needs_calibration_and_linears():
     with pytest.raises(ValueError, match="criterion 'sparsegpt' is for nn.Linear layers; '1' is an nn.Conv2d"):
         pysparse.sparsify(conv, {"*": {"format": "csr", "sparsity": 0.5, "criterion": "sparsegpt"}},
                           calibration=lambda m: m(torch.randn(1, 3, 12, 12)), time_layers=False)
+
+
+class _Siblings(torch.nn.Module):
+    """q, k, v read one tensor (siblings); `shared` runs twice per forward; `out` reads their sum;
+    `late` runs after a layer a pass may stop before."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.inp = torch.nn.Linear(16, 32)
+        self.q, self.k, self.v = (torch.nn.Linear(32, 32) for _ in range(3))
+        self.shared = torch.nn.Linear(32, 32)
+        self.out = torch.nn.Linear(32, 32)
+        self.late = torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        a = self.q(h) * torch.sigmoid(self.k(h)) + self.v(h)
+        a = self.shared(torch.relu(self.shared(a)))
+        return self.late(torch.relu(self.out(a)))
+
+
+def test_sparsify_sparsegpt_shares_passes_between_siblings_and_stops_early_yet_equals_one_pass_per_layer(monkeypatch):
+    """q/k/v get one calibration pass; later calls end after the last layer a pass records; the
+    module run twice per forward (shared) gets both inputs; the result is bit-identical to one
+    full pass per layer (the plain sequential way)."""
+    import copy
+    from pysparse.nn._sparsify import calibration as cal
+    X = [torch.randn(64, 16, generator=gen(s)) for s in (7, 8, 9)]
+    calib = [lambda m, x=x: m(x) for x in X]
+    rule = {"*": {"format": "csr", "sparsity": 0.5, "criterion": "sparsegpt", "kernel": "dense"}}
+    net = _Siblings().eval()
+
+    passes, modules_run = [], []
+    fast = copy.deepcopy(net)
+    for name, m in fast.named_modules():
+        if name:
+            m.register_forward_pre_hook(lambda m, a, name=name: modules_run.append(name))
+    real = cal.input_hessians
+
+    def counted(*a):
+        start = len(modules_run)
+        out = real(*a)
+        passes.append((a[1][0], modules_run[start:]))
+        return out
+    monkeypatch.setattr(cal, "input_hessians", counted)
+    pysparse.sparsify(fast, rule, calibration=calib, time_layers=False, skip_ends=False)
+    assert [p for p, _ in passes] == ["inp", "q", "shared", "out", "late"]  # k and v: no pass of their own
+    ran = dict(passes)
+    # q's pass: the first call runs everything, the next two end after v; shared runs twice per
+    # call, so its pass never ends early; inp's pass ends right after inp
+    assert ran["q"].count("v") == 3 and ran["q"].count("late") == 1 and ran["q"].count("shared") == 2
+    assert ran["shared"].count("late") == 3 and ran["inp"].count("q") == 1
+
+    def one_pass_per_layer(model, names, calibration):
+        H = None
+
+        def hook(m, args):
+            nonlocal H
+            H = hessian(args[0]) if H is None else hessian(args[0], out=H)
+        cal.run(model, calibration, [model.get_submodule(names[0]).register_forward_pre_hook(hook)])
+        return {names[0]: H}
+    monkeypatch.setattr(cal, "input_hessians", one_pass_per_layer)
+    plain = copy.deepcopy(net)
+    pysparse.sparsify(plain, rule, calibration=calib, time_layers=False, skip_ends=False)
+    for (n, a), (_, b) in zip(fast.state_dict().items(), plain.state_dict().items()):
+        assert torch.equal(a, b), n

@@ -4,7 +4,7 @@ through hooks), and the gradient-based "fisher" scores (a backward pass per cali
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Dict
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -129,28 +129,66 @@ def calls(calibration: Calibration) -> list:
     return [_batch_call(b, f"batch {i}") for i, b in enumerate(batches)]
 
 
-def run(model, calibration: Calibration, hooks: list) -> None:
-    """Run every calibration call on `model` without grad, then remove `hooks` (also on error)."""
+class _Stop(Exception):
+    """Raised by a hook to end a calibration call once what it records has run (run catches it)."""
+
+
+def run(model, calibration: Calibration, hooks: list, after_call: Optional[Callable[[], None]] = None) -> None:
+    """Run every calibration call on `model` without grad (a hook may end one early by raising
+    _Stop), after_call() after each, then remove `hooks` (also on error)."""
     try:
         for f in calls(calibration):
             with torch.no_grad():
-                f(model)
+                try:
+                    f(model)
+                except _Stop:
+                    pass
+            if after_call is not None:
+                after_call()
     finally:
         for h in hooks:
             h.remove()
 
 
-def input_hessian(model, name: str, calibration: Calibration):
-    """X^T X (fp64) of the inputs module `name` receives over the calibration calls, run on the
-    model as it is now (one no-grad pass); None if no call reaches the module."""
-    mod = model.get_submodule(name)
-    H = None
+def input_hessians(model, names: Sequence[str], calibration: Calibration) -> Dict[str, torch.Tensor]:
+    """X^T X (fp64) of the inputs module names[0] receives over the calibration calls, run on the
+    model as it is now (one no-grad pass), and of those later modules names[1:] that receive the
+    very same input tensor, once, in every call (a query projection's key and value siblings:
+    pruning one of them leaves the others' input as it was, so one pass serves all three). Once
+    the first call has shown that each module kept runs once, later calls end right after the
+    last of them has run (what follows cannot change what they saw). A module absent from the
+    result: no call reaches it (names[0]), or it is no such sibling."""
+    mods = [model.get_submodule(n) for n in names]
+    H: Dict[int, torch.Tensor] = {}
+    keep = set(range(len(names)))  # names[0] and the siblings not yet ruled out
+    seen: List[int] = []           # this call's hook order
+    first: Dict[str, object] = {"x": None, "stop": None}
 
-    def hook(m, args):
-        nonlocal H
-        H = prune.hessian(args[0]) if H is None else prune.hessian(args[0], out=H)
-    run(model, calibration, [mod.register_forward_pre_hook(hook)])
-    return H
+    def hook(i):
+        def pre(m, args):
+            x = args[0]
+            if i == 0 and first["x"] is None:
+                first["x"] = x
+            if i in keep and (i == 0 or (x is first["x"] and i not in seen)):
+                H[i] = prune.hessian(x) if i not in H else prune.hessian(x, out=H[i])
+            elif i != 0:
+                keep.discard(i)
+            seen.append(i)
+            if first["stop"] == i and keep.issubset(seen):
+                raise _Stop
+        return pre
+
+    def after_call():
+        calls_of = {i: seen.count(i) for i in set(seen)}
+        for i in list(keep):
+            if i != 0 and (calls_of.get(i) != 1 or calls_of.get(0) != 1):
+                keep.discard(i)
+        if first["stop"] is None and calls_of.get(0) == 1:  # after the first call: where later ones may end
+            first["stop"] = max(keep, key=seen.index) if all(calls_of.get(i) == 1 for i in keep) else -1
+        first["x"] = None
+        seen.clear()
+    run(model, calibration, [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(mods)], after_call)
+    return {names[i]: h for i, h in H.items() if i in keep}
 
 
 def fisher_scores(model, calibration, units: Dict[str, tuple], weights: Dict[str, torch.nn.Module]):

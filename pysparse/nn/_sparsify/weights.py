@@ -67,6 +67,8 @@ def apply_weights(model, recipe, calibration, *, skip_ends: bool, time_layers: b
     scores = {name: _weight_scores(name, lin, rule, stats, fisher) for name, lin, rule in todo}
     sparsity = {**_global_sparsity(todo, scores), **_owl_sparsity(todo, stats),
                 **_sensitivity_sparsity(model, todo, calibration)}
+    later_sparsegpt = [n for n, m, r in todo if criterion_of(r) == "sparsegpt"]
+    hessians: Dict[str, torch.Tensor] = {}  # siblings' Hessians from the last SparseGPT pass (_sparsegpt)
     for name, lin, rule in progress(todo, "sparsify: layers", show_progress):
         crit = criterion_of(rule)
         rule = dict(rule)
@@ -79,7 +81,10 @@ def apply_weights(model, recipe, calibration, *, skip_ends: bool, time_layers: b
         if name in sparsity:
             rule["sparsity"] = sparsity[name]
         if crit == "sparsegpt":
-            rule = _sparsegpt(model, name, lin, fmt, rule, calibration)
+            later_sparsegpt.remove(name)
+            rule = _sparsegpt(model, name, lin, fmt, rule, calibration, hessians, later_sparsegpt)
+        else:
+            hessians.clear()  # this layer's pruning may reach what they saw
         if scores[name] is not None:
             rule["scores"] = scores[name]
             if fmt != "nm":
@@ -128,10 +133,17 @@ def _weight_scores(name, lin, rule, stats, fisher) -> Optional[torch.Tensor]:
     return None
 
 
-def _sparsegpt(model, name: str, lin: torch.nn.Linear, fmt: str, rule: dict, calibration) -> dict:
+def _sparsegpt(model, name: str, lin: torch.nn.Linear, fmt: str, rule: dict, calibration,
+               hessians: Dict[str, torch.Tensor], later: List[str]) -> dict:
     """Prune `lin` in place by SparseGPT with the Hessian of the inputs it receives in the model
-    as pruned so far; the rule, left to store the zeros as they are."""
-    H = cal.input_hessian(model, name, calibration)
+    as pruned so far; the rule, left to store the zeros as they are. hessians: what the last pass
+    recorded for the siblings it found among the `later` SparseGPT layers (their shared input is
+    unchanged while only they are pruned); a layer not there gets a fresh pass, which replaces them."""
+    H = hessians.pop(name, None)
+    if H is None:
+        hessians.clear()
+        hessians.update(cal.input_hessians(model, [name] + later, calibration))
+        H = hessians.pop(name, None)
     if H is None:
         raise ValueError(f"sparsify: criterion 'sparsegpt' for {name!r} needs calibration inputs that reach it")
     if fmt == "nm":
