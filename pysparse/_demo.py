@@ -26,7 +26,8 @@ from .recover import recover
 # (label, recipe[, recovery seconds]). "layers.*" matches the encoder layers (attention + FFN
 # modules) and every linear inside them; sparsify skips the model's first and last linear by
 # default. With recovery seconds, the pruned model gets a second row after pysparse.recover has
-# distilled it towards the dense one for that long (sparse values only, patterns fixed).
+# distilled it towards the dense one for that long (sparse values only, patterns fixed; a model
+# with no sparse layer, pruned by structure only, trains all its parameters at its new shapes).
 RECIPES = [
     ("2:4 all linears, magnitude", {"layers.*": {"format": "nm"}}),
     ("2:4 all linears, Wanda", {"layers.*": {"format": "nm", "criterion": "wanda"}}),
@@ -41,7 +42,7 @@ RECIPES = [
     ("25% heads, activation + LS", {"layers.*": {"heads": 0.25, "criterion": "activation", "reconstruct": True}}),
     ("25% heads + 40% neurons, magnitude", {"layers.*": {"heads": 0.25, "neurons": 0.4}}),
     ("25% heads + 40% neurons, activation + LS",
-     {"layers.*": {"heads": 0.25, "neurons": 0.4, "criterion": "activation", "reconstruct": True}}),
+     {"layers.*": {"heads": 0.25, "neurons": 0.4, "criterion": "activation", "reconstruct": True}}, 90),
 ]
 QUICK = {"2:4 all linears, Wanda", "2:4 all linears, SparseGPT", "45% FFN neurons, activation + LS", "25% heads, magnitude"}
 QUICK_RECOVER_S = 10  # the recovery budget of a quick run
@@ -131,7 +132,10 @@ def run(quick: bool = False, plot: Optional[str] = None, out_json: Optional[str]
         parts["latency and fidelity"] += time.perf_counter() - t0
         if recover_s:
             seconds = QUICK_RECOVER_S if quick else recover_s[0]
-            rep = recover(model, dense, recovery, time_budget=seconds, hidden=hidden, progress=False)
+            sparse_layers = any(isinstance(m, SparseLinear) or getattr(m, "_pysparse_pruned", False)
+                                for m in model.modules())
+            rep = recover(model, dense, recovery, time_budget=seconds, hidden=hidden,
+                          train="sparse" if sparse_layers else "all", progress=False)
             parts["recover"] += rep["seconds"]
             t0 = time.perf_counter()
             rows.append(_row(f"{label} + recover {seconds:g} s", model, dense, tok, evals, ref, b32, b1, quick,
@@ -143,7 +147,8 @@ def run(quick: bool = False, plot: Optional[str] = None, out_json: Optional[str]
     print("LS = the output projection refitted by least squares on the calibration sentences (no gradient "
           "training); 'recover' = pysparse.recover, distillation towards the dense embeddings and every encoder "
           "layer's output on "
-          f"{sum(len(b[0]) for b in recovery)} further sentences (only the kept values train); 'swapped' = linears "
+          f"{sum(len(b[0]) for b in recovery)} further sentences (only the kept values train; every parameter "
+          "after structured pruning alone); 'swapped' = linears "
           "kept sparse / pruned (the rest run dense where no sparse kernel was faster at both tuned shapes).")
     if sensitivity_plot:
         t0 = time.perf_counter()

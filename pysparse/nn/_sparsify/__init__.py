@@ -28,7 +28,8 @@ nn.Linear each equals): ``format`` ("csr" | "bsr" | "nm" | "N:M" such as "2:4"),
 ``blocksize``, ``criterion`` ("magnitude": |W| | "wanda": |W| * ||x|| | "fisher": (w dL/dw)^2 summed
 over calibration batches | "sparsegpt": ``pysparse.prune.sparsegpt`` with the Hessian of the
 layer's inputs, recorded on the model as pruned so far (one calibration pass per layer, in model
-order), which also updates the kept weights; nn.Linear only), ``scope`` ("local" | "global": csr only, one threshold over every
+order; layers reading the very same input, such as q/k/v, share one, and a pass ends once its
+layers have run), which also updates the kept weights; nn.Linear only), ``scope`` ("local" | "global": csr only, one threshold over every
 linear the rule matches), ``allocation`` ("uniform": every layer at the rule's sparsity |
 "sensitivity": layers whose pruning changes the output more keep more: each is pruned alone on a
 grid over sparsity +- ``spread`` (default 0.08) on the first calibration batch, then the cheapest
