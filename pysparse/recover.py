@@ -117,7 +117,7 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
     batches = list(batches)
     if not batches:
         raise ValueError("pysparse.recover: batches is empty")
-    taps = _Taps(student, teacher, hidden)
+    tapped = _Taps.modules(student, teacher, hidden)
     params, masked = _sparse_parameters(student) if train == "sparse" else \
         ([p for p in student.parameters() if p.requires_grad], [])
     if not params:
@@ -134,7 +134,6 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     # A pruned layer kept dense: its zeros get no gradient, so AdamW's moments and step stay 0 there
     # (and decoupled weight decay scales a zero to zero).
-    hooks = [p.register_hook(lambda g, m=m: g * m) for p, m in masked]
     cache: Dict[int, Tuple[torch.Tensor, List[torch.Tensor]]] = {}
     cached_bytes = 0
 
@@ -160,10 +159,14 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
                 count += 1
         return total / max(count, 1)
 
-    report: Dict = {"eval_before": evaluate(), "losses": [], "trained_parameters": sum(p.numel() for p in params)}
-    bar = _progress(steps, progress)
-    start = time.perf_counter()
+    report: Dict = {"losses": [], "trained_parameters": sum(p.numel() for p in params)}
+    hooks = [p.register_hook(lambda g, m=m: g * m) for p, m in masked]
+    taps = _Taps(tapped)
+    bar = lambda value: None  # noqa: E731  (the progress bar, once evaluation has run)
     try:
+        report["eval_before"] = evaluate()
+        bar = _progress(steps, progress)
+        start = time.perf_counter()
         for step, (i, batch) in enumerate(itertools.cycle(enumerate(batches))):
             if steps is not None and step >= steps:
                 break
@@ -202,20 +205,26 @@ class _Taps:
     """Forward hooks on the submodules named in ``hidden`` of both models: each forward leaves the
     outputs there, in name order, for ``take``."""
 
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, names: Sequence[str]):
-        self.names = list(names)
-        self.seen: Dict[str, Dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
-        self.handles = []
-        for name in self.names:
+    @staticmethod
+    def modules(student: torch.nn.Module, teacher: torch.nn.Module, names: Sequence[str]) -> List[tuple]:
+        """(name, side, module) for every name and model; a ValueError for a name either lacks."""
+        out = []
+        for name in names:
             if not isinstance(name, str):
                 raise TypeError(f"pysparse.recover: hidden must name submodules, got {name!r}")
             for side, model in (("student", student), ("teacher", teacher)):
                 try:
-                    mod = model.get_submodule(name)
+                    out.append((name, side, model.get_submodule(name)))
                 except AttributeError:
                     raise ValueError(f"pysparse.recover: hidden names {name!r}, which the {side} does not have") from None
-                self.handles.append(mod.register_forward_hook(
-                    lambda m, args, out, side=side, name=name: self.seen[side].__setitem__(name, _output(out))))
+        return out
+
+    def __init__(self, tapped: List[tuple]):
+        self.names = list(dict.fromkeys(name for name, _, _ in tapped))
+        self.seen: Dict[str, Dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
+        self.handles = [mod.register_forward_hook(
+            lambda m, args, out, side=side, name=name: self.seen[side].__setitem__(name, _output(out)))
+            for name, side, mod in tapped]
 
     def take(self, side: str) -> List[torch.Tensor]:
         got = self.seen[side]

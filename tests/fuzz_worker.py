@@ -509,8 +509,9 @@ def activation(shape, dtype, view, name, scale, special, isa, threads, seed):
     x = x.to(dt)
     with machine(isa, threads), must_work(f"activation {name}"):
         y = pysparse.activations.apply(name, x)
+        # torch's own kernels round some elements differently at other thread counts: same machine
+        torch_y = pysparse.activations.ACTIVATIONS[name](x.contiguous())
     assert y.dtype == dt and y.shape == x.shape and y.is_contiguous(), f"activation {name}: dtype/shape/layout"
-    torch_y = pysparse.activations.ACTIVATIONS[name](x.contiguous())
     if name != "gelu_tanh":
         assert torch.equal(y, torch_y) or (y.isnan() == torch_y.isnan()).all() and \
             torch.equal(y.nan_to_num(), torch_y.nan_to_num()), f"activation {name}: not torch's"
