@@ -169,10 +169,10 @@ def input_hessians(model, names: Sequence[str], calibration: Calibration) -> Dic
             x = args[0]
             if i == 0 and first["x"] is None:
                 first["x"] = x
-            if i in keep and (i == 0 or (x is first["x"] and i not in seen)):
-                H[i] = prune.hessian(x) if i not in H else prune.hessian(x, out=H[i])
-            elif i != 0:
-                keep.discard(i)
+            if i == 0:
+                H[0] = prune.hessian(x) if 0 not in H else prune.hessian(x, out=H[0])
+            elif i in keep and not (x is first["x"] and i not in seen):
+                keep.discard(i)  # a sibling reads names[0]'s input once per call: its Hessian is names[0]'s
             seen.append(i)
             if first["stop"] == i and keep.issubset(seen):
                 raise _Stop
@@ -188,7 +188,9 @@ def input_hessians(model, names: Sequence[str], calibration: Calibration) -> Dic
         first["x"] = None
         seen.clear()
     run(model, calibration, [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(mods)], after_call)
-    return {names[i]: h for i, h in H.items() if i in keep}
+    if 0 not in H:
+        return {}
+    return {names[i]: H[0] if i == 0 else H[0].clone() for i in sorted(keep)}
 
 
 def fisher_scores(model, calibration, units: Dict[str, tuple], weights: Dict[str, torch.nn.Module]):
