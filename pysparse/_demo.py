@@ -21,7 +21,7 @@ from . import analyze
 from ._info import info
 from .bench import alternating
 from .nn import SparseLinear, sparsify
-from .recover import recover
+from .recover import _sparse_parameters, recover
 
 # (label, recipe[, recovery seconds]). "layers.*" matches the encoder layers (attention + FFN
 # modules) and every linear inside them; sparsify skips the model's first and last linear by
@@ -132,10 +132,8 @@ def run(quick: bool = False, plot: Optional[str] = None, out_json: Optional[str]
         parts["latency and fidelity"] += time.perf_counter() - t0
         if recover_s:
             seconds = QUICK_RECOVER_S if quick else recover_s[0]
-            sparse_layers = any(isinstance(m, SparseLinear) or getattr(m, "_pysparse_pruned", False)
-                                for m in model.modules())
             rep = recover(model, dense, recovery, time_budget=seconds, hidden=hidden,
-                          train="sparse" if sparse_layers else "all", progress=False)
+                          train="sparse" if _sparse_parameters(model)[0] else "all", progress=False)
             parts["recover"] += rep["seconds"]
             t0 = time.perf_counter()
             rows.append(_row(f"{label} + recover {seconds:g} s", model, dense, tok, evals, ref, b32, b1, quick,

@@ -6,8 +6,8 @@
 
 ``apply`` runs the registered op ``pysparse::activation`` (differentiable, traceable by
 torch.compile): on CPU its gelu_tanh is pysparse's vector kernel (~5x torch's on this repository's
-CPUs: benchmarks/RESULTS.md, "GELU"), within 4 ulp of the exact function; every other name, and
-other devices, run torch's kernels (the ACTIVATIONS table below).
+CPUs: benchmarks/RESULTS.md, "GELU"), within eps |x| of the exact function as torch's own is;
+every other name, and other devices, run torch's kernels (the ACTIVATIONS table below).
 
 The C++ ops parse the same names (csrc/include/activations.h) and the Triton kernels encode them
 as integer codes (pysparse/_triton/kernels/_tiles.py). "gelu" is the erf form, "gelu_tanh" the
