@@ -4,11 +4,13 @@ same matrix, side by side in one run; plus compression throughput.
     PYTHONPATH=. .venv/bin/python benchmarks/bench_nm_spmm.py            # full sweep (~4 min)
     PYTHONPATH=. .venv/bin/python benchmarks/bench_nm_spmm.py --quick
 
-Y = A @ X, A (M, K) pruned 2:4 by magnitude, X (K, n) row-major. Every number is the median of
-torch.utils.benchmark.Timer.blocked_autorange with num_threads = torch.get_num_threads() (the
-Timer's default is one thread). warm: the same operand each call; cold: the call rotates through
-copies of the operand totalling > 64 MB, so weights stream from DRAM. Results: CSV and markdown
-under benchmarks/results/<host>/nm_spmm.{csv,md}; the bars of the 2:4 issue are checked at the end.
+Y = A @ X, A (M, K) pruned 2:4 by magnitude, X (K, n) row-major. The sides of a row (ours, our
+CSR, dense fp32, dense in the row's dtype) run in alternating rounds (pysparse.bench.alternating:
+the median of --rounds rounds, each the median of --reps calls), at torch.get_num_threads()
+threads. warm: the same operand each call; cold: the call rotates through
+copies of the operand totalling > 64 MB (weights stream from the L3 or DRAM). Results: CSV and
+markdown under benchmarks/results/<host>/nm_spmm.{csv,md} (--out names another stem); the bars of
+the 2:4 issue are checked at the end.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 import pysparse
-from pysparse.bench import median_us, rotating
+from pysparse.bench import alternating, median_us, rotating
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,7 +34,9 @@ def main():
     ap.add_argument("--shapes", default="3072x768,4096x4096,11008x4096")
     ap.add_argument("--ns", default="1,8,32,128,512")
     ap.add_argument("--dtypes", default="fp32,bf16,fp16")
-    ap.add_argument("--min-run-time", type=float, default=0.15)
+    ap.add_argument("--out", default="", help="file stem under results/<host>/ (default nm_spmm)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds per row (median of the rounds)")
+    ap.add_argument("--reps", type=int, default=7, help="calls per round (median of the calls)")
     args = ap.parse_args()
     if args.quick:
         args.shapes, args.ns, args.dtypes = "3072x768", "1,32", "fp32,bf16"
@@ -41,7 +45,7 @@ def main():
     dtypes = args.dtypes.split(",")
     out_dir = Path(__file__).parent / "results" / socket.gethostname()
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "nm_spmm_quick" if args.quick else "nm_spmm"
+    stem = args.out or ("nm_spmm_quick" if args.quick else "nm_spmm")
     info = pysparse.info()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, pysparse ISA {info['cpu_isa_selected']}", flush=True)
 
@@ -52,7 +56,7 @@ def main():
         W32 = pysparse.prune.nm(torch.randn(M, K), 2, 4)
         # compression throughput: dense fp32 in, GB/s of dense input
         pysparse.Sparse24.from_dense(W32)  # warm-up (page faults of the outputs)
-        t_c = median_us(lambda: pysparse.Sparse24.from_dense(W32), args.min_run_time)
+        t_c = median_us(lambda: pysparse.Sparse24.from_dense(W32), 0.15)
         compress.append((f"{M}x{K}", t_c, W32.numel() * 4 / t_c / 1e3))
         print(f"{M}x{K} compress fp32: {t_c:.0f} us = {compress[-1][2]:.2f} GB/s of dense input", flush=True)
         for dname in dtypes:
@@ -75,10 +79,13 @@ def main():
                                   C.values.numel() * (C.values.element_size() + 2), cold)
                     gW32 = rotating(lambda: W32.clone(), W32.numel() * 4, cold)
                     gW = rotating(lambda: W.clone(), W.numel() * W.element_size(), cold) if dt != torch.float32 else gW32
-                    t_ours = median_us(lambda: pysparse.spmm(gA(), X), args.min_run_time)
-                    t_csr = median_us(lambda: pysparse.spmm(gC(), X), args.min_run_time)
-                    t_d32 = median_us(lambda: gW32() @ X32, args.min_run_time)
-                    t_dsame = median_us(lambda: gW() @ X, args.min_run_time) if dt != torch.float32 else t_d32
+                    # Alternating rounds: the host's speed moves by up to 1.7x between minutes.
+                    sides = [lambda: pysparse.spmm(gA(), X), lambda: pysparse.spmm(gC(), X), lambda: gW32() @ X32]
+                    if dt != torch.float32:
+                        sides.append(lambda: gW() @ X)
+                    times = [t * 1e6 for t in alternating(*sides, rounds=args.rounds, reps=args.reps)]
+                    t_ours, t_csr, t_d32 = times[:3]
+                    t_dsame = times[3] if dt != torch.float32 else t_d32
                     row = dict(shape=f"{M}x{K}", dtype=dname, mode=mode, n=n, ours_us=round(t_ours, 1),
                                dense_fp32_us=round(t_d32, 1), dense_same_dtype_us=round(t_dsame, 1),
                                our_csr_us=round(t_csr, 1), x_vs_dense_fp32=round(t_d32 / t_ours, 2),

@@ -375,3 +375,29 @@ def test_linear_at_a_few_tokens(isa, dtype):
                 assert_close(y, ref, absref, dtype, what=f"{isa} T={T} contiguous={xv.is_contiguous()}")
     finally:
         pysparse.set_cpu_isa("auto")
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_linear_and_spmm_past_32_tokens(isa, dtype):
+    # 2:4 on AVX-512 from 33 tokens on runs the slice kernel: 64-token panels (33, 65 and 200
+    # leave a padded last one), 128-column slices (1056 = 8 of them + a 32-column tail; 72 is one
+    # partial slice), 128-row chunks (300 rows: two threads' parts, one cut mid-chunk, and the next
+    # chunk's values fetched ahead); 260 columns (K % 8 == 4) take the panel kernel instead.
+    pysparse.set_cpu_isa(isa)
+    try:
+        for R, K in ((300, 1056), (37, 72), (20, 260)):
+            W = _nm_matrix(R, K, 2, 4, dtype, holes=0.1)
+            A = Sparse24.from_dense(W)
+            b = randn(R, g=gen(R)).to(dtype)
+            for T in (33, 64, 65, 200):
+                x = randn(T, K, g=gen(T + K)).to(dtype)
+                y = pysparse.linear(x, A, b, activation="relu")
+                ref = reference_linear(x, W, b, "relu")
+                absref = x.double().abs() @ W.double().abs().T + b.double().abs()
+                assert_close(y, ref, absref, dtype, what=f"{isa} linear {R}x{K} T={T}")
+                xt = x.t().contiguous()
+                assert_close(pysparse.spmm(A, xt), W.double() @ xt.double(), W.double().abs() @ xt.double().abs(), dtype,
+                             what=f"{isa} spmm {R}x{K} n={T}")
+    finally:
+        pysparse.set_cpu_isa("auto")

@@ -8,6 +8,9 @@
 // The panel kernel instantiation for the panel width the launcher chose (N:M takes CSR's widths).
 template <typename T>
 static void nm_dispatch_nv(const NmArgs& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+#if PYSPARSE_ISA_LEVEL == 2
+  if (a.n == 2 && a.m == 4 && a.B.nb == 4 * Vec::W && a.K % 8 == 0) return nm_slice_kernel_24<T>(a, r0, r1, p0, p1);
+#endif
   if (a.B.nb == VecNarrow::W) return nm_panel_kernel<VecNarrow, T, 1>(a, r0, r1, p0, p1);
   switch (a.B.nb / Vec::W) {
     case 1: return nm_panel_kernel<Vec, T, 1>(a, r0, r1, p0, p1);
@@ -74,6 +77,7 @@ static KernelTable make_table(const char* name) {
 #define PYSPARSE_NM_TOKEN_ROW(T) nullptr
 #endif
   t.nm_token_row_max_n = kNmTokenRowMaxN;
+  t.nm_slice_min_n = PYSPARSE_ISA_LEVEL == 2 ? kNmSliceMinN : INT64_MAX;
 #define PYSPARSE_FILL(DT, T)                                     \
   t.csr[DT][kI32] = csr_dispatch_nv<T, int32_t, int32_t>;        \
   t.csr[DT][kI64] = csr_dispatch_nv<T, int64_t, int64_t>;        \

@@ -24,8 +24,9 @@ static void nm_panel_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t p0,
   // Rows are decoded kNmChunkRows at a time, once for all panels (decoding per panel had made
   // n = 512 slower than CSR on the same matrix). 2:4 and 4:8 skip the decode: every mask byte
   // then holds exactly 4 kept positions, read straight from the byte table inside the FMA loop
-  // (7-11% faster than decoding at 4096x4096 fp32, n = 8 and 32). 2:4 with K % 32 == 0 takes the
-  // token-row kernel instead where the ISA has it (AVX-512: every n > 1; AVX2: n <= 8); 4:8, other
+  // (7-11% faster than decoding at 4096x4096 fp32, n = 8 and 32). 2:4 takes the token-row kernel
+  // (K % 32 == 0) or the slice kernel (K % 8 == 0) instead where the ISA has them (AVX-512: every
+  // n > 1; AVX2: n <= 8); 4:8, other
   // patterns, wider AVX2 products and the scalar build run this one.
   const bool half = 2 * a.n == a.m && a.m <= 8 && K % 16 == 0;
   for (int64_t c0 = r0; c0 < r1; c0 += kNmChunkRows) {
@@ -120,6 +121,10 @@ static inline float gemv_row_24(const uint8_t* mrow, const T* vrow, int64_t K, c
 // 2 loads, 2 permutes and a blend per 8 kept values, and from a few tokens on the row-axpy (a
 // broadcast and one FMA per value for 8 tokens) needs fewer instructions.
 constexpr int64_t kNmTokenRowMaxN = PYSPARSE_ISA_LEVEL == 2 ? INT64_MAX : PYSPARSE_ISA_LEVEL == 1 ? 8 : 0;
+// From this many tokens 2:4 on AVX-512 takes the slice kernel below instead: 1.5-2x the
+// token-row kernel at 48-1024 tokens, equal at 32, half its speed at 16 (its 64-token panel is
+// then mostly padding).
+constexpr int64_t kNmSliceMinN = 33;
 
 #if PYSPARSE_ISA_LEVEL >= 1
 // The token-row kernel. 2:4, n >= 2 columns of B taken as rows of B^T (the linear layout's input
@@ -131,7 +136,8 @@ constexpr int64_t kNmTokenRowMaxN = PYSPARSE_ISA_LEVEL == 2 ? INT64_MAX : PYSPAR
 // of NT = 2, 4 or 8 (a group of 16 runs out of general registers for the token pointers and was
 // slower than two of 8; n = 2 computed as 4 cost 2x); tokens past n re-read token n - 1's row and
 // are dropped. It beats the row-axpy panel kernel at every n measured (up to 512), so 2:4 on
-// AVX-512 uses it for all n > 1, 64 tokens per output tile: this call computes tokens
+// AVX-512 uses it for 1 < n < kNmSliceMinN (the slice kernel below from there on), 64 tokens per
+// output tile: this call computes tokens
 // t0 .. min(t0 + NT, n) into the tile of the slice starting at s0.
 template <typename T, int NT>
 static void nm_token_row_group_24(const NmArgs& a, int64_t m0, int rows, int64_t s0, int64_t t0, int64_t n,
@@ -187,6 +193,91 @@ static void nm_token_row_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t
       else
         for (int64_t t0 = s0; t0 < s1; t0 += 8) nm_token_row_group_24<T, 8>(a, m0, rows, s0, t0, s1, tile, vbuf, part);
       store_tile<T>(a.O, tile, int(kNmTokenSlice), m0, rows, s0, int(s1 - s0));
+    }
+  }
+}
+#endif
+
+#if PYSPARSE_ISA_LEVEL == 2
+// ---------------------------------------------------------------------------------------------
+// 2:4, n >= kNmSliceMinN, AVX-512, 64-token panels: the rows of a chunk walk the panel a
+// 128-column slice (32 KiB) at a time, so the 4 panel lines each kept value multiplies come from
+// L1, not L2 (where the row-axpy's and the token-row kernel's operands live at BERT sizes). A
+// 2:4 row holds exactly 64 values per slice, so its loop count is the same everywhere (no
+// misprediction per segment, the loss of CSR's K-blocking) and the accumulators' reload is paid
+// once per 256 FMAs. Positions come from the mask byte through a table of the 4 kept columns'
+// byte offsets into the panel (no decode pass, no index stream: 4.25 bytes per fp32 value).
+
+// Byte offsets of a mask byte's 4 kept columns' lines in a 64-token panel (16 bits: <= 7 x 256).
+struct Nm24Offsets {
+  uint16_t off[256][4];
+  constexpr Nm24Offsets() : off() {
+    for (int v = 0; v < 256; ++v)
+      for (int b = 0, c = 0; b < 8 && c < 4; ++b)
+        if (v >> b & 1) off[v][c++] = uint16_t(b * 64 * 4);
+  }
+};
+static constexpr Nm24Offsets kNm24Offsets{};
+
+// acc (64 floats) += the row's kept values of `bytes` mask bytes (8 columns, 4 values each) times
+// the panel lines from bp on. BYTES > 0: that count, unrolled. Forced inline: with 128-row
+// chunks gcc made it a call per 64 values (7% of the product at 768x768, n = 512).
+template <typename T, int BYTES>
+__attribute__((always_inline)) static inline void nm24_segment(const uint8_t* mb, const T* v, int bytes, const char* bp, float* acc) {
+  constexpr int W = Vec::W, NV = 4;
+  const int nbytes = BYTES > 0 ? BYTES : bytes;
+  typename Vec::V s[2][NV];  // two sets: a set's FMA chain waits 4 cycles per value
+  for (int q = 0; q < NV; ++q) s[0][q] = s[1][q] = Vec::zero();
+#pragma GCC unroll 16
+  for (int b = 0; b < nbytes; ++b, bp += 8 * 64 * 4, v += 4) {
+    const uint16_t* off = kNm24Offsets.off[mb[b]];
+    for (int u = 0; u < 4; ++u) {
+      const typename Vec::V w = Vec::set1(to_f32(v[u]));
+      const float* line = reinterpret_cast<const float*>(bp + off[u]);
+      for (int q = 0; q < NV; ++q) s[u & 1][q] = Vec::fma(w, Vec::load(line + q * W), s[u & 1][q]);
+    }
+  }
+  for (int q = 0; q < NV; ++q) Vec::store(acc + q * W, Vec::add(Vec::load(acc + q * W), Vec::add(s[0][q], s[1][q])));
+}
+
+// Every mask byte of a checked 2:4 bitmap marks exactly 4 columns (check_nm tests each group),
+// so the values advance by 4 per byte and no offset is read past its table row.
+template <typename T>
+static void nm_slice_kernel_24(const NmArgs& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+  constexpr int NB = 4 * Vec::W;
+  // Rows per chunk: a panel slice is read into L1 once per chunk and per panel, and with many
+  // panels (n >= 512) those reads come from L3. 128 rows ran 1.1-1.3x 32 rows there and the
+  // same at n = 64 (bench: alternating 16/32/64/128, 3072x768, 768x3072, 4096x4096); their
+  // accumulators (32 KiB) are touched once per 256 FMAs and may sit in L2.
+  constexpr int64_t kRows = 128, kSliceBytes = kNmSliceCols / 8;
+  const int64_t K = a.K, kept = K / 2, mbytes = K / 8;
+  const T* val = static_cast<const T*>(a.val);
+  std::vector<float> acc_buf(kRows * NB);
+  float* acc = acc_buf.data();
+  for (int64_t m0 = r0; m0 < r1; m0 += kRows) {
+    const int rows = int(r1 - m0 < kRows ? r1 - m0 : kRows);
+    for (int64_t p = p0; p < p1; ++p) {
+      const char* panel = reinterpret_cast<const char*>(a.B.b + p * a.B.panel_stride);
+      const int64_t j0 = p * NB;
+      const int cols = int(a.B.n - j0 < NB ? a.B.n - j0 : NB);
+      std::memset(acc, 0, sizeof(float) * size_t(rows) * NB);
+      for (int64_t b0 = 0; b0 < mbytes; b0 += kSliceBytes) {
+        const int bytes = int(mbytes - b0 < kSliceBytes ? mbytes - b0 : kSliceBytes);
+        const char* bp = panel + b0 * 8 * NB * 4;
+        for (int i = 0; i < rows; ++i) {
+          const uint8_t* mb = a.mask + (m0 + i) * mbytes + b0;
+          const T* v = val + (m0 + i) * kept + b0 * 4;
+          // The next chunk's values, fetched while this one runs (in a model every layer's
+          // weights are cold): its row i's segment of this slice, on the first panel.
+          if (p == p0 && m0 + kRows + i < r1)
+            for (int64_t off = 0; off < bytes * 4 * int64_t(sizeof(T)); off += 64)
+              __builtin_prefetch(reinterpret_cast<const char*>(v + kRows * kept) + off);
+          if (bytes == kSliceBytes) nm24_segment<T, kSliceBytes>(mb, v, bytes, bp, acc + i * NB);
+          else nm24_segment<T, 0>(mb, v, bytes, bp, acc + i * NB);
+        }
+      }
+      for (int i = 0; i < rows; i += 16)
+        store_tile<T>(a.O, acc + i * NB, NB, m0 + i, rows - i < 16 ? rows - i : 16, j0, cols);
     }
   }
 }

@@ -290,8 +290,10 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   }
   const bool gemv = n == 1;
   // 2:4 where the ISA has the token-row kernel.
+  // 2:4 where the ISA has the slice kernel (nm_impl.h), else the token-row kernel.
+  const bool nm_slice = A.nm() && A.n == 2 && A.m == 4 && n >= kt.nm_slice_min_n && K % 8 == 0;
   const bool nm_token_row = A.nm() && A.n == 2 && A.m == 4 && n > 1 && n <= kt.nm_token_row_max_n && K % 32 == 0 &&
-                            kt.nm_token_row[dt] != nullptr;
+                            kt.nm_token_row[dt] != nullptr && !nm_slice;
   // CSR at 64-token panels through its slice plan (csr_impl.h: csr_plan_kernel) where a panel
   // outgrows L1 (K > 2 slices) but stays in L2 (K <= 8192), at densities of 12.5-25%, or from
   // 6.25% where K >= 2048 (the row-axpy's panel, >= 512 KiB, then spills furthest). Measured
@@ -314,7 +316,7 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   // B^T's rows (fp32, contiguous along K), no panels: 2:4's token-row kernel, and the bitmap's
   // tokens. In the linear layout these are the input rows as they are; spmm's B (K, n) is transposed.
   const bool token_row = nm_token_row || (bitmap.defined() && !gemv);
-  const int nb = gemv ? 1 : token_row ? int(n) : plan.defined() ? 64
+  const int nb = gemv ? 1 : token_row ? int(n) : plan.defined() || nm_slice ? 64
                : (A.blocked ? kt.bsr_panel_width(n, K) : kt.csr_panel_width(n, K));
   const int64_t npanels = (n + nb - 1) / nb;
   const int64_t esize = A.values.element_size();

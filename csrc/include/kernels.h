@@ -96,6 +96,7 @@ struct BsrArgs {
 // bit j of byte b = column 8 b + j.
 constexpr int64_t kNmChunkRows = 32;  // rows whose positions the N:M panel kernel decodes at once
 constexpr int64_t kNmTokenSlice = 64;  // tokens per output tile of the token-row kernels
+constexpr int64_t kNmSliceCols = 128;  // columns of a slice of the 2:4 slice kernel's panel (32 KiB)
 struct NmArgs {
   const void* val;
   const uint8_t* mask;
@@ -222,6 +223,9 @@ struct KernelTable {
   // rows of B^T (B.ldb apart), B.n of them, no panels. Null where the ISA has no such kernel.
   NmFn nm_token_row[kNumDTypes];
   int64_t nm_token_row_max_n;
+  // 2:4 from this many columns of B on (INT64_MAX where the ISA has no such kernel): the slice
+  // kernel, through nm[] at nb = 64 (4 vectors) with K % 8 == 0.
+  int64_t nm_slice_min_n;
   // First row of an N:M bitmap with a group of m columns that does not mark exactly n positions
   // (or with a bit set past column K), or -1.
   int64_t (*nm_bad_row)(const uint8_t* mask, int64_t rows, int64_t K, int n, int m);
