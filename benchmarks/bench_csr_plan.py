@@ -190,8 +190,13 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-only", action="store_true", help="only the decode rows (n = 1, then 1-4 tokens)")
     ap.add_argument("--tokens-only", action="store_true", help="only the rows of 1-4 tokens")
     ap.add_argument("--jit-only", action="store_true", help="only the JIT rows (written to csr_jit.json)")
+    ap.add_argument("--plan-only", action="store_true", help="only the slice-plan rows (n = 128..1024)")
+    ap.add_argument("--shapes", default=",".join(f"{m}x{k}" for m, k in SHAPES), help="slice-plan layers, MxK,...")
+    ap.add_argument("--sparsities", default=",".join(str(v) for v in SPARSITIES), help="slice-plan sparsities")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "csr_plan.json"))
     args = ap.parse_args(argv)
+    shapes = [tuple(int(v) for v in t.split("x")) for t in args.shapes.split(",")]
+    sparsities = [float(v) for v in args.sparsities.split(",")]
     torch.set_num_threads(args.threads)
     roof = roofline(args.threads)
     print(f"{args.threads} threads; fp32 FMA peak {roof.fp32_gflops:.0f} GFLOP/s", flush=True)
@@ -208,7 +213,7 @@ def main(argv=None) -> int:
     print("| layer | sparsity | n | first call ms (makes the plan) | later calls, cold | plan vs row-axpy, warm | cold "
           "| plan vs dense, warm | cold | plan GFLOP/s warm (of peak) | cold | row-axpy GFLOP/s warm (of peak) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for (M, K), s, n in ((shape, s, n) for shape in SHAPES for s in SPARSITIES for n in TOKENS
+    for (M, K), s, n in ((shape, s, n) for shape in shapes for s in sparsities for n in TOKENS
                          if not (args.decode_only or args.tokens_only)):
         W = pysparse.prune.magnitude(torch.randn(M, K, generator=g), s)
         A = pysparse.CSR.from_dense(W)
@@ -236,8 +241,8 @@ def main(argv=None) -> int:
               f"| {t['dense_cold'] / t['plan_cold']:.2f}x | {rate['plan']:.0f} ({roof.fraction(rate['plan']):.0%}) "
               f"| {rate['plan_cold']:.0f} ({roof.fraction(rate['plan_cold']):.0%}) "
               f"| {rate['axpy']:.0f} ({roof.fraction(rate['axpy']):.0%}) |", flush=True)
-    decode = decode_rows(args, roof, g) if not args.tokens_only else []
-    tokens = token_rows(args, g)
+    decode = decode_rows(args, roof, g) if not (args.tokens_only or args.plan_only) else []
+    tokens = token_rows(args, g) if not args.plan_only else []
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(dict(threads=args.threads, fp32_peak_gflops=roof.fp32_gflops, roofline=roof.as_dict(), rows=rows,

@@ -2,7 +2,7 @@
 the end of this file, the column bitmap of one token and of a few (csr_bitmap_rows); the
 properties every remembered plan shares run for the JIT code too (kind "jit").
 
-The AVX-512 CSR products at n > 32, K in [256, 8192] and 6.25-25% density follow a plan made
+The AVX-512 CSR products at n > 32, K in [256, 8192] and 6.25-41.7% density follow a plan made
 once per pattern. These tests put shapes on that path (rows not a multiple of the 64-row chunks,
 tokens not a multiple of the 64-token panels, segments longer than the unrolled lengths, empty
 rows and slices) and check it against the fp64 reference, against the row-axpy kernel (the same
@@ -25,10 +25,10 @@ ops = torch.ops.pysparse
 pytestmark = pytest.mark.skipif("avx512" not in pysparse._C.cpu_isa_supported(),
                                 reason="the slice plan is an AVX-512 kernel")
 
-# (M, K, density; every 5th row is empty): chunks cut by M, slices cut by K, long segments (0.3 x 128
-# columns ~ 38 per slice, past the 32 unrolled), the density window's edges (12.5-25%, and from
-# 6.25% at K >= 2048).
-SHAPES = [(200, 300, 0.2), (64, 256, 0.2), (130, 1000, 0.3), (777, 768, 0.2), (96, 8192, 0.1)]
+# (M, K, density; every 5th row is empty): chunks cut by M, slices cut by K, segments of 38 and
+# 51 nonzeros on average (0.3 and 0.4 x 128 columns), the density window's edges (12.5-41.7%, and
+# from 6.25% at K >= 2048; up to 5/12). Segments past the 64 unrolled: test_plan_segments_past_the_unrolled.
+SHAPES = [(200, 300, 0.2), (64, 256, 0.2), (130, 1000, 0.3), (777, 768, 0.2), (96, 8192, 0.1), (150, 640, 0.4)]
 
 
 def _pattern(M, K, density, dtype, idx, seed):
@@ -90,6 +90,25 @@ def test_plan_matches_reference_and_row_axpy(dtype, idx, shape, n):
         assert_close(y, axpy.double(), absref, dtype, factor=2.0, what="plan vs row-axpy")
     finally:
         pysparse.set_cpu_isa("auto")
+
+
+def test_plan_segments_past_the_unrolled():
+    """Rows that hold a whole 128-column slice (a dense row among sparse ones) run the looping
+    segment code, the rest the unrolled one; above 5/12 density no plan is made."""
+    M, K, n = 210, 640, 70
+    W, _, _, _ = _pattern(M, K, 0.15, torch.float32, torch.int16, seed=21)
+    W[::7] = torch.randn(M // 7, K, generator=gen(22))  # 128 nonzeros in every slice of these rows
+    A = W.to_sparse_csr()
+    crow, col, val = A.crow_indices().to(torch.int32), A.col_indices().to(torch.int16), A.values()
+    assert 0.2 < val.numel() / (M * K) < 0.4
+    x = torch.randn(n, K, generator=gen(23))
+    made = _plans()
+    y = ops.csr_linear(x, crow, col, val, [M, K], None)
+    assert _plans() == made + 1, "the product did not take the slice plan"
+    assert_close(y, reference_linear(x, W), reference_linear(x.abs(), W.abs()), torch.float32, what="long segments")
+    W2, crow2, col2, val2 = _pattern(M, K, 0.6, torch.float32, torch.int16, seed=24)
+    assert val2.numel() > M * K * 0.4  # every 5th row is empty: ~48%
+    _right_without_a_plan(x, crow2, col2, val2, W2)
 
 
 # The plans, each on its path: (tokens, density). The JIT code (csr_jit.cpp, tests/test_csr_jit.py)

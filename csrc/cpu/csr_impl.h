@@ -97,7 +97,7 @@ static void plan_segments(const int64_t* seg, int64_t nseg, int len, const uint1
     const T* v = val + (seg[g] >> 8);
     typename Vec::V a[2][NV];
     for (int q = 0; q < NV; ++q) a[0][q] = Vec::load(o + q * W), a[1][q] = Vec::zero();
-#pragma GCC unroll 32
+#pragma GCC unroll 64
     for (int t = 0; t < n; ++t) {
       const typename Vec::V w = Vec::set1(to_f32(v[t]));
       const float* b = bp + int64_t(pos[t]) * NB;
@@ -109,7 +109,9 @@ static void plan_segments(const int64_t* seg, int64_t nseg, int len, const uint1
 
 template <typename T>
 using PlanSegmentsFn = void (*)(const int64_t*, int64_t, int, const uint16_t*, const T*, const float*, float*);
-constexpr int kPlanUnrolled = 32;  // segments up to this length run unrolled; longer ones loop
+// Segments up to this length run unrolled; longer ones loop. 64 covers a 128-column slice at
+// 60-70% sparsity (38-51 nonzeros on average): with 32 the plan lost its lead there.
+constexpr int kPlanUnrolled = 64;
 template <typename T, int... Ls>
 static const PlanSegmentsFn<T>* plan_table(std::integer_sequence<int, Ls...>) {
   static const PlanSegmentsFn<T> table[] = {plan_segments<T, Ls>...};

@@ -295,13 +295,14 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
   const bool nm_token_row = A.nm() && A.n == 2 && A.m == 4 && n > 1 && n <= kt.nm_token_row_max_n && K % 32 == 0 &&
                             kt.nm_token_row[dt] != nullptr && !nm_slice;
   // CSR at 64-token panels through its slice plan (csr_impl.h: csr_plan_kernel) where a panel
-  // outgrows L1 (K > 2 slices) but stays in L2 (K <= 8192), at densities of 12.5-25%, or from
-  // 6.25% where K >= 2048 (the row-axpy's panel, >= 512 KiB, then spills furthest). Measured
-  // (bench_csr_plan.py): 80% sparsity 1.13-1.62x the row-axpy; 90% 1.10-1.76x at K >= 3072 but
-  // 0.95-1.04x at K = 768; 95% 0.87-1.0x (too few nonzeros per slice to pay for reloading the
-  // accumulators); 70% 0.94-1.0x (segments past the unrolled lengths).
+  // outgrows L1 (K > 2 slices) but stays in L2 (K <= 8192), at densities of 12.5% to 5/12 (60%
+  // sparsity, with room for rounding), or from 6.25% where K >= 2048 (the row-axpy's panel,
+  // >= 512 KiB, then spills furthest). Measured (bench_csr_plan.py): 80% sparsity 1.13-1.62x the
+  // row-axpy; 90% 1.10-1.76x at K >= 3072 but 0.95-1.04x at K = 768; 95% 0.87-1.0x (too few
+  // nonzeros per slice to pay for reloading the accumulators); 60-70% 1.13-1.67x since segments up
+  // to 64 run unrolled (0.94-1.0x with 32).
   const bool plannable = kt.csr_plan && !A.nm() && !A.blocked && it != kI64 && A.stable && !gemv && n > 32 &&
-                         K >= 2 * kPlanCols && K <= 8192 && nnz_elems <= MK / 4 &&
+                         K >= 2 * kPlanCols && K <= 8192 && nnz_elems <= MK / 12 * 5 &&
                          (nnz_elems >= MK / 8 || (K >= 2048 && nnz_elems >= MK / 16));
   const at::Tensor plan = plannable ? csr_plan(A) : at::Tensor();
   // CSR at up to kBitmapMaxTokens tokens through the pattern's column bitmap (csr_impl.h:
