@@ -26,8 +26,8 @@ pytestmark = pytest.mark.skipif("avx512" not in pysparse._C.cpu_isa_supported(),
                                 reason="the slice plan is an AVX-512 kernel")
 
 # (M, K, density; every 5th row is empty): chunks cut by M, slices cut by K, segments of 38 and
-# 51 nonzeros on average (0.3 and 0.4 x 128 columns), the density window's edges (12.5-41.7%, and
-# from 6.25% at K >= 2048; up to 5/12). Segments past the 64 unrolled: test_plan_segments_past_the_unrolled.
+# 51 nonzeros on average (0.3 and 0.4 x 128 columns), the density window's edges (12.5% to 5/12,
+# and from 6.25% at K >= 2048). Segments past the 64 unrolled: test_plan_segments_past_the_unrolled.
 SHAPES = [(200, 300, 0.2), (64, 256, 0.2), (130, 1000, 0.3), (777, 768, 0.2), (96, 8192, 0.1), (150, 640, 0.4)]
 
 

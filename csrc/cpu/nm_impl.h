@@ -26,8 +26,7 @@ static void nm_panel_kernel(const NmArgs& a, int64_t r0, int64_t r1, int64_t p0,
   // then holds exactly 4 kept positions, read straight from the byte table inside the FMA loop
   // (7-11% faster than decoding at 4096x4096 fp32, n = 8 and 32). 2:4 takes the token-row kernel
   // (K % 32 == 0) or the slice kernel (K % 8 == 0) instead where the ISA has them (AVX-512: every
-  // n > 1; AVX2: n <= 8); 4:8, other
-  // patterns, wider AVX2 products and the scalar build run this one.
+  // n > 1; AVX2: n <= 8); 4:8, other patterns, wider AVX2 products and the scalar build run this one.
   const bool half = 2 * a.n == a.m && a.m <= 8 && K % 16 == 0;
   for (int64_t c0 = r0; c0 < r1; c0 += kNmChunkRows) {
     const int64_t c1 = c0 + kNmChunkRows < r1 ? c0 + kNmChunkRows : r1;
@@ -125,6 +124,7 @@ constexpr int64_t kNmTokenRowMaxN = PYSPARSE_ISA_LEVEL == 2 ? INT64_MAX : PYSPAR
 // token-row kernel at 48-1024 tokens, equal at 32, half its speed at 16 (its 64-token panel is
 // then mostly padding).
 constexpr int64_t kNmSliceMinN = 33;
+constexpr int64_t kNmSliceCols = 128;  // columns of a slice of the slice kernel's panel (32 KiB)
 
 #if PYSPARSE_ISA_LEVEL >= 1
 // The token-row kernel. 2:4, n >= 2 columns of B taken as rows of B^T (the linear layout's input
@@ -137,8 +137,8 @@ constexpr int64_t kNmSliceMinN = 33;
 // slower than two of 8; n = 2 computed as 4 cost 2x); tokens past n re-read token n - 1's row and
 // are dropped. It beats the row-axpy panel kernel at every n measured (up to 512), so 2:4 on
 // AVX-512 uses it for 1 < n < kNmSliceMinN (the slice kernel below from there on), 64 tokens per
-// output tile: this call computes tokens
-// t0 .. min(t0 + NT, n) into the tile of the slice starting at s0.
+// output tile: this call computes tokens t0 .. min(t0 + NT, n) into the tile of the slice
+// starting at s0.
 template <typename T, int NT>
 static void nm_token_row_group_24(const NmArgs& a, int64_t m0, int rows, int64_t s0, int64_t t0, int64_t n,
                                   float* tile, float* vbuf, typename Vec::V* part) {

@@ -289,7 +289,6 @@ at::Tensor launch_spmm(const SparseOperand& A, const at::Tensor& dense, bool lin
     }
   }
   const bool gemv = n == 1;
-  // 2:4 where the ISA has the token-row kernel.
   // 2:4 where the ISA has the slice kernel (nm_impl.h), else the token-row kernel.
   const bool nm_slice = A.nm() && A.n == 2 && A.m == 4 && n >= kt.nm_slice_min_n && K % 8 == 0;
   const bool nm_token_row = A.nm() && A.n == 2 && A.m == 4 && n > 1 && n <= kt.nm_token_row_max_n && K % 32 == 0 &&

@@ -96,7 +96,6 @@ struct BsrArgs {
 // bit j of byte b = column 8 b + j.
 constexpr int64_t kNmChunkRows = 32;  // rows whose positions the N:M panel kernel decodes at once
 constexpr int64_t kNmTokenSlice = 64;  // tokens per output tile of the token-row kernels
-constexpr int64_t kNmSliceCols = 128;  // columns of a slice of the 2:4 slice kernel's panel (32 KiB)
 struct NmArgs {
   const void* val;
   const uint8_t* mask;
