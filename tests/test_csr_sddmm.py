@@ -13,7 +13,7 @@ import torch
 import pysparse
 from pysparse import CSR
 from pysparse.autograd import transpose
-from conftest import CSR_INDEX_DTYPES, assert_close, gen, randn, random_sparse, train_losses
+from conftest import CSR_INDEX_DTYPES, assert_close, gen, num_threads, randn, random_sparse, train_losses
 
 ops = torch.ops.pysparse
 
@@ -57,6 +57,59 @@ def test_sddmm_empty_and_bad_input():
     bad[0] = 6
     with pytest.raises(RuntimeError, match="column index is out of range for a matrix with 6 columns"):
         ops.csr_sddmm(crow, bad, [5, 6], torch.randn(5, 3), torch.randn(6, 3))
+
+
+# The AVX-512 SDDMM follows the pattern's slice plan from a density of 1/12 on (int32 row
+# pointers, sorted columns, contiguous index tensors): rows not a multiple of the 64-row chunks,
+# columns of several 128-column slices and a cut one, tokens of several 64-token panels and a cut
+# one, segments of 1-128 entries (dense rows: 8 sums of 16) and lengths that are no multiple of 16.
+PLAN_SHAPES = [(200, 300, 0.3, 130), (64, 256, 0.5, 64), (77, 1000, 0.12, 33), (130, 768, 1.0, 200)]
+
+
+@pytest.mark.skipif("avx512" not in pysparse._C.cpu_isa_supported(), reason="the plan's SDDMM is AVX-512")
+@pytest.mark.parametrize("M,K,density,n", PLAN_SHAPES)
+@pytest.mark.parametrize("cols", [torch.int16, torch.int32])
+def test_sddmm_plan_matches_reference_and_row_kernel(M, K, density, n, cols):
+    W = random_sparse(M, K, density, torch.float32, gen(M + K))
+    S = W.to_sparse_csr()
+    crow, col = S.crow_indices().to(torch.int32), S.col_indices().to(cols)
+    a, b = randn(n, M, g=gen(1)).t(), randn(n, K, g=gen(2)).t()  # token-major, as the backward passes them
+    made = pysparse._C.csr_plans_made()
+    out = ops.csr_sddmm(crow, col, [M, K], a, b)
+    assert pysparse._C.csr_plans_made() == made + 1, "the plan was not taken"
+    mask = W != 0
+    assert_close(out, (a.double() @ b.double().t())[mask], (a.double().abs() @ b.double().abs().t())[mask],
+                 torch.float32, what="plan sddmm")
+    old = pysparse._C.set_csr_plan(False)
+    try:
+        row = ops.csr_sddmm(crow, col, [M, K], a, b)
+    finally:
+        pysparse._C.set_csr_plan(old)
+    torch.testing.assert_close(out, row, rtol=1e-5, atol=1e-4)
+    with num_threads(1):  # tasks cut at other chunks
+        torch.testing.assert_close(ops.csr_sddmm(crow, col, [M, K], a, b), out, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif("avx512" not in pysparse._C.cpu_isa_supported(), reason="the plan's SDDMM is AVX-512")
+def test_sddmm_without_a_plan_still_checks_its_pattern():
+    """Unsorted columns have no plan: the row kernel serves them; a bad column is still an error."""
+    W = random_sparse(100, 300, 0.3, torch.float32, gen(3))
+    S = W.to_sparse_csr()
+    crow, col = S.crow_indices().to(torch.int32), S.col_indices().to(torch.int32)
+    a, b = randn(100, 70, g=gen(4)), randn(300, 70, g=gen(5))
+    r = int((crow[1:] - crow[:-1]).argmax())
+    j0, j1 = int(crow[r]), int(crow[r + 1])
+    swapped = col.clone()
+    swapped[j0], swapped[j0 + 1] = col[j0 + 1], col[j0]
+    made = pysparse._C.csr_plans_made()
+    out = ops.csr_sddmm(crow, swapped, [100, 300], a, b)
+    assert pysparse._C.csr_plans_made() == made
+    ref = (a @ b.t())[crow.new_tensor(range(100)).repeat_interleave(crow[1:] - crow[:-1]).long(), swapped.long()]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    bad = col.clone()
+    bad[j1 - 1] = 300
+    with pytest.raises(RuntimeError, match="column index is out of range for a matrix with 300 columns"):
+        ops.csr_sddmm(crow, bad, [100, 300], a, b)
 
 
 # ---------------------------------------------------------------------------------------------

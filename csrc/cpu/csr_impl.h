@@ -128,13 +128,9 @@ static void csr_plan_kernel(const CsrArgs& a, int64_t r0, int64_t r1, int64_t p0
   // chunk before it to fetch it ahead, counts: one chunk (768x3072 80% at n = 128, cold: 1.24x
   // against 1.01x).
   const int64_t kSuper = p1 - p0 <= 2 ? 1 : 4;
-  const int64_t* h = a.plan;
-  const int64_t nchunks = h[0], nslices = h[1], ngroups = h[2];
-  const int64_t* cs = h + 4;
-  const int64_t* glen = cs + nchunks * nslices + 1;
-  const int64_t* gseg = glen + ngroups;
-  const int64_t* gpos = gseg + ngroups + 1;
-  const int64_t* seg = gpos + ngroups;
+  const PlanView pv(a.plan);
+  const int64_t nchunks = pv.nchunks, nslices = pv.nslices;
+  const int64_t *cs = pv.cs, *glen = pv.glen, *gseg = pv.gseg, *gpos = pv.gpos, *seg = pv.seg;
   // Whole chunks inside [r0, r1) follow the plan; rows of a chunk cut by a task bound (the
   // launcher aligns bounds to chunks, so only where it could not) take the row-axpy kernel.
   const int64_t c0 = (r0 + kPlanRows - 1) / kPlanRows;
@@ -144,7 +140,7 @@ static void csr_plan_kernel(const CsrArgs& a, int64_t r0, int64_t r1, int64_t p0
   if (c1 < nchunks && c1 * kPlanRows < r1) csr_panel_kernel<Vec, T, RT, CT, 4>(a, c1 * kPlanRows, r1, p0, p1);
 
   static const PlanSegmentsFn<T>* unrolled = plan_table<T>(std::make_integer_sequence<int, kPlanUnrolled + 1>{});
-  const uint16_t* pos = reinterpret_cast<const uint16_t*>(seg + h[3]);
+  const uint16_t* pos = pv.pos;
   const T* val = static_cast<const T*>(a.val);
   std::vector<float> acc_buf(size_t(kSuper * kPlanRows * NB));
   float* acc = acc_buf.data();

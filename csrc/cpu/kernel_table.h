@@ -99,6 +99,9 @@ static KernelTable make_table(const char* name) {
   t.csr_sddmm[kI64] = csr_sddmm_kernel<int64_t, int64_t>;
   t.csr_sddmm[kI32C16] = csr_sddmm_kernel<int32_t, int16_t>;
   t.sddmm_panel_width = kSddmmVectors * Vec::W;
+#if PYSPARSE_ISA_LEVEL == 2
+  t.csr_sddmm_plan = csr_sddmm_plan_kernel;
+#endif
   t.attn_bwd_stats = attn_bwd_stats;
   t.attn_bwd = attn_bwd_grads;
   PYSPARSE_FILL(kF32, float)

@@ -64,3 +64,78 @@ static void csr_sddmm_kernel(const SddmmArgs& s, int64_t r0, int64_t r1) {
   }
   if (bad) *s.bad_index = 1;
 }
+
+#if PYSPARSE_ISA_LEVEL == 2
+// The horizontal sums of 16 vectors in one: lane e = the sum of v[(e % 4) * 4 + e / 4] (the order
+// four rounds of 128-bit and in-lane shuffles leave; the caller places its entries to match).
+// 30 shuffles and 15 adds, against the 64 shuffles of a full transpose.
+static inline __m512 hsum16(const __m512 (&v)[16]) {
+  __m512 u[8], w[4], x[2];
+  for (int i = 0; i < 8; ++i)  // [v 8 lanes, v' 8 lanes]
+    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
+  for (int i = 0; i < 4; ++i)  // four vectors' 4 lanes, one per 128-bit lane
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xdd));
+  for (int i = 0; i < 2; ++i)
+    x[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xee));
+  return _mm512_add_ps(_mm512_shuffle_ps(x[0], x[1], 0x88), _mm512_shuffle_ps(x[0], x[1], 0xdd));
+}
+
+// The same sums following the pattern's slice plan (kernels.h; csr_plan.cpp), rows [r0, r1) whole
+// plan chunks (the launcher's bounds). The kernel above reads b's panel rows across all K: a
+// BERT-sized panel (K x 64 fp32) lives in L2, one line per FMA, ~12% of the FMA peak. Here a
+// chunk walks b a 128-column slice (32 KiB, L1) at a time, and a segment's entries (one row, one
+// slice, contiguous in the output) are summed 16 at a time by hsum16 into one masked vector add.
+// Chunks outermost, so that their part of out stays in L2 across the panels.
+// The same sums following the pattern's slice plan (kernels.h; csr_plan.cpp), rows [r0, r1) whole
+// plan chunks (the launcher's bounds). The kernel above reads b's panel rows across all K: a
+// BERT-sized panel (K x 64 fp32) lives in L2, one line per FMA. Here a chunk walks b a 128-column
+// slice (32 KiB, L1) at a time, and a segment's entries (one row, one slice, contiguous in the
+// output) are summed 16 at a time by hsum16 into one masked vector add. Chunks outermost, so that
+// their part of out stays in L2 across the panels.
+static void csr_sddmm_plan_kernel(const SddmmArgs& s, int64_t r0, int64_t r1) {
+  constexpr int NB = kSddmmVectors * 16;
+  static_assert(NB == 64, "the plan's slice is sized for 64-token panels");
+  const PlanView pv(s.plan);
+  const int64_t nslices = pv.nslices;
+  const int64_t *cs = pv.cs, *glen = pv.glen, *gseg = pv.gseg, *gpos = pv.gpos, *seg = pv.seg;
+  const uint16_t* pos = pv.pos;
+  for (int64_t c = r0 / kPlanRows, c1 = (r1 + kPlanRows - 1) / kPlanRows; c < c1; ++c) {
+    for (int64_t p = 0; p < s.npanels; ++p) {
+      const float* ap = s.a + (p * s.M + c * kPlanRows) * NB;
+      const char* bp = reinterpret_cast<const char*>(s.b + p * s.K * NB);
+      for (int64_t g = cs[c * nslices], ge = cs[(c + 1) * nslices]; g < ge; ++g) {
+        const int L = int(glen[g]);
+        const uint16_t* pp = pos + gpos[g];
+        for (int64_t i = gseg[g]; i < gseg[g + 1]; ++i, pp += L) {
+          const float* ar = ap + (seg[i] & 0xff) * NB;
+          const __m512 a0 = _mm512_loadu_ps(ar), a1 = _mm512_loadu_ps(ar + 16);
+          const __m512 a2 = _mm512_loadu_ps(ar + 32), a3 = _mm512_loadu_ps(ar + 48);
+          float* o = s.out + (seg[i] >> 8);
+          for (int t0 = 0; t0 < L; t0 += 16) {
+            const int cnt = L - t0 < 16 ? L - t0 : 16;
+            const uint16_t* q = pp + t0;
+            __m512 part[16];
+#pragma GCC unroll 16
+            for (int e = 0; e < 16; ++e) {
+              __m512 acc = _mm512_setzero_ps();
+              if (e < cnt) {  // one trip count per group: predicted
+                const float* b = reinterpret_cast<const float*>(bp + (size_t(q[e]) << 8));  // 64 floats a row
+                acc = _mm512_mul_ps(a0, _mm512_loadu_ps(b));
+                acc = _mm512_fmadd_ps(a1, _mm512_loadu_ps(b + 16), acc);
+                acc = _mm512_fmadd_ps(a2, _mm512_loadu_ps(b + 32), acc);
+                acc = _mm512_fmadd_ps(a3, _mm512_loadu_ps(b + 48), acc);
+              }
+              part[(e % 4) * 4 + e / 4] = acc;
+            }
+            const __mmask16 m = __mmask16((1u << cnt) - 1);
+            _mm512_mask_storeu_ps(o + t0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, o + t0), hsum16(part)));
+          }
+        }
+      }
+    }
+  }
+}
+#endif

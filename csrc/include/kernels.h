@@ -54,8 +54,17 @@ struct Output {
 //                                when the plan is made: the kernel reads them unchecked, and
 //                                reads the values in place, so a plan outlives value updates)
 constexpr int64_t kPlanRows = 64;
-constexpr int64_t kPlanCols = 128;
-constexpr int64_t kBitmapMaxTokens = 8;  // tokens the bitmap kernel takes at once (rows of B^T)  // x 64 tokens x 4 B = 32 KiB: a slice of the panel stays in L1
+constexpr int64_t kPlanCols = 128;  // x 64 tokens x 4 B = 32 KiB: a slice of the panel stays in L1
+// The plan's arrays, read where they lie.
+struct PlanView {
+  int64_t nchunks, nslices;
+  const int64_t *cs, *glen, *gseg, *gpos, *seg;
+  const uint16_t* pos;
+  explicit PlanView(const int64_t* h)
+      : nchunks(h[0]), nslices(h[1]), cs(h + 4), glen(cs + h[0] * h[1] + 1), gseg(glen + h[2]),
+        gpos(gseg + h[2] + 1), seg(gpos + h[2]), pos(reinterpret_cast<const uint16_t*>(seg + h[3])) {}
+};
+constexpr int64_t kBitmapMaxTokens = 8;  // tokens the bitmap kernel takes at once (rows of B^T)
 
 struct CsrArgs {
   const void* crow;   // (M + 1)
@@ -187,6 +196,8 @@ struct SddmmArgs {
   float* out;
   int64_t M, K, npanels;
   int* bad_index;
+  // The pattern's slice plan (layout above) for csr_sddmm_plan: rows then whole plan chunks.
+  const int64_t* plan = nullptr;
 };
 using SddmmFn = void (*)(const SddmmArgs&, int64_t row0, int64_t row1);
 
@@ -232,6 +243,7 @@ struct KernelTable {
   AttnBwdFn attn_bwd_stats, attn_bwd;  // fp32 (the launcher widens 16-bit operands)
   FfnSkipFn ffn_skip[kNumDTypes];
   SddmmFn csr_sddmm[kNumITypes];
+  SddmmFn csr_sddmm_plan;  // following SddmmArgs::plan (any index type); null below AVX-512
   int sddmm_panel_width;  // nb of the SDDMM panels: kSddmmVectors vectors of the ISA
   JitStoreFn csr_jit_store;  // null where the ISA cannot run the CSR JIT code (below AVX-512)
   ActFn gelu_tanh[kNumDTypes];
