@@ -77,7 +77,8 @@ def _sparse_parameters(model: torch.nn.Module) -> Tuple[List[torch.nn.Parameter]
 def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterable, *, steps: Optional[int] = None,
             time_budget: Optional[float] = None, lr: float = 5e-5, loss: str = "cosine", train: str = "sparse",
             eval_batches: Optional[Iterable] = None, temperature: float = 1.0, weight_decay: float = 0.0,
-            hidden: Sequence[str] = (), hidden_weight: float = 1.0, progress: Optional[bool] = None) -> Dict:
+            hidden: Sequence[str] = (), hidden_weight: float = 1.0, keep_best: bool = False, eval_every: int = 50,
+            progress: Optional[bool] = None) -> Dict:
     """Distil ``student`` towards ``teacher`` on ``batches`` (each a tensor, a tuple of positional
     inputs or a dict of keyword inputs, cycled), with AdamW at ``lr``, until ``steps`` steps or
     ``time_budget`` seconds (whichever comes first; at least one of them). The default lr is the
@@ -93,8 +94,17 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
     fit in ``_TEACHER_CACHE_BYTES`` (batches are cycled: later epochs run the student only).
     The teacher runs without grad; the student in eval mode (no dropout) except its pysparse
     layers, which train (so SparseLinear's train kernel choice applies); modes are restored
-    after. Returns {"steps", "seconds", "losses" (one per step), "eval_before", "eval_after" (mean
-    loss on ``eval_batches``, None without them), "trained_parameters"}.
+    after.
+
+    keep_best: evaluate on ``eval_batches`` (required then) before training, every ``eval_every``
+    steps and at the end, and leave the student with the trained parameters of the best of those
+    evaluations (the untrained ones included): recovery then never returns a student that is
+    further from the teacher on the held-out batches than the one it got, whatever the lr or the
+    time budget did. The evaluation passes count towards ``time_budget``.
+
+    Returns {"steps", "seconds", "losses" (one per step), "eval_before", "eval_after" (mean loss on
+    ``eval_batches`` of the student returned, None without them), "trained_parameters"}; with
+    keep_best also "evals" ((step, loss) pairs) and "best_step" (0: the untrained student).
     """
     if not isinstance(student, torch.nn.Module) or not isinstance(teacher, torch.nn.Module):
         raise TypeError("pysparse.recover: student and teacher must be torch.nn.Modules")
@@ -112,6 +122,10 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
         raise ValueError(f"pysparse.recover: lr must be a positive number, got {lr!r}")
     if not isinstance(hidden_weight, (int, float)) or not hidden_weight >= 0 or not math.isfinite(hidden_weight):
         raise ValueError(f"pysparse.recover: hidden_weight must be a non-negative number, got {hidden_weight!r}")
+    if keep_best and eval_batches is None:
+        raise ValueError("pysparse.recover: keep_best needs eval_batches (held-out inputs to compare the states on)")
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+        raise ValueError(f"pysparse.recover: eval_every must be a positive integer, got {eval_every!r}")
     if isinstance(hidden, str):
         hidden = [hidden]
     batches = list(batches)
@@ -149,22 +163,44 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
             cached_bytes += size
         return out
 
+    eval_batches = None if eval_batches is None else list(eval_batches)
+
     def evaluate() -> Optional[float]:
         if eval_batches is None:
             return None
         total, count = 0.0, 0
-        with torch.no_grad():
-            for b in eval_batches:
-                total += float(_distance(loss, _output(_call(student, b)), _output(_call(teacher, b)), temperature))
-                count += 1
+        was = {m: m.training for m in student.modules()}
+        student.eval()  # pysparse layers in eval mode too: the inference kernels, as deployed
+        try:
+            with torch.no_grad():
+                for b in eval_batches:
+                    total += float(_distance(loss, _output(_call(student, b)), _output(_call(teacher, b)), temperature))
+                    count += 1
+        finally:
+            for m, w in was.items():
+                m.train(w)
         return total / max(count, 1)
+
+    best = {"loss": math.inf, "step": 0, "state": None}
+
+    def consider(step: int) -> None:
+        """keep_best: evaluate and remember the trained parameters when they are the best yet."""
+        value = evaluate()
+        report["evals"].append((step, value))
+        if value < best["loss"]:
+            best.update(loss=value, step=step, state=[p.detach().clone() for p in params])
 
     report: Dict = {"losses": [], "trained_parameters": sum(p.numel() for p in params)}
     hooks = [p.register_hook(lambda g, m=m: g * m) for p, m in masked]
     taps = _Taps(tapped)
     bar = lambda value: None  # noqa: E731  (the progress bar, once evaluation has run)
+    if keep_best:
+        report["evals"] = []
     try:
         report["eval_before"] = evaluate()
+        if keep_best:
+            report["evals"].append((0, report["eval_before"]))
+            best.update(loss=report["eval_before"], step=0, state=[p.detach().clone() for p in params])
         bar = _progress(steps, progress)
         start = time.perf_counter()
         for step, (i, batch) in enumerate(itertools.cycle(enumerate(batches))):
@@ -172,6 +208,8 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
                 break
             if time_budget is not None and time.perf_counter() - start >= time_budget:
                 break
+            if keep_best and step > 0 and step % eval_every == 0:
+                consider(step)
             target, target_hidden = teacher_outputs(i, batch)
             value = _distance(loss, _output(_call(student, batch)), target, temperature)
             if taps.names:
@@ -183,6 +221,8 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
             opt.step()
             report["losses"].append(float(value.detach()))
             bar(report["losses"][-1])
+        if keep_best and report["losses"]:
+            consider(len(report["losses"]))  # the last state (the loop stops before evaluating it)
     finally:
         taps.remove()
         for h in hooks:
@@ -193,7 +233,14 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
         teacher.train(teacher_mode)
     report["steps"] = len(report["losses"])
     report["seconds"] = time.perf_counter() - start
-    report["eval_after"] = evaluate()
+    if keep_best:
+        with torch.no_grad():
+            for p, kept in zip(params, best["state"]):
+                p.copy_(kept)
+        report["best_step"] = best["step"]
+        report["eval_after"] = best["loss"]
+    else:
+        report["eval_after"] = evaluate()
     return report
 
 

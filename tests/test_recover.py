@@ -137,3 +137,25 @@ def test_hidden_states_are_matched_and_the_teacher_runs_once_per_batch(tmp_path,
     assert all(not m._forward_hooks for m in student.modules())
     plain = pysparse.recover(copy.deepcopy(student), teacher, data, steps=2, loss="mse", progress=False)
     assert plain["steps"] == 2
+
+
+def test_keep_best_returns_the_best_evaluated_state():
+    """An lr that makes things worse: keep_best hands back the untrained student (best_step 0),
+    bit for bit; a good lr keeps a later state, and eval_after is that state's held-out loss."""
+    teacher, student = _pair({"format": "csr", "sparsity": 0.8})
+    before = {n: p.clone() for n, p in student.named_parameters()}
+    rep = pysparse.recover(student, teacher, _data(1), steps=20, lr=10.0, loss="mse", eval_batches=_data(2),
+                           keep_best=True, eval_every=5, progress=False)
+    assert [s for s, _ in rep["evals"]] == [0, 5, 10, 15, 20]
+    assert rep["best_step"] == 0 and rep["eval_after"] == rep["eval_before"]
+    assert all(torch.equal(p, before[n]) for n, p in student.named_parameters())
+    rep = pysparse.recover(student, teacher, _data(1), steps=30, lr=3e-3, loss="mse", eval_batches=_data(2),
+                           keep_best=True, eval_every=10, progress=False)
+    assert rep["best_step"] > 0 and rep["eval_after"] == min(v for _, v in rep["evals"]) < rep["eval_before"]
+    again = pysparse.recover(student, teacher, _data(1), steps=1, lr=1e-12, loss="mse", eval_batches=_data(2),
+                             progress=False)
+    assert again["eval_before"] == pytest.approx(rep["eval_after"], rel=1e-6)  # the state kept is the one evaluated
+    with pytest.raises(ValueError, match="keep_best needs eval_batches"):
+        pysparse.recover(student, teacher, _data(1), steps=3, keep_best=True)
+    with pytest.raises(ValueError, match="eval_every must be a positive integer"):
+        pysparse.recover(student, teacher, _data(1), steps=3, eval_batches=_data(2), keep_best=True, eval_every=0)
