@@ -21,6 +21,9 @@ TORCH_LIBRARY(pysparse, m) {
   // The value gradient of csr_spmm / csr_linear: out[j] = <a[r(j), :], b[col[j], :]> for each stored
   // (r(j), col[j]); a (M, n), b (K, n) share a dtype; out (nnz) in it, accumulated in fp32.
   m.def("csr_sddmm(Tensor crow_indices, Tensor col_indices, SymInt[] shape, Tensor a, Tensor b) -> Tensor");
+  // A CSR matrix's values in its transpose's order (the input gradients' operand): out[order[0, i]]
+  // = values[order[1, i]]; order (2, nnz) int32 as pysparse.autograd.transpose_order makes it.
+  m.def("csr_transpose_values(Tensor values, Tensor order) -> Tensor");
   m.def("bsr_spmm(Tensor crow_indices, Tensor col_indices, Tensor values, SymInt[] shape, Tensor dense) -> Tensor");
   m.def("bsr_linear(Tensor input, Tensor crow_indices, Tensor col_indices, Tensor values, SymInt[] shape, Tensor? bias) -> Tensor");
   // x through the named activation, out of place (any floating dtype): none, relu, gelu (erf),

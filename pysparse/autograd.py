@@ -42,7 +42,7 @@ bias: asking for its gradient is refused).
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -102,6 +102,35 @@ def transpose(crow: torch.Tensor, col: torch.Tensor, M: int, K: int) -> Tuple[to
     return memoized((crow, col), ("csr_transpose", int(M), int(K)), lambda: _transpose_now(crow, col, M, K))
 
 
+# Output positions per block of transpose_order: 2^15 (128 KiB of fp32) stay in L2 while the
+# block's values are read in ascending runs.
+_ORDER_BLOCK = 15
+
+
+def transpose_order(crow: torch.Tensor, col: torch.Tensor, M: int, K: int) -> Optional[torch.Tensor]:
+    """(2, nnz) int32 [output position; value position] for csr_transpose_values: A^T's values as
+    values[perm] (``transpose``), visited a block of 2^15 output positions at a time, sorted by
+    value position within a block. None where nnz does not fit int32. Remembered per (crow, col)."""
+    def build():
+        perm = transpose(crow, col, M, K)[2]
+        n = perm.numel()
+        if n >= 2**31 - 1:
+            return (None,)
+        dst = torch.arange(n, device=perm.device)
+        order = torch.argsort((dst >> _ORDER_BLOCK) * n + perm.long())
+        return (torch.stack([dst[order], perm.long()[order]]).to(torch.int32),)
+    return memoized((crow, col), ("csr_transpose_order", int(M), int(K)), build)[0]
+
+
+def transposed_values(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, M: int, K: int) -> torch.Tensor:
+    """A^T's values (1-D, in transpose's order) of the CSR or N:M matrix A (M, K) whose values in
+    CSR order are ``values``."""
+    order = transpose_order(crow, col, M, K)
+    if order is None:
+        return values[transpose(crow, col, M, K)[2]]
+    return _ops.csr_transpose_values(values, order)
+
+
 # ---------------------------------------------------------------------------------------------
 # BSR blocks: the transposed matrix and the value gradient
 
@@ -140,8 +169,8 @@ def _bsr_sddmm(crow, col, bh: int, bw: int, a: torch.Tensor, b: torch.Tensor) ->
 # CSR and BSR: *_linear (y = x A^T + b) and *_spmm (Y = A X, X (..., K, n)), one backward each
 
 def _csr_transposed(crow, col, values, M: int, K: int):
-    crow_t, col_t, perm = transpose(crow, col, M, K)
-    return crow_t, col_t, values[perm]
+    crow_t, col_t, _ = transpose(crow, col, M, K)
+    return crow_t, col_t, transposed_values(crow, col, values, M, K)
 
 
 def _csr_dvalues(crow, col, values, a, b):
@@ -240,8 +269,8 @@ def _nm_grads(values, mask, M, K, n, m, g_rows, x_rows, need_x, need_v, dx_op):
     crow, col = nm_pattern(mask, M, K, n, m)
     dx = dvalues = None
     if need_x:
-        crow_t, col_t, perm = transpose(crow, col, M, K)
-        dx = dx_op(crow_t, col_t, values.reshape(-1)[perm])
+        crow_t, col_t, _ = transpose(crow, col, M, K)
+        dx = dx_op(crow_t, col_t, transposed_values(crow, col, values.reshape(-1), M, K))
     if need_v:
         dvalues = _ops.csr_sddmm(crow, col, [M, K], g_rows, x_rows).view(values.shape)
     return dx, dvalues

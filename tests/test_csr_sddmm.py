@@ -112,6 +112,40 @@ def test_sddmm_without_a_plan_still_checks_its_pattern():
         ops.csr_sddmm(crow, bad, [100, 300], a, b)
 
 
+# csr_transpose_values: A^T's values, the input gradients' operand
+
+@pytest.mark.parametrize("M,K,density", [(1, 1, 1.0), (7, 33, 0.3), (300, 200, 0.5), (64, 40000, 0.02)])
+def test_transpose_values_is_the_permutation(dtype, M, K, density):
+    W = random_sparse(M, K, density, dtype, gen(M * K))
+    A = CSR.from_dense(W)
+    crow, col, vals = A.crow_indices, A.col_indices, A.values
+    perm = transpose(crow, col, M, K)[2]
+    order = pysparse.autograd.transpose_order(crow, col, M, K)
+    assert order.dtype == torch.int32 and order.shape == (2, vals.numel())
+    out = ops.csr_transpose_values(vals, order)
+    assert torch.equal(out, vals[perm.long()])
+    assert torch.equal(pysparse.autograd.transposed_values(crow, col, vals, M, K), out)
+    crow_t, col_t, _ = transpose(crow, col, M, K)  # and it is A^T's CSR values
+    At = torch.sparse_csr_tensor(crow_t.long(), col_t.long(), out, (K, M)).to_dense()
+    assert torch.equal(At, W.t())
+
+
+def test_transpose_values_bad_input():
+    vals = torch.randn(6)
+    good = torch.tensor([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]], dtype=torch.int32)
+    assert torch.equal(ops.csr_transpose_values(vals, good), vals.flip(0))
+    for bad, msg in [(torch.tensor([[0, 1, 2, 3, 4, 6], [5, 4, 3, 2, 1, 0]], dtype=torch.int32), "outside"),
+                     (torch.tensor([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, -1]], dtype=torch.int32), "outside"),
+                     (good.long(), "order must be int32"), (good[:1], "must have 2 rows"),
+                     (good.reshape(-1), "must be 2-D")]:
+        with pytest.raises((RuntimeError, TypeError), match=msg):
+            ops.csr_transpose_values(vals, bad)
+    with pytest.raises(TypeError, match="values must be float32, bfloat16 or float16"):
+        ops.csr_transpose_values(vals.double(), good)
+    twice = torch.tensor([[0, 0], [1, 1]], dtype=torch.int32)  # position 1 never named: 0, not memory
+    assert torch.equal(ops.csr_transpose_values(vals, twice), torch.stack([vals[1], torch.tensor(0.0)]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradients against the dense fp64 computation on the same zeros
 

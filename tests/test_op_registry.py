@@ -38,6 +38,7 @@ def _x(*shape):
 SAMPLES = {
     "csr_spmm": lambda: (*_csr().tensors(), [24, 40], _x(40, 9)),
     "csr_linear": lambda: (_x(3, 40), *_csr().tensors(), [24, 40], _x(24)),
+    "csr_transpose_values": lambda: (_csr().values, pysparse.autograd.transpose_order(*_csr().tensors()[:2], 24, 40)),
     "csr_sddmm": lambda: (*_csr().tensors()[:2], [24, 40], _x(24, 6), _x(40, 6)),
     "bsr_spmm": lambda: (*_bsr().tensors(), [24, 40], _x(2, 40, 5)),
     "bsr_linear": lambda: (_x(5, 40), *_bsr().tensors(), [24, 40], None),
