@@ -201,6 +201,24 @@ def sddmm_raw(M, K, crow, col, col16, ta, tb, n, transposed, isa, threads, seed)
     close(out, ref, absref, torch.float32, "csr_sddmm")
 
 
+def transpose_values_raw(nv, dst, src, dtype, seed):
+    """csr_transpose_values on a raw order: refused, or out[dst[i]] = values[src[i]] in order (the
+    positions no dst names 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(nv, generator=gen).to(getattr(torch, dtype))
+    order = torch.tensor([dst, src], dtype=torch.int32).reshape(2, len(dst))
+    if all(0 <= d < len(dst) for d in dst) and all(0 <= s < nv for s in src):
+        with must_work("csr_transpose_values"):
+            out = torch.ops.pysparse.csr_transpose_values(values, order)
+        ref = torch.zeros(len(dst), dtype=values.dtype)
+        for d, s in zip(dst, src):
+            ref[d] = values[s]
+        assert torch.equal(out, ref), f"csr_transpose_values: {out} != {ref}"
+    else:
+        torch.ops.pysparse.csr_transpose_values(values, order)
+        raise AssertionError(f"csr_transpose_values: invalid order accepted (dst {dst}, src {src}, {nv} values)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Declared shapes far larger than memory over stride-0 operands: a clear error or the right answer
 
@@ -578,7 +596,7 @@ def safetensors_file(blob_hex, reference):
         os.unlink(path)
 
 
-CASES = {f.__name__: f for f in (spmm, grad, huge, raw_compressed, sddmm_raw, raw_nm, attention, blockmask,
+CASES = {f.__name__: f for f in (spmm, grad, huge, raw_compressed, sddmm_raw, transpose_values_raw, raw_nm, attention, blockmask,
                                  attention_raw, ffn, ffn_raw, nm_compress, activation, construct,
                                  safetensors_file)}
 

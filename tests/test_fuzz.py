@@ -201,6 +201,21 @@ def sddmm_raw_args(draw):
 
 
 @st.composite
+def transpose_values_raw_args(draw):
+    """An order of 0-8 (output, value) positions, mostly valid (a permutation), else any in [-2, 10)."""
+    nv = draw(st.integers(0, 8))
+    n = draw(st.integers(0, 8))
+    if draw(st.booleans()) and n == nv:
+        dst = draw(st.permutations(list(range(n))))
+        src = draw(st.permutations(list(range(n))))
+    else:
+        dst = draw(st.lists(st.integers(-2, 9), min_size=n, max_size=n))
+        src = draw(st.lists(st.integers(-2, 9), min_size=n, max_size=n))
+    return dict(nv=nv, dst=list(dst), src=list(src), dtype=draw(st.sampled_from(["float32", "bfloat16", "float16"])),
+                seed=draw(SEED))
+
+
+@st.composite
 def raw_nm_args(draw):
     n, m = draw(st.sampled_from([(2, 4), (1, 4), (2, 8), (4, 16)]))
     R, K = draw(st.integers(0, 5)), m * draw(st.integers(0, 6))
@@ -369,6 +384,7 @@ GENERATORS = {
     "spmm": (spmm_args(), 300, True),
     "grad": (spmm_args(), 200, True),
     "sddmm_raw": (sddmm_raw_args(), 300, False),
+    "transpose_values_raw": (transpose_values_raw_args(), 200, False),
     "huge": (huge_args(), 200, False),
     "raw_compressed": (raw_compressed_args(), 400, False),
     "raw_nm": (raw_nm_args(), 300, False),
