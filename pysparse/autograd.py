@@ -116,9 +116,13 @@ def transpose_order(crow: torch.Tensor, col: torch.Tensor, M: int, K: int) -> Op
         n = perm.numel()
         if n >= 2**31 - 1:
             return (None,)
-        dst = torch.arange(n, device=perm.device)
-        order = torch.argsort((dst >> _ORDER_BLOCK) * n + perm.long())
-        return (torch.stack([dst[order], perm.long()[order]]).to(torch.int32),)
+        order = torch.empty((2, n), dtype=torch.int32, device=perm.device)
+        step = 1 << _ORDER_BLOCK
+        for b0 in range(0, n, step):  # a block at a time: no temporaries the size of the matrix
+            src, at = torch.sort(perm[b0:b0 + step])
+            order[0, b0:b0 + step] = at + b0
+            order[1, b0:b0 + step] = src
+        return (order,)
     return memoized((crow, col), ("csr_transpose_order", int(M), int(K)), build)[0]
 
 
