@@ -17,8 +17,9 @@ from conftest import SUPPORTED_ISAS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every op of csrc/registry.cpp (tests/test_op_registry.py checks each is whole in every layer).
-OPS = ["activation", "bsr_linear", "bsr_spmm", "csr_linear", "csr_sddmm", "csr_spmm", "masked_attention", "masked_attention_backward",
-       "nm_compress", "nm_decompress", "nm_linear", "nm_spmm", "pruned_ffn"]
+OPS = ["activation", "bsr_linear", "bsr_spmm", "csr_linear", "csr_sddmm", "csr_spmm", "csr_transpose_values",
+       "masked_attention", "masked_attention_backward", "nm_compress", "nm_decompress", "nm_linear", "nm_spmm",
+       "pruned_ffn"]
 
 
 def _python(code, *, env=None, pythonpath=ROOT, cwd=ROOT):
