@@ -181,13 +181,13 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
                 m.train(w)
         return total / max(count, 1)
 
-    best = {"loss": math.inf, "step": 0, "state": None}
+    best: Dict = {}
 
-    def consider(step: int) -> None:
-        """keep_best: evaluate and remember the trained parameters when they are the best yet."""
-        value = evaluate()
+    def keep(step: int, value: float) -> None:
+        """keep_best: remember the trained parameters after `step` steps when their held-out loss
+        `value` is the best yet (the untrained state always, so that there is one to restore)."""
         report["evals"].append((step, value))
-        if value < best["loss"]:
+        if not best or value < best["loss"]:
             best.update(loss=value, step=step, state=[p.detach().clone() for p in params])
 
     report: Dict = {"losses": [], "trained_parameters": sum(p.numel() for p in params)}
@@ -199,8 +199,7 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
     try:
         report["eval_before"] = evaluate()
         if keep_best:
-            report["evals"].append((0, report["eval_before"]))
-            best.update(loss=report["eval_before"], step=0, state=[p.detach().clone() for p in params])
+            keep(0, report["eval_before"])
         bar = _progress(steps, progress)
         start = time.perf_counter()
         for step, (i, batch) in enumerate(itertools.cycle(enumerate(batches))):
@@ -209,7 +208,7 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
             if time_budget is not None and time.perf_counter() - start >= time_budget:
                 break
             if keep_best and step > 0 and step % eval_every == 0:
-                consider(step)
+                keep(step, evaluate())
             target, target_hidden = teacher_outputs(i, batch)
             value = _distance(loss, _output(_call(student, batch)), target, temperature)
             if taps.names:
@@ -222,7 +221,7 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, batches: Iterabl
             report["losses"].append(float(value.detach()))
             bar(report["losses"][-1])
         if keep_best and report["losses"]:
-            consider(len(report["losses"]))  # the last state (the loop stops before evaluating it)
+            keep(len(report["losses"]), evaluate())  # the last state (the loop stops before evaluating it)
     finally:
         taps.remove()
         for h in hooks:

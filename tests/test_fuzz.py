@@ -202,13 +202,15 @@ def sddmm_raw_args(draw):
 
 @st.composite
 def transpose_values_raw_args(draw):
-    """An order of 0-8 (output, value) positions, mostly valid (a permutation), else any in [-2, 10)."""
-    nv = draw(st.integers(0, 8))
+    """An order of 0-8 (output, value) positions: half of them a valid one (two permutations), the
+    rest any positions in [-2, 10) over 0-8 values."""
     n = draw(st.integers(0, 8))
-    if draw(st.booleans()) and n == nv:
+    if draw(st.booleans()):
+        nv = n
         dst = draw(st.permutations(list(range(n))))
         src = draw(st.permutations(list(range(n))))
     else:
+        nv = draw(st.integers(0, 8))
         dst = draw(st.lists(st.integers(-2, 9), min_size=n, max_size=n))
         src = draw(st.lists(st.integers(-2, 9), min_size=n, max_size=n))
     return dict(nv=nv, dst=list(dst), src=list(src), dtype=draw(st.sampled_from(["float32", "bfloat16", "float16"])),

@@ -8,7 +8,6 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <cstring>
 
 #include "checks.h"
 

@@ -85,12 +85,6 @@ static inline __m512 hsum16(const __m512 (&v)[16]) {
 
 // The same sums following the pattern's slice plan (kernels.h; csr_plan.cpp), rows [r0, r1) whole
 // plan chunks (the launcher's bounds). The kernel above reads b's panel rows across all K: a
-// BERT-sized panel (K x 64 fp32) lives in L2, one line per FMA, ~12% of the FMA peak. Here a
-// chunk walks b a 128-column slice (32 KiB, L1) at a time, and a segment's entries (one row, one
-// slice, contiguous in the output) are summed 16 at a time by hsum16 into one masked vector add.
-// Chunks outermost, so that their part of out stays in L2 across the panels.
-// The same sums following the pattern's slice plan (kernels.h; csr_plan.cpp), rows [r0, r1) whole
-// plan chunks (the launcher's bounds). The kernel above reads b's panel rows across all K: a
 // BERT-sized panel (K x 64 fp32) lives in L2, one line per FMA. Here a chunk walks b a 128-column
 // slice (32 KiB, L1) at a time, and a segment's entries (one row, one slice, contiguous in the
 // output) are summed 16 at a time by hsum16 into one masked vector add. Chunks outermost, so that

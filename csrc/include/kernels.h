@@ -196,7 +196,7 @@ struct SddmmArgs {
   float* out;
   int64_t M, K, npanels;
   int* bad_index;
-  // The pattern's slice plan (layout above) for csr_sddmm_plan: rows then whole plan chunks.
+  // The pattern's slice plan (layout above), for csr_sddmm_plan, whose row bounds are whole chunks.
   const int64_t* plan = nullptr;
 };
 using SddmmFn = void (*)(const SddmmArgs&, int64_t row0, int64_t row1);
